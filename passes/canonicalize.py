@@ -1,0 +1,65 @@
+"""CanonicalizeReLUPass: every ReLU spelling becomes one node kind.
+
+``nn.ReLU`` modules (in-place or not, shared or not), ``F.relu``, ``F.relu_``,
+``torch.relu``, ``torch.relu_``, ``x.relu()`` and ``x.relu_()`` all become an
+out-of-place ``call_function torch.relu`` node carrying a stable site name in
+``node.meta["relucomp"]["site"]`` (the module path for module ReLUs, with
+``#k`` for the k-th reuse of a shared module; the node name otherwise).
+
+In-place forms mutate their input in eager mode, so later readers of the
+input saw the rectified tensor: those uses are redirected to the new node,
+which keeps the semantics while removing the mutation.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from relucomp.infra import Pass, PassResult
+from relucomp.ir import is_canonical_relu, is_raw_relu, meta, module_of, node_order, replace_all_uses_after
+
+
+class CanonicalizeReLUPass(Pass):
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        order = node_order(gm)
+        seen_targets: dict[str, int] = {}
+        converted = 0
+        named = 0
+        for node in list(gm.graph.nodes):
+            if is_canonical_relu(node) and not node.kwargs:
+                if "site" not in meta(node):
+                    meta(node)["site"] = node.name
+                    named += 1
+                continue
+            if not is_raw_relu(gm, node):
+                continue
+            inplace = False
+            if node.op == "call_module":
+                mod = module_of(gm, node)
+                inplace = bool(getattr(mod, "inplace", False))
+                k = seen_targets.get(node.target, 0)
+                seen_targets[node.target] = k + 1
+                site = node.target if k == 0 else f"{node.target}#{k}"
+            elif node.op == "call_function":
+                inplace = node.target in (torch.relu_, getattr(torch.nn.functional, "relu_", None)) or bool(
+                    node.kwargs.get("inplace", False) or (len(node.args) > 1 and node.args[1])
+                )
+                site = node.name
+            else:  # call_method
+                inplace = node.target == "relu_"
+                site = node.name
+            src = node.args[0]
+            with gm.graph.inserting_after(node):
+                new = gm.graph.call_function(torch.relu, (src,))
+            node.replace_all_uses_with(new)
+            new.meta.update({k: v for k, v in node.meta.items()})
+            meta(new)["site"] = meta(node).get("site", site)
+            meta(new)["kind"] = "relu"
+            gm.graph.erase_node(node)
+            order = node_order(gm)
+            if inplace and isinstance(src, fx.Node):
+                replace_all_uses_after(src, new, new, order)
+            converted += 1
+        modified = converted > 0 or named > 0
+        return PassResult(gm, modified, {"converted": converted})

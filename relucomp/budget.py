@@ -1,0 +1,61 @@
+"""One parser for counts given by people: ``15000``, ``15k``, ``1.5M``, ``2G``, ``10%``."""
+
+from __future__ import annotations
+
+import re
+
+from .errors import BudgetError
+
+_SUFFIX = {"": 1, "k": 1_000, "m": 1_000_000, "g": 1_000_000_000}
+_RE = re.compile(r"^\s*([0-9][0-9_,]*(?:\.[0-9]+)?|\.[0-9]+)\s*([kKmMgG%]?)\s*$")
+
+
+def parse_count(text: str | int | float, *, total: int | None = None, what: str = "ReLU budget") -> int:
+    """Parse ``text`` into an integer count.
+
+    ``k``/``M``/``G`` multiply by 10^3/10^6/10^9 (case-insensitive); ``%`` is a
+    fraction of ``total`` (rounded down, so a budget is never exceeded).
+    """
+    if isinstance(text, bool):
+        raise BudgetError(f"{what} {text!r} is not a number", "give e.g. 15000, 15k, 1.5M or 10%")
+    if isinstance(text, int):
+        return text
+    if isinstance(text, float):
+        if not text.is_integer():
+            raise BudgetError(f"{what} {text} is not a whole number", "give a whole count, e.g. 15000")
+        return int(text)
+    m = _RE.match(str(text))
+    if not m:
+        raise BudgetError(f"cannot parse {what} {text!r}", "give e.g. 15000, 15k, 1.5M or 10%")
+    number = float(m.group(1).replace(",", "").replace("_", ""))
+    suffix = m.group(2).lower()
+    if suffix == "%":
+        if total is None:
+            raise BudgetError(f"{what} {text!r} is a percentage but the total is unknown", "give an absolute count")
+        if number > 100:
+            raise BudgetError(f"{what} {text!r} is above 100%", "give a percentage between 0 and 100")
+        return int(total * number / 100.0)
+    value = number * _SUFFIX[suffix]
+    if abs(value - round(value)) > 1e-6:
+        raise BudgetError(f"{what} {text!r} is not a whole number", "give a whole count, e.g. 15000 or 15k")
+    return int(round(value))
+
+
+def check_relu_budget(budget: int, total: int) -> int:
+    """Validate a ReLU budget against the model's ReLU count."""
+    if budget <= 0:
+        raise BudgetError(f"ReLU budget {budget} must be positive",
+                          "give a budget between 1 and the model's ReLU count (use `relucomp inspect` to see it)")
+    if budget > total:
+        raise BudgetError(f"ReLU budget {budget:,} is above the model's {total:,} ReLUs",
+                          f"give a budget ≤ {total:,} (e.g. {max(1, total // 10):,} for a 10x cut)")
+    return budget
+
+
+def human(n: float) -> str:
+    """``15000 -> '15k'``, ``557056 -> '557.1k'``."""
+    for div, suf in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= div:
+            v = n / div
+            return f"{v:.1f}{suf}".replace(".0" + suf, suf)
+    return str(int(n)) if float(n).is_integer() else f"{n:.2f}"

@@ -1,0 +1,172 @@
+"""``relucomp`` command line: typer parses, then calls the keyword-only library functions.
+
+User errors (:class:`~relucomp.errors.RelucompError`) print a one-line cause
+and its fix and exit with status 2; no torch traceback reaches the user.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .budget import human
+from .errors import RelucompError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Compile PyTorch models to a ReLU budget for private inference, fairly, to verified ONNX.")
+console = Console(stderr=True)
+out_console = Console()
+
+
+def _fail(exc: RelucompError) -> None:
+    console.print(f"[bold red]error:[/] {exc.cause}")
+    if exc.fix:
+        console.print(f"  [bold]fix:[/] {exc.fix}")
+    raise typer.Exit(2)
+
+
+def _quiet_torch_logs() -> None:
+    import logging
+    import warnings
+
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    logging.getLogger("torch._export").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def _layer_table(title: str, rows: list[dict], *, before_after: bool = False) -> Table:
+    t = Table(title=title, show_lines=False)
+    t.add_column("layer")
+    t.add_column("kind")
+    t.add_column("shape")
+    if before_after:
+        t.add_column("ReLUs before", justify="right")
+        t.add_column("ReLUs after", justify="right")
+        t.add_column("kept", justify="right")
+        for r in rows:
+            b, a = r["relus_before"], r["relus_after"]
+            t.add_row(r["site"], "relu", "×".join(map(str, r["shape"])), f"{b:,}", f"{a:,}",
+                      f"{100 * a / b:.1f}%" if b else "-")
+        return t
+    t.add_column("ReLUs", justify="right")
+    t.add_column("MACs", justify="right")
+    for r in rows:
+        relus = r["relus_kept"] if r["kind"] != "relu" else r["relus"]
+        t.add_row(r["name"], r["kind"], "×".join(map(str, r["shape"])), f"{relus:,}" if relus else "",
+                  human(r["macs"]) if r["macs"] else "")
+    return t
+
+
+@app.command()
+def compile(  # noqa: A001
+    model: Optional[str] = typer.Argument(None, help="built-in name (resnet18, resnet20...), file.py:factory or "
+                                                   "package.module:factory; default: resnet8 trained on the data"),
+    relu_budget: str = typer.Option(..., "--relu-budget", "-b", help="ReLUs to keep per image: 15000, 15k, 1.5M, 10%"),
+    out: Path = typer.Option(Path("relucomp-out"), "--out", "-o", help="output directory"),
+    data: str = typer.Option("synthetic", "--data", help="synthetic | utkface:PATH | cifar10:PATH | cifar100:PATH | svhn:PATH | folder:PATH"),
+    target: Optional[str] = typer.Option(None, "--target", help="label to predict (data-set specific)"),
+    fair_groups: Optional[str] = typer.Option(None, "--fair-groups", help="group attribute(s), e.g. race or race,gender"),
+    granularity: str = typer.Option("pixel", "--granularity", help="gate granularity: pixel | channel | layer"),
+    search: str = typer.Option("snl", "--search", help="snl (learned masks) | layer-drop (DeepReDuce-style baseline)"),
+    epochs: int = typer.Option(4, "--epochs", help="mask-search epochs"),
+    finetune_epochs: int = typer.Option(3, "--finetune-epochs", help="finetune epochs with fixed masks"),
+    pretrain_epochs: Optional[int] = typer.Option(None, "--pretrain-epochs", help="train an untrained built-in model first (default 8; cached)"),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="state_dict for MODEL"),
+    batch_size: int = typer.Option(128, "--batch-size"),
+    lr: float = typer.Option(0.01, "--lr"),
+    limit: Optional[int] = typer.Option(None, "--limit", help="use at most this many images (quick runs)"),
+    image_size: int = typer.Option(32, "--image-size"),
+    seed: int = typer.Option(0, "--seed"),
+    resume: bool = typer.Option(False, "--resume", help="continue from OUT/checkpoint.pt after an interruption"),
+    no_progress: bool = typer.Option(False, "--no-progress", help="no progress bars"),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
+) -> None:
+    """Compress MODEL to a ReLU budget and write OUT/model.onnx, OUT/model.pt, OUT/report.json."""
+    from .api import compile as compile_api
+    from .train import Interrupted
+
+    _quiet_torch_logs()
+    try:
+        res = compile_api(model, data, relu_budget=relu_budget, granularity=granularity, search=search,
+                          search_epochs=epochs, finetune_epochs=finetune_epochs, pretrain_epochs=pretrain_epochs,
+                          checkpoint=checkpoint, batch_size=batch_size, lr=lr, target=target, fair_groups=fair_groups,
+                          limit=limit, image_size=image_size, seed=seed, out_dir=out, resume=resume,
+                          progress=not no_progress, device=device, log=lambda s: console.print(f"[dim]{s}[/]"))
+    except Interrupted as exc:
+        console.print(f"[yellow]{exc.cause}[/]\n  [bold]resume:[/] {exc.fix}")
+        raise typer.Exit(130)
+    except RelucompError as exc:
+        _fail(exc)
+    _print_compile_summary(res.report)
+
+
+def _print_compile_summary(rep: dict) -> None:
+    out_console.print(_layer_table("ReLUs per layer", rep["per_layer"], before_after=True))
+    t = Table(title="relucomp compile")
+    t.add_column("")
+    t.add_column("before", justify="right")
+    t.add_column("after", justify="right")
+    t.add_row("ReLUs", f"{rep['relus']['before']:,}", f"{rep['relus']['after']:,} (budget {rep['relus']['budget']:,})")
+    t.add_row("MACs", human(rep["macs"]["before"]), human(rep["macs"]["after"]))
+    t.add_row("val accuracy", f"{rep['accuracy']['before']['val']:.2f}%", f"{rep['accuracy']['after']['val']:.2f}%")
+    t.add_row("test accuracy", f"{rep['accuracy']['before']['test']:.2f}%", f"{rep['accuracy']['after']['test']:.2f}%")
+    ga = rep.get("group_accuracy", {})
+    for gname in ga.get("groups", []):
+        b, a = ga["before"].get(gname), ga["after"].get(gname)
+        n = ga.get("test_counts", {}).get(gname, 0)
+        t.add_row(f"  group {gname} (n={n})", "-" if b is None else f"{b:.2f}%", "-" if a is None else f"{a:.2f}%")
+    if "export" in rep:
+        e = rep["export"]
+        t.add_row("ONNX", "", f"{e['path']} ({e['onnx_relus']:,} ReLUs in graph, ort |diff| {e['ort_max_abs_diff']:.1e})")
+    out_console.print(t)
+    ph = rep.get("phases_seconds", {})
+    out_console.print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in ph.items()))
+
+
+@app.command()
+def inspect(
+    target: str = typer.Argument(..., help="model name / file.py:factory / module:factory, or a .onnx file"),
+    num_classes: int = typer.Option(10, "--num-classes"),
+    image_size: int = typer.Option(32, "--image-size"),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+) -> None:
+    """Per-layer ReLU and MAC table of a model or an ONNX file."""
+    from .api import inspect as inspect_api
+
+    _quiet_torch_logs()
+    try:
+        info = inspect_api(target, num_classes=num_classes, image_size=image_size, checkpoint=checkpoint)
+    except RelucompError as exc:
+        _fail(exc)
+    if as_json:
+        sys.stdout.write(json.dumps(info, indent=2, default=str) + "\n")
+        return
+    out_console.print(_layer_table(f"{info['model']}", info["layers"]))
+    tot = info["total"]
+    out_console.print(f"[bold]total:[/] {tot['relus_kept']:,} ReLUs, {tot['macs']:,} MACs ({human(tot['macs'])}), "
+                      f"{tot['params']:,} params" + (f", {tot['maxpool_comparisons']:,} MaxPool comparisons (PI pays for these too)"
+                                                      if tot.get("maxpool_comparisons") else ""))
+
+
+@app.command()
+def version() -> None:
+    """Print the relucomp version."""
+    from . import __version__
+
+    out_console.print(__version__)
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

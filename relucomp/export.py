@@ -1,0 +1,136 @@
+"""Verified ONNX export.
+
+``export_onnx`` writes one self-contained ``.onnx`` file (no external data)
+only after
+
+1. ``onnx.checker.check_model(full_check=True)`` passes,
+2. the ReLU elements per image are counted from the ONNX graph itself
+   (shape inference over every ``Relu`` node) and, when ``max_relus`` is given,
+   are ≤ it,
+3. onnxruntime's output on a verification batch matches the torch model
+   (batch size ≠ the export example's, so the dynamic batch axis is exercised).
+
+The file is written to a temporary name in the target directory and renamed
+into place at the end; on any failure nothing is left on disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import __version__
+from .errors import RelucompError
+from .verify import onnx_relu_count
+
+
+class ExportError(RelucompError):
+    """The exported ONNX model failed a check; nothing was written."""
+
+
+def _torch_export(model: nn.Module, example: torch.Tensor, path: str, opset: int) -> None:
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    sink = io.StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(sink):
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(model, (example,), path, dynamo=True, external_data=False, optimize=True,
+                              input_names=["input"], output_names=["logits"],
+                              dynamic_shapes=({0: batch},), opset_version=opset, verbose=False)
+        except Exception:  # noqa: BLE001 - fall back to the TorchScript exporter
+            torch.onnx.export(model, (example,), path, dynamo=False, input_names=["input"],
+                              output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                              opset_version=opset)
+
+
+def ort_run(path: str | Path, x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    example: torch.Tensor,
+    verify_batch: torch.Tensor | None = None,
+    metadata: dict[str, Any] | None = None,
+    max_relus: int | None = None,
+    opset: int = 18,
+    atol: float = 1e-4,
+    rtol: float = 1e-3,
+) -> dict[str, Any]:
+    """Export ``model`` to ``path`` after checking it; return the check results."""
+    import onnx
+
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ExportError(f"cannot create output directory {path.parent}: {exc.strerror}",
+                          "choose a writable --out directory") from exc
+    if not os.access(path.parent, os.W_OK):
+        raise ExportError(f"output directory {path.parent} is not writable", "choose a writable --out directory")
+    model = model.eval()
+    fd, tmp = tempfile.mkstemp(prefix=".relucomp-", suffix=".onnx", dir=path.parent)
+    os.close(fd)
+    ok = False
+    try:
+        _torch_export(model, example[:1].contiguous(), tmp, opset)
+        proto = onnx.load(tmp)
+        meta = {"relucomp_version": __version__, **{k: v for k, v in (metadata or {}).items()}}
+        counts = onnx_relu_count(proto)
+        meta["onnx_relu_count"] = counts["relus"]
+        del proto.metadata_props[:]
+        for k, v in meta.items():
+            entry = proto.metadata_props.add()
+            entry.key = str(k)
+            entry.value = v if isinstance(v, str) else json.dumps(v)
+        onnx.checker.check_model(proto, full_check=True)
+        if max_relus is not None and counts["relus"] > max_relus:
+            raise ExportError(f"exported graph evaluates {counts['relus']} ReLUs per image, above the budget {max_relus}",
+                              "this is a relucomp bug: please report it with the model")
+        onnx.save(proto, tmp)
+        vb = verify_batch if verify_batch is not None else torch.randn(3, *example.shape[1:])
+        with torch.no_grad():
+            ref = model(vb).detach().cpu().numpy()
+        got = ort_run(tmp, vb.detach().cpu().numpy().astype(np.float32))
+        max_diff = float(np.max(np.abs(ref - got))) if ref.size else 0.0
+        if ref.shape != got.shape or not np.allclose(got, ref, atol=atol, rtol=rtol):
+            raise ExportError(f"onnxruntime output differs from torch (max |diff| = {max_diff:.3g})",
+                              "this is a relucomp bug: please report it with the model")
+        os.replace(tmp, path)
+        ok = True
+        return {"path": str(path), "onnx_relus": counts["relus"], "relu_nodes": len(counts["relu_nodes"]),
+                "maxpool_comparisons": counts["maxpool_comparisons"], "ort_max_abs_diff": max_diff,
+                "verify_batch": int(vb.shape[0]), "bytes": path.stat().st_size, "opset": opset}
+    finally:
+        if not ok and os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    out = {}
+    for p in proto.metadata_props:
+        try:
+            out[p.key] = json.loads(p.value)
+        except (ValueError, TypeError):
+            out[p.key] = p.value
+    return out

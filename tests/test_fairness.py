@@ -1,0 +1,283 @@
+import json
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from relucomp.errors import DataError
+from relucomp.fairness import (
+    FairConfig,
+    FairConfigError,
+    FairConstraintTerm,
+    GroupConstrainedObjective,
+    GroupReplayBuffer,
+    fair_finetune,
+    group_constraint_penalty,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread avoids OpenMP contention on the shared 2-core box."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_net():
+    torch.manual_seed(1)
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3),
+    )
+
+
+def synthetic(n=240, seed=0):
+    """Random 3x8x8 images, 3 classes, 3 imbalanced groups (70/25/5 %)."""
+    gen = torch.Generator().manual_seed(seed)
+    g = torch.multinomial(torch.tensor([0.70, 0.25, 0.05]), n, replacement=True, generator=gen)
+    x = torch.randn(n, 3, 8, 8, generator=gen)
+    y = torch.randint(0, 3, (n,), generator=gen)
+    x[torch.arange(n), y] += 0.7  # learnable signal: the label's channel is brighter
+    x[g == 2] *= 0.5              # the small group is harder
+    return torch.utils.data.TensorDataset(x, y, g)
+
+
+def flat_grad(model):
+    return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+def grads_of(loss, model):
+    return torch.cat([t.flatten() for t in torch.autograd.grad(loss, list(model.parameters()), retain_graph=True)])
+
+
+def batch(n=30, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, 8, 8, generator=gen)
+    y = torch.randint(0, 3, (n,), generator=gen)
+    g = torch.tensor([0] * (n // 2) + [1] * (n // 3) + [2] * (n - n // 2 - n // 3))
+    return x, y, g
+
+
+# ---------------------------------------------------------------- differentiability
+
+
+@pytest.mark.parametrize("method", ["ceag", "el"])
+def test_lagrangian_term_is_differentiable_and_weights_groups(method):
+    model = tiny_net()
+    model.eval()  # deterministic BN for repeated forwards
+    x, y, g = batch()
+    term = FairConstraintTerm(3, method=method, dense_group_acc=[80, 70, 60], dense_acc=75)
+    lam = torch.tensor([0.5, 0.0, 2.0])
+    with torch.no_grad():
+        term.multiplier.weight.copy_(lam[:, None])
+
+    logits = model(x)
+    ce = F.cross_entropy(logits, y)
+    total = ce + term.loss(logits, y, g)
+    grad_total = grads_of(total, model)
+
+    # manual: ∇CE + Σ_g λ_g ∇(CE_g − CE)
+    per = F.cross_entropy(model(x), y, reduction="none")
+    manual = per.mean() + sum(lam[k] * (per[g == k].mean() - per.mean()) for k in range(3))
+    grad_manual = grads_of(manual, model)
+    grad_ce = grads_of(F.cross_entropy(model(x), y), model)
+    assert torch.allclose(grad_total, grad_manual, atol=1e-6, rtol=1e-5)
+    assert (grad_total - grad_ce).norm() > 1e-3 * grad_ce.norm()  # the term does move the gradient
+    # the functional form agrees
+    pen = group_constraint_penalty(per, g, lam)
+    assert torch.allclose(pen, manual - per.mean(), atol=1e-6)
+
+
+def test_raising_a_multiplier_raises_its_groups_gradient_weight():
+    """d(term)/d(loss_i) is the per-sample weight: λ_g/n_g − Σλ/N for a sample of group g."""
+    g = torch.tensor([0, 0, 0, 0, 1, 1, 2, 2, 2, 2])
+    logits = torch.randn(10, 3)
+    y = torch.randint(0, 3, (10,))
+    term = FairConstraintTerm(3, method="ceag", dense_group_acc=[90, 90, 90], dense_acc=90)
+
+    def weights(lam):
+        with torch.no_grad():
+            term.multiplier.weight.copy_(torch.tensor(lam)[:, None])
+        per = torch.rand(10, requires_grad=True)
+        (w,) = torch.autograd.grad(term.loss(logits, y, g, per_sample_loss=per), per)
+        return w
+
+    w_lo, w_hi = weights([0.1, 0.0, 0.0]), weights([0.1, 0.0, 1.0])
+    assert torch.allclose(w_lo[6:], torch.full((4,), -0.1 / 10))
+    assert torch.allclose(w_hi[6:], torch.full((4,), 1.0 / 4 - 1.1 / 10))
+    assert (w_hi[6:] > w_lo[6:]).all() and (w_hi[:6] < w_lo[:6]).all()
+
+
+def test_cmp_primal_lagrangian_keeps_gradient():
+    """The cooper CMP used by fair_finetune yields ∇(CE + Σλ(CE_g − CE)), not ∇CE."""
+    model = tiny_net()
+    model.eval()
+    x, y, g = batch(seed=1)
+    term = FairConstraintTerm(3, method="ceag", dense_group_acc=[80, 70, 60], dense_acc=75)
+    with torch.no_grad():
+        term.multiplier.weight.copy_(torch.tensor([[1.0], [0.0], [3.0]]))
+    cmp = GroupConstrainedObjective(model, term, teacher=None)
+    state = cmp.compute_cmp_state(x, y, g)
+    lag = state.compute_primal_lagrangian().lagrangian
+    per = F.cross_entropy(model(x), y, reduction="none")
+    manual = per.mean() + 1.0 * (per[g == 0].mean() - per.mean()) + 3.0 * (per[g == 2].mean() - per.mean())
+    assert torch.allclose(grads_of(lag, model), grads_of(manual, model), atol=1e-6, rtol=1e-5)
+    assert state.observed_constraints[cmp.group_fairness].strict_violation.grad_fn is None
+
+
+# ---------------------------------------------------------------- dual dynamics
+
+
+def _fixed_batch():
+    """Group 0 all wrong, group 1 all right; logits fixed (no model)."""
+    y = torch.zeros(8, dtype=torch.long)
+    g = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    logits = torch.zeros(8, 3)
+    logits[:4, 1] = 5.0  # wrong
+    logits[4:, 0] = 5.0  # right
+    return logits, y, g
+
+
+def test_violated_multiplier_grows_satisfied_stays_zero():
+    logits, y, g = _fixed_batch()
+    lr = 0.5
+    term = FairConstraintTerm(2, method="ceag", dense_group_acc=[100, 100], dense_acc=100,
+                              tolerance=2.0, dual_lr=lr)
+    weights = []
+    for k in range(1, 4):
+        per = F.cross_entropy(logits, y, reduction="none").requires_grad_(True)
+        term.loss(logits, y, g, per_sample_loss=per).backward()
+        weights.append(per.grad[:4].mean().item())
+        term.dual_step()
+        # ψ_0 = (1 − 0) − (1 − 0.5) = 0.5 ; ψ_1 = (1 − 1) − (1 − 0.5) = −0.5 ; ε = 0.02
+        lam = term.multiplier_values()
+        assert lam[0] == pytest.approx(k * lr * (0.5 - 0.02), rel=1e-5)
+        assert lam[1] == 0.0
+    assert weights[0] < weights[1] < weights[2]  # group 0's weight in the gradient grows
+    psi = term.psi_estimate()
+    assert psi[0] == pytest.approx(50.0, abs=1e-4) and psi[1] == pytest.approx(-50.0, abs=1e-4)
+    assert term.replay_accuracy() == [0.0, 100.0]
+
+
+def test_absent_group_multiplier_not_updated():
+    logits, y, g = _fixed_batch()
+    term = FairConstraintTerm(3, method="ceag", dense_group_acc=[100, 100, 100], dense_acc=100, dual_lr=0.5)
+    g3 = torch.tensor([0, 0, 2, 2, 1, 1, 1, 1])  # group 2 wrong, group 0 half wrong
+    term.loss(logits, y, g3)
+    term.dual_step()
+    lam_before = term.multiplier_values()
+    assert lam_before[2] > 0
+    for _ in range(3):  # group 2 absent from these batches
+        term.loss(logits, y, g)
+        term.dual_step()
+    lam_after = term.multiplier_values()
+    assert lam_after[2] == lam_before[2]
+    assert lam_after[0] > lam_before[0]
+
+
+def test_el_equality_multipliers_are_signed():
+    logits, y, g = _fixed_batch()
+    term = FairConstraintTerm(2, method="el", dual_lr=0.1)
+    for _ in range(2):
+        term.loss(logits, y, g)
+        term.dual_step()
+    lam = term.multiplier_values()
+    assert lam[0] > 0 > lam[1]  # group 0 has excess loss, group 1 a deficit
+    term_abs = FairConstraintTerm(2, method="el", el_tolerance=0.1, dual_lr=0.1)
+    term_abs.loss(logits, y, g)
+    term_abs.dual_step()
+    lam = term_abs.multiplier_values()
+    assert len(lam) == 4 and min(lam) >= 0 and lam[0] > 0 and lam[3] > 0
+
+
+def test_replay_buffer_keeps_last_samples_per_group():
+    b = GroupReplayBuffer(2, size=3)
+    b.push(torch.tensor([1, 1, 1, 0, 0]), torch.tensor([0, 0, 0, 0, 1]))
+    assert b.group_accuracy()[0].item() == pytest.approx(2 / 3)  # last 3 of group 0: 1,1,0
+    assert b.group_accuracy()[1].item() == 0.0
+    b.push(torch.tensor([0, 0]), torch.tensor([0, 0]))
+    assert b.group_accuracy()[0].item() == 0.0  # 0,0,0
+    assert b.seen.tolist() == [6, 1]
+    assert b.overall_accuracy().item() == pytest.approx(2 / 6)  # overall ring of 6: 1,1,0,0,0,0
+    assert torch.isnan(GroupReplayBuffer(2, 3).group_accuracy()).all()
+
+
+# ---------------------------------------------------------------- validation
+
+
+def test_config_and_input_validation():
+    with pytest.raises(FairConfigError):
+        FairConfig(method="bogus")
+    with pytest.raises(FairConfigError):
+        FairConstraintTerm(2, method="ceag")  # needs dense accuracies
+    with pytest.raises(FairConfigError):
+        FairConstraintTerm(2, method="ceag", dense_group_acc=[0.9, 0.8], dense_acc=0.85)  # fractions
+    with pytest.raises(FairConfigError):
+        FairConstraintTerm(2, method="ceag", dense_group_acc=[90], dense_acc=85)
+    term = FairConstraintTerm(2, method="ceag", dense_group_acc=[90, None], dense_acc=85)
+    logits, y, _ = _fixed_batch()
+    with pytest.raises(DataError):
+        term.loss(logits, y, torch.tensor([0, 0, 0, 0, 1, 1, 1, 2]))
+    # a group without dense accuracy is unconstrained: only group 0 is observed
+    state = term.constraint_state(logits, y, torch.tensor([0, 0, 0, 0, 1, 1, 1, 1]))
+    assert state.constraint_features.tolist() == [0]
+    assert term.constraint_state(logits, y, torch.ones(8, dtype=torch.long)) is None
+    assert term.loss(logits, y, torch.ones(8, dtype=torch.long)).item() == 0.0
+
+
+# ---------------------------------------------------------------- end to end
+
+
+@pytest.mark.parametrize("method", ["nft", "el", "ceag"])
+def test_fair_finetune_runs_one_epoch(method):
+    ds = synthetic()
+    loader = torch.utils.data.DataLoader(ds, batch_size=32, shuffle=True,
+                                         generator=torch.Generator().manual_seed(0))
+    teacher = tiny_net()
+    model = tiny_net()
+    before = [p.detach().clone() for p in model.parameters()]
+    seen = []
+    hist = fair_finetune(
+        model, loader, num_groups=3, dense_group_acc=[60.0, 55.0, 50.0], dense_acc=58.0,
+        teacher=teacher, config=FairConfig(method=method, dual_lr=0.5), epochs=1, lr=0.05,
+        progress=False, on_epoch_end=lambda e, h: seen.append(e), group_names=["maj", "mid", "min"],
+    )
+    assert seen == [0]
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    e = hist.epochs[0]
+    assert e["steps"] == len(loader) and e["train_acc"] is not None
+    assert len(e["replay_acc"]) == 3 and sum(e["group_counts"]) == len(ds)
+    d = hist.to_dict()
+    json.dumps(d)
+    if method == "nft":
+        assert e["multipliers"] == [] and hist.multiplier_trajectory == []
+    else:
+        assert len(hist.multiplier_trajectory) == len(loader) == len(hist.steps)
+        assert all(len(m) == 3 for m in hist.multiplier_trajectory)
+    if method == "ceag":
+        assert len(e["psi_replay"]) == 3 and e["max_psi_replay"] is not None
+        assert min(e["multipliers"]) >= 0
+    assert hist.ema is not None and hist.ema.num_updates == len(loader)
+
+
+def test_fair_finetune_alternating_progress_and_tiny_group_warning():
+    ds = synthetic(n=120, seed=2)
+    loader = torch.utils.data.DataLoader(ds, batch_size=40)
+    term = FairConstraintTerm(3, method="ceag", dense_group_acc=[60, 60, 60], dense_acc=60, dual_lr=1.0)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        hist = fair_finetune(
+            tiny_net(), loader, num_groups=3, config=FairConfig(method="ceag", cooper_optimizer="alternating",
+                                                                min_group_size=50),
+            epochs=2, lr=0.01, optimizer="adam", ema_decay=None, progress=True, term=term,
+            on_epoch_end=lambda e, h: True,  # stop after the first epoch
+        )
+    tiny = [x for x in w if "tiny or empty groups" in str(x.message)]
+    assert len(tiny) == 1
+    assert hist.stopped_early and len(hist.epochs) == 1
+    assert hist.multipliers[0] == term.multiplier_values()
+    assert max(term.multiplier_values()) > 0  # dense 60 % vs an untrained net: violated
