@@ -436,6 +436,7 @@ def compile(  # noqa: A001 - the public name users expect
             if hard_count(gates_of(gm).values()) > budget:  # defensive: never above budget
                 raise RuntimeError("search produced more ReLUs than the budget")
         light_search = {k: v for k, v in search_stats.items() if k not in ("history", "lambda_trace")}
+        # [pruning hook] channel pruning / GMP runs here, on the gated graph, before finetuning
         with phases("finetune"):
             resume_ft = state if state is not None and state.get("phase") == "finetune" else None
 
