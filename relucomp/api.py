@@ -333,6 +333,11 @@ def compile(  # noqa: A001 - the public name users expect
     export: bool = True,
     gate_form: str = "sparse",
     leaf_modules: Sequence[type] = (),
+    fair_method: str | None = None,
+    tolerance: float = 2.0,
+    fair_phase: str = "finetune",
+    dual_lr: float = 0.05,
+    diagnose: bool = False,
     cache_dir: str | Path | None = None,
     progress: bool = True,
     device: str = "cpu",
@@ -347,13 +352,32 @@ def compile(  # noqa: A001 - the public name users expect
     ``utkface:PATH``, ``cifar10:PATH``, ...) or a ``DataBundle``.
     ``relu_budget``: ``15000``, ``"15k"``, ``"1.5M"`` or ``"10%"``.
 
+    Fairness: ``fair_groups`` names the protected attribute(s) (``race``,
+    ``race,gender``); ``fair_method`` is ``ceag`` (default when
+    ``fair_groups`` is given: per-group excess-accuracy-gap constraints
+    ``ψ_g ≤ tolerance`` points, Lagrangian with cooper multipliers), ``el``
+    (equalized loss) or ``nft`` (plain finetune); ``fair_phase`` applies the
+    constraints during the finetune, the mask search, or both.  The report's
+    ``fairness`` section gives per-group accuracy, Δ_g, ψ_g, Ψ_PW and the
+    worst-group error ratio on train/val/test for the last and EMA weights.
+
     With ``out_dir`` it writes ``model.onnx`` (verified), ``model.pt`` and
     ``report.json``; a Ctrl-C during training leaves ``checkpoint.pt`` there
     and ``resume=True`` continues from it.
     """
+    from .fair_compile import (FAIR_METHODS, FAIR_PHASES, FairPhase, check_groups, ema_copy, fairness_section,
+                               group_train_accuracy)
+
     say = log or (lambda s: None)
     if search not in SEARCH_METHODS:
         raise RelucompError(f"unknown search method {search!r}", f"use one of {', '.join(SEARCH_METHODS)}")
+    fair_method = (fair_method or ("ceag" if fair_groups else "nft")).lower()
+    if fair_method not in FAIR_METHODS:
+        raise RelucompError(f"unknown fairness method {fair_method!r}", f"use one of {', '.join(FAIR_METHODS)}")
+    if fair_phase not in FAIR_PHASES:
+        raise RelucompError(f"unknown fairness phase {fair_phase!r}", f"use one of {', '.join(FAIR_PHASES)}")
+    if tolerance < 0:
+        raise RelucompError(f"tolerance {tolerance} must be ≥ 0 (accuracy points)", "give e.g. --tolerance 2")
     phases = _Phases()
     out = _prepare_out(out_dir)
     torch.manual_seed(seed)
@@ -406,6 +430,15 @@ def compile(  # noqa: A001 - the public name users expect
         dense_val = evaluate(teacher, val_loader)
         dense_test = evaluate(teacher, test_loader)
         dense_groups = _group_accuracy(teacher, bundle.test)
+        constrained = fair_method != "nft"
+        if constrained:
+            check_groups(bundle)
+        dense_train_groups, dense_train_acc = group_train_accuracy(teacher, bundle.train)
+
+    def fair_phase_for(phase_name: str, model_for_ema) -> FairPhase:
+        use = fair_method if (fair_phase == "both" or fair_phase == phase_name) else "nft"
+        return FairPhase(method=use, num_groups=bundle.num_groups, dense_group_acc=dense_train_groups,
+                         dense_acc=dense_train_acc, tolerance=tolerance, dual_lr=dual_lr, ema_model=model_for_ema)
 
     with phases("gates"):
         gm, _ = build_gated(user_model, calib, granularity=granularity, leaf_modules=leaf_modules)
@@ -424,12 +457,17 @@ def compile(  # noqa: A001 - the public name users expect
                 gm.load_state_dict(state["model"])
                 search_stats = dict(state.get("search_stats", {}))
             elif search == "snl":
+                sfair = fair_phase_for("search", None) if fair_phase in ("search", "both") and constrained else None
                 sp = SNLSearchPass(budget=budget, train_loader=train_loader, teacher=teacher, epochs=search_epochs,
                                    lr=lr, alpha_lr=alpha_lr, kd_weight=kd_weight, progress=prog,
+                                   extra_loss=sfair.extra_loss if sfair else None,
+                                   after_step=sfair.after_step if sfair else None,
                                    checkpoint=ckpt.save if out is not None else None,
                                    resume=state if state is not None and state.get("phase") == "search" else None,
                                    device=device)
                 search_stats = PassManager([sp]).run(gm).stats["passes"][0]["stats"]
+                if sfair is not None:
+                    search_stats["fair_trajectory"] = sfair.trajectory
             else:
                 sp = LayerDropSearchPass(budget=budget, calib_loader=val_loader, device=device)
                 search_stats = PassManager([sp]).run(gm).stats["passes"][0]["stats"]
@@ -439,22 +477,33 @@ def compile(  # noqa: A001 - the public name users expect
         # [pruning hook] channel pruning / GMP runs here, on the gated graph, before finetuning
         with phases("finetune"):
             resume_ft = state if state is not None and state.get("phase") == "finetune" else None
+            ffair = fair_phase_for("finetune", gm)
+            if resume_ft is not None and resume_ft.get("fair") is not None:
+                ffair.load_state_dict(resume_ft["fair"])
 
             def save_ft(s):
                 s["search_stats"] = light_search
+                s["fair"] = ffair.state_dict()
                 ckpt.save(s)
+
+            def ft_epoch_end(epoch, rec):
+                return {"multipliers": ffair.term.multiplier_values(), "psi_replay": ffair.term.psi_estimate()}
 
             fp = FinetunePass(train_loader=train_loader, teacher=teacher, epochs=finetune_epochs, lr=lr * 0.5,
                               kd_weight=kd_weight, progress=prog, checkpoint=save_ft if out is not None else None,
+                              extra_loss=ffair.extra_loss, after_step=ffair.after_step, on_epoch_end=ft_epoch_end,
                               resume=resume_ft, device=device)
             ft_stats = PassManager([fp]).run(gm).stats["passes"][0]["stats"]
     gm.cpu().eval()
     gated_state = {k: v.clone() for k, v in gm.state_dict().items()}
+    gm_ema = ema_copy(gm, ffair) if finetune_epochs > 0 else None
 
     with phases("fold"):
         pm = PassManager(lowering_passes(calib, gate_form=gate_form), calibration=calib)
         gm = pm.run(gm).gm
         fold_records = [r.to_dict() for r in pm.records]
+        if gm_ema is not None:
+            gm_ema = PassManager(lowering_passes(calib, gate_form=gate_form), calibration=calib).run(gm_ema.eval()).gm
     after_rows = layer_table(gm)
     after = _summary(gm)
     if after["relus_kept"] > budget:
@@ -464,6 +513,25 @@ def compile(  # noqa: A001 - the public name users expect
         comp_val = evaluate(gm, val_loader)
         comp_test = evaluate(gm, test_loader)
         comp_groups = _group_accuracy(gm, bundle.test)
+    with phases("fairness"):
+        variants = {"last": gm, **({"ema": gm_ema} if gm_ema is not None else {})}
+        fairness = fairness_section(teacher, variants, bundle, seed=seed)
+        fairness_info = {"method": fair_method, "phase": fair_phase, "tolerance": tolerance,
+                         "groups": bundle.group_names, "group_attribute": bundle.group_attribute,
+                         "dense_train_group_acc": dense_train_groups, "dense_train_acc": dense_train_acc,
+                         "multiplier_trajectory": ffair.trajectory,
+                         "search_multiplier_trajectory": search_stats.get("fair_trajectory", []),
+                         "results": fairness}
+    diagnostics = None
+    if diagnose:
+        with phases("diagnose"):
+            from .diagnostics import diagnose as _diagnose
+
+            diag_ds = bundle.val
+            diagnostics = {"dense": _diagnose(teacher, BatchLoader(diag_ds, batch_size=256), bundle.num_groups,
+                                              bundle.group_names),
+                           "compiled": _diagnose(gm, BatchLoader(diag_ds, batch_size=256), bundle.num_groups,
+                                                 bundle.group_names)}
 
     kept_by_site = {r["name"]: r["relus_kept"] for r in after_rows if r["kind"] in ("relu", "gate", "sparse_relu")}
     per_layer = [{"site": r["name"], "shape": r["shape"], "relus_before": r["relus"],
@@ -489,6 +557,8 @@ def compile(  # noqa: A001 - the public name users expect
                      "after": {"val": comp_val["acc"], "test": comp_test["acc"]}},
         "group_accuracy": {"groups": bundle.group_names, "before": dense_groups, "after": comp_groups,
                            "test_counts": bundle.test.group_counts()},
+        "fairness": fairness_info,
+        "diagnostics": diagnostics,
         "search": light_search,
         "search_history": search_stats.get("history", []),
         "lambda_trace": search_stats.get("lambda_trace", []),
@@ -507,7 +577,9 @@ def compile(  # noqa: A001 - the public name users expect
                 meta = {"relu_count": after["relus_kept"], "relu_budget": budget, "architecture": spec or type(user_model).__name__,
                         "granularity": granularity, "dataset": bundle.name, "num_classes": n_cls,
                         "input_shape": [3, image_size, image_size], "group_attribute": bundle.group_attribute,
-                        "accuracy_test": round(comp_test["acc"], 3)}
+                        "accuracy_test": round(comp_test["acc"], 3),
+                        "fair_groups": bundle.group_names, "fair_method": fair_method, "tolerance_eps": tolerance,
+                        "test_max_psi": fairness["last"]["test"].get("max_psi")}
                 calib_v = first_batch(test_loader, 7)
                 report["export"] = export_onnx(gm, out / "model.onnx", example=calib[:1], verify_batch=calib_v,
                                                metadata=meta, max_relus=budget)

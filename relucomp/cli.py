@@ -84,6 +84,10 @@ def compile(  # noqa: A001
     limit: Optional[int] = typer.Option(None, "--limit", help="use at most this many images (quick runs)"),
     image_size: int = typer.Option(32, "--image-size"),
     seed: int = typer.Option(0, "--seed"),
+    fair_method: Optional[str] = typer.Option(None, "--fair-method", help="ceag (default with --fair-groups) | el | nft"),
+    tolerance: float = typer.Option(2.0, "--tolerance", help="CEAG: max excess accuracy gap ψ_g per group, in points"),
+    fair_phase: str = typer.Option("finetune", "--fair-phase", help="apply the constraints in: finetune | search | both"),
+    diagnose: bool = typer.Option(False, "--diagnose", help="add per-group gradient norms and Hessian top eigenvalues"),
     resume: bool = typer.Option(False, "--resume", help="continue from OUT/checkpoint.pt after an interruption"),
     no_progress: bool = typer.Option(False, "--no-progress", help="no progress bars"),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
@@ -98,6 +102,7 @@ def compile(  # noqa: A001
                           search_epochs=epochs, finetune_epochs=finetune_epochs, pretrain_epochs=pretrain_epochs,
                           checkpoint=checkpoint, batch_size=batch_size, lr=lr, target=target, fair_groups=fair_groups,
                           limit=limit, image_size=image_size, seed=seed, out_dir=out, resume=resume,
+                          fair_method=fair_method, tolerance=tolerance, fair_phase=fair_phase, diagnose=diagnose,
                           progress=not no_progress, device=device, log=lambda s: console.print(f"[dim]{s}[/]"))
     except Interrupted as exc:
         console.print(f"[yellow]{exc.cause}[/]\n  [bold]resume:[/] {exc.fix}")
@@ -126,6 +131,22 @@ def _print_compile_summary(rep: dict) -> None:
         e = rep["export"]
         t.add_row("ONNX", "", f"{e['path']} ({e['onnx_relus']:,} ReLUs in graph, ort |diff| {e['ort_max_abs_diff']:.1e})")
     out_console.print(t)
+    fair = rep.get("fairness") or {}
+    res = (fair.get("results") or {}).get("last", {})
+    if res.get("test"):
+        ft = Table(title=f"fairness ({fair.get('method')}, ε = {fair.get('tolerance')} pts; test set)")
+        for col in ("group", "n", "acc dense", "acc compiled", "Δ_g", "ψ_g"):
+            ft.add_column(col, justify="right" if col != "group" else "left")
+        for gname, r in res["test"]["groups"].items():
+            f = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+            ft.add_row(gname, str(r["count"]), f(r["acc_dense"]), f(r["acc_compiled"]), f(r["delta"]), f(r["psi"]))
+        out_console.print(ft)
+        for w, wres in (fair.get("results") or {}).items():
+            for split in ("train", "test"):
+                r = wres.get(split) or {}
+                if r.get("max_psi") is not None:
+                    out_console.print(f"  {w:4s} {split:5s}: max ψ_g = {r['max_psi']:.2f}, Ψ_PW = {r['psi_pw']:.2f}, "
+                                      f"accuracy {r['overall']['acc_compiled']:.2f}%")
     ph = rep.get("phases_seconds", {})
     out_console.print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in ph.items()))
 

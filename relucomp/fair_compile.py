@@ -1,0 +1,127 @@
+"""Glue between :func:`relucomp.compile` and the fairness machinery.
+
+* :class:`FairPhase` wires a :class:`~relucomp.fairness.FairConstraintTerm`
+  (cooper multipliers, replay buffers) into a training pass as its
+  ``extra_loss`` / ``after_step`` hooks, keeps an EMA of the weights and
+  records multiplier trajectories.
+* :func:`fairness_section` evaluates the dense and compiled models (last and
+  EMA weights) per group on train / val / test with
+  :func:`relucomp.metrics.fairness_report`.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import DataError
+from .fairness import FairConstraintTerm
+from .loaders import BatchLoader
+from .metrics import EMA, fairness_report
+
+FAIR_METHODS = ("ceag", "el", "nft")
+FAIR_PHASES = ("finetune", "search", "both")
+
+
+def check_groups(bundle, *, min_train: int = 1) -> None:
+    """Refuse empty groups in the training split (a constraint on nothing)."""
+    counts = bundle.train.group_counts()
+    empty = [g for g, n in counts.items() if n < min_train]
+    if empty:
+        raise DataError(f"group(s) {', '.join(empty)} have no training samples",
+                        "choose another --fair-groups attribute, merge small groups, or drop --limit")
+
+
+@torch.no_grad()
+def group_train_accuracy(model: nn.Module, ds, batch_size: int = 512) -> tuple[list[float | None], float]:
+    """Accuracy (points) of ``model`` per group and overall on ``ds`` (no augmentation)."""
+    model.eval()
+    G = len(ds.group_names)
+    correct = torch.zeros(G)
+    count = torch.zeros(G)
+    for x, y, g in BatchLoader(ds, batch_size=batch_size):
+        ok = (model(x).argmax(1) == y).float()
+        correct.index_add_(0, g, ok)
+        count.index_add_(0, g, torch.ones_like(ok))
+    per = [100.0 * float(c / n) if n > 0 else None for c, n in zip(correct, count)]
+    overall = 100.0 * float(correct.sum() / count.sum().clamp_min(1))
+    return per, overall
+
+
+class FairPhase:
+    """Constraint term + EMA + trajectory recording for one training phase."""
+
+    def __init__(self, *, method: str, num_groups: int, dense_group_acc, dense_acc: float, tolerance: float,
+                 dual_lr: float = 0.05, replay_size: int = 40, ema_model: nn.Module | None = None,
+                 ema_decay: float = 0.99, record_every: int = 10):
+        self.method = method
+        self.term = FairConstraintTerm(num_groups, method=method, dense_group_acc=dense_group_acc,
+                                       dense_acc=dense_acc, tolerance=tolerance, dual_lr=dual_lr,
+                                       replay_size=replay_size)
+        self.ema = EMA(ema_model, ema_decay) if ema_model is not None else None
+        self.model = ema_model
+        self.record_every = record_every
+        self.trajectory: list[dict[str, Any]] = []
+
+    def extra_loss(self, logits, y, g):
+        if g is None:
+            return torch.zeros((), dtype=logits.dtype)
+        return self.term.loss(logits, y, g)
+
+    def after_step(self, step: int) -> None:
+        self.term.dual_step()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        if step % self.record_every == 0:
+            self.trajectory.append({"step": step, "multipliers": self.term.multiplier_values(),
+                                    "psi_replay": self.term.psi_estimate()})
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"term": self.term.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
+                "trajectory": self.trajectory}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.term.load_state_dict(state["term"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.trajectory = list(state.get("trajectory", []))
+
+
+def _predict(model: nn.Module, ds) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    model.eval()
+    ys, ps, gs = [], [], []
+    with torch.no_grad():
+        for x, y, g in BatchLoader(ds, batch_size=512):
+            ps.append(model(x).argmax(1))
+            ys.append(y)
+            gs.append(g)
+    return torch.cat(ys), torch.cat(ps), torch.cat(gs)
+
+
+def fairness_section(dense: nn.Module, compiled: dict[str, nn.Module], bundle, *, n_boot: int = 200,
+                     seed: int = 0, splits=("train", "val", "test")) -> dict[str, Any]:
+    """``{weights: {split: fairness_report}}`` for each compiled variant (e.g. last, ema)."""
+    out: dict[str, Any] = {}
+    dense_pred = {s: _predict(dense, bundle.splits[s]) for s in splits}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name, model in compiled.items():
+            out[name] = {}
+            for s in splits:
+                y, pd, g = dense_pred[s]
+                _, pc, _ = _predict(model, bundle.splits[s])
+                out[name][s] = fairness_report(y.numpy(), pd.numpy(), pc.numpy(), g.numpy(), bundle.group_names,
+                                               n_boot=n_boot if s == "test" else 0, seed=seed)
+    return out
+
+
+def ema_copy(gm: nn.Module, phase: FairPhase | None) -> nn.Module | None:
+    if phase is None or phase.ema is None:
+        return None
+    m = copy.deepcopy(gm)
+    phase.ema.copy_to(m)
+    return m
