@@ -36,7 +36,7 @@ from .passes.insert_gates import InsertGatesPass, gates_of
 from .passes.layer_drop import LayerDropSearchPass
 from .passes.lower_gates import LowerGatesPass
 from .passes.shape_prop import ShapeAnalysisPass, layer_table
-from .passes.snl_search import SNLSearchPass, hard_count
+from .passes.snl_search import SNLSearchPass, binarize_to_budget, hard_count, soft_count
 from .train import Checkpointer, Interrupted, evaluate, load_state, make_optimizer, progress_bar, train_loop, ce_kd_step
 
 DEFAULT_ARCH = "resnet8"
@@ -315,7 +315,7 @@ def compile(  # noqa: A001 - the public name users expect
     granularity: str = "pixel",
     search: str = "snl",
     search_epochs: int = 4,
-    finetune_epochs: int = 3,
+    finetune_epochs: int = 4,
     pretrain_epochs: int | None = None,
     batch_size: int = 128,
     lr: float = 0.01,
@@ -333,11 +333,18 @@ def compile(  # noqa: A001 - the public name users expect
     export: bool = True,
     gate_form: str = "sparse",
     leaf_modules: Sequence[type] = (),
+    prune_channels: float | None = None,
+    mac_budget: int | str | None = None,
+    sparsity: float | None = None,
+    prune_importance: str = "l1",
     fair_method: str | None = None,
     tolerance: float = 2.0,
     fair_phase: str = "finetune",
     dual_lr: float = 0.05,
     diagnose: bool = False,
+    search_snapshots: Sequence[int] = (),
+    on_snapshot: Callable[[int, dict], None] | None = None,
+    search_state: dict | None = None,
     cache_dir: str | Path | None = None,
     progress: bool = True,
     device: str = "cpu",
@@ -364,6 +371,12 @@ def compile(  # noqa: A001 - the public name users expect
     With ``out_dir`` it writes ``model.onnx`` (verified), ``model.pt`` and
     ``report.json``; a Ctrl-C during training leaves ``checkpoint.pt`` there
     and ``resume=True`` continues from it.
+
+    Budget sweeps (:mod:`relucomp.sweep`): ``search_snapshots`` /
+    ``on_snapshot(budget, state_dict)`` hand out the gated model's state when
+    the SNL search's soft count first reaches each larger budget;
+    ``search_state`` warm-starts from such a state (the search is skipped and
+    the gates are binarized to ``relu_budget``).
     """
     from .fair_compile import (FAIR_METHODS, FAIR_PHASES, FairPhase, check_groups, ema_copy, fairness_section,
                                group_train_accuracy)
@@ -400,7 +413,7 @@ def compile(  # noqa: A001 - the public name users expect
         user_model, spec, trained = _resolve_model(model, num_classes=n_cls, checkpoint=checkpoint)
         _check_io(user_model, calib, n_cls)
     pre_info: dict[str, Any] = {}
-    epochs_pre = pretrain_epochs if pretrain_epochs is not None else (0 if trained else 8)
+    epochs_pre = pretrain_epochs if pretrain_epochs is not None else (0 if trained else 15)
     if epochs_pre > 0:
         with phases("pretrain"):
             key = None
@@ -454,8 +467,18 @@ def compile(  # noqa: A001 - the public name users expect
     with progress_bar(progress) as prog:
         with phases("search"):
             if state is not None and state.get("phase") == "finetune":
+                if state.get("pruning_plan"):  # the checkpoint holds the pruned (smaller) weights
+                    from .pruning import apply_plan
+
+                    apply_plan(gm, state["pruning_plan"])
                 gm.load_state_dict(state["model"])
                 search_stats = dict(state.get("search_stats", {}))
+            elif search_state is not None:  # warm start (budget sweep): binarize a searched state
+                gm.load_state_dict(search_state)
+                soft0 = soft_count(gates_of(gm).values())
+                search_stats = {"warm_start": True, "budget": budget, "total_relus": before["relus"],
+                                "soft_relus_at_start": soft0,
+                                "hard_relus": binarize_to_budget(gates_of(gm), budget)}
             elif search == "snl":
                 sfair = fair_phase_for("search", None) if fair_phase in ("search", "both") and constrained else None
                 sp = SNLSearchPass(budget=budget, train_loader=train_loader, teacher=teacher, epochs=search_epochs,
@@ -464,7 +487,7 @@ def compile(  # noqa: A001 - the public name users expect
                                    after_step=sfair.after_step if sfair else None,
                                    checkpoint=ckpt.save if out is not None else None,
                                    resume=state if state is not None and state.get("phase") == "search" else None,
-                                   device=device)
+                                   device=device, snapshots=search_snapshots, on_snapshot=on_snapshot)
                 search_stats = PassManager([sp]).run(gm).stats["passes"][0]["stats"]
                 if sfair is not None:
                     search_stats["fair_trajectory"] = sfair.trajectory
@@ -475,6 +498,17 @@ def compile(  # noqa: A001 - the public name users expect
                 raise RuntimeError("search produced more ReLUs than the budget")
         light_search = {k: v for k, v in search_stats.items() if k not in ("history", "lambda_trace")}
         # [pruning hook] channel pruning / GMP runs here, on the gated graph, before finetuning
+        pruning, gmp = None, None
+        if prune_channels is not None or mac_budget is not None or sparsity is not None:
+            from .pruning import chain_steps, compile_hook, pruning_plan_of
+
+            with phases("prune"):
+                pruning, gmp = compile_hook(
+                    gm, prune_channels=prune_channels, mac_budget=mac_budget, sparsity=sparsity,
+                    importance=prune_importance, calib=train_loader, relu_budget=budget,
+                    finetune_steps=max(0, finetune_epochs) * len(train_loader), log=say,
+                    resume_plan=state.get("pruning_plan") if state is not None and state.get("phase") == "finetune" else None)
+        pruning_plan = pruning_plan_of(pruning) if pruning is not None else None
         with phases("finetune"):
             resume_ft = state if state is not None and state.get("phase") == "finetune" else None
             ffair = fair_phase_for("finetune", gm)
@@ -483,6 +517,7 @@ def compile(  # noqa: A001 - the public name users expect
 
             def save_ft(s):
                 s["search_stats"] = light_search
+                s["pruning_plan"] = pruning_plan
                 s["fair"] = ffair.state_dict()
                 ckpt.save(s)
 
@@ -491,12 +526,17 @@ def compile(  # noqa: A001 - the public name users expect
 
             fp = FinetunePass(train_loader=train_loader, teacher=teacher, epochs=finetune_epochs, lr=lr * 0.5,
                               kd_weight=kd_weight, progress=prog, checkpoint=save_ft if out is not None else None,
-                              extra_loss=ffair.extra_loss, after_step=ffair.after_step, on_epoch_end=ft_epoch_end,
+                              extra_loss=ffair.extra_loss, on_epoch_end=ft_epoch_end,
+                              after_step=chain_steps(gmp, ffair.after_step) if gmp is not None else ffair.after_step,
                               resume=resume_ft, device=device)
             ft_stats = PassManager([fp]).run(gm).stats["passes"][0]["stats"]
     gm.cpu().eval()
+    if gmp is not None:  # GMP: reach the final sparsity and bake the masks into the weights
+        pruning["sparsity"] = gmp.bake()
     gated_state = {k: v.clone() for k, v in gm.state_dict().items()}
     gm_ema = ema_copy(gm, ffair) if finetune_epochs > 0 else None
+    if gmp is not None and gm_ema is not None:
+        gmp.apply_to(gm_ema)
 
     with phases("fold"):
         pm = PassManager(lowering_passes(calib, gate_form=gate_form), calibration=calib)
@@ -564,13 +604,14 @@ def compile(  # noqa: A001 - the public name users expect
         "lambda_trace": search_stats.get("lambda_trace", []),
         "finetune_history": ft_stats.get("history", []),
         "passes": fold_records,
+        "pruning": pruning,
         "phases_seconds": phases.seconds,
     }
     onnx_path = None
     if out is not None:
         with phases("export"):
             _save_compiled(out / "model.pt", gated_state, spec=spec, num_classes=n_cls, granularity=granularity,
-                           image_size=image_size, gate_form=gate_form, budget=budget)
+                           image_size=image_size, gate_form=gate_form, budget=budget, pruning_plan=pruning_plan)
             if export:
                 from .export import export_onnx
 
@@ -624,6 +665,10 @@ def load_compiled(path: str | Path, *, model: nn.Module | None = None) -> fx.Gra
     gm, _ = build_gated(model, example, granularity=info["granularity"])
     for m in gates_of(gm).values():
         m.hard.fill_(True)
+    if info.get("pruning_plan"):  # channel-pruned: slice the rebuilt graph the same way first
+        from .pruning import apply_plan
+
+        apply_plan(gm, info["pruning_plan"])
     gm.load_state_dict(state["state_dict"])
     gm.eval()
     return PassManager(lowering_passes(example, gate_form=info.get("gate_form", "sparse")), calibration=example).run(gm).gm

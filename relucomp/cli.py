@@ -76,8 +76,8 @@ def compile(  # noqa: A001
     granularity: str = typer.Option("pixel", "--granularity", help="gate granularity: pixel | channel | layer"),
     search: str = typer.Option("snl", "--search", help="snl (learned masks) | layer-drop (DeepReDuce-style baseline)"),
     epochs: int = typer.Option(4, "--epochs", help="mask-search epochs"),
-    finetune_epochs: int = typer.Option(3, "--finetune-epochs", help="finetune epochs with fixed masks"),
-    pretrain_epochs: Optional[int] = typer.Option(None, "--pretrain-epochs", help="train an untrained built-in model first (default 8; cached)"),
+    finetune_epochs: int = typer.Option(4, "--finetune-epochs", help="finetune epochs with fixed masks"),
+    pretrain_epochs: Optional[int] = typer.Option(None, "--pretrain-epochs", help="train an untrained built-in model first (default 15; cached)"),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="state_dict for MODEL"),
     batch_size: int = typer.Option(128, "--batch-size"),
     lr: float = typer.Option(0.01, "--lr"),
@@ -91,6 +91,10 @@ def compile(  # noqa: A001
     resume: bool = typer.Option(False, "--resume", help="continue from OUT/checkpoint.pt after an interruption"),
     no_progress: bool = typer.Option(False, "--no-progress", help="no progress bars"),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
+    prune_channels: Optional[float] = typer.Option(None, "--prune-channels", help="remove this fraction of the prunable (coupled) channels, e.g. 0.5"),
+    mac_budget: Optional[str] = typer.Option(None, "--mac-budget", help="prune channels until MACs per image ≤ this: 200M, 1.5G, 50%"),
+    sparsity: Optional[float] = typer.Option(None, "--sparsity", help="unstructured weight sparsity by gradual magnitude pruning during finetuning, e.g. 0.9"),
+    prune_importance: str = typer.Option("l1", "--prune-importance", help="channel importance: l1 | l2 | bn | taylor"),
 ) -> None:
     """Compress MODEL to a ReLU budget and write OUT/model.onnx, OUT/model.pt, OUT/report.json."""
     from .api import compile as compile_api
@@ -103,6 +107,8 @@ def compile(  # noqa: A001
                           checkpoint=checkpoint, batch_size=batch_size, lr=lr, target=target, fair_groups=fair_groups,
                           limit=limit, image_size=image_size, seed=seed, out_dir=out, resume=resume,
                           fair_method=fair_method, tolerance=tolerance, fair_phase=fair_phase, diagnose=diagnose,
+                          prune_channels=prune_channels, mac_budget=mac_budget, sparsity=sparsity,
+                          prune_importance=prune_importance,
                           progress=not no_progress, device=device, log=lambda s: console.print(f"[dim]{s}[/]"))
     except Interrupted as exc:
         console.print(f"[yellow]{exc.cause}[/]\n  [bold]resume:[/] {exc.fix}")
@@ -120,6 +126,11 @@ def _print_compile_summary(rep: dict) -> None:
     t.add_column("after", justify="right")
     t.add_row("ReLUs", f"{rep['relus']['before']:,}", f"{rep['relus']['after']:,} (budget {rep['relus']['budget']:,})")
     t.add_row("MACs", human(rep["macs"]["before"]), human(rep["macs"]["after"]))
+    if rep.get("pruning"):
+        t.add_row("params", f"{rep['params']['before']:,}", f"{rep['params']['after']:,}")
+        sp = rep["pruning"].get("sparsity")
+        if sp:
+            t.add_row("weight sparsity", "", f"{100 * sp['achieved']:.1f}% (target {100 * sp['target']:.0f}%)")
     t.add_row("val accuracy", f"{rep['accuracy']['before']['val']:.2f}%", f"{rep['accuracy']['after']['val']:.2f}%")
     t.add_row("test accuracy", f"{rep['accuracy']['before']['test']:.2f}%", f"{rep['accuracy']['after']['test']:.2f}%")
     ga = rep.get("group_accuracy", {})
@@ -183,6 +194,12 @@ def version() -> None:
     from . import __version__
 
     out_console.print(__version__)
+
+
+from .cli_report import report_cmd, sweep_cmd  # noqa: E402
+
+app.command("sweep")(sweep_cmd)
+app.command("report")(report_cmd)
 
 
 def main() -> None:  # pragma: no cover

@@ -74,7 +74,16 @@ class ReLUGate(nn.Module):
     # -- state --------------------------------------------------------------
     @torch.no_grad()
     def clamp_(self) -> None:
+        """Project ``a`` to [0, 1]; entries pinned linear (``mask == 0``) stay at 0."""
         self.alpha.clamp_(0.0, 1.0)
+        if not bool(self.hard):
+            self.alpha.mul_(self.mask)
+
+    @torch.no_grad()
+    def pin_linear_(self, entries: torch.Tensor) -> None:
+        """Fix the given flat gate entries to identity for the rest of the search."""
+        self.mask.view(-1)[entries] = 0.0
+        self.alpha.view(-1)[entries] = 0.0
 
     @torch.no_grad()
     def set_mask(self, mask: torch.Tensor) -> None:
