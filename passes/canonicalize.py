@@ -26,10 +26,24 @@ class CanonicalizeReLUPass(Pass):
         seen_targets: dict[str, int] = {}
         converted = 0
         named = 0
+        # site names must be unique (gates are keyed by site): a function ReLU's
+        # node name can equal a ReLU module's path (``torch.relu`` node "relu"
+        # and a module ``self.relu``), so clashes get a ``#k`` suffix.
+        used = {meta(n)["site"] for n in gm.graph.nodes if is_canonical_relu(n) and "site" in meta(n)}
+
+        def fresh(base: str) -> str:
+            site, k = base, 0
+            while site in used:
+                k += 1
+                site = f"{base}#{k}"
+            used.add(site)
+            return site
+
         for node in list(gm.graph.nodes):
             if is_canonical_relu(node) and not node.kwargs:
                 if "site" not in meta(node):
-                    meta(node)["site"] = node.name
+                    meta(node)["site"] = fresh(node.name)
+                    meta(node)["kind"] = "relu"
                     named += 1
                 continue
             if not is_raw_relu(gm, node):
@@ -54,7 +68,7 @@ class CanonicalizeReLUPass(Pass):
                 new = gm.graph.call_function(torch.relu, (src,))
             node.replace_all_uses_with(new)
             new.meta.update({k: v for k, v in node.meta.items()})
-            meta(new)["site"] = meta(node).get("site", site)
+            meta(new)["site"] = meta(node)["site"] if "site" in meta(node) else fresh(site)
             meta(new)["kind"] = "relu"
             gm.graph.erase_node(node)
             order = node_order(gm)

@@ -12,7 +12,9 @@ so ``conv'(x) == BN(conv(x))`` exactly in real arithmetic.  The same holds for
 
 Not folded (negative cases): a BN in training mode (its output depends on the
 batch statistics), a BN without running statistics, a conv/linear whose output
-has other users besides the BN, and a conv module called from several nodes.
+has other users besides the BN, a conv module called from several nodes, and a
+linear whose output is not known (from ShapeAnalysisPass metadata) to be
+``(N, features)`` — on ``(N, L, F)`` BatchNorm1d normalizes ``L``, not ``F``.
 """
 
 from __future__ import annotations
@@ -63,6 +65,10 @@ class FoldBatchNormPass(Pass):
                 continue
             if len(src.users) != 1 or calls[src.target] != 1 or calls[bn_node.target] != 1:
                 skipped.append(f"{bn_node.target}: producer output is shared")
+                continue
+            if isinstance(aff, nn.Linear) and len(meta(src).get("shape") or (0, 0)) != 1:
+                # BatchNorm1d normalizes dim 1: that is the linear's feature dim only for (N, F) outputs
+                skipped.append(f"{bn_node.target}: linear output is not known to be (N, features)")
                 continue
             out_ch = aff.out_channels if hasattr(aff, "out_channels") else aff.out_features
             if bn.num_features != out_ch:

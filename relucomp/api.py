@@ -194,6 +194,7 @@ def inspect(target: str | nn.Module, *, num_classes: int = 10, image_size: int =
         return inspect_onnx(target)
     model, spec, _ = _resolve_model(target, num_classes=num_classes, checkpoint=checkpoint)
     x = torch.randn(2, 3, image_size, image_size)
+    _check_io(model, x, num_classes)
     gm = analyze(model, x)
     rows = layer_table(gm)
     return {"model": spec or type(model).__name__, "input": [3, image_size, image_size], "layers": rows,
@@ -392,6 +393,10 @@ def compile(  # noqa: A001 - the public name users expect
     if tolerance < 0:
         raise RelucompError(f"tolerance {tolerance} must be ≥ 0 (accuracy points)", "give e.g. --tolerance 2")
     phases = _Phases()
+    if not (isinstance(relu_budget, str) and relu_budget.strip().endswith("%")):
+        early = parse_count(relu_budget)  # fail fast on typos, before data and training
+        if early <= 0:
+            check_relu_budget(early, 1)
     out = _prepare_out(out_dir)
     torch.manual_seed(seed)
 
@@ -412,6 +417,15 @@ def compile(  # noqa: A001 - the public name users expect
     with phases("model"):
         user_model, spec, trained = _resolve_model(model, num_classes=n_cls, checkpoint=checkpoint)
         _check_io(user_model, calib, n_cls)
+    with phases("trace"):  # structure only: before pretraining, so bad budgets fail fast
+        gm_dense = analyze(user_model, calib, leaf_modules=leaf_modules)
+    before_rows = layer_table(gm_dense)
+    before = _summary(gm_dense)
+    if before["relus"] == 0:
+        raise RelucompError("the model has no ReLUs that relucomp can see",
+                            "relucomp gates ReLUs; models using other activations are not supported yet")
+    budget = check_relu_budget(parse_count(relu_budget, total=before["relus"]), before["relus"])
+    say(f"model: {before['relus']:,} ReLUs, {before['macs']:,} MACs; budget {budget:,}")
     pre_info: dict[str, Any] = {}
     epochs_pre = pretrain_epochs if pretrain_epochs is not None else (0 if trained else 15)
     if epochs_pre > 0:
@@ -429,15 +443,6 @@ def compile(  # noqa: A001 - the public name users expect
     for p in teacher.parameters():
         p.requires_grad_(False)
 
-    with phases("trace"):
-        gm_dense = analyze(user_model, calib, leaf_modules=leaf_modules)
-    before_rows = layer_table(gm_dense)
-    before = _summary(gm_dense)
-    if before["relus"] == 0:
-        raise RelucompError("the model has no ReLUs that relucomp can see",
-                            "relucomp gates ReLUs; models using other activations are not supported yet")
-    budget = check_relu_budget(parse_count(relu_budget, total=before["relus"]), before["relus"])
-    say(f"model: {before['relus']:,} ReLUs, {before['macs']:,} MACs; budget {budget:,}")
 
     with phases("evaluate_dense"):
         dense_val = evaluate(teacher, val_loader)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import re
+from decimal import Decimal
 
 from .errors import BudgetError
 
 _SUFFIX = {"": 1, "k": 1_000, "m": 1_000_000, "g": 1_000_000_000}
 _RE = re.compile(r"^\s*([0-9][0-9_,]*(?:\.[0-9]+)?|\.[0-9]+)\s*([kKmMgG%]?)\s*$")
+#: commas only as thousands separators ("2,000", "1,500,000.5"); "1,5k" is refused, not read as 15k
+_GROUPED = re.compile(r"^[0-9]{1,3}(?:,[0-9]{3})+(?:\.[0-9]+)?$")
 
 
 def parse_count(text: str | int | float, *, total: int | None = None, what: str = "ReLU budget") -> int:
@@ -27,18 +30,23 @@ def parse_count(text: str | int | float, *, total: int | None = None, what: str 
     m = _RE.match(str(text))
     if not m:
         raise BudgetError(f"cannot parse {what} {text!r}", "give e.g. 15000, 15k, 1.5M or 10%")
-    number = float(m.group(1).replace(",", "").replace("_", ""))
+    raw = m.group(1)
+    if "," in raw and not _GROUPED.match(raw):
+        raise BudgetError(f"cannot parse {what} {text!r}: commas may only separate thousands",
+                          "write thousands as 2,000 or 2000 and decimals with '.', e.g. 15k or 1.5k")
+    # exact decimal arithmetic: float rounding must not move a count by one (32.3% of 1000 is 323)
+    number = Decimal(raw.replace(",", "").replace("_", ""))
     suffix = m.group(2).lower()
     if suffix == "%":
         if total is None:
             raise BudgetError(f"{what} {text!r} is a percentage but the total is unknown", "give an absolute count")
         if number > 100:
             raise BudgetError(f"{what} {text!r} is above 100%", "give a percentage between 0 and 100")
-        return int(total * number / 100.0)
+        return int(Decimal(int(total)) * number // 100)
     value = number * _SUFFIX[suffix]
-    if abs(value - round(value)) > 1e-6:
+    if value != value.to_integral_value():
         raise BudgetError(f"{what} {text!r} is not a whole number", "give a whole count, e.g. 15000 or 15k")
-    return int(round(value))
+    return int(value)
 
 
 def check_relu_budget(budget: int, total: int) -> int:

@@ -13,6 +13,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .budget import human
@@ -25,10 +26,14 @@ out_console = Console()
 
 
 def _fail(exc: RelucompError) -> None:
-    console.print(f"[bold red]error:[/] {exc.cause}")
+    console.print(f"[bold red]error:[/] {escape(str(exc.cause))}")
     if exc.fix:
-        console.print(f"  [bold]fix:[/] {exc.fix}")
+        console.print(f"  [bold]fix:[/] {escape(str(exc.fix))}")
     raise typer.Exit(2)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    console.print(f"[yellow]warning:[/] {escape(str(message))}")
 
 
 def _quiet_torch_logs() -> None:
@@ -37,6 +42,7 @@ def _quiet_torch_logs() -> None:
 
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     logging.getLogger("torch._export").setLevel(logging.ERROR)
+    warnings.showwarning = _show_warning
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import linecache
 import operator
+import os
 import sys
 import traceback
 from typing import Any, Iterable
@@ -89,12 +90,29 @@ class RelucompTracer(fx.Tracer):
         return super().is_leaf_module(m, qualname)
 
 
+def _internal_dirs() -> tuple[str, ...]:
+    """Install folders of torch and relucomp (its ``passes`` live in their own folder)."""
+    import relucomp
+    import relucomp.passes
+
+    dirs = [os.path.dirname(torch.__file__), os.path.dirname(relucomp.__file__), *relucomp.passes.__path__]
+    return tuple(os.path.join(os.path.normcase(os.path.abspath(d)), "") for d in dirs)
+
+
 def _user_frame(tb) -> str | None:
-    """The innermost traceback frame outside torch / relucomp, as 'file:line: code'."""
+    """The innermost traceback frame outside torch / relucomp, as 'file:line: code'.
+
+    Frames are classified by the packages' install folders, not by a folder
+    *name*: a user's model living under some ``.../relucomp/...`` folder of
+    their own is still the user's code.
+    """
+    internal = _internal_dirs()
     best = None
     for frame in traceback.extract_tb(tb):
-        f = frame.filename.replace("\\", "/")
-        if "/torch/" in f or "/relucomp/" in f or f.startswith("<"):
+        if frame.filename.startswith("<"):
+            continue
+        f = os.path.normcase(os.path.abspath(frame.filename))
+        if f.startswith(internal):
             continue
         best = frame
     if best is None:

@@ -309,7 +309,6 @@ class Source:
     split: np.ndarray | None = None  # int codes, see SPLIT_CODES; None = no official split
     default_target: str = "label"
     default_groups: str | None = None
-    derived_hint: str = ""
     info: dict[str, Any] = field(default_factory=dict)
     presized: bool = False  # True if the source already honours ``limit`` itself (synthetic)
 

@@ -7,7 +7,8 @@ absolute root path, the selected file names, their count / newest mtime /
 total size and the image size: touching, adding or removing a file, or asking
 for a different resolution, gives a new entry.
 
-Location: ``cache_dir`` argument, else ``$RELUCOMP_CACHE``, else
+Location: the ``cache_dir`` argument, else ``$RELUCOMP_CACHE/data`` (the
+variable names relucomp's cache root, shared with the model cache), else
 ``~/.cache/relucomp/data``.  ``RELUCOMP_CACHE=off`` (or ``cache_dir="off"``)
 disables caching.
 """
@@ -37,7 +38,7 @@ def default_cache_dir() -> Path | None:
     if env is not None and env.strip():
         if env.strip().lower() in _OFF:
             return None
-        return Path(env).expanduser()
+        return Path(env).expanduser() / "data"
     return Path.home() / ".cache" / "relucomp" / "data"
 
 

@@ -3,8 +3,8 @@
 Two layouts:
 
 * **ImageFolder**: ``root/<class>/*.jpg`` or ``root/<split>/<class>/*.jpg``
-  with split folders ``train`` and ``test`` (and optionally ``val``) -- the
-  official split is kept.
+  with split folders ``train`` plus ``test`` and/or ``val`` -- the official
+  split is kept, a missing part is carved out of train.
 * **CSV**: images plus a CSV (``folder:labels.csv``, or a folder with exactly
   one ``.csv``) with a file column (auto-detected: ``file``, ``filename``,
   ``path``, ``image``, ...), a target column and any attribute columns usable
@@ -57,8 +57,10 @@ def _split_dirs(root: Path) -> dict[str, Path]:
 
 
 def has_split_layout(root: Path) -> bool:
+    """True if every sub-folder is a split name (train/val/test...) and one is train."""
+    subs = _subdirs(root)
     s = _split_dirs(root)
-    return any(SPLIT_DIRS[k] == 0 for k in s) and any(SPLIT_DIRS[k] == 2 for k in s)
+    return bool(subs) and len(s) == len(subs) and any(SPLIT_DIRS[k] == 0 for k in s)
 
 
 def imagefolder_source(root: Path, name: str, cache_dir: Path | None) -> Source:
@@ -199,8 +201,8 @@ def csv_source(csv_path: Path, name: str, cache_dir: Path | None) -> Source:
                 split = vals.map(_SPLIT_VALUES).to_numpy(dtype=np.int64)
                 continue
         columns[key] = _column_from_series(df[c])
-    if split is not None and not ((split == 0).any() and (split == 2).any()):
-        split = None  # a split column without both train and test is just an attribute
+    if split is not None and not (split == 0).any():
+        split = None  # a split column without train rows is useless as a split
     lower_cols = {k.lower(): k for k in columns}
     default_target = next((lower_cols[t] for t in TARGET_COLUMNS if t in lower_cols), None)
     if default_target is None and len(columns) == 1:

@@ -45,6 +45,7 @@ _PATH_HINT = {
     "svhn": "svhn:/path/to/folder-with-train_32x32.mat",
     "folder": "folder:/path/to/images (class sub-folders or a CSV)",
 }
+_CIFAR10_CLASSES = {"airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"}
 _NO_GROUPS = {"", "none", "all", "null", "no", "off"}
 # the limit subset is the same for every split seed, so seeds can be swept on one subset
 LIMIT_SEED = 0
@@ -67,6 +68,12 @@ def detect_kind(path: Path) -> str:
         return "svhn"
     if looks_like_utkface(path):
         return "utkface"
+    from .folder import has_split_layout
+
+    if has_split_layout(path):
+        train = next(p for p in path.iterdir() if p.is_dir() and p.name.lower() in ("train", "training"))
+        if {p.name for p in train.iterdir() if p.is_dir()} == _CIFAR10_CLASSES:
+            return "cifar10"
     return "folder"
 
 

@@ -81,9 +81,9 @@ def stratified_split(
 
     Without an official split: ``test_fraction`` and ``val_fraction`` of all
     samples go to test and val, stratified by ``(label, group)``.  With one
-    (codes 0 train, 1 val, 2 test): the official test (and val, if given) are
-    kept and, if there is no official val, ``val_fraction`` of the official
-    train set is carved out as val, stratified the same way.
+    (codes 0 train, 1 val, 2 test): the official parts are kept and a missing
+    val (or test) is carved out of the official train set -- ``val_fraction``
+    (``test_fraction``) of it, stratified the same way.
     """
     labels = np.asarray(labels, dtype=np.int64)
     groups = np.asarray(groups, dtype=np.int64)
@@ -94,33 +94,50 @@ def stratified_split(
         test = np.flatnonzero(official == 2)
         val = np.flatnonzero(official == 1)
         train_pool = np.flatnonzero(official == 0)
-        if len(val) > 0:
+        fractions = ([test_fraction] if len(test) == 0 else []) + ([val_fraction] if len(val) == 0 else [])
+        if not fractions:
             return {"train": train_pool, "val": val, "test": test}
-        carved_val, _ = _carve(train_pool, labels, groups, rng, [val_fraction])
-        train = np.setdiff1d(train_pool, carved_val[0])
-        return {"train": train, "val": carved_val[0], "test": test}
+        carved, train = _carve(train_pool, labels, groups, rng, fractions)
+        if len(test) == 0:
+            test = carved.pop(0)
+        if len(val) == 0:
+            val = carved.pop(0)
+        return {"train": train, "val": val, "test": test}
     (test, val), train = _carve(np.arange(n), labels, groups, rng, [test_fraction, val_fraction])
     return {"train": train, "val": val, "test": test}
 
 
 def _carve(pool, labels, groups, rng, fractions):
-    """Carve successive fractions (of the whole pool) out of ``pool``; return (parts, rest)."""
+    """Carve successive fractions (of the whole pool) out of ``pool``; return (parts, rest).
+
+    Two-level largest remainder: the count is first shared among groups, then
+    among the labels inside each group, so every group's share is exact and
+    independent of the seed (only the members change).
+    """
     pool = np.asarray(pool, dtype=np.int64)
     if len(pool) == 0:
         return [np.zeros(0, np.int64) for _ in fractions], pool
-    strata = strata_of(labels[pool], groups[pool])
-    ids, counts = np.unique(strata, return_counts=True)
-    members = {int(s): rng.permutation(pool[strata == s]) for s in ids}
-    left = counts.copy()
-    taken = np.zeros_like(counts)
+    g_pool, y_pool = groups[pool], labels[pool]
+    keys = sorted({(int(a), int(b)) for a, b in zip(g_pool, y_pool)})
+    members = {k: rng.permutation(pool[(g_pool == k[0]) & (y_pool == k[1])]) for k in keys}
+    group_ids = sorted({k[0] for k in keys})
+    by_group = {gid: [k for k in keys if k[0] == gid] for gid in group_ids}
+    left = {k: len(members[k]) for k in keys}
+    taken = {k: 0 for k in keys}
     parts = []
     n = len(pool)
     for frac in fractions:
         total = int(round(n * frac))
-        k = allocate(left, 0.0, rng, total=total)
-        part = [members[int(s)][taken[j] : taken[j] + k[j]] for j, s in enumerate(ids)]
-        parts.append(np.sort(np.concatenate(part)) if part else np.zeros(0, np.int64))
-        taken += k
-        left -= k
-    rest = [members[int(s)][taken[j] :] for j, s in enumerate(ids)]
+        g_sizes = np.array([sum(left[k] for k in by_group[gid]) for gid in group_ids])
+        g_take = allocate(g_sizes, 0.0, rng, total=total)
+        chosen = []
+        for gid, gt in zip(group_ids, g_take):
+            ks = by_group[gid]
+            k_take = allocate(np.array([left[k] for k in ks]), 0.0, rng, total=int(gt))
+            for k, t in zip(ks, k_take):
+                chosen.append(members[k][taken[k] : taken[k] + t])
+                taken[k] += int(t)
+                left[k] -= int(t)
+        parts.append(np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, np.int64))
+    rest = [members[k][taken[k] :] for k in keys]
     return parts, np.sort(np.concatenate(rest))

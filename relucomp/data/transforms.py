@@ -53,22 +53,23 @@ def resize_uint8(images: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
-def channel_stats(images: Tensor, chunk: int = 4096) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
-    """Per-channel mean and std of uint8 ``N x 3 x H x W`` images scaled to [0, 1]."""
+def channel_stats(images: Tensor) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    """Per-channel mean and std of uint8 ``N x 3 x H x W`` images scaled to [0, 1].
+
+    Exact, from a 256-bin histogram per channel (no float copy of the data).
+    """
     if images.shape[0] == 0:
         return (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
-    s = torch.zeros(3, dtype=torch.float64)
-    s2 = torch.zeros(3, dtype=torch.float64)
-    count = 0
-    for start in range(0, images.shape[0], chunk):
-        x = images[start : start + chunk].to(torch.float64).div_(255.0)
-        s += x.sum(dim=(0, 2, 3))
-        s2 += x.square().sum(dim=(0, 2, 3))
-        count += x.shape[0] * x.shape[2] * x.shape[3]
-    mean = s / count
-    var = (s2 / count - mean.square()).clamp_min(1e-12)
-    std = var.sqrt().clamp_min(1e-3)
-    return tuple(float(v) for v in mean), tuple(float(v) for v in std)  # type: ignore[return-value]
+    levels = torch.arange(256, dtype=torch.float64) / 255.0
+    means, stds = [], []
+    for c in range(images.shape[1]):
+        hist = torch.bincount(images[:, c].reshape(-1), minlength=256).to(torch.float64)
+        total = hist.sum()
+        mean = (hist * levels).sum() / total
+        var = ((hist * levels.square()).sum() / total - mean.square()).clamp_min(0.0)
+        means.append(float(mean))
+        stds.append(max(float(var.sqrt()), 1e-3))
+    return tuple(means), tuple(stds)  # type: ignore[return-value]
 
 
 def normalize(x: Tensor, mean: Sequence[float] | Tensor, std: Sequence[float] | Tensor) -> Tensor:

@@ -1,0 +1,209 @@
+"""Fast PI cost estimates: a linear cost model fitted from ``pi-bench`` runs on this machine.
+
+``latency ≈ c0 + c_relu·(ReLUs + MaxPool comparisons) + c_mac·MACs + c_gather·gathered elements``
+and the same form for bytes.  The coefficients live in ``cost_model.json``
+beside this file (written by ``benchmarks/bench_pi.py`` via :func:`fit`), with
+every measurement they were fitted on and the model's error on each, so
+:func:`estimate` can state how far to trust it.  A MaxPool comparison is
+costed as one ReLU (``max(a, b) = b + relu(a − b)``: one comparison and one
+multiplexer, the same protocol as a ReLU).
+
+Counting is done from the ONNX graph itself (shape inference; no torch), or,
+for a model spec, from relucomp's own analysis of the traced model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+COST_MODEL = Path(__file__).with_name("cost_model.json")
+FEATURES = ("const", "relus", "macs", "gather_elements")
+
+#: used when no cost_model.json is present: 2-core machine, loopback, SPU 0.9.5 Cheetah
+#: (0.44 s floor and ~15.7 µs / ~100 B per ReLU for resnet8, per the reference measurements)
+DEFAULT_MODEL: dict[str, Any] = {
+    "protocol": "cheetah",
+    "latency_s": {"const": 0.05, "relus": 15.7e-6, "macs": 3.2e-8, "gather_elements": 1.5e-6},
+    "bytes": {"const": 0.0, "relus": 100.0, "macs": 0.024, "gather_elements": 0.0},
+    "lowering": {"relu_element_s": 15.7e-6, "gather_element_s": 1.5e-6, "copy_element_s": 5e-8, "op_s": 2e-4},
+    "source": "built-in defaults (no fitted cost_model.json)",
+}
+
+
+def _dims(vi) -> list:
+    t = vi.type.tensor_type
+    if not t.HasField("shape"):
+        return []
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
+
+
+def _per_image(d: list) -> int | None:
+    if not d or any(not isinstance(v, int) for v in d[1:]):
+        return None
+    return math.prod(d[1:])
+
+
+def onnx_costs(model: Any) -> dict[str, Any]:
+    """Count, per image, what a 2PC runtime pays for in an ONNX model (from the graph)."""
+    import onnx
+
+    proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
+    inferred = onnx.shape_inference.infer_shapes(proto)
+    g = inferred.graph
+    shapes = {vi.name: _dims(vi) for vi in list(g.value_info) + list(g.input) + list(g.output)}
+    inits = {i.name: list(i.dims) for i in g.initializer}
+    relus = cmp = macs = gathered = 0
+    relu_nodes = 0
+    ops: dict[str, int] = {}
+    for node in g.node:
+        ops[node.op_type] = ops.get(node.op_type, 0) + 1
+        if node.op_type == "Relu":
+            n = _per_image(shapes.get(node.input[0], []))
+            if n is None:
+                raise ValueError(f"cannot infer a static per-image shape for Relu input {node.input[0]!r}")
+            relus += n
+            relu_nodes += 1
+        elif node.op_type == "MaxPool":
+            d = shapes.get(node.output[0], [])
+            k = [a.ints for a in node.attribute if a.name == "kernel_shape"]
+            n = _per_image(d)
+            if n is not None and k:
+                cmp += n * (math.prod(k[0]) - 1)
+        elif node.op_type == "GlobalMaxPool":
+            d = shapes.get(node.input[0], [])
+            if d and _per_image(d) is not None:
+                cmp += d[1] * (math.prod(d[2:]) - 1)
+        elif node.op_type in ("Conv", "Gemm", "MatMul"):
+            out = shapes.get(node.output[0], [])
+            w = inits.get(node.input[1]) or shapes.get(node.input[1]) or []
+            n = _per_image(out)
+            if n is None or not w or not all(isinstance(v, int) for v in w):
+                continue
+            if node.op_type == "Conv":
+                macs += n * math.prod(w[1:])
+            else:
+                trans_b = any(a.name == "transB" and a.i == 1 for a in node.attribute)
+                macs += n * (w[1] if (node.op_type == "Gemm" and trans_b) else w[0])
+        elif node.op_type == "Gather":
+            d = shapes.get(node.output[0], [])
+            n = _per_image(d)
+            if node.input[0] not in inits and len(d) >= 2 and n is not None:
+                gathered += n  # data movement on an activation (shape arithmetic has rank ≤ 1)
+    inp = next((vi for vi in g.input if vi.name not in inits), None)
+    in_shape = _dims(inp) if inp is not None else []
+    in_shape = [d if isinstance(d, int) and d > 0 else 1 for d in in_shape]
+    return {"relus": relus, "relu_nodes": relu_nodes, "maxpool_comparisons": cmp, "macs": macs,
+            "gather_elements": gathered, "ops": ops, "input_shape": in_shape,
+            "params": int(sum(math.prod(v) for v in inits.values()))}
+
+
+def load_cost_model(path: str | Path | None = None) -> dict[str, Any]:
+    p = Path(path) if path is not None else COST_MODEL
+    if p.exists():
+        try:
+            m = json.loads(p.read_text())
+            if "latency_s" in m and "bytes" in m:
+                return m
+        except (OSError, ValueError):
+            pass
+    return dict(DEFAULT_MODEL)
+
+
+def features(costs: dict[str, Any]) -> dict[str, float]:
+    return {"const": 1.0, "relus": float(costs["relus"] + costs.get("maxpool_comparisons", 0)),
+            "macs": float(costs["macs"]), "gather_elements": float(costs.get("gather_elements", 0))}
+
+
+def predict(costs: dict[str, Any], model: dict[str, Any] | None = None) -> dict[str, float]:
+    m = model or load_cost_model()
+    f = features(costs)
+    lat = sum(m["latency_s"].get(k, 0.0) * v for k, v in f.items())
+    byt = sum(m["bytes"].get(k, 0.0) * v for k, v in f.items())
+    return {"latency_s": lat, "bytes": byt}
+
+
+def fit(runs: Sequence[dict[str, Any]], *, protocol: str = "cheetah", machine: dict | None = None,
+        lowering: dict | None = None) -> dict[str, Any]:
+    """Fit the coefficients (non-negative least squares on relative error) to pi-bench results.
+
+    Each run needs ``relus``, ``maxpool_comparisons``, ``macs``, ``gather_elements``,
+    ``latency_s`` and ``bytes`` (a :func:`relucomp.pi.bench.pi_bench` result) and a ``name``.
+    """
+    import numpy as np
+    from scipy.optimize import nnls
+
+    X = np.array([[features(r)[k] for k in FEATURES] for r in runs], dtype=np.float64)
+    model: dict[str, Any] = {"protocol": protocol}
+    for target in ("latency_s", "bytes"):
+        y = np.array([float(r[target]) for r in runs])
+        w = 1.0 / np.maximum(y, 1e-12)  # relative error: small models matter as much as big ones
+        cols = [j for j in range(len(FEATURES)) if X[:, j].max() > X[:, j].min() or FEATURES[j] == "const"]
+        scale = np.array([max(X[:, j].max(), 1.0) for j in cols])
+        coef, _ = nnls((X[:, cols] / scale) * w[:, None], y * w)
+        full = {k: 0.0 for k in FEATURES}
+        for j, c, s in zip(cols, coef, scale):
+            full[FEATURES[j]] = float(c / s)
+        model[target] = full
+    rows, errs_l, errs_b = [], [], []
+    for r in runs:
+        p = predict(r, model)
+        el = p["latency_s"] / r["latency_s"] - 1.0
+        eb = p["bytes"] / r["bytes"] - 1.0 if r["bytes"] else 0.0
+        errs_l.append(abs(el))
+        errs_b.append(abs(eb))
+        rows.append({"name": r.get("name", Path(str(r.get("model", "?"))).stem), "relus": r["relus"], "macs": r["macs"],
+                     "gather_elements": r.get("gather_elements", 0), "maxpool_comparisons": r.get("maxpool_comparisons", 0),
+                     "measured_latency_s": r["latency_s"], "predicted_latency_s": p["latency_s"], "latency_rel_err": el,
+                     "measured_bytes": r["bytes"], "predicted_bytes": p["bytes"], "bytes_rel_err": eb})
+    model["fit"] = rows
+    model["error"] = {"latency_median_abs_rel": float(np.median(errs_l)), "latency_max_abs_rel": float(max(errs_l)),
+                      "bytes_median_abs_rel": float(np.median(errs_b)), "bytes_max_abs_rel": float(max(errs_b)),
+                      "runs": len(runs)}
+    if lowering:
+        model["lowering"] = lowering
+    if machine:
+        model["machine"] = machine
+    return model
+
+
+def model_costs(spec: str, *, num_classes: int = 10, image_size: int = 32) -> dict[str, Any]:
+    """Costs of a model spec (built-in name, file.py:factory...) from relucomp's analysis (dense model)."""
+    from ..api import inspect as inspect_api
+
+    info = inspect_api(spec, num_classes=num_classes, image_size=image_size)
+    tot = info["total"]
+    return {"relus": tot["relus_kept"], "maxpool_comparisons": tot.get("maxpool_comparisons", 0), "macs": tot["macs"],
+            "gather_elements": 0, "relu_nodes": sum(1 for r in info["layers"] if r["kind"] in ("relu", "gate", "sparse_relu")),
+            "input_shape": [1, 3, image_size, image_size], "params": tot["params"]}
+
+
+def estimate(target: str | Path, *, relus: int | None = None, cost_model: str | Path | None = None,
+             num_classes: int = 10, image_size: int = 32) -> dict[str, Any]:
+    """Estimate 2PC latency and communication of an ONNX file or a model spec.
+
+    ``relus`` overrides the ReLU count (budget planning: "what would this model
+    cost at B ReLUs?"; the MACs stay those of the model).
+    """
+    from ..errors import RelucompError
+
+    t = str(target)
+    if t.endswith(".onnx"):
+        if not Path(t).exists():
+            raise RelucompError(f"ONNX file {t} does not exist", "check the path")
+        costs = onnx_costs(t)
+        kind = "onnx"
+    else:
+        costs = model_costs(t, num_classes=num_classes, image_size=image_size)
+        kind = "spec"
+    if relus is not None:
+        costs = {**costs, "relus": int(relus)}
+    m = load_cost_model(cost_model)
+    p = predict(costs, m)
+    floor = predict({**costs, "relus": 0, "maxpool_comparisons": 0, "gather_elements": 0}, m)
+    return {"target": t, "kind": kind, "costs": costs, "predicted": p, "linear_floor": floor,
+            "coefficients": {"latency_s": m["latency_s"], "bytes": m["bytes"]},
+            "model_error": m.get("error"), "fit": m.get("fit", []), "protocol": m.get("protocol", "cheetah"),
+            "machine": m.get("machine"), "source": m.get("source", str(COST_MODEL))}

@@ -1,0 +1,697 @@
+"""A self-contained HTML report of a budget sweep (or of one compile run).
+
+:func:`render_report` reads ``DIR/sweep.json`` + ``DIR/runs/*/report.json``
+(from :func:`relucomp.sweep.sweep`) or a single ``DIR/report.json`` (from
+``relucomp compile``) and writes ``DIR/report.html`` with its figures in
+``DIR/figures/*.png`` (matplotlib, Agg backend), referenced by relative path
+or embedded as base64 (``inline=True``):
+
+* group accuracy vs ReLU budget (one line per group, test-set group sizes in
+  the legend, overall accuracy dashed, the dense model at its full ReLU count),
+* excess accuracy gap ψ_g per group and fairness method at one budget (with the
+  report's bootstrap CIs when present),
+* max ψ_g and the overall accuracy drop vs budget,
+* ReLUs kept per layer (absolute and % of the dense layer) per budget,
+* private-inference latency vs budget (measured when a run's report holds a
+  measurement, otherwise estimated),
+
+and the numbers behind every figure in tables.  ψ_g comes from the report's
+``fairness`` section (:func:`relucomp.metrics.fairness_report`, test split,
+last weights) when present, else it is computed from the report's group
+accuracies: ``ψ_g = (acc_dense(g) − acc(g)) − (acc_dense − acc)``.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from .budget import human, parse_count
+from .errors import RelucompError
+
+__all__ = ["RunData", "ReportData", "collect", "render_report", "pi_latency", "LATENCY_FLOOR_S", "LATENCY_PER_RELU_S"]
+
+LATENCY_FLOOR_S = 0.29      # linear layers of a small CIFAR ResNet, 2PC on loopback (see docs reference)
+LATENCY_PER_RELU_S = 16e-6  # ≈15–18 µs per ReLU (SPU Cheetah, 2 cores, loopback)
+FALLBACK_LABEL = "estimated, 16 µs/ReLU"
+
+
+# --------------------------------------------------------------------------- PI latency
+
+def _measured_latency(rep: dict[str, Any]) -> float | None:
+    """A measured PI latency stored in a run's report (``pi`` / ``pi_latency`` sections), if any."""
+    for key in ("pi", "pi_latency", "latency"):
+        sec = rep.get(key)
+        if isinstance(sec, dict):
+            meas = sec.get("measured")
+            if isinstance(meas, dict):
+                for k in ("seconds", "latency_s", "total_s", "wall_s"):
+                    if isinstance(meas.get(k), (int, float)):
+                        return float(meas[k])
+            elif isinstance(meas, (int, float)):
+                return float(meas)
+    return None
+
+
+def _seconds_from(value: Any) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, dict):
+        for k in ("latency_s", "seconds", "total_s", "time_s", "latency_seconds", "wall_s"):
+            if isinstance(value.get(k), (int, float)):
+                return float(value[k])
+        for k in ("latency_ms", "time_ms", "total_ms"):
+            if isinstance(value.get(k), (int, float)):
+                return float(value[k]) / 1000.0
+        for k in ("latency", "total", "estimate"):
+            s = _seconds_from(value.get(k))
+            if s is not None:
+                return s
+    for attr in ("latency_s", "seconds", "total_s"):
+        if isinstance(getattr(value, attr, None), (int, float)):
+            return float(getattr(value, attr))
+    return None
+
+
+def _cost_model_latency(relus: int, rep: dict[str, Any] | None) -> tuple[float, str] | None:
+    """Use ``relucomp.pi.estimate`` (the ``relucomp estimate`` cost model) when it is installed.
+
+    Only functions that take the report (``report=``) or a ReLU count (``relus=`` /
+    ``relu_count=`` / ``n_relus=``) and nothing else required are called.
+    """
+    import inspect as _inspect
+
+    try:
+        from .pi import estimate as est  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001 - optional component
+        return None
+    for name in ("estimate_report", "estimate_from_report", "estimate_latency", "estimate_relus", "estimate"):
+        fn = getattr(est, name, None)
+        if not callable(fn):
+            continue
+        try:
+            params = _inspect.signature(fn).parameters
+        except (TypeError, ValueError):
+            continue
+        calls = []
+        if "report" in params and rep is not None:
+            calls.append({"report": rep})
+        for key in ("relus", "relu_count", "n_relus"):
+            if key in params:
+                calls.append({key: int(relus)})
+        for kwargs in calls:
+            required = [p for n, p in params.items() if p.default is p.empty and n not in kwargs
+                        and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+            if required:
+                continue
+            try:
+                s = _seconds_from(fn(**kwargs))
+            except Exception:  # noqa: BLE001 - an incompatible cost model: fall back
+                continue
+            if s is not None and math.isfinite(s):
+                return s, "estimated (relucomp.pi cost model)"
+    return None
+
+
+def pi_latency(relus: int, rep: dict[str, Any] | None = None) -> tuple[float, str]:
+    """``(seconds, label)``: measured if the report holds a measurement, else estimated."""
+    if rep is not None:
+        m = _measured_latency(rep)
+        if m is not None:
+            return m, "measured"
+    cm = _cost_model_latency(relus, rep)
+    if cm is not None:
+        return cm
+    return LATENCY_FLOOR_S + LATENCY_PER_RELU_S * relus, FALLBACK_LABEL
+
+
+# --------------------------------------------------------------------------- data
+
+@dataclass
+class RunData:
+    name: str
+    dir: Path
+    budget: int
+    method: str
+    relus_total: int
+    relus: int
+    acc_dense: float
+    acc: float
+    groups: list[str]
+    counts: dict[str, int]
+    group_dense: dict[str, float | None]
+    group_acc: dict[str, float | None]
+    psi: dict[str, float | None]
+    psi_ci: dict[str, list[float] | None]
+    max_psi: float | None
+    psi_pw: float | None
+    fairness_source: str
+    tolerance: float | None
+    per_layer: list[dict[str, Any]]
+    latency_s: float
+    latency_label: str
+    latency_dense_s: float
+    latency_dense_label: str
+    onnx: Path | None
+    seconds: float
+    report: dict[str, Any] = field(repr=False, default_factory=dict)
+
+
+@dataclass
+class ReportData:
+    root: Path
+    kind: str  # "sweep" | "compile"
+    runs: list[RunData]
+    sweep: dict[str, Any] | None = None
+
+    @property
+    def budgets(self) -> list[int]:
+        return sorted({r.budget for r in self.runs}, reverse=True)
+
+    @property
+    def methods(self) -> list[str]:
+        order = [str(m) for m in ((self.sweep or {}).get("options") or {}).get("methods") or []]
+        present = list(dict.fromkeys(r.method for r in self.runs))
+        return [m for m in order if m in present] + [m for m in present if m not in order]
+
+    @property
+    def groups(self) -> list[str]:
+        return self.runs[0].groups if self.runs else []
+
+
+def _fnum(v: Any) -> float | None:
+    if v is None:
+        return None
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(v) or math.isinf(v) else v
+
+
+def run_from_report(rep: dict[str, Any], run_dir: Path, name: str | None = None) -> RunData:
+    try:
+        budget = int(rep["relus"]["budget"])
+        ga = rep["group_accuracy"]
+        acc_d, acc_c = float(rep["accuracy"]["before"]["test"]), float(rep["accuracy"]["after"]["test"])
+    except (KeyError, TypeError) as exc:
+        raise RelucompError(f"{run_dir / 'report.json'} is not a relucomp compile report (missing {exc})",
+                            "point relucomp report at a sweep or compile output directory") from exc
+    groups = list(ga.get("groups") or list(ga.get("before", {})))
+    counts = {g: int((ga.get("test_counts") or {}).get(g, 0)) for g in groups}
+    gd = {g: _fnum(ga["before"].get(g)) for g in groups}
+    gc = {g: _fnum(ga["after"].get(g)) for g in groups}
+    fair = rep.get("fairness") or {}
+    tolerance = _fnum(fair.get("tolerance")) if fair.get("method") in ("ceag",) else None
+    method = (rep.get("sweep") or {}).get("method") or fair.get("method") or "nft"
+    fr = None
+    res = fair.get("results") if isinstance(fair, dict) else None
+    if isinstance(res, dict):
+        fr = ((res.get("last") or {}).get("test")) if "last" in res else None
+    elif isinstance(fair, dict) and "groups" in fair and "psi_pw" in fair:  # a bare fairness_report
+        fr = fair
+    psi: dict[str, float | None] = {}
+    psi_ci: dict[str, list[float] | None] = {g: None for g in groups}
+    if fr and isinstance(fr.get("groups"), dict):
+        for g in groups:
+            psi[g] = _fnum((fr["groups"].get(g) or {}).get("psi"))
+        ci = fr.get("ci") or {}
+        for g in groups:
+            v = ((ci.get("groups") or {}).get(g) or {}).get("psi")
+            psi_ci[g] = [float(v[0]), float(v[1])] if v and None not in v else None
+        max_psi, psi_pw, source = _fnum(fr.get("max_psi")), _fnum(fr.get("psi_pw")), "fairness report (test, last weights)"
+    else:
+        delta = acc_d - acc_c
+        for g in groups:
+            psi[g] = None if gd[g] is None or gc[g] is None or not counts.get(g, 1) else (gd[g] - gc[g]) - delta
+        vals = [v for v in psi.values() if v is not None]
+        max_psi = max(vals) if vals else None
+        psi_pw = (max(vals) - min(vals)) if vals else None
+        source = "computed from group accuracies (test)"
+    relus = int(rep["relus"]["after"])
+    total = int(rep["relus"]["before"])
+    lat, lab = pi_latency(relus, rep)
+    lat_d, lab_d = pi_latency(total, None) if lab != "measured" else (float("nan"), "")
+    onnx = run_dir / "model.onnx"
+    return RunData(
+        name=name or run_dir.name, dir=run_dir, budget=budget, method=str(method), relus_total=total, relus=relus,
+        acc_dense=acc_d, acc=acc_c, groups=groups, counts=counts, group_dense=gd, group_acc=gc, psi=psi,
+        psi_ci=psi_ci, max_psi=max_psi, psi_pw=psi_pw, fairness_source=source, tolerance=tolerance,
+        per_layer=list(rep.get("per_layer") or []), latency_s=lat, latency_label=lab, latency_dense_s=lat_d, latency_dense_label=lab_d,
+        onnx=onnx if onnx.exists() else None, seconds=float(sum((rep.get("phases_seconds") or {}).values())),
+        report=rep,
+    )
+
+
+def collect(path: str | Path) -> ReportData:
+    """Read a sweep directory (``sweep.json``/``runs/*``) or a compile directory (``report.json``)."""
+    root = Path(path)
+    if root.is_file() and root.name.endswith(".json"):
+        root = root.parent
+    if not root.is_dir():
+        raise RelucompError(f"{root} is not a directory", "give the --out directory of relucomp sweep or compile")
+    if (root / "report.json").exists() and not (root / "runs").is_dir():
+        rep = json.loads((root / "report.json").read_text())
+        return ReportData(root=root, kind="compile", runs=[run_from_report(rep, root, name=root.name)])
+    sweep_state = None
+    if (root / "sweep.json").exists():
+        from .sweep import load_sweep
+
+        sweep_state = load_sweep(root)
+    runs: list[RunData] = []
+    if sweep_state is not None:
+        dirs = [(name, root / r["dir"]) for name, r in sweep_state.get("runs", {}).items() if r.get("status") == "done"]
+    else:
+        dirs = [(d.name, d) for d in sorted((root / "runs").glob("*")) if d.is_dir()]
+    for name, d in dirs:
+        rp = d / "report.json"
+        if rp.exists():
+            runs.append(run_from_report(json.loads(rp.read_text()), d, name=name))
+    if not runs:
+        raise RelucompError(f"no finished runs under {root}",
+                            "run `relucomp sweep ... --out DIR` (or `relucomp compile --out DIR`) first")
+    data = ReportData(root=root, kind="sweep", runs=runs, sweep=sweep_state)
+    order = {m: i for i, m in enumerate(data.methods)}
+    runs.sort(key=lambda r: (-r.budget, order.get(r.method, len(order))))
+    return data
+
+
+# --------------------------------------------------------------------------- figures
+
+_METHOD_STYLE = ["-", "--", ":", "-."]
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"figure.dpi": 110, "font.size": 10, "axes.grid": True, "grid.alpha": 0.3,
+                         "axes.spines.top": False, "axes.spines.right": False})
+    return plt
+
+
+def _colors(n: int) -> list:
+    plt = _plt()
+    cmap = plt.get_cmap("tab10")
+    return [cmap(i % 10) for i in range(n)]
+
+
+def _budget_axis(ax, xs: Sequence[int]) -> None:
+    ax.set_xscale("log")
+    ticks = sorted(set(xs))
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([human(t) for t in ticks], rotation=0)
+    ax.minorticks_off()
+
+
+def fig_group_accuracy(data: ReportData, path: Path) -> Path:
+    plt = _plt()
+    methods = data.methods
+    fig, axes = plt.subplots(1, len(methods), figsize=(6.4 * len(methods), 4.6), squeeze=False, sharey=True)
+    cols = _colors(len(data.groups))
+    for ax, method in zip(axes[0], methods):
+        runs = sorted([r for r in data.runs if r.method == method], key=lambda r: r.relus)
+        total = runs[0].relus_total
+        xs = [r.relus for r in runs] + [total]
+        for g, c in zip(data.groups, cols):
+            ys = [r.group_acc.get(g) for r in runs] + [runs[0].group_dense.get(g)]
+            pts = [(x, y) for x, y in zip(xs, ys) if y is not None]
+            if not pts:
+                continue
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o", color=c, lw=2, ms=5,
+                    label=f"{g} (n={runs[0].counts.get(g, 0)})")
+        ax.plot(xs, [r.acc for r in runs] + [runs[0].acc_dense], "--s", color="black", lw=1.8, ms=4,
+                label=f"overall (n={sum(runs[0].counts.values())})")
+        ax.axvline(total, color="grey", ls=":", lw=1)
+        _budget_axis(ax, xs)
+        ax.set_xticklabels([human(t) + ("\n(dense)" if t == total else "") for t in sorted(set(xs))])
+        ax.set_xlabel("ReLUs kept per image (log)")
+        ax.set_title(f"test accuracy per group vs ReLU budget" + (f" — {method}" if len(methods) > 1 else ""))
+        ax.legend(title=data.runs[0].report.get("data", {}).get("group_attribute") or "group", fontsize=8,
+                  loc="best")
+    axes[0][0].set_ylabel("test accuracy (%)")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def fig_psi(data: ReportData, budget: int, path: Path) -> Path:
+    plt = _plt()
+    runs = [r for r in data.runs if r.budget == budget]
+    methods = [m for m in data.methods if any(r.method == m for r in runs)]
+    groups = data.groups
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(groups) * max(1, len(methods)) + 2), 4.2))
+    width = 0.8 / max(1, len(methods))
+    cols = _colors(len(methods))
+    for i, m in enumerate(methods):
+        r = next(r for r in runs if r.method == m)
+        xs = [j + (i - (len(methods) - 1) / 2) * width for j in range(len(groups))]
+        vals = [r.psi.get(g) if r.psi.get(g) is not None else 0.0 for g in groups]
+        err = None
+        if all(r.psi_ci.get(g) for g in groups):
+            err = [[max(0.0, v - r.psi_ci[g][0]) for g, v in zip(groups, vals)],
+                   [max(0.0, r.psi_ci[g][1] - v) for g, v in zip(groups, vals)]]
+        bars = ax.bar(xs, vals, width * 0.92, color=cols[i], label=m, yerr=err, capsize=3,
+                      error_kw={"elinewidth": 1, "alpha": 0.7})
+        for b, v in zip(bars, vals):
+            ax.annotate(f"{v:+.2f}", (b.get_x() + b.get_width() / 2, v), ha="center",
+                        va="bottom" if v >= 0 else "top", fontsize=8, xytext=(0, 2 if v >= 0 else -2),
+                        textcoords="offset points")
+        if r.tolerance is not None:
+            ax.axhline(r.tolerance, color=cols[i], ls="--", lw=1, alpha=0.8)
+            ax.annotate(f"ε = {r.tolerance:g} ({m})", (0.01, r.tolerance), xycoords=("axes fraction", "data"),
+                        ha="left", va="bottom", fontsize=8, color=cols[i])
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels([f"{g}\n(n={runs[0].counts.get(g, 0)})" for g in groups])
+    ax.set_ylabel("ψ_g = Δ_g − Δ (accuracy points)")
+    ax.set_title(f"excess accuracy gap per group at {budget:,} ReLUs (test)")
+    ax.legend(title="method", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def fig_max_psi(data: ReportData, path: Path) -> Path:
+    plt = _plt()
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    cols = _colors(len(data.methods))
+    xs_all = []
+    for m, c in zip(data.methods, cols):
+        runs = sorted([r for r in data.runs if r.method == m], key=lambda r: r.relus)
+        xs = [r.relus for r in runs] + [runs[0].relus_total]  # the dense model: no loss, no gap
+        xs_all += xs
+        nan = float("nan")
+        a1.plot(xs, [r.acc_dense - r.acc for r in runs] + [0.0], "-o", color=c, label=m)
+        a2.plot(xs, [r.max_psi if r.max_psi is not None else nan for r in runs] + [0.0], "-o", color=c,
+                label=f"{m}: max ψ_g")
+        a2.plot(xs, [r.psi_pw if r.psi_pw is not None else nan for r in runs] + [0.0], ":^", color=c,
+                label=f"{m}: Ψ_PW")
+    for ax, title, yl in ((a1, "overall accuracy lost vs budget", "Δ = acc_dense − acc (points)"),
+                          (a2, "disparity vs budget", "points")):
+        _budget_axis(ax, xs_all)
+        ax.set_xlabel("ReLUs kept per image (log)")
+        ax.set_title(title)
+        ax.set_ylabel(yl)
+        ax.axhline(0, color="black", lw=0.8)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _pick_budgets(budgets: Sequence[int], k: int = 6) -> list[int]:
+    b = sorted(budgets, reverse=True)
+    if len(b) <= k:
+        return b
+    idx = sorted({round(i * (len(b) - 1) / (k - 1)) for i in range(k)})
+    return [b[i] for i in idx]
+
+
+def _layer_runs(data: ReportData) -> list[RunData]:
+    m0 = data.methods[0]
+    return [next(r for r in data.runs if r.budget == b and r.method == m0)
+            for b in _pick_budgets([r.budget for r in data.runs if r.method == m0])]
+
+
+def fig_layers(data: ReportData, path: Path) -> Path:
+    plt = _plt()
+    runs = _layer_runs(data)
+    layers = [p["site"] for p in runs[0].per_layer]
+    dense = [p["relus_before"] for p in runs[0].per_layer]
+    n = len(runs) + 1
+    width = 0.85 / n
+    fig, (a1, a2) = plt.subplots(2, 1, figsize=(max(8.0, 0.9 * len(layers) + 3), 7.5), sharex=True)
+    cols = _colors(len(runs))
+    xs0 = list(range(len(layers)))
+    a1.bar([x - 0.425 + width / 2 for x in xs0], dense, width * 0.92, color="#bbbbbb", label="dense (before)")
+    for i, r in enumerate(runs):
+        kept = {p["site"]: p["relus_after"] for p in r.per_layer}
+        ys = [kept.get(l, 0) for l in layers]
+        off = -0.425 + width * (i + 1.5)
+        a1.bar([x + off for x in xs0], ys, width * 0.92, color=cols[i], label=f"{r.budget:,} ReLUs")
+        a2.bar([x + off for x in xs0], [100.0 * y / d if d else 0 for y, d in zip(ys, dense)], width * 0.92,
+               color=cols[i], label=f"{r.budget:,} ReLUs")
+    a1.set_yscale("log")
+    a1.set_ylabel("ReLUs (log)")
+    a1.set_title("ReLUs per layer: dense vs kept after compilation" + (f" ({runs[0].method})" if len(data.methods) > 1 else ""))
+    a1.legend(fontsize=8, ncol=min(4, n))
+    a2.set_ylabel("% of the layer's ReLUs kept")
+    a2.set_xticks(xs0)
+    a2.set_xticklabels(layers, rotation=35, ha="right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def fig_latency(data: ReportData, path: Path) -> Path:
+    plt = _plt()
+    m0 = data.methods[0]
+    runs = sorted([r for r in data.runs if r.method == m0], key=lambda r: r.relus)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    labels = sorted({r.latency_label for r in runs})
+    xs = [r.relus for r in runs]
+    ys = [r.latency_s for r in runs]
+    ax.plot(xs, ys, "-o", color="tab:blue", label="compiled: " + " / ".join(labels))
+    if not math.isnan(runs[0].latency_dense_s):
+        ax.plot([runs[0].relus_total], [runs[0].latency_dense_s], "s", color="tab:red",
+                label=f"dense ({runs[0].relus_total:,} ReLUs)")
+        xs = xs + [runs[0].relus_total]
+    for x, y in zip([r.relus for r in runs], ys):
+        ax.annotate(f"{y:.2f}s", (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+    _budget_axis(ax, xs)
+    ax.set_xlabel("ReLUs per image (log)")
+    ax.set_ylabel("PI latency per image (s)")
+    ax.set_ylim(bottom=0)
+    ax.set_title("private-inference latency vs ReLU budget")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------- HTML
+
+_CSS = """
+body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px auto;max-width:1180px;color:#222;padding:0 16px}
+h1{font-size:1.6em;margin-bottom:4px} h2{margin-top:34px;border-bottom:1px solid #ddd;padding-bottom:4px}
+.meta{color:#555;font-size:.92em} figure{margin:12px 0} figure img{max-width:100%;border:1px solid #eee}
+figcaption{color:#555;font-size:.88em}
+table{border-collapse:collapse;margin:10px 0;font-size:.9em} th,td{border:1px solid #ddd;padding:4px 8px}
+th{background:#f4f4f4;text-align:center} td.num{text-align:right;font-variant-numeric:tabular-nums}
+tr:nth-child(even) td{background:#fafafa} .bad{color:#b00020;font-weight:600} .note{color:#666;font-size:.85em}
+"""
+
+
+def _e(v: Any) -> str:
+    return html.escape(str(v))
+
+
+def _f(v: float | None, nd: int = 2, signed: bool = False) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    return f"{v:+.{nd}f}" if signed else f"{v:.{nd}f}"
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], num_from: int = 1, cls: str = "") -> str:
+    h = "".join(f"<th>{_e(x)}</th>" for x in headers)
+    body = []
+    for row in rows:
+        cells = []
+        for i, c in enumerate(row):
+            raw = isinstance(c, tuple)  # (html, css-class)
+            content, klass = (c[0], c[1]) if raw else (_e(c), "num" if i >= num_from else "")
+            cells.append(f'<td class="{klass}">{content}</td>')
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return f'<table class="{cls}"><thead><tr>{h}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+
+
+def _img(path: Path, root: Path, alt: str, inline: bool) -> str:
+    if inline:
+        src = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+    else:
+        src = path.relative_to(root).as_posix()
+    return f'<img src="{_e(src)}" alt="{_e(alt)}">'
+
+
+def _rel(p: Path | None, root: Path) -> str:
+    if p is None:
+        return "–"
+    try:
+        r = p.relative_to(root).as_posix()
+    except ValueError:
+        r = str(p)
+    return f'<a href="{_e(r)}">{_e(r)}</a>'
+
+
+def render_report(path: str | Path, *, budget: int | str | None = None, inline: bool = False,
+                  out: str | Path | None = None, title: str | None = None) -> Path:
+    """Write ``report.html`` (+ ``figures/*.png``) for the sweep or compile directory ``path``.
+
+    ``budget``: the budget of the ψ_g bars (default: the smallest).  ``inline``:
+    embed the PNGs as base64 (one file to share).  ``out``: the HTML path
+    (default ``path/report.html``; figures go next to it in ``figures/``).
+    """
+    data = collect(path)
+    html_path = Path(out) if out is not None else data.root / "report.html"
+    root = html_path.parent
+    root.mkdir(parents=True, exist_ok=True)
+    figdir = root / "figures"
+    figdir.mkdir(exist_ok=True)
+    budgets = data.budgets
+    if budget is None:
+        b_sel = budgets[-1]
+    else:
+        want = parse_count(budget, total=data.runs[0].relus_total)
+        if want not in budgets:
+            raise RelucompError(f"no run at budget {want:,} in {data.root}",
+                                f"choose one of {', '.join(f'{b:,}' for b in budgets)}")
+        b_sel = want
+    figs = {
+        "group_accuracy": fig_group_accuracy(data, figdir / "group_accuracy.png"),
+        "psi": fig_psi(data, b_sel, figdir / "psi_bars.png"),
+        "disparity": fig_max_psi(data, figdir / "disparity.png"),
+        "layers": fig_layers(data, figdir / "relus_per_layer.png"),
+        "latency": fig_latency(data, figdir / "pi_latency.png"),
+    }
+    r0 = data.runs[0]
+    rep0 = r0.report
+    groups = data.groups
+    multi = len(data.methods) > 1
+    dinfo = rep0.get("data", {})
+    opts = rep0.get("options", {})
+
+    parts: list[str] = []
+    ttl = title or (f"relucomp sweep — {rep0.get('model')} on {dinfo.get('name')}" if data.kind == "sweep"
+                    else f"relucomp compile — {rep0.get('model')} on {dinfo.get('name')} at {r0.budget:,} ReLUs")
+    parts.append(f"<h1>{_e(ttl)}</h1>")
+    meta = [f"model <b>{_e(rep0.get('model'))}</b>", f"{r0.relus_total:,} ReLUs dense",
+            f"data <b>{_e(dinfo.get('spec') or dinfo.get('name'))}</b>",
+            f"target {_e(dinfo.get('target'))}", f"groups: {_e(dinfo.get('group_attribute'))}",
+            f"budgets {', '.join(f'{b:,}' for b in budgets)}",
+            f"method(s) {', '.join(data.methods)}",
+            f"search {_e(opts.get('search'))} ({_e(opts.get('search_epochs'))} epochs), "
+            f"finetune {_e(opts.get('finetune_epochs'))} epochs, granularity {_e(opts.get('granularity'))}",
+            f"relucomp {_e(rep0.get('relucomp_version'))}", f"rendered {time.strftime('%Y-%m-%d %H:%M')}"]
+    parts.append(f'<p class="meta">{" · ".join(meta)}</p>')
+
+    # summary table
+    hdr = ["budget", "method", "ReLUs kept", "test acc (%)", "Δ (points)"] + \
+          [f"{g} acc (%)" for g in groups] + ["max ψ_g", "Ψ_PW", "PI latency (s)", "ONNX"]
+    rows = [["dense", "–", f"{r0.relus_total:,}", _f(r0.acc_dense), _f(0.0)] +
+            [_f(r0.group_dense.get(g)) for g in groups] + ["–", "–", _f(r0.latency_dense_s), "–"]]
+    for r in data.runs:
+        rows.append([f"{r.budget:,}", r.method, f"{r.relus:,}", _f(r.acc), _f(r.acc_dense - r.acc)] +
+                    [_f(r.group_acc.get(g)) for g in groups] +
+                    [_f(r.max_psi), _f(r.psi_pw), _f(r.latency_s), (_rel(r.onnx, root), "")])
+    parts.append("<h2>Summary</h2>")
+    parts.append(_table(hdr, rows, num_from=2))
+    parts.append(f'<p class="note">Accuracies on the test split in percentage points. ψ_g = Δ_g − Δ: the accuracy a '
+                 f'group loses beyond the overall loss (Balancing Act); max ψ_g is the headline, Ψ_PW = max ψ_g − min ψ_g. '
+                 f'ψ source: {_e(r0.fairness_source)}. PI latency: {_e(", ".join(sorted({r.latency_label for r in data.runs})))}.</p>')
+
+    # group accuracy
+    parts.append("<h2>Group accuracy vs ReLU budget</h2>")
+    parts.append(f"<figure>{_img(figs['group_accuracy'], root, 'group accuracy vs budget', inline)}"
+                 f"<figcaption>One line per group (test-set size in the legend), overall accuracy dashed; the rightmost "
+                 f"point is the dense model.</figcaption></figure>")
+    ghdr = ["budget", "method", "ReLUs kept"] + [f"{g} (n={r0.counts.get(g, 0)})" for g in groups] + ["overall"]
+    grows = [["dense", "–", f"{r0.relus_total:,}"] + [_f(r0.group_dense.get(g)) for g in groups] + [_f(r0.acc_dense)]]
+    for r in data.runs:
+        grows.append([f"{r.budget:,}", r.method, f"{r.relus:,}"] + [_f(r.group_acc.get(g)) for g in groups] + [_f(r.acc)])
+    parts.append(_table(ghdr, grows, num_from=2))
+
+    # psi
+    parts.append(f"<h2>Excess accuracy gap ψ_g at {b_sel:,} ReLUs</h2>")
+    parts.append(f"<figure>{_img(figs['psi'], root, 'psi per group', inline)}<figcaption>ψ_g per group"
+                 + (" and fairness method" if multi else "") + "; error bars: the report's bootstrap CI when present; "
+                 "dashed: the CEAG tolerance ε.</figcaption></figure>")
+    sel = [r for r in data.runs if r.budget == b_sel]
+    phdr = ["group", "n"] + [f"ψ_g {r.method}" for r in sel] + [f"95% CI {r.method}" for r in sel]
+    prow = []
+    for g in groups:
+        ci = []
+        for r in sel:
+            c = r.psi_ci.get(g)
+            ci.append(f"[{c[0]:+.2f}, {c[1]:+.2f}]" if c else "–")
+        prow.append([g, f"{r0.counts.get(g, 0)}"] + [_f(r.psi.get(g), signed=True) for r in sel] + ci)
+    prow.append(["max ψ_g", "–"] + [_f(r.max_psi, signed=True) for r in sel] + ["" for _ in sel])
+    prow.append(["Ψ_PW", "–"] + [_f(r.psi_pw) for r in sel] + ["" for _ in sel])
+    parts.append(_table(phdr, prow, num_from=1))
+
+    parts.append("<h2>Disparity and accuracy loss vs budget</h2>")
+    parts.append(f"<figure>{_img(figs['disparity'], root, 'disparity vs budget', inline)}</figure>")
+    drows = [[f"{r.budget:,}", r.method, _f(r.acc_dense - r.acc), _f(r.max_psi, signed=True), _f(r.psi_pw),
+              _e(next((g for g in groups if r.psi.get(g) is not None and r.psi.get(g) == r.max_psi), "–"))]
+             for r in data.runs]
+    parts.append(_table(["budget", "method", "Δ (points)", "max ψ_g", "Ψ_PW", "worst group"], drows, num_from=2))
+
+    # layers
+    lruns = _layer_runs(data)
+    parts.append("<h2>ReLUs kept per layer</h2>")
+    parts.append(f"<figure>{_img(figs['layers'], root, 'relus per layer', inline)}<figcaption>Top: ReLUs per layer "
+                 f"(log scale), dense in grey; bottom: share of each layer's ReLUs kept.</figcaption></figure>")
+    lhdr = ["layer", "shape", "dense"] + [f"{r.budget:,}" for r in lruns]
+    lrows = []
+    for i, p in enumerate(lruns[0].per_layer):
+        row = [p["site"], "×".join(map(str, p.get("shape", []))), f"{p['relus_before']:,}"]
+        for r in lruns:
+            a = r.per_layer[i]["relus_after"] if i < len(r.per_layer) else 0
+            row.append(f"{a:,} ({100.0 * a / p['relus_before']:.1f}%)" if p["relus_before"] else f"{a:,}")
+        lrows.append(row)
+    lrows.append(["total", "", f"{r0.relus_total:,}"] + [f"{r.relus:,}" for r in lruns])
+    parts.append(_table(lhdr, lrows, num_from=2))
+
+    # latency
+    parts.append("<h2>Private-inference latency vs budget</h2>")
+    parts.append(f"<figure>{_img(figs['latency'], root, 'PI latency', inline)}</figure>")
+    lat_rows = [["dense", f"{r0.relus_total:,}", _f(r0.latency_dense_s), r0.latency_dense_label or "–"]]
+    for r in sorted([r for r in data.runs if r.method == data.methods[0]], key=lambda r: -r.budget):
+        lat_rows.append([f"{r.budget:,}", f"{r.relus:,}", _f(r.latency_s), r.latency_label])
+    parts.append(_table(["budget", "ReLUs", "latency (s)", "source"], lat_rows, num_from=1))
+    if any(r.latency_label == FALLBACK_LABEL for r in data.runs):
+        parts.append(f'<p class="note">Estimate: {LATENCY_FLOOR_S:.2f} s (linear layers) + 16 µs × ReLUs, from 2PC '
+                     f'(SPU Cheetah) measurements of a small CIFAR ResNet on 2 cores over loopback; real deployments '
+                     f'(WAN, other protocols) are slower.</p>')
+
+    # runs
+    parts.append("<h2>Runs</h2>")
+    rrows = []
+    for r in data.runs:
+        ex = r.report.get("export") or {}
+        rrows.append([(_rel(r.dir / "report.json", root), ""), r.method, f"{r.relus:,}", f"{r.budget:,}",
+                      f"{ex.get('onnx_relus', '–'):,}" if isinstance(ex.get("onnx_relus"), int) else "–",
+                      f"{ex['ort_max_abs_diff']:.1e}" if isinstance(ex.get("ort_max_abs_diff"), float) else "–",
+                      _f(r.seconds, 1)])
+    parts.append(_table(["report", "method", "ReLUs", "budget", "ONNX ReLUs", "ORT |diff|", "time (s)"], rrows,
+                        num_from=2))
+    if data.sweep and data.sweep.get("searches"):
+        srows = []
+        for key, s in data.sweep["searches"].items():
+            for b, info in (s.get("snapshots") or {}).items():
+                srows.append([key, f"{int(b):,}", f"{info.get('step')}", f"{info.get('soft_relus'):,}",
+                              "yes" if info.get("reached") else "no (end of search)"])
+        if srows:
+            parts.append("<p>One SNL search served every budget; snapshots of the soft gates:</p>")
+            parts.append(_table(["search", "budget", "step", "soft ReLUs", "reached softly"], srows, num_from=1))
+
+    doc = ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
+           f"<title>{_e(ttl)}</title><style>{_CSS}</style></head><body>" + "\n".join(parts) +
+           "</body></html>\n")
+    tmp = html_path.with_suffix(".html.tmp")
+    tmp.write_text(doc, encoding="utf-8")
+    tmp.replace(html_path)
+    return html_path
