@@ -425,6 +425,11 @@ def compile(  # noqa: A001 - the public name users expect
         raise RelucompError("the model has no ReLUs that relucomp can see",
                             "relucomp gates ReLUs; models using other activations are not supported yet")
     budget = check_relu_budget(parse_count(relu_budget, total=before["relus"]), before["relus"])
+    if prune_channels is not None or mac_budget is not None or sparsity is not None:
+        from .pruning import check_options as check_pruning_options
+
+        check_pruning_options(gm_dense, prune_channels=prune_channels, mac_budget=mac_budget, sparsity=sparsity,
+                              importance=prune_importance)  # fail before any training
     say(f"model: {before['relus']:,} ReLUs, {before['macs']:,} MACs; budget {budget:,}")
     pre_info: dict[str, Any] = {}
     epochs_pre = pretrain_epochs if pretrain_epochs is not None else (0 if trained else 15)

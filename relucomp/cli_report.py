@@ -25,7 +25,7 @@ def sweep_cmd(
     granularity: str = typer.Option("pixel", "--granularity", help="pixel | channel | layer"),
     search: str = typer.Option("snl", "--search", help="snl (one shared search) | layer-drop"),
     epochs: int = typer.Option(4, "--epochs", help="mask-search epochs (one search for all budgets)"),
-    finetune_epochs: int = typer.Option(3, "--finetune-epochs", help="finetune epochs per budget"),
+    finetune_epochs: int = typer.Option(4, "--finetune-epochs", help="finetune epochs per budget"),
     pretrain_epochs: Optional[int] = typer.Option(None, "--pretrain-epochs", help="train an untrained built-in model first (cached)"),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="state_dict for MODEL"),
     batch_size: int = typer.Option(128, "--batch-size"),
@@ -59,6 +59,10 @@ def sweep_cmd(
                     device=device, log=lambda s: console.print(f"[dim]{s}[/]"))
     except Interrupted as exc:
         console.print(f"[yellow]{exc.cause}[/]\n  [bold]resume:[/] {exc.fix}")
+        raise typer.Exit(130)
+    except KeyboardInterrupt:
+        console.print("[yellow]sweep interrupted[/]\n  [bold]resume:[/] run the same command again "
+                      "(finished budgets are skipped)")
         raise typer.Exit(130)
     except RelucompError as exc:
         _fail(exc)

@@ -16,10 +16,11 @@ import warnings
 from typing import Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from .errors import DataError
 from .fairness import FairConstraintTerm
+from .ir import copy_gm
 from .loaders import BatchLoader
 from .metrics import EMA, fairness_report
 
@@ -122,6 +123,6 @@ def fairness_section(dense: nn.Module, compiled: dict[str, nn.Module], bundle, *
 def ema_copy(gm: nn.Module, phase: FairPhase | None) -> nn.Module | None:
     if phase is None or phase.ema is None:
         return None
-    m = copy.deepcopy(gm)
+    m = copy_gm(gm) if isinstance(gm, fx.GraphModule) else copy.deepcopy(gm)
     phase.ema.copy_to(m)
     return m

@@ -128,7 +128,7 @@ def trace(model: nn.Module, *, leaf_modules: Iterable[type[nn.Module]] = ()) -> 
     usual fixes (mark the module as a leaf, remove data-dependent control flow).
     """
     if isinstance(model, fx.GraphModule):
-        return copy.deepcopy(model)
+        return copy_gm(model)
     model = copy.deepcopy(model)
     tracer = RelucompTracer(leaf_modules)
     try:
@@ -150,6 +150,20 @@ def trace(model: nn.Module, *, leaf_modules: Iterable[type[nn.Module]] = ()) -> 
     name = type(model).__name__
     gm = fx.GraphModule(tracer.root, graph, name)
     return gm
+
+
+def copy_gm(gm: fx.GraphModule) -> fx.GraphModule:
+    """Deep copy of a GraphModule whose nodes own their relucomp metadata.
+
+    ``copy.deepcopy`` of a GraphModule copies ``node.meta`` shallowly, so the
+    copy's ``meta["relucomp"]`` dicts would be shared with the original and a
+    pass run on the copy would rewrite the original's metadata.
+    """
+    new = copy.deepcopy(gm)
+    for n in new.graph.nodes:
+        if META in n.meta:
+            n.meta[META] = copy.deepcopy(n.meta[META])
+    return new
 
 
 def node_order(gm: fx.GraphModule) -> dict[fx.Node, int]:

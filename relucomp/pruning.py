@@ -511,3 +511,40 @@ def compile_hook(gm: fx.GraphModule, *, prune_channels: float | None = None, mac
             res = MagnitudePrunePass(float(sparsity))(gm)
             report["sparsity"] = {"target": float(sparsity), "achieved": res.stats["sparsity"], "one_shot": True}
     return report, gmp
+
+
+def check_options(gm_dense: fx.GraphModule, *, prune_channels: float | None = None,
+                  mac_budget: int | str | None = None, sparsity: float | None = None,
+                  importance: str = "l1") -> int | None:
+    """Validate the pruning options up front (before any training); return the MAC budget as a count.
+
+    ``gm_dense`` is the traced, shape-analysed dense model.  Raises
+    :class:`RelucompError` / :class:`BudgetError` with the fix spelled out.
+    """
+    if prune_channels is None and mac_budget is None and sparsity is None:
+        return None
+    if prune_channels is not None and mac_budget is not None:
+        raise RelucompError("give one of --prune-channels and --mac-budget, not both",
+                            "e.g. --prune-channels 0.5 or --mac-budget 200M")
+    if prune_channels is not None and not 0.0 <= float(prune_channels) < 1.0:
+        raise RelucompError(f"--prune-channels {prune_channels} must be in [0, 1)", "give e.g. --prune-channels 0.5")
+    if sparsity is not None and not 0.0 < float(sparsity) < 1.0:
+        raise RelucompError(f"--sparsity {sparsity} must be in (0, 1)", "give e.g. --sparsity 0.9")
+    if importance not in IMPORTANCES:
+        raise RelucompError(f"unknown pruning importance {importance!r}", f"use one of {', '.join(IMPORTANCES)}")
+    if prune_channels is None and mac_budget is None:
+        return None
+    graph = analyze_channels(gm_dense)
+    if not graph.prunable_units():
+        raise RelucompError("the model has no channels relucomp can prune (all are tied to unsupported ops, "
+                            "the input or the output)", "see docs/design-pruning.md for the supported ops")
+    if mac_budget is None:
+        return None
+    total = graph.cost()["macs"]
+    target = parse_count(mac_budget, total=total, what="MAC budget")
+    floor_cost = graph.cost(_feasible(graph, graph.prunable_units()))["macs"]
+    if target <= 0 or target < floor_cost:
+        raise BudgetError(f"MAC budget {target:,} is below the {floor_cost:,} MACs left after pruning every "
+                          f"prunable channel (model: {total:,} MACs)",
+                          f"give a MAC budget ≥ {floor_cost:,}, or use a smaller architecture")
+    return target

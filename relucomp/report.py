@@ -44,88 +44,83 @@ FALLBACK_LABEL = "estimated, 16 µs/ReLU"
 
 # --------------------------------------------------------------------------- PI latency
 
-def _measured_latency(rep: dict[str, Any]) -> float | None:
-    """A measured PI latency stored in a run's report (``pi`` / ``pi_latency`` sections), if any."""
-    for key in ("pi", "pi_latency", "latency"):
-        sec = rep.get(key)
-        if isinstance(sec, dict):
-            meas = sec.get("measured")
-            if isinstance(meas, dict):
-                for k in ("seconds", "latency_s", "total_s", "wall_s"):
-                    if isinstance(meas.get(k), (int, float)):
-                        return float(meas[k])
-            elif isinstance(meas, (int, float)):
-                return float(meas)
+def _measured_latency(rep: dict[str, Any] | None, run_dir: Path | None = None) -> float | None:
+    """A measured 2PC latency: ``report["pi"]["measured"]`` or ``run_dir/pi_bench.json`` (``relucomp pi-bench``)."""
+    cands: list[Any] = []
+    if rep is not None:
+        for key in ("pi", "pi_bench", "pi_latency"):
+            sec = rep.get(key)
+            if isinstance(sec, dict):
+                cands.append(sec.get("measured", sec if key == "pi_bench" else None))
+    if run_dir is not None and (run_dir / "pi_bench.json").exists():
+        try:
+            cands.append(json.loads((run_dir / "pi_bench.json").read_text()))
+        except (OSError, ValueError):
+            pass
+    for c in cands:
+        if isinstance(c, (int, float)) and not isinstance(c, bool):
+            return float(c)
+        if isinstance(c, dict):
+            for k in ("latency_s", "seconds", "median_s"):
+                if isinstance(c.get(k), (int, float)):
+                    return float(c[k])
     return None
 
 
-def _seconds_from(value: Any) -> float | None:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, dict):
-        for k in ("latency_s", "seconds", "total_s", "time_s", "latency_seconds", "wall_s"):
-            if isinstance(value.get(k), (int, float)):
-                return float(value[k])
-        for k in ("latency_ms", "time_ms", "total_ms"):
-            if isinstance(value.get(k), (int, float)):
-                return float(value[k]) / 1000.0
-        for k in ("latency", "total", "estimate"):
-            s = _seconds_from(value.get(k))
-            if s is not None:
-                return s
-    for attr in ("latency_s", "seconds", "total_s"):
-        if isinstance(getattr(value, attr, None), (int, float)):
-            return float(getattr(value, attr))
-    return None
+def _report_costs(rep: dict[str, Any] | None, relus: int) -> dict[str, Any]:
+    """What a 2PC runtime pays for, from a compile report (no ONNX needed).
 
-
-def _cost_model_latency(relus: int, rep: dict[str, Any] | None) -> tuple[float, str] | None:
-    """Use ``relucomp.pi.estimate`` (the ``relucomp estimate`` cost model) when it is installed.
-
-    Only functions that take the report (``report=``) or a ReLU count (``relus=`` /
-    ``relu_count=`` / ``n_relus=``) and nothing else required are called.
+    Gathered elements follow the sparse lowering (:class:`relucomp.nn.SparseReLU`):
+    a partially linearized layer of ``b`` elements gathers the kept and the
+    linear elements (``b``) and gathers the result back into place (``b``).
     """
-    import inspect as _inspect
+    if rep is None:
+        return {"relus": int(relus), "maxpool_comparisons": 0, "macs": 0, "gather_elements": 0}
+    dense = int(relus) >= int(rep.get("relus", {}).get("before", -1))
+    side = "before" if dense else "after"
+    gathered = 0
+    if not dense:
+        for p in rep.get("per_layer") or []:
+            b, a = int(p.get("relus_before", 0)), int(p.get("relus_after", 0))
+            if 0 < a < b:
+                gathered += 2 * b
+    return {"relus": int(relus), "maxpool_comparisons": int((rep.get("maxpool_comparisons") or {}).get(side, 0)),
+            "macs": int((rep.get("macs") or {}).get(side, 0)), "gather_elements": gathered}
 
+
+def _cost_model_latency(relus: int, rep: dict[str, Any] | None, onnx: Path | None) -> tuple[float, str] | None:
+    """Latency from ``relucomp.pi.estimate`` (the ``relucomp estimate`` cost model), when installed."""
     try:
-        from .pi import estimate as est  # type: ignore[attr-defined]
+        from .pi.estimate import load_cost_model, onnx_costs, predict
     except Exception:  # noqa: BLE001 - optional component
         return None
-    for name in ("estimate_report", "estimate_from_report", "estimate_latency", "estimate_relus", "estimate"):
-        fn = getattr(est, name, None)
-        if not callable(fn):
-            continue
-        try:
-            params = _inspect.signature(fn).parameters
-        except (TypeError, ValueError):
-            continue
-        calls = []
-        if "report" in params and rep is not None:
-            calls.append({"report": rep})
-        for key in ("relus", "relu_count", "n_relus"):
-            if key in params:
-                calls.append({key: int(relus)})
-        for kwargs in calls:
-            required = [p for n, p in params.items() if p.default is p.empty and n not in kwargs
-                        and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-            if required:
-                continue
+    try:
+        costs = None
+        if onnx is not None and onnx.exists():
             try:
-                s = _seconds_from(fn(**kwargs))
-            except Exception:  # noqa: BLE001 - an incompatible cost model: fall back
-                continue
-            if s is not None and math.isfinite(s):
-                return s, "estimated (relucomp.pi cost model)"
-    return None
+                costs = onnx_costs(onnx)
+            except Exception:  # noqa: BLE001 - fall back to the report's counts
+                costs = None
+        if costs is None:
+            costs = _report_costs(rep, relus)
+        model = load_cost_model()
+        s = float(predict(costs, model)["latency_s"])
+    except Exception:  # noqa: BLE001 - an incompatible cost model: use the fallback
+        return None
+    if not math.isfinite(s):
+        return None
+    src = str(model.get("source", "fitted cost_model.json"))
+    return s, "estimated (relucomp.pi cost model" + (", built-in defaults)" if "default" in src else ")")
 
 
-def pi_latency(relus: int, rep: dict[str, Any] | None = None) -> tuple[float, str]:
-    """``(seconds, label)``: measured if the report holds a measurement, else estimated."""
-    if rep is not None:
-        m = _measured_latency(rep)
-        if m is not None:
-            return m, "measured"
-    cm = _cost_model_latency(relus, rep)
+def pi_latency(relus: int, rep: dict[str, Any] | None = None, *, run_dir: Path | None = None,
+               onnx: Path | None = None) -> tuple[float, str]:
+    """``(seconds per image, label)``: measured when a measurement is stored with the run,
+    else the ``relucomp.pi`` cost model, else ``0.29 s + 16 µs × ReLUs``."""
+    m = _measured_latency(rep, run_dir)
+    if m is not None:
+        return m, "measured (2PC)"
+    cm = _cost_model_latency(relus, rep, onnx)
     if cm is not None:
         return cm
     return LATENCY_FLOOR_S + LATENCY_PER_RELU_S * relus, FALLBACK_LABEL
@@ -236,9 +231,10 @@ def run_from_report(rep: dict[str, Any], run_dir: Path, name: str | None = None)
         source = "computed from group accuracies (test)"
     relus = int(rep["relus"]["after"])
     total = int(rep["relus"]["before"])
-    lat, lab = pi_latency(relus, rep)
-    lat_d, lab_d = pi_latency(total, None) if lab != "measured" else (float("nan"), "")
     onnx = run_dir / "model.onnx"
+    lat, lab = pi_latency(relus, rep, run_dir=run_dir, onnx=onnx)
+    dense_rep = {k: rep.get(k) for k in ("relus", "macs", "maxpool_comparisons")}
+    lat_d, lab_d = pi_latency(total, dense_rep)
     return RunData(
         name=name or run_dir.name, dir=run_dir, budget=budget, method=str(method), relus_total=total, relus=relus,
         acc_dense=acc_d, acc=acc_c, groups=groups, counts=counts, group_dense=gd, group_acc=gc, psi=psi,
@@ -662,6 +658,10 @@ def render_report(path: str | Path, *, budget: int | str | None = None, inline: 
     for r in sorted([r for r in data.runs if r.method == data.methods[0]], key=lambda r: -r.budget):
         lat_rows.append([f"{r.budget:,}", f"{r.relus:,}", _f(r.latency_s), r.latency_label])
     parts.append(_table(["budget", "ReLUs", "latency (s)", "source"], lat_rows, num_from=1))
+    if any(r.latency_label.startswith("estimated (relucomp.pi") for r in data.runs):
+        parts.append('<p class="note">Estimate: the linear cost model of <code>relucomp estimate</code> (latency ≈ '
+                     'c0 + c_relu·ReLUs + c_mac·MACs + c_gather·gathered elements, fitted on 2PC runs), from each '
+                     'run\'s ONNX graph when exported, else from the report\'s counts.</p>')
     if any(r.latency_label == FALLBACK_LABEL for r in data.runs):
         parts.append(f'<p class="note">Estimate: {LATENCY_FLOOR_S:.2f} s (linear layers) + 16 µs × ReLUs, from 2PC '
                      f'(SPU Cheetah) measurements of a small CIFAR ResNet on 2 cores over loopback; real deployments '

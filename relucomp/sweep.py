@@ -127,7 +127,7 @@ def sweep(
     search: str = "snl",
     granularity: str = "pixel",
     search_epochs: int = 4,
-    finetune_epochs: int = 3,
+    finetune_epochs: int = 4,
     pretrain_epochs: int | None = None,
     checkpoint: str | Path | None = None,
     batch_size: int = 128,

@@ -215,3 +215,14 @@ def test_interrupt_in_finetune_resumes_without_searching_again(rc_cache, tmp_pat
     assert not (out / "checkpoint.pt").exists()
     assert res.relus == state["search_stats"]["hard_relus"]
     assert [h["epoch"] for h in res.report["finetune_history"]] == [2]
+
+
+def test_top_level_exports():
+    import relucomp
+    from relucomp import api
+
+    assert relucomp.compile is api.compile
+    assert relucomp.load_compiled is api.load_compiled
+    assert relucomp.inspect("tinycnn")["total"]["relus"] == 20480
+    with pytest.raises(AttributeError):
+        relucomp.does_not_exist  # noqa: B018

@@ -179,3 +179,19 @@ def test_trace_error_line_for_user_code_under_a_folder_named_relucomp(tmp_path):
     with pytest.raises(TraceError) as ei:
         trace(model)
     assert "mynet.py:5: if x.mean() > 0:" in ei.value.cause
+
+
+def test_copy_gm_owns_metadata():
+    import torch
+    from relucomp.ir import copy_gm, meta, trace
+    from relucomp.models import build_model
+
+    gm = trace(build_model("tinycnn"))
+    for n in gm.graph.nodes:
+        meta(n)["tag"] = "original"
+    cp = copy_gm(gm)
+    for n in cp.graph.nodes:
+        meta(n)["tag"] = "copy"
+    assert all(meta(n)["tag"] == "original" for n in gm.graph.nodes)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(gm.eval()(x), cp.eval()(x))

@@ -475,3 +475,20 @@ def test_cli_compile_has_pruning_options():
     assert res.exit_code == 0
     for opt in ("--prune-channels", "--mac-budget", "--sparsity", "--prune-importance"):
         assert opt in res.output
+
+
+def test_compile_options_fail_fast():
+    from relucomp.pruning import check_options
+
+    gm = analyze(_randomize(Chain()), _x())
+    total = model_costs(gm)["macs"]
+    assert check_options(gm) is None
+    assert check_options(gm, mac_budget="50%") == total // 2
+    with pytest.raises(BudgetError, match="below"):
+        check_options(gm, mac_budget="10")
+    with pytest.raises(RelucompError, match="not both"):
+        check_options(gm, prune_channels=0.5, mac_budget="1M")
+    with pytest.raises(RelucompError, match="sparsity"):
+        check_options(gm, sparsity=0.0)
+    with pytest.raises(RelucompError, match="importance"):
+        check_options(gm, prune_channels=0.3, importance="l3")

@@ -184,8 +184,8 @@ def test_report_from_fake_sweep(fake_sweep_html):
             assert f"{v:.2f}" in cells, (name, gname)
         fr = rep["fairness"]["results"]["last"]["test"]
         assert f"{fr['max_psi']:.2f}" in cells and f"{fr['psi_pw']:.2f}" in cells
-        lat, label = pi_latency(rep["relus"]["after"], rep)
-        assert label == FALLBACK_LABEL and f"{lat:.2f}" in cells
+        lat, label = pi_latency(rep["relus"]["after"], rep, run_dir=root / "runs" / name)
+        assert label.startswith("estimated") and f"{lat:.2f}" in cells and label in cells
     # ψ_g table at the chosen budget: every group's ψ and CI, for both methods
     for m in ("nft", "ceag"):
         fr = json.loads((root / "runs" / f"5000-{m}" / "report.json").read_text())["fairness"]["results"]["last"]["test"]
@@ -398,16 +398,23 @@ def test_report_renders_in_headless_chromium(fake_sweep_html, tmp_path):
     assert colourful > 0.01, f"only {colourful:.4f} of the page is coloured: figures missing?"
 
 
-def test_pi_latency_sources(monkeypatch):
+def test_pi_latency_sources(monkeypatch, tmp_path):
     import sys
     import types
 
-    assert pi_latency(12_288) == pytest.approx((0.29 + 16e-6 * 12_288, FALLBACK_LABEL))
-    assert pi_latency(100, {"pi": {"measured": {"seconds": 0.7}}}) == (0.7, "measured")
-    pkg, mod = types.ModuleType("relucomp.pi"), types.ModuleType("relucomp.pi.estimate")
-    mod.estimate_latency = lambda relus, protocol="cheetah": {"latency_s": 0.5 + 1e-5 * relus}
-    pkg.estimate = mod
-    monkeypatch.setitem(sys.modules, "relucomp.pi", pkg)
+    rep = fake_report(3000, None)
+    assert pi_latency(100, {"pi": {"measured": {"latency_s": 0.7}}}) == (0.7, "measured (2PC)")
+    (tmp_path / "pi_bench.json").write_text(json.dumps({"latency_s": 0.9}))
+    assert pi_latency(100, rep, run_dir=tmp_path) == (0.9, "measured (2PC)")
+    # the relucomp.pi cost model (here: a stand-in), from the report's counts
+    mod = types.ModuleType("relucomp.pi.estimate")
+    mod.load_cost_model = lambda: {"source": "test"}
+    mod.onnx_costs = lambda path: {}
+    mod.predict = lambda costs, model: {"latency_s": 0.5 + 1e-5 * costs["relus"] + 1e-6 * costs["gather_elements"]}
     monkeypatch.setitem(sys.modules, "relucomp.pi.estimate", mod)
-    s, label = pi_latency(1000)
-    assert s == pytest.approx(0.51) and "cost model" in label
+    gathered = sum(2 * p["relus_before"] for p in rep["per_layer"] if 0 < p["relus_after"] < p["relus_before"])
+    s, label = pi_latency(3000, rep)
+    assert s == pytest.approx(0.5 + 0.03 + 1e-6 * gathered) and label == "estimated (relucomp.pi cost model)"
+    # no cost model at all: 0.29 s + 16 µs per ReLU
+    monkeypatch.setitem(sys.modules, "relucomp.pi.estimate", None)
+    assert pi_latency(12_288) == pytest.approx((0.29 + 16e-6 * 12_288, FALLBACK_LABEL))

@@ -37,6 +37,10 @@ SPU_VERSION = "0.9.5"
 #: what the SPU venv gets (spu pulls jax[cpu] ≤ 0.4.34 and numpy < 2 itself)
 VENV_REQUIREMENTS = [f"spu=={SPU_VERSION}", "onnx>=1.15,<1.18", "numpy>=1.22,<2"]
 PROTOCOLS = ("cheetah", "semi2k")
+#: how the server's weights enter the protocol: ``private`` (they never leave the server; Cheetah's
+#: HE linear layers with plaintext weights), ``secret`` (additively secret-shared with the client),
+#: ``public`` (the client knows the model; linear layers are local, only the activations are secret)
+WEIGHTS = ("private", "secret", "public")
 WORKER = Path(__file__).with_name("worker.py")
 
 
@@ -203,19 +207,24 @@ def _profile_lines(text: str) -> list[dict[str, Any]]:
     import re
 
     rows = []
+    if "HLO profiling" in text:  # one block per run: keep the last (a warm run)
+        text = text[text.rindex("HLO profiling"):]
+        text = text[: text.index("HAL profiling")] if "HAL profiling" in text else text
     pat = re.compile(r"- (pphlo\.[^,]+(?:: [^,]+)?), executed (\d+) times, duration ([0-9.e+-]+)s, send bytes (\d+)")
     for m in pat.finditer(text):
         rows.append({"op": m.group(1), "count": int(m.group(2)), "seconds": float(m.group(3)), "send_bytes": int(m.group(4))})
     return rows
 
 
-def pi_bench(model: str | Path, *, protocol: str = "cheetah", batch: int = 1, repeat: int = 3,
+def pi_bench(model: str | Path, *, protocol: str = "cheetah", batch: int = 1, repeat: int = 3, weights: str = "private",
              image: np.ndarray | None = None, seed: int = 0, timeout: float = 1800.0, profile: bool = False,
              keep_dir: str | Path | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run ``model`` (an ONNX file) under 2PC and return the measurements (see module docstring)."""
     say = log or (lambda s: None)
     if protocol not in PROTOCOLS:
         raise PIBenchError(f"unknown protocol {protocol!r}", f"use one of {', '.join(PROTOCOLS)}")
+    if weights not in WEIGHTS:
+        raise PIBenchError(f"unknown weights mode {weights!r}", f"use one of {', '.join(WEIGHTS)}")
     if batch < 1 or repeat < 1:
         raise PIBenchError("--batch and --repeat must be ≥ 1", "e.g. --batch 1 --repeat 3")
     model = Path(model).resolve()
@@ -242,7 +251,8 @@ def pi_bench(model: str | Path, *, protocol: str = "cheetah", batch: int = 1, re
         np.save(work / "x.npy", x)
         say(f"compiling {model.name} for SPU ({protocol})")
         t0 = time.perf_counter()
-        comp = _run_worker(py, ["compile", "--model", str(model), "--image", str(work / "x.npy"), "--out-dir", str(work)],
+        comp = _run_worker(py, ["compile", "--model", str(model), "--image", str(work / "x.npy"), "--out-dir", str(work),
+                            "--weights", weights],
                            work / "compile.json", timeout=timeout, log_path=work / "compile.log")
         compile_wall = time.perf_counter() - t0
         ports = _free_ports(2)
@@ -280,6 +290,7 @@ def pi_bench(model: str | Path, *, protocol: str = "cheetah", batch: int = 1, re
         out: dict[str, Any] = {
             "model": str(model),
             "protocol": protocol,
+            "weights": weights,
             "field": "FM64",
             "batch": int(x.shape[0]),
             "repeat": repeat,
@@ -313,7 +324,7 @@ def pi_bench(model: str | Path, *, protocol: str = "cheetah", batch: int = 1, re
             "onnx_ops": comp["onnx_ops"],
             "versions": comp["versions"],
             "machine": machine_info(),
-            "notes": ("2 processes on loopback; weights secret-shared by the server (party 0), image by the client "
+            "notes": (f"2 processes on loopback; weights: {weights} (server = party 0), image secret-shared by the client "
                       "(party 1); latency = wall time of Runtime.run (max over parties), bytes = TCP payload both ways"),
         }
         if profile:

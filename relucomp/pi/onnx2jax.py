@@ -167,10 +167,19 @@ def _conv(node: Node, x, w, b=None):
     strides = list(a.get("strides", [1] * nd))
     dil = list(a.get("dilations", [1] * nd))
     pads = list(a.get("pads", [0] * (2 * nd)))
-    spec = {1: ("NCH", "OIH", "NCH"), 2: ("NCHW", "OIHW", "NCHW"), 3: ("NCDHW", "OIDHW", "NCDHW")}[nd]
-    y = lax.conv_general_dilated(x, w, window_strides=strides, padding=[(pads[i], pads[i + nd]) for i in range(nd)],
-                                 rhs_dilation=dil, dimension_numbers=spec,
-                                 feature_group_count=int(a.get("group", 1)))
+    padding = [(pads[i], pads[i + nd]) for i in range(nd)]
+    group = int(a.get("group", 1))
+    if nd == 2:
+        # SPU runs its fast conv (im2col / Cheetah's HE conv2d) only for NHWC input and HWIO
+        # kernels; any other layout takes a generic per-element loop, orders of magnitude slower.
+        y = lax.conv_general_dilated(x.transpose(0, 2, 3, 1), w.transpose(2, 3, 1, 0), window_strides=strides,
+                                     padding=padding, rhs_dilation=dil, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                     feature_group_count=group)
+        y = y.transpose(0, 3, 1, 2)
+    else:
+        spec = {1: ("NCH", "OIH", "NCH"), 3: ("NCDHW", "OIDHW", "NCDHW")}[nd]
+        y = lax.conv_general_dilated(x, w, window_strides=strides, padding=padding, rhs_dilation=dil,
+                                     dimension_numbers=spec, feature_group_count=group)
     if b is not None:
         y = y + b.reshape((1, -1) + (1,) * nd)
     return y

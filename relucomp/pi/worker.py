@@ -110,6 +110,98 @@ def _unpack_share(data: bytes):
     return s
 
 
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _fields(buf: bytes) -> list[tuple[int, int, object]]:
+    """Minimal protobuf reader (varint and length-delimited fields only)."""
+    out, i = [], 0
+    while i < len(buf):
+        key, shift = 0, 0
+        while True:
+            b = buf[i]
+            i += 1
+            key |= (b & 0x7F) << shift
+            shift += 7
+            if not b & 0x80:
+                break
+        num, wt = key >> 3, key & 7
+        if wt == 0:
+            v, shift = 0, 0
+            while True:
+                b = buf[i]
+                i += 1
+                v |= (b & 0x7F) << shift
+                shift += 7
+                if not b & 0x80:
+                    break
+            out.append((num, wt, v))
+        elif wt == 2:
+            ln, shift = 0, 0
+            while True:
+                b = buf[i]
+                i += 1
+                ln |= (b & 0x7F) << shift
+                shift += 7
+                if not b & 0x80:
+                    break
+            out.append((num, wt, buf[i:i + ln]))
+            i += ln
+        else:
+            raise ValueError(f"unexpected protobuf wire type {wt}")
+    return out
+
+
+def _encode(fields: list[tuple[int, int, object]]) -> bytes:
+    out = bytearray()
+    for num, wt, v in fields:
+        out += _varint((num << 3) | wt)
+        if wt == 0:
+            out += _varint(int(v))
+        else:
+            out += _varint(len(v)) + bytes(v)
+    return bytes(out)
+
+
+def private_shares(io, arr: np.ndarray, owner: int, field: str = "FM64", with_data: bool = True) -> list:
+    """Shares of a value *private* to ``owner`` (SPU's ``Priv2k`` type; no secret sharing).
+
+    SPU 0.9.5's Cheetah IO only makes secret or public shares, but its runtime
+    has private values (linear layers with them run as Cheetah's HE matmul
+    ``mmul_av``: the server's plaintext weights never leave the server).  We
+    take the public encoding and relabel it: the owner keeps the fixed-point
+    data, every other party gets a zero placeholder of the same size (built
+    without the values when ``with_data`` is False).
+    """
+    import spu.libspu as libspu
+
+    pub = io.make_shares(arr if with_data else np.zeros_like(arr), libspu.Visibility.VIS_PUBLIC)[0]
+    stype = f"Priv2k<{field},{owner}>".encode()
+    meta = _encode([(n, w, (int(libspu.Visibility.VIS_PRIVATE) if n == 3 else stype if n == 5 else v))
+                    for n, w, v in _fields(bytes(pub.meta))])
+    shares = []
+    for r in range(2):
+        s = libspu.Share()
+        s.meta = meta
+        if r == owner and with_data:
+            s.share_chunks = [bytes(c) for c in pub.share_chunks]
+        else:
+            chunks = []
+            for c in pub.share_chunks:
+                f = _fields(bytes(c))
+                chunks.append(_encode([(n, w, (bytes(len(v)) if n == 3 else v)) for n, w, v in f]))
+            s.share_chunks = chunks
+        shares.append(s)
+    return shares
+
+
 def _send(lctx, dst: int, data: bytes) -> None:
     n = max(1, -(-len(data) // CHUNK))
     lctx.send(dst, struct.pack("<Q", n))
@@ -147,9 +239,15 @@ def cmd_compile(a) -> dict:
     x = np.load(a.image).astype(np.float32)
     params = model.params()
     t1 = time.perf_counter()
-    names = ["x"] + [f"w{i}" for i in range(len(params))]
-    exe, _ = spu_fe.compile(spu_fe.Kind.JAX, lambda x, *p: model(x, *p), [x, *params], {}, names,
-                            [libspu.Visibility.VIS_SECRET] * len(names), lambda outs: [f"y{i}" for i in range(len(outs))])
+    if a.weights == "public":  # the model is public: weights become constants of the program
+        names = ["x"]
+        exe, _ = spu_fe.compile(spu_fe.Kind.JAX, lambda x: model(x, *params), [x], {}, names,
+                                [libspu.Visibility.VIS_SECRET], lambda outs: [f"y{i}" for i in range(len(outs))])
+    else:
+        names = ["x"] + [f"w{i}" for i in range(len(params))]
+        exe, _ = spu_fe.compile(spu_fe.Kind.JAX, lambda x, *p: model(x, *p), [x, *params], {}, names,
+                                [libspu.Visibility.VIS_SECRET] * len(names),
+                                lambda outs: [f"y{i}" for i in range(len(outs))])
     t2 = time.perf_counter()
     os.makedirs(a.out_dir, exist_ok=True)
     with open(os.path.join(a.out_dir, "exe.bin"), "wb") as f:
@@ -160,6 +258,7 @@ def cmd_compile(a) -> dict:
     for n in model.graph.nodes:
         ops[n.op] = ops.get(n.op, 0) + 1
     return {"input_names": names, "output_names": list(exe.output_names), "param_names": model.param_names,
+            "param_shapes": [list(p.shape) for p in params], "weights": a.weights,
             "input_shape": list(x.shape), "output_shape": list(plain.shape), "onnx_ops": ops,
             "n_params": int(sum(p.size for p in params)), "translate_s": t1 - t0, "compile_s": t2 - t1,
             "pphlo_bytes": len(exe.code), "versions": versions()}
@@ -186,6 +285,7 @@ def cmd_party(a) -> dict:
     cfg = runtime_config(a.protocol, a.field, a.fxp_bits)
     if a.profile and rank == 0:
         cfg.enable_pphlo_profile = True
+        cfg.enable_hal_profile = True
     desc = libspu.link.Desc()
     desc.id = f"relucomp-pi-{a.session}"
     desc.add_party("server", f"127.0.0.1:{a.ports[0]}")
@@ -205,17 +305,27 @@ def cmd_party(a) -> dict:
     # 1. weights: the server's private input, shared once per model
     b0, t0 = tcp_bytes(), time.perf_counter()
     param_vars = meta["input_names"][1:]
-    if rank == 0:
-        params = onnx2jax.translate(a.model).params()
-        if len(params) != len(param_vars):
-            raise RuntimeError("parameter list differs from the compiled executable's")
-        for name, p in zip(param_vars, params):
-            shares = io.make_shares(p, libspu.Visibility.VIS_SECRET)
-            rt.set_var(name, shares[0])
-            _send(lctx, 1, _pack_share(shares[1]))
-    else:
-        for name in param_vars:
-            rt.set_var(name, _unpack_share(_recv(lctx, 0)))
+    weights = meta.get("weights", "private")
+    if weights == "private":  # Cheetah's model: the server's plaintext weights stay on the server
+        if rank == 0:
+            params = onnx2jax.translate(a.model).params()
+            for name, p in zip(param_vars, params):
+                rt.set_var(name, private_shares(io, p, 0, a.field)[0])
+        else:
+            for name, shape in zip(param_vars, meta["param_shapes"]):
+                rt.set_var(name, private_shares(io, np.zeros(shape, np.float32), 0, a.field, with_data=False)[1])
+    elif weights == "secret":  # additive secret shares: the server sends the client its share
+        if rank == 0:
+            params = onnx2jax.translate(a.model).params()
+            if len(params) != len(param_vars):
+                raise RuntimeError("parameter list differs from the compiled executable's")
+            for name, p in zip(param_vars, params):
+                shares = io.make_shares(p, libspu.Visibility.VIS_SECRET)
+                rt.set_var(name, shares[0])
+                _send(lctx, 1, _pack_share(shares[1]))
+        else:
+            for name in param_vars:
+                rt.set_var(name, _unpack_share(_recv(lctx, 0)))
     lctx.barrier()
     b1 = tcp_bytes()
     out["weights_share_s"] = time.perf_counter() - t0
@@ -282,6 +392,7 @@ def main(argv=None) -> int:
     c.add_argument("--model", required=True)
     c.add_argument("--image", required=True)
     c.add_argument("--out-dir", required=True)
+    c.add_argument("--weights", default="private", choices=("private", "secret", "public"))
     c.add_argument("--result", required=True)
     q = sub.add_parser("plain")
     q.add_argument("--model", required=True)

@@ -1,0 +1,361 @@
+"""PILoweringPass: choose, per partially linearized layer, the cheapest PI-ready form.
+
+Input: a graph whose partial layers are :class:`~relucomp.nn.SparseReLU` (what
+:class:`~relucomp.passes.lower_gates.LowerGatesPass` emits) or hard
+:class:`~relucomp.nn.ReLUGate` s.  Every form applies ``Relu`` to exactly the kept
+elements (one ``Relu`` node whose input has ``kept`` elements per image), so a
+2PC runtime evaluates exactly the budget; they differ in how data is moved
+around that ``Relu``, which is not free under 2PC either.  Measured with
+SPU 0.9.5 (Cheetah, 2 cores, loopback; see ``relucomp/pi/cost_model.json``):
+a ReLU costs ≈15–18 µs, an element moved by ``Gather`` ≈1.3 µs (SPU gathers
+scalar by scalar), a ``Slice``/``Concat`` a few µs per op plus ~ns per
+element, a ``Where`` with a constant condition ~20–30 ns per element.
+
+Forms (all are :class:`SparseReLU` subclasses, so counting and tracing treat
+them as before):
+
+``gather``        the existing SparseReLU: gather kept → Relu → concat → gather
+                  back (2·n gathered elements).
+``runs``          :class:`RunsReLU`: contiguous runs of kept / linear elements
+                  become ``Slice`` s: ``Relu(Concat(kept runs))`` then one
+                  ``Concat`` puts every run back in place.  Cheap when the mask
+                  has few runs (channel masks: at most one run per channel).
+``compact``       :class:`CompactReLU`: a compaction network — ⌈log2(n−k)⌉ stages
+                  of ``roll`` + ``Where`` (constant condition) move the kept
+                  elements to the front without any gather, ``Relu`` on the first
+                  ``k``, and the mirrored network moves them back.  For unstructured
+                  pixel masks.
+``channel_perm``  channel gates whose producer is a conv used only by the gate
+                  and whose consumers are convs: the kept channels are moved to
+                  the front by permuting the producer's output channels and the
+                  consumers' input channels (folded into the weights, free at run
+                  time); the layer becomes ``Concat(Relu(x[:, :k]), x[:, k:])``
+                  (:class:`PrefixReLU`).
+
+The cost of each applicable form is computed from the coefficients in
+``cost_model.json["lowering"]`` (defaults below) and the cheapest wins
+(``forms`` restricts the choice, e.g. ``forms=("gather",)`` reproduces the old
+lowering).  The pass preserves semantics exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import fx, nn
+
+from relucomp.infra import Pass, PassResult
+from relucomp.ir import meta, module_of
+from relucomp.nn import ReLUGate, SparseReLU
+
+FORMS = ("gather", "runs", "compact", "channel_perm")
+
+#: seconds; calibrated by benchmarks/bench_pi.py into relucomp/pi/cost_model.json["lowering"]
+DEFAULT_COEFFS = {
+    "gather_element_s": 1.3e-6,   # one element through SPU's Gather
+    "select_element_s": 2.7e-8,   # one element through one compaction stage (roll + Where)
+    "copy_element_s": 3e-9,       # one element through Slice/Concat/Reshape
+    "op_s": 4e-6,                 # fixed cost of one Slice/Concat/Where op
+}
+
+
+def lowering_coefficients(path: str | Path | None = None) -> dict[str, float]:
+    """The data-movement cost coefficients (``cost_model.json["lowering"]``, else defaults)."""
+    if path is None:
+        import relucomp.pi
+
+        path = Path(relucomp.pi.__file__).with_name("cost_model.json")
+    coeffs = dict(DEFAULT_COEFFS)
+    try:
+        coeffs.update({k: float(v) for k, v in json.loads(Path(path).read_text()).get("lowering", {}).items()
+                       if k in coeffs})
+    except (OSError, ValueError):
+        pass
+    return coeffs
+
+
+# ---------------------------------------------------------------------------
+# mask helpers
+# ---------------------------------------------------------------------------
+
+def runs_of(mask: torch.Tensor) -> list[tuple[int, int, bool]]:
+    """Maximal runs ``(start, end, kept)`` of a 1-D bool mask."""
+    m = mask.to(torch.bool).flatten().tolist()
+    out: list[tuple[int, int, bool]] = []
+    start = 0
+    for i in range(1, len(m) + 1):
+        if i == len(m) or m[i] != m[start]:
+            out.append((start, i, bool(m[start])))
+            start = i
+    return out
+
+
+def compaction_stages(mask: torch.Tensor) -> tuple[list[tuple[int, torch.Tensor]], list[tuple[int, torch.Tensor]]]:
+    """Stages of the compaction network for a 1-D keep mask.
+
+    Kept element ``i`` (at position ``p_i``) must move left by ``d_i = p_i − i``;
+    processing the bits of ``d_i`` from the lowest, stage ``j`` moves the
+    elements whose bit ``j`` is set by ``2**j``.  Positions stay distinct and in
+    order after every stage (``(a mod m) − (b mod m) ≤ a − b`` for ``a ≥ b``), so
+    one ``Where`` per stage suffices.  Returns (compaction, expansion) stages as
+    ``(shift, condition)``; the condition marks the destinations that take the
+    shifted value.  Expansion replays the compaction backwards, moving right.
+    """
+    m = mask.to(torch.bool).flatten()
+    n = m.numel()
+    keep = torch.nonzero(m).flatten()
+    k = keep.numel()
+    d = keep - torch.arange(k)
+    pos = keep.clone()
+    comp: list[tuple[int, torch.Tensor]] = []
+    history: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+    j = 0
+    while k and int(d.max()) >> j:
+        s = 1 << j
+        moving = ((d >> j) & 1).bool()
+        if bool(moving.any()):
+            cond = torch.zeros(n, dtype=torch.bool)
+            cond[pos[moving] - s] = True
+            comp.append((s, cond))
+            history.append((s, moving.clone(), pos.clone()))
+            pos = torch.where(moving, pos - s, pos)
+        j += 1
+    exp: list[tuple[int, torch.Tensor]] = []
+    for s, moving, before in reversed(history):
+        cond = torch.zeros(n, dtype=torch.bool)
+        cond[before[moving]] = True  # after moving right by s they are back where they were before the stage
+        exp.append((s, cond))
+    return comp, exp
+
+
+# ---------------------------------------------------------------------------
+# PI-ready modules (SparseReLU subclasses: counting / tracing / ShapeAnalysis unchanged)
+# ---------------------------------------------------------------------------
+
+class RunsReLU(SparseReLU):
+    """ReLU on the kept runs only, with ``Slice``/``Concat`` (no gathers)."""
+
+    form = "runs"
+
+    def __init__(self, keep: torch.Tensor, act_shape: Sequence[int], by_channel: bool = False):
+        super().__init__(keep, act_shape, by_channel)
+        n = self.act_shape[0] if by_channel else math.prod(self.act_shape)
+        mask = torch.zeros(n, dtype=torch.bool)
+        mask[self.keep] = True
+        self.runs = runs_of(mask)
+
+    @property
+    def n_ops(self) -> int:
+        return sum(2 if kept else 1 for _, _, kept in self.runs) + 3
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x if self.by_channel else torch.flatten(x, 1)
+        kept = [flat[:, a:b] for a, b, k in self.runs if k]
+        r = torch.relu(kept[0] if len(kept) == 1 else torch.cat(kept, 1))
+        parts, off = [], 0
+        for a, b, k in self.runs:
+            if k:
+                parts.append(r[:, off:off + (b - a)])
+                off += b - a
+            else:
+                parts.append(flat[:, a:b])
+        out = torch.cat(parts, 1)
+        return out if self.by_channel else out.reshape(x.shape)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", form=runs, runs={len(self.runs)}"
+
+
+class CompactReLU(SparseReLU):
+    """Pixel masks without gathers: compaction network → Relu on the first k → expansion network."""
+
+    form = "compact"
+
+    def __init__(self, keep: torch.Tensor, act_shape: Sequence[int]):
+        super().__init__(keep, act_shape, by_channel=False)
+        n = math.prod(self.act_shape)
+        mask = torch.zeros(n, dtype=torch.bool)
+        mask[self.keep] = True
+        comp, exp = compaction_stages(mask)
+        self.register_buffer("keep_mask", mask)
+        self.comp_shifts = [s for s, _ in comp]
+        self.exp_shifts = [s for s, _ in exp]
+        for i, (_, c) in enumerate(comp):
+            self.register_buffer(f"comp_cond{i}", c)
+        for i, (_, c) in enumerate(exp):
+            self.register_buffer(f"exp_cond{i}", c)
+
+    @property
+    def stages(self) -> int:
+        return len(self.comp_shifts) + len(self.exp_shifts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = torch.flatten(x, 1)
+        n = flat.shape[1]
+        k = int(self.keep.numel())
+        cur = flat
+        for i, s in enumerate(self.comp_shifts):
+            shifted = torch.cat([cur[:, s:], cur[:, :s]], 1)  # shifted[q] = cur[q + s]
+            cur = torch.where(getattr(self, f"comp_cond{i}"), shifted, cur)
+        cur = torch.cat([torch.relu(cur[:, :k]), cur[:, k:]], 1)
+        for i, s in enumerate(self.exp_shifts):
+            shifted = torch.cat([cur[:, n - s:], cur[:, :n - s]], 1)  # shifted[q] = cur[q − s]
+            cur = torch.where(getattr(self, f"exp_cond{i}"), shifted, cur)
+        return torch.where(self.keep_mask, cur, flat).reshape(x.shape)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", form=compact, stages={self.stages}"
+
+
+class PrefixReLU(SparseReLU):
+    """ReLU on the first ``k`` channels (the kept channels, moved there by permuting the convs)."""
+
+    form = "channel_perm"
+
+    def __init__(self, k: int, act_shape: Sequence[int]):
+        super().__init__(torch.arange(int(k)), act_shape, by_channel=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = int(self.keep.numel())
+        return torch.cat([torch.relu(x[:, :k]), x[:, k:]], 1)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", form=channel_perm"
+
+
+# ---------------------------------------------------------------------------
+# costs
+# ---------------------------------------------------------------------------
+
+def form_costs(mask: torch.Tensor, act_shape: Sequence[int], by_channel: bool, coeffs: dict[str, float],
+               perm_ok: bool = False) -> dict[str, float]:
+    """Estimated data-movement seconds per image of each applicable form (the ReLUs are the same in all)."""
+    g, e, c, o = (coeffs[k] for k in ("gather_element_s", "select_element_s", "copy_element_s", "op_s"))
+    n = math.prod(act_shape)
+    runs = runs_of(mask)
+    n_runs_kept = sum(1 for r in runs if r[2])
+    costs = {"gather": g * 2 * n + c * n + 4 * o,
+             "runs": o * (len(runs) + n_runs_kept + 3) + c * 2 * n}
+    if by_channel:
+        if perm_ok:
+            costs["channel_perm"] = 3 * o + c * n
+    else:
+        keep = torch.nonzero(mask.flatten()).flatten()
+        dmax = int((keep - torch.arange(keep.numel())).max()) if keep.numel() else 0
+        stages = 2 * max(1, dmax.bit_length())
+        costs["compact"] = stages * (e * n + 3 * o) + e * n + 4 * o + c * n
+    return costs
+
+
+# ---------------------------------------------------------------------------
+# the pass
+# ---------------------------------------------------------------------------
+
+def _pixel_or_channel(mod: nn.Module) -> tuple[torch.Tensor, tuple[int, ...], bool] | None:
+    """(1-D keep mask, act_shape, by_channel) of a partial SparseReLU / hard gate; None otherwise."""
+    if isinstance(mod, (RunsReLU, CompactReLU, PrefixReLU)):
+        return None  # already lowered
+    if isinstance(mod, SparseReLU):
+        n = mod.act_shape[0] if mod.by_channel else math.prod(mod.act_shape)
+        mask = torch.zeros(n, dtype=torch.bool)
+        mask[mod.keep] = True
+        return mask, mod.act_shape, mod.by_channel
+    if isinstance(mod, ReLUGate) and bool(mod.hard):
+        m = mod.mask.detach()[0] > 0.5
+        if mod.granularity == "channel" and len(mod.act_shape) > 1:
+            return m.reshape(m.shape[0], -1)[:, 0].clone(), mod.act_shape, True
+        return m.expand(mod.act_shape).reshape(-1).clone(), mod.act_shape, False
+    return None
+
+
+def _perm_plan(gm: fx.GraphModule, node: fx.Node, calls: Counter) -> tuple[fx.Node, list[fx.Node]] | None:
+    """Producer conv and consumer convs if the channel permutation can be folded into them."""
+    src = node.args[0] if node.args else None
+    prod = module_of(gm, src) if isinstance(src, fx.Node) else None
+    if not isinstance(prod, nn.Conv2d) or prod.groups != 1 or len(src.users) != 1 or calls[src.target] != 1:
+        return None
+    consumers = list(node.users)
+    if not consumers:
+        return None
+    for u in consumers:
+        cm = module_of(gm, u)
+        if not isinstance(cm, nn.Conv2d) or cm.groups != 1 or calls[u.target] != 1 or u.args[0] is not node \
+                or len(u.args) != 1 or u.kwargs:
+            return None
+    return src, consumers
+
+
+def _set_module(gm: fx.GraphModule, target: str, mod: nn.Module) -> None:
+    parent, _, attr = target.rpartition(".")
+    setattr(gm.get_submodule(parent) if parent else gm, attr, mod)
+
+
+class PILoweringPass(Pass):
+    """Re-lower every partial ReLU layer to its cheapest PI-ready form (see the module docstring)."""
+
+    def __init__(self, forms: Sequence[str] = FORMS, coeffs: dict[str, float] | None = None):
+        bad = [f for f in forms if f not in FORMS]
+        if bad or not forms:
+            raise ValueError(f"unknown PI forms {bad}; choose from {FORMS}")
+        self.forms = tuple(forms)
+        self.coeffs = coeffs
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        coeffs = self.coeffs or lowering_coefficients()
+        calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+        chosen: list[dict[str, Any]] = []
+        replaced = 0
+        for node in list(gm.graph.nodes):
+            mod = module_of(gm, node)
+            info = _pixel_or_channel(mod) if mod is not None else None
+            if info is None or calls[node.target] != 1:
+                continue
+            mask, act_shape, by_channel = info
+            k = int(mask.sum())
+            if k == 0 or k == mask.numel():
+                continue  # LowerGatesPass handles all-linear / all-ReLU layers
+            plan = _perm_plan(gm, node, calls) if by_channel and "channel_perm" in self.forms else None
+            costs = form_costs(mask, act_shape, by_channel, coeffs, perm_ok=plan is not None)
+            costs = {f: v for f, v in costs.items() if f in self.forms}
+            if not costs:
+                continue
+            form = min(costs, key=costs.get)
+            keep = torch.nonzero(mask).flatten()
+            if form == "gather":
+                new = SparseReLU(keep, act_shape, by_channel)
+            elif form == "runs":
+                new = RunsReLU(keep, act_shape, by_channel)
+            elif form == "compact":
+                new = CompactReLU(keep, act_shape)
+            else:
+                new = PrefixReLU(k, act_shape)
+                src, consumers = plan
+                order = torch.cat([keep, torch.nonzero(~mask).flatten()])
+                prod = module_of(gm, src)
+                with torch.no_grad():
+                    prod.weight.copy_(prod.weight[order])
+                    if prod.bias is not None:
+                        prod.bias.copy_(prod.bias[order])
+                    for u in consumers:
+                        cm = module_of(gm, u)
+                        cm.weight.copy_(cm.weight[:, order])
+                meta(src)["channel_permutation"] = order.tolist()
+            record = {"site": meta(node).get("site", node.name), "form": form, "kept": k, "n": int(mask.numel()),
+                      "by_channel": by_channel, "costs_s": costs}
+            chosen.append(record)
+            if type(mod) is SparseReLU and form == "gather":
+                continue  # already in this form
+            replaced += 1
+            _set_module(gm, node.target, new)
+            meta(node)["kind"] = "sparse_relu"
+            meta(node)["pi_form"] = form
+            meta(node)["pi_costs_s"] = costs
+        modified = replaced > 0
+        stats = {"layers": chosen, "forms": dict(Counter(c["form"] for c in chosen)),
+                 "data_movement_s": sum(c["costs_s"][c["form"]] for c in chosen)}
+        return PassResult(gm, modified, stats)
