@@ -32,7 +32,7 @@ import torch
 warnings.filterwarnings("ignore")
 logging.getLogger("torch.onnx").setLevel(logging.ERROR)
 
-from relucomp.api import analyze, build_gated, compile as rc_compile, lowering_passes  # noqa: E402
+from relucomp.api import build_gated, compile as rc_compile, lowering_passes  # noqa: E402
 from relucomp.budget import parse_count  # noqa: E402
 from relucomp.export import export_onnx  # noqa: E402
 from relucomp.infra import PassManager  # noqa: E402

@@ -39,7 +39,6 @@ checkpoint/resume; ``stats["snapshots"]`` records when each was taken.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Iterable, Sequence
 
 import torch

@@ -14,9 +14,9 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import fx, nn
@@ -25,7 +25,7 @@ from . import __version__
 from .budget import check_relu_budget, parse_count
 from .errors import ModelLoadError, RelucompError
 from .infra import PassManager
-from .ir import relu_nodes, trace
+from .ir import trace
 from .loaders import BatchLoader, first_batch
 from .passes.canonicalize import CanonicalizeReLUPass
 from .passes.compose_affine import ComposeAffinePass
@@ -37,7 +37,7 @@ from .passes.layer_drop import LayerDropSearchPass
 from .passes.lower_gates import LowerGatesPass
 from .passes.shape_prop import ShapeAnalysisPass, layer_table
 from .passes.snl_search import SNLSearchPass, binarize_to_budget, hard_count, soft_count
-from .train import Checkpointer, Interrupted, evaluate, load_state, make_optimizer, progress_bar, train_loop, ce_kd_step
+from .train import Checkpointer, evaluate, load_state, make_optimizer, progress_bar, train_loop, ce_kd_step
 
 DEFAULT_ARCH = "resnet8"
 SEARCH_METHODS = ("snl", "layer-drop")

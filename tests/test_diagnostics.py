@@ -10,15 +10,6 @@ from torch.func import functional_call
 from relucomp.diagnostics import diagnose, group_gradient_norms, group_hessian_top_eigenvalue
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP contention on the shared 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def data(n=60, seed=0, groups=3):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 3, 2, 2, generator=gen, dtype=torch.float64)

@@ -8,15 +8,6 @@ from torch import nn
 
 from relucomp.metrics import EMA, fairness_report, group_accuracy, predict
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP contention on the shared 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 NAMES = ["a", "b", "c", "empty"]
 
 

@@ -24,15 +24,6 @@ from relucomp.pruning import model_costs, prune, unit_importance
 SIZE = 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """2 shared CPU cores: one intra-op thread is faster than two contending ones."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # --------------------------------------------------------------------------- topologies
 
 def _cbr(i, o, **kw):

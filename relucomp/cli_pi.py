@@ -1,0 +1,161 @@
+"""``relucomp pi-bench`` and ``relucomp estimate``: measured and estimated private-inference cost.
+
+Registered into :data:`relucomp.cli.app` by ``relucomp/cli.py``.  Both commands
+print a table (or ``--json``) and turn user errors into ``error:`` / ``fix:``
+lines with exit status 2, like the rest of the CLI.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .budget import human
+from .errors import RelucompError
+
+console = Console(stderr=True)
+out_console = Console()
+
+
+def _fail(exc: RelucompError) -> None:
+    console.print(f"[bold red]error:[/] {exc.cause}")
+    if exc.fix:
+        console.print(f"  [bold]fix:[/] {exc.fix}")
+    raise typer.Exit(2)
+
+
+def _mb(b: float) -> str:
+    return f"{b / 1e6:.2f} MB"
+
+
+def pi_bench_cmd(
+    model: Optional[Path] = typer.Argument(None, help="ONNX file to run under 2PC (e.g. OUT/model.onnx)"),
+    protocol: str = typer.Option("cheetah", "--protocol", help="cheetah | semi2k (SPU 2PC protocols)"),
+    batch: int = typer.Option(1, "--batch", help="images per inference"),
+    repeat: int = typer.Option(3, "--repeat", "-n", help="timed runs after one warm-up run (median reported)"),
+    weights: str = typer.Option("private", "--weights",
+                                help="private: weights stay on the server (HE linear layers); secret: secret-shared "
+                                     "with the client; public: the client knows the model"),
+    setup: bool = typer.Option(False, "--setup", help="build the SPU venv (Python 3.11, spu 0.9.5) and exit if no MODEL"),
+    force: bool = typer.Option(False, "--force", help="with --setup: rebuild the venv"),
+    timeout: float = typer.Option(1800.0, "--timeout", help="seconds before the run is stopped"),
+    profile: bool = typer.Option(False, "--profile", help="add SPU's per-op time / bytes breakdown"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="also write the result as JSON here"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+) -> None:
+    """Run MODEL.onnx under a real two-party protocol (server and client as two processes on 127.0.0.1)."""
+    from .pi import bench
+
+    try:
+        if setup:
+            bench.setup_venv(force=force, log=lambda s: console.print(f"[dim]{s}[/]"))
+            if model is None:
+                return
+        if model is None:
+            raise RelucompError("pi-bench needs an ONNX file", "relucomp pi-bench OUT/model.onnx (or --setup alone)")
+        res = bench.pi_bench(model, protocol=protocol, batch=batch, repeat=repeat, weights=weights, timeout=timeout,
+                             profile=profile, log=lambda s: console.print(f"[dim]{s}[/]"))
+    except RelucompError as exc:
+        _fail(exc)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(res, indent=2))
+    if as_json:
+        sys.stdout.write(json.dumps(res, indent=2) + "\n")
+        return
+    t = Table(title=f"relucomp pi-bench: {Path(res['model']).name} ({res['protocol']}, weights {res['weights']}, "
+                    f"batch {res['batch']})")
+    t.add_column("")
+    t.add_column("value", justify="right")
+    t.add_row("ReLUs / image (from the ONNX graph)", f"{res['relus']:,}")
+    if res["maxpool_comparisons"]:
+        t.add_row("MaxPool comparisons / image", f"{res['maxpool_comparisons']:,} (PI pays for these too)")
+    t.add_row("MACs / image", human(res["macs"]))
+    t.add_row("latency (median)", f"{res['latency_s'] * 1e3:,.0f} ms  (runs: "
+              + ", ".join(f"{v * 1e3:,.0f}" for v in res["latency_runs_s"]) + ")")
+    t.add_row("communication / inference", _mb(res["bytes"]) + f"  (server→client {_mb(res['bytes_by_party']['server_sent'])}, "
+              f"client→server {_mb(res['bytes_by_party']['client_sent'])})")
+    s = res["setup"]
+    t.add_row("one-time setup", f"protocol {s['one_time_protocol_setup_s']:.1f} s (first run {res['first_run_s']:.1f} s, "
+              f"{_mb(res['first_run_bytes'])}); weights {s['weights_share_s']:.2f} s / {_mb(s['weights_share_bytes'])}; "
+              f"compile {s['compile_wall_s']:.1f} s")
+    e = res["error"]
+    t.add_row("output error vs plaintext", f"max |Δ| {e['max_abs_vs_onnxruntime']:.2e} (logits up to {e['output_scale']:.2g}), "
+              f"argmax agreement {100 * (e['argmax_agreement'] or 0):.0f}%")
+    m = res["machine"]
+    t.add_row("machine", f"{m['cores']} cores, {m['cpu']}, {m['network']}")
+    out_console.print(t)
+    if profile and res.get("profile"):
+        p = Table(title="SPU per-op breakdown (server, last run)")
+        for c in ("op", "count", "seconds", "sent"):
+            p.add_column(c, justify="right" if c != "op" else "left")
+        for row in sorted(res["profile"], key=lambda r: -r["seconds"])[:12]:
+            p.add_row(row["op"], str(row["count"]), f"{row['seconds']:.3f}", _mb(row["send_bytes"]))
+        out_console.print(p)
+
+
+def estimate_cmd(
+    model: str = typer.Argument(..., help="an ONNX file, or a model spec (resnet8, file.py:factory...)"),
+    relus: Optional[str] = typer.Option(None, "--relus", help="plan for this many ReLUs instead of the model's (15k, 10%)"),
+    num_classes: int = typer.Option(10, "--num-classes"),
+    image_size: int = typer.Option(32, "--image-size"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+) -> None:
+    """Estimate 2PC latency and communication from the cost model fitted to pi-bench runs on this machine."""
+    from .budget import parse_count
+    from .pi.estimate import estimate
+
+    try:
+        n = None
+        if relus is not None:
+            total = None
+            if relus.strip().endswith("%"):
+                from .pi.estimate import model_costs, onnx_costs
+
+                total = (onnx_costs(model) if model.endswith(".onnx") else model_costs(model, num_classes=num_classes,
+                                                                                      image_size=image_size))["relus"]
+            n = parse_count(relus, total=total)
+        res = estimate(model, relus=n, num_classes=num_classes, image_size=image_size)
+    except RelucompError as exc:
+        _fail(exc)
+    if as_json:
+        sys.stdout.write(json.dumps(res, indent=2, default=str) + "\n")
+        return
+    c, p, f = res["costs"], res["predicted"], res["linear_floor"]
+    t = Table(title=f"relucomp estimate: {res['target']} ({res['protocol']}, 2PC)")
+    t.add_column("")
+    t.add_column("value", justify="right")
+    t.add_row("ReLUs / image", f"{c['relus']:,}")
+    if c.get("maxpool_comparisons"):
+        t.add_row("MaxPool comparisons / image", f"{c['maxpool_comparisons']:,} (costed as ReLUs; --replace-maxpool removes them)")
+    t.add_row("MACs / image", human(c["macs"]))
+    if c.get("gather_elements"):
+        t.add_row("gathered elements / image", f"{c['gather_elements']:,}")
+    t.add_row("estimated latency", f"{p['latency_s'] * 1e3:,.0f} ms (linear floor {f['latency_s'] * 1e3:,.0f} ms)")
+    t.add_row("estimated communication", f"{_mb(p['bytes'])} (linear floor {_mb(f['bytes'])})")
+    co = res["coefficients"]
+    t.add_row("cost model", f"{co['latency_s']['relus'] * 1e6:.1f} µs + {co['bytes']['relus']:.0f} B per ReLU, "
+              f"{co['latency_s']['macs'] * 1e9:.2f} ns per MAC, const {co['latency_s']['const'] * 1e3:.0f} ms")
+    err = res.get("model_error")
+    if err:
+        t.add_row("model error vs measurement", f"latency median {100 * err['latency_median_abs_rel']:.1f}% / max "
+                  f"{100 * err['latency_max_abs_rel']:.1f}%, bytes median {100 * err['bytes_median_abs_rel']:.1f}% / max "
+                  f"{100 * err['bytes_max_abs_rel']:.1f}% over {err['runs']} pi-bench runs")
+    else:
+        t.add_row("model error vs measurement", "unknown: built-in defaults (run benchmarks/bench_pi.py to fit)")
+    t.add_row("source", str(res.get("source")))
+    out_console.print(t)
+    if res.get("fit"):
+        ft = Table(title="cost model vs pi-bench measurements")
+        for col in ("run", "ReLUs", "MACs", "measured", "estimated", "error"):
+            ft.add_column(col, justify="left" if col == "run" else "right")
+        for r in res["fit"]:
+            ft.add_row(r["name"], f"{r['relus']:,}", human(r["macs"]), f"{r['measured_latency_s'] * 1e3:,.0f} ms",
+                       f"{r['predicted_latency_s'] * 1e3:,.0f} ms", f"{100 * r['latency_rel_err']:+.1f}%")
+        out_console.print(ft)
