@@ -72,3 +72,11 @@ class MaxPoolToAvgPoolPass(Pass):
                 gm.graph.erase_node(node)
                 replaced.append(node.name)
         return PassResult(gm, bool(replaced), {"replaced": replaced, "skipped": skipped})
+
+
+def replace_maxpool(gm: fx.GraphModule, example: torch.Tensor) -> fx.GraphModule:
+    """Apply :class:`MaxPoolToAvgPoolPass` and refresh the shape/count metadata."""
+    from relucomp.infra import PassManager
+    from relucomp.passes.shape_prop import ShapeAnalysisPass
+
+    return PassManager([MaxPoolToAvgPoolPass(), ShapeAnalysisPass(example[:1])], calibration=example).run(gm).gm

@@ -57,8 +57,8 @@ FORMS = ("gather", "runs", "compact", "channel_perm")
 
 #: seconds; calibrated by benchmarks/bench_pi.py into relucomp/pi/cost_model.json["lowering"]
 DEFAULT_COEFFS = {
-    "gather_element_s": 1.3e-6,   # one element through SPU's Gather
-    "select_element_s": 2.7e-8,   # one element through one compaction stage (roll + Where)
+    "gather_element_s": 1.7e-6,   # one element through SPU's Gather (scalar by scalar)
+    "select_element_s": 6e-8,    # one element through one compaction stage (roll + Where + its constant)
     "copy_element_s": 3e-9,       # one element through Slice/Concat/Reshape
     "op_s": 4e-6,                 # fixed cost of one Slice/Concat/Where op
 }
@@ -172,16 +172,43 @@ class RunsReLU(SparseReLU):
 
 
 class CompactReLU(SparseReLU):
-    """Pixel masks without gathers: compaction network → Relu on the first k → expansion network."""
+    """Pixel masks without gathers: blocked compaction network → Relu on the kept → expansion network.
+
+    The flattened activation is viewed as ``R = n / block`` rows of ``block``
+    elements.  Within every row a compaction network (see
+    :func:`compaction_stages`, one ``roll`` + ``Where`` per stage, ≤ log2(block)
+    stages, all rows at once) moves the row's kept elements to its front; the
+    ``Relu`` input is the concatenation of those row prefixes (one ``Slice``
+    per row); the outputs are put back as row prefixes (``Slice``/``Concat``)
+    and the mirrored network returns them to their places; a final ``Where``
+    restores the linear elements.  ``block = n`` is the plain network.
+    """
 
     form = "compact"
 
-    def __init__(self, keep: torch.Tensor, act_shape: Sequence[int]):
+    def __init__(self, keep: torch.Tensor, act_shape: Sequence[int], block: int | None = None):
         super().__init__(keep, act_shape, by_channel=False)
         n = math.prod(self.act_shape)
         mask = torch.zeros(n, dtype=torch.bool)
         mask[self.keep] = True
-        comp, exp = compaction_stages(mask)
+        block = int(block or n)
+        if n % block:
+            raise ValueError(f"block {block} does not divide the activation size {n}")
+        self.block = block
+        rows = mask.reshape(-1, block)
+        self.row_kept = [int(v) for v in rows.sum(1).tolist()]
+        stages = [compaction_stages(r) for r in rows]
+        depth_c = max((len(c) for c, _ in stages), default=0)
+        # stage i of every row uses the same shift (2**j for the j-th set bit level); align by shift value
+        shifts = sorted({s for c, _ in stages for s, _ in c})
+        comp = []
+        for s in shifts:
+            cond = torch.stack([next((cc for ss, cc in c if ss == s), torch.zeros(block, dtype=torch.bool))
+                                for c, _ in stages])
+            comp.append((s, cond))
+        exp = [(s, torch.stack([next((cc for ss, cc in e if ss == s), torch.zeros(block, dtype=torch.bool))
+                                for _, e in stages])) for s in reversed(shifts)]
+        del depth_c
         self.register_buffer("keep_mask", mask)
         self.comp_shifts = [s for s, _ in comp]
         self.exp_shifts = [s for s, _ in exp]
@@ -195,21 +222,37 @@ class CompactReLU(SparseReLU):
         return len(self.comp_shifts) + len(self.exp_shifts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.block
         flat = torch.flatten(x, 1)
         n = flat.shape[1]
-        k = int(self.keep.numel())
-        cur = flat
+        rows = n // b
+        cur = flat.reshape(-1, rows, b)
         for i, s in enumerate(self.comp_shifts):
-            shifted = torch.cat([cur[:, s:], cur[:, :s]], 1)  # shifted[q] = cur[q + s]
+            shifted = torch.cat([cur[:, :, s:], cur[:, :, :s]], 2)  # shifted[q] = cur[q + s]
             cur = torch.where(getattr(self, f"comp_cond{i}"), shifted, cur)
-        cur = torch.cat([torch.relu(cur[:, :k]), cur[:, k:]], 1)
+        if rows == 1:
+            k = self.row_kept[0]
+            cur = torch.cat([torch.relu(cur[:, 0, :k]), cur[:, 0, k:]], 1)
+        else:
+            cf = cur.reshape(-1, n)
+            pre = [cf[:, r * b: r * b + k] for r, k in enumerate(self.row_kept) if k]
+            act = torch.relu(pre[0] if len(pre) == 1 else torch.cat(pre, 1))
+            parts, off = [], 0
+            for r, k in enumerate(self.row_kept):
+                if k:
+                    parts.append(act[:, off:off + k])
+                    off += k
+                if k < b:
+                    parts.append(cf[:, r * b + k:(r + 1) * b])
+            cur = torch.cat(parts, 1)
+        cur = cur.reshape(-1, rows, b)
         for i, s in enumerate(self.exp_shifts):
-            shifted = torch.cat([cur[:, n - s:], cur[:, :n - s]], 1)  # shifted[q] = cur[q − s]
+            shifted = torch.cat([cur[:, :, b - s:], cur[:, :, :b - s]], 2)  # shifted[q] = cur[q − s]
             cur = torch.where(getattr(self, f"exp_cond{i}"), shifted, cur)
-        return torch.where(self.keep_mask, cur, flat).reshape(x.shape)
+        return torch.where(self.keep_mask, cur.reshape(-1, n), flat).reshape(x.shape)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", form=compact, stages={self.stages}"
+        return super().extra_repr() + f", form=compact, block={self.block}, stages={self.stages}"
 
 
 class PrefixReLU(SparseReLU):
@@ -245,11 +288,33 @@ def form_costs(mask: torch.Tensor, act_shape: Sequence[int], by_channel: bool, c
         if perm_ok:
             costs["channel_perm"] = 3 * o + c * n
     else:
-        keep = torch.nonzero(mask.flatten()).flatten()
-        dmax = int((keep - torch.arange(keep.numel())).max()) if keep.numel() else 0
-        stages = 2 * max(1, dmax.bit_length())
-        costs["compact"] = stages * (e * n + 3 * o) + e * n + 4 * o + c * n
+        block, cost = best_block(mask, coeffs)
+        costs["compact"] = cost
     return costs
+
+
+def compact_cost(mask: torch.Tensor, block: int, coeffs: dict[str, float]) -> float:
+    """Estimated seconds of :class:`CompactReLU` with rows of ``block`` elements."""
+    e, c, o = coeffs["select_element_s"], coeffs["copy_element_s"], coeffs["op_s"]
+    m = mask.to(torch.bool).flatten()
+    n = m.numel()
+    rows = m.reshape(-1, block)
+    rank = torch.cumsum(rows.int(), 1) - 1  # rank of each kept element in its row
+    d = torch.where(rows, torch.arange(block).expand_as(rows) - rank, torch.zeros_like(rank))
+    levels = int(d.max()).bit_length() if d.numel() else 0
+    n_rows = rows.shape[0]
+    slices = 0 if n_rows == 1 else 3 * n_rows
+    return 2 * levels * (e * n + 3 * o) + e * n + (slices + 4) * o + 2 * c * n
+
+
+def best_block(mask: torch.Tensor, coeffs: dict[str, float], max_rows: int = 64) -> tuple[int, float]:
+    """The row length (a power of two dividing n, or n) that minimises :func:`compact_cost`.
+
+    At most ``max_rows`` rows: every row adds three ``Slice`` nodes to the graph.
+    """
+    n = mask.numel()
+    cands = {n} | {1 << i for i in range(3, 20) if (1 << i) < n and n % (1 << i) == 0 and n // (1 << i) <= max_rows}
+    return min(((b, compact_cost(mask, b, coeffs)) for b in sorted(cands)), key=lambda t: t[1])
 
 
 # ---------------------------------------------------------------------------
@@ -331,7 +396,7 @@ class PILoweringPass(Pass):
             elif form == "runs":
                 new = RunsReLU(keep, act_shape, by_channel)
             elif form == "compact":
-                new = CompactReLU(keep, act_shape)
+                new = CompactReLU(keep, act_shape, block=best_block(mask, coeffs)[0])
             else:
                 new = PrefixReLU(k, act_shape)
                 src, consumers = plan

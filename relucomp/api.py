@@ -304,6 +304,11 @@ def build_gated(model: nn.Module, example: torch.Tensor, *, granularity: str,
 
 
 def lowering_passes(example: torch.Tensor, *, gate_form: str = "sparse", compose: str = "macs") -> list:
+    if gate_form == "pi":  # PI-ready: per layer, the cheapest data-movement form around the kept ReLUs
+        from .passes.pi_lowering import PILoweringPass
+
+        return [LowerGatesPass("sparse"), FoldBatchNormPass(), PILoweringPass(), ComposeAffinePass(compose),
+                DeadCodeEliminationPass(), ShapeAnalysisPass(example[:1])]
     return [LowerGatesPass(gate_form), FoldBatchNormPass(), ComposeAffinePass(compose), DeadCodeEliminationPass(),
             ShapeAnalysisPass(example[:1])]
 
@@ -332,7 +337,8 @@ def compile(  # noqa: A001 - the public name users expect
     out_dir: str | Path | None = None,
     resume: bool = False,
     export: bool = True,
-    gate_form: str = "sparse",
+    gate_form: str = "pi",
+    replace_maxpool: bool = False,
     leaf_modules: Sequence[type] = (),
     prune_channels: float | None = None,
     mac_budget: int | str | None = None,
@@ -465,6 +471,10 @@ def compile(  # noqa: A001 - the public name users expect
 
     with phases("gates"):
         gm, _ = build_gated(user_model, calib, granularity=granularity, leaf_modules=leaf_modules)
+        if replace_maxpool:  # MaxPool comparisons cost like ReLUs in PI; the finetune recovers
+            from .passes.maxpool_to_avgpool import replace_maxpool as _replace_maxpool
+
+            gm = _replace_maxpool(gm, calib)
 
     ckpt = Checkpointer(out / "checkpoint.pt" if out is not None else None)
     state = ckpt.load() if resume else None
@@ -596,7 +606,7 @@ def compile(  # noqa: A001 - the public name users expect
         "options": {"relu_budget": budget, "granularity": granularity, "search": search,
                     "search_epochs": search_epochs, "finetune_epochs": finetune_epochs,
                     "pretrain_epochs": epochs_pre, "batch_size": batch_size, "lr": lr, "seed": seed,
-                    "gate_form": gate_form},
+                    "gate_form": gate_form, "replace_maxpool": replace_maxpool},
         "pretrain": pre_info,
         "relus": {"before": before["relus"], "after": after["relus_kept"], "budget": budget},
         "macs": {"before": before["macs"], "after": after["macs"]},
@@ -621,7 +631,8 @@ def compile(  # noqa: A001 - the public name users expect
     if out is not None:
         with phases("export"):
             _save_compiled(out / "model.pt", gated_state, spec=spec, num_classes=n_cls, granularity=granularity,
-                           image_size=image_size, gate_form=gate_form, budget=budget, pruning_plan=pruning_plan)
+                           image_size=image_size, gate_form=gate_form, budget=budget, pruning_plan=pruning_plan,
+                           replace_maxpool=replace_maxpool)
             if export:
                 from .export import export_onnx
 
@@ -673,6 +684,10 @@ def load_compiled(path: str | Path, *, model: nn.Module | None = None) -> fx.Gra
     size = info.get("image_size", 32)
     example = torch.randn(2, 3, size, size)
     gm, _ = build_gated(model, example, granularity=info["granularity"])
+    if info.get("replace_maxpool"):
+        from .passes.maxpool_to_avgpool import replace_maxpool as _replace_maxpool
+
+        gm = _replace_maxpool(gm, example)
     for m in gates_of(gm).values():
         m.hard.fill_(True)
     if info.get("pruning_plan"):  # channel-pruned: slice the rebuilt graph the same way first

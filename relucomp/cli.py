@@ -101,6 +101,7 @@ def compile(  # noqa: A001
     mac_budget: Optional[str] = typer.Option(None, "--mac-budget", help="prune channels until MACs per image ≤ this: 200M, 1.5G, 50%"),
     sparsity: Optional[float] = typer.Option(None, "--sparsity", help="unstructured weight sparsity by gradual magnitude pruning during finetuning, e.g. 0.9"),
     prune_importance: str = typer.Option("l1", "--prune-importance", help="channel importance: l1 | l2 | bn | taylor"),
+    replace_maxpool: bool = typer.Option(False, "--replace-maxpool", help="MaxPool → AvgPool before the search (MaxPool comparisons cost like ReLUs in PI; the finetune recovers)"),
 ) -> None:
     """Compress MODEL to a ReLU budget and write OUT/model.onnx, OUT/model.pt, OUT/report.json."""
     from .api import compile as compile_api
@@ -114,7 +115,7 @@ def compile(  # noqa: A001
                           limit=limit, image_size=image_size, seed=seed, out_dir=out, resume=resume,
                           fair_method=fair_method, tolerance=tolerance, fair_phase=fair_phase, diagnose=diagnose,
                           prune_channels=prune_channels, mac_budget=mac_budget, sparsity=sparsity,
-                          prune_importance=prune_importance,
+                          prune_importance=prune_importance, replace_maxpool=replace_maxpool,
                           progress=not no_progress, device=device, log=lambda s: console.print(f"[dim]{s}[/]"))
     except Interrupted as exc:
         console.print(f"[yellow]{exc.cause}[/]\n  [bold]resume:[/] {exc.fix}")
@@ -206,6 +207,11 @@ from .cli_report import report_cmd, sweep_cmd  # noqa: E402
 
 app.command("sweep")(sweep_cmd)
 app.command("report")(report_cmd)
+
+from .cli_pi import estimate_cmd, pi_bench_cmd  # noqa: E402
+
+app.command("pi-bench")(pi_bench_cmd)
+app.command("estimate")(estimate_cmd)
 
 
 def main() -> None:  # pragma: no cover

@@ -103,6 +103,8 @@ def pi_bench_cmd(
 def estimate_cmd(
     model: str = typer.Argument(..., help="an ONNX file, or a model spec (resnet8, file.py:factory...)"),
     relus: Optional[str] = typer.Option(None, "--relus", help="plan for this many ReLUs instead of the model's (15k, 10%)"),
+    protocol: str = typer.Option("cheetah", "--protocol", help="cheetah | semi2k (a configuration must be fitted)"),
+    weights: str = typer.Option("private", "--weights", help="private | public | secret (as in pi-bench)"),
     num_classes: int = typer.Option(10, "--num-classes"),
     image_size: int = typer.Option(32, "--image-size"),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
@@ -121,14 +123,14 @@ def estimate_cmd(
                 total = (onnx_costs(model) if model.endswith(".onnx") else model_costs(model, num_classes=num_classes,
                                                                                       image_size=image_size))["relus"]
             n = parse_count(relus, total=total)
-        res = estimate(model, relus=n, num_classes=num_classes, image_size=image_size)
+        res = estimate(model, relus=n, config=f"{protocol}-{weights}", num_classes=num_classes, image_size=image_size)
     except RelucompError as exc:
         _fail(exc)
     if as_json:
         sys.stdout.write(json.dumps(res, indent=2, default=str) + "\n")
         return
     c, p, f = res["costs"], res["predicted"], res["linear_floor"]
-    t = Table(title=f"relucomp estimate: {res['target']} ({res['protocol']}, 2PC)")
+    t = Table(title=f"relucomp estimate: {res['target']} ({res['config']}, 2PC)")
     t.add_column("")
     t.add_column("value", justify="right")
     t.add_row("ReLUs / image", f"{c['relus']:,}")

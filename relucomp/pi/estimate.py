@@ -1,7 +1,11 @@
 """Fast PI cost estimates: a linear cost model fitted from ``pi-bench`` runs on this machine.
 
-``latency ≈ c0 + c_relu·(ReLUs + MaxPool comparisons) + c_mac·MACs + c_gather·gathered elements``
-and the same form for bytes.  The coefficients live in ``cost_model.json``
+``latency ≈ c0 + c_relu·(ReLUs + MaxPool comparisons) + c_mac·MACs + c_gather·gathered elements
++ c_where·selected elements`` and the same form for bytes.  The data-movement terms (``Gather``,
+and ``Where`` of the compaction networks of :mod:`relucomp.passes.pi_lowering`) use coefficients
+measured from SPU's per-op profile; the rest is fitted.  There is one set of
+coefficients per configuration (protocol × how the weights enter: ``cheetah-private``
+— the default —, ``cheetah-public``...).  The coefficients live in ``cost_model.json``
 beside this file (written by ``benchmarks/bench_pi.py`` via :func:`fit`), with
 every measurement they were fitted on and the model's error on each, so
 :func:`estimate` can state how far to trust it.  A MaxPool comparison is
@@ -20,14 +24,14 @@ from pathlib import Path
 from typing import Any, Sequence
 
 COST_MODEL = Path(__file__).with_name("cost_model.json")
-FEATURES = ("const", "relus", "macs", "gather_elements")
+FEATURES = ("const", "relus", "macs", "gather_elements", "where_elements")
 
 #: used when no cost_model.json is present: 2-core machine, loopback, SPU 0.9.5 Cheetah
 #: (0.44 s floor and ~15.7 µs / ~100 B per ReLU for resnet8, per the reference measurements)
 DEFAULT_MODEL: dict[str, Any] = {
     "protocol": "cheetah",
-    "latency_s": {"const": 0.05, "relus": 15.7e-6, "macs": 3.2e-8, "gather_elements": 1.5e-6},
-    "bytes": {"const": 0.0, "relus": 100.0, "macs": 0.024, "gather_elements": 0.0},
+    "latency_s": {"const": 0.05, "relus": 15.7e-6, "macs": 3.2e-8, "gather_elements": 1.5e-6, "where_elements": 6e-8},
+    "bytes": {"const": 0.0, "relus": 100.0, "macs": 0.024, "gather_elements": 0.0, "where_elements": 0.0},
     "lowering": {"relu_element_s": 15.7e-6, "gather_element_s": 1.5e-6, "copy_element_s": 5e-8, "op_s": 2e-4},
     "source": "built-in defaults (no fitted cost_model.json)",
 }
@@ -55,7 +59,7 @@ def onnx_costs(model: Any) -> dict[str, Any]:
     g = inferred.graph
     shapes = {vi.name: _dims(vi) for vi in list(g.value_info) + list(g.input) + list(g.output)}
     inits = {i.name: list(i.dims) for i in g.initializer}
-    relus = cmp = macs = gathered = 0
+    relus = cmp = macs = gathered = selected = slices = 0
     relu_nodes = 0
     ops: dict[str, int] = {}
     for node in g.node:
@@ -92,29 +96,46 @@ def onnx_costs(model: Any) -> dict[str, Any]:
             n = _per_image(d)
             if node.input[0] not in inits and len(d) >= 2 and n is not None:
                 gathered += n  # data movement on an activation (shape arithmetic has rank ≤ 1)
+        elif node.op_type == "Where":
+            n = _per_image(shapes.get(node.output[0], []))
+            if n is not None and len(shapes.get(node.output[0], [])) >= 2:
+                selected += n
+        elif node.op_type == "Slice":
+            slices += 1
     inp = next((vi for vi in g.input if vi.name not in inits), None)
     in_shape = _dims(inp) if inp is not None else []
     in_shape = [d if isinstance(d, int) and d > 0 else 1 for d in in_shape]
     return {"relus": relus, "relu_nodes": relu_nodes, "maxpool_comparisons": cmp, "macs": macs,
-            "gather_elements": gathered, "ops": ops, "input_shape": in_shape,
+            "gather_elements": gathered, "where_elements": selected, "slice_ops": slices, "ops": ops, "input_shape": in_shape,
             "params": int(sum(math.prod(v) for v in inits.values()))}
 
 
-def load_cost_model(path: str | Path | None = None) -> dict[str, Any]:
+def load_cost_model(path: str | Path | None = None, config: str | None = None) -> dict[str, Any]:
+    """The coefficients of one configuration (default: the file's ``default``, e.g. ``cheetah-private``)."""
     p = Path(path) if path is not None else COST_MODEL
     if p.exists():
         try:
             m = json.loads(p.read_text())
-            if "latency_s" in m and "bytes" in m:
-                return m
         except (OSError, ValueError):
-            pass
+            m = {}
+        if "configs" in m:
+            key = config or m.get("default")
+            if key not in m["configs"]:
+                from ..errors import RelucompError
+
+                raise RelucompError(f"the cost model has no configuration {key!r}",
+                                    f"use one of {', '.join(m['configs'])}")
+            common = {k: v for k, v in m.items() if k not in ("configs", "default")}
+            return {**common, **m["configs"][key], "config": key, "configs": list(m["configs"])}
+        if "latency_s" in m and "bytes" in m:
+            return m
     return dict(DEFAULT_MODEL)
 
 
 def features(costs: dict[str, Any]) -> dict[str, float]:
     return {"const": 1.0, "relus": float(costs["relus"] + costs.get("maxpool_comparisons", 0)),
-            "macs": float(costs["macs"]), "gather_elements": float(costs.get("gather_elements", 0))}
+            "macs": float(costs["macs"]), "gather_elements": float(costs.get("gather_elements", 0)),
+            "where_elements": float(costs.get("where_elements", 0))}
 
 
 def predict(costs: dict[str, Any], model: dict[str, Any] | None = None) -> dict[str, float]:
@@ -126,11 +147,13 @@ def predict(costs: dict[str, Any], model: dict[str, Any] | None = None) -> dict[
 
 
 def fit(runs: Sequence[dict[str, Any]], *, protocol: str = "cheetah", machine: dict | None = None,
-        lowering: dict | None = None) -> dict[str, Any]:
+        lowering: dict | None = None, fixed: dict[str, dict[str, float]] | None = None) -> dict[str, Any]:
     """Fit the coefficients (non-negative least squares on relative error) to pi-bench results.
 
     Each run needs ``relus``, ``maxpool_comparisons``, ``macs``, ``gather_elements``,
     ``latency_s`` and ``bytes`` (a :func:`relucomp.pi.bench.pi_bench` result) and a ``name``.
+    ``fixed`` (``{"latency_s": {"gather_elements": 1.7e-6}, ...}``) pins coefficients measured
+    elsewhere (the data-movement terms, from SPU's per-op profile); the rest are fitted.
     """
     import numpy as np
     from scipy.optimize import nnls
@@ -138,14 +161,18 @@ def fit(runs: Sequence[dict[str, Any]], *, protocol: str = "cheetah", machine: d
     X = np.array([[features(r)[k] for k in FEATURES] for r in runs], dtype=np.float64)
     model: dict[str, Any] = {"protocol": protocol}
     for target in ("latency_s", "bytes"):
-        y = np.array([float(r[target]) for r in runs])
-        w = 1.0 / np.maximum(y, 1e-12)  # relative error: small models matter as much as big ones
-        cols = [j for j in range(len(FEATURES)) if X[:, j].max() > X[:, j].min() or FEATURES[j] == "const"]
+        pinned = (fixed or {}).get(target, {})
+        y_all = np.array([float(r[target]) for r in runs])
+        y = y_all - sum(X[:, FEATURES.index(k)] * v for k, v in pinned.items())
+        w = 1.0 / np.maximum(y_all, 1e-12)  # relative error: small models matter as much as big ones
+        cols = [j for j in range(len(FEATURES)) if FEATURES[j] not in pinned
+                and (X[:, j].max() > X[:, j].min() or FEATURES[j] == "const")]
         scale = np.array([max(X[:, j].max(), 1.0) for j in cols])
         coef, _ = nnls((X[:, cols] / scale) * w[:, None], y * w)
         full = {k: 0.0 for k in FEATURES}
         for j, c, s in zip(cols, coef, scale):
             full[FEATURES[j]] = float(c / s)
+        full.update({k: float(v) for k, v in pinned.items()})
         model[target] = full
     rows, errs_l, errs_b = [], [], []
     for r in runs:
@@ -155,7 +182,8 @@ def fit(runs: Sequence[dict[str, Any]], *, protocol: str = "cheetah", machine: d
         errs_l.append(abs(el))
         errs_b.append(abs(eb))
         rows.append({"name": r.get("name", Path(str(r.get("model", "?"))).stem), "relus": r["relus"], "macs": r["macs"],
-                     "gather_elements": r.get("gather_elements", 0), "maxpool_comparisons": r.get("maxpool_comparisons", 0),
+                     "gather_elements": r.get("gather_elements", 0), "where_elements": r.get("where_elements", 0),
+                     "maxpool_comparisons": r.get("maxpool_comparisons", 0),
                      "measured_latency_s": r["latency_s"], "predicted_latency_s": p["latency_s"], "latency_rel_err": el,
                      "measured_bytes": r["bytes"], "predicted_bytes": p["bytes"], "bytes_rel_err": eb})
     model["fit"] = rows
@@ -181,7 +209,7 @@ def model_costs(spec: str, *, num_classes: int = 10, image_size: int = 32) -> di
 
 
 def estimate(target: str | Path, *, relus: int | None = None, cost_model: str | Path | None = None,
-             num_classes: int = 10, image_size: int = 32) -> dict[str, Any]:
+             config: str | None = None, num_classes: int = 10, image_size: int = 32) -> dict[str, Any]:
     """Estimate 2PC latency and communication of an ONNX file or a model spec.
 
     ``relus`` overrides the ReLU count (budget planning: "what would this model
@@ -200,10 +228,11 @@ def estimate(target: str | Path, *, relus: int | None = None, cost_model: str | 
         kind = "spec"
     if relus is not None:
         costs = {**costs, "relus": int(relus)}
-    m = load_cost_model(cost_model)
+    m = load_cost_model(cost_model, config)
     p = predict(costs, m)
-    floor = predict({**costs, "relus": 0, "maxpool_comparisons": 0, "gather_elements": 0}, m)
+    floor = predict({**costs, "relus": 0, "maxpool_comparisons": 0, "gather_elements": 0, "where_elements": 0}, m)
     return {"target": t, "kind": kind, "costs": costs, "predicted": p, "linear_floor": floor,
             "coefficients": {"latency_s": m["latency_s"], "bytes": m["bytes"]},
             "model_error": m.get("error"), "fit": m.get("fit", []), "protocol": m.get("protocol", "cheetah"),
+            "config": m.get("config", "default"), "weights": m.get("weights"), "configs": m.get("configs", []),
             "machine": m.get("machine"), "source": m.get("source", str(COST_MODEL))}

@@ -16,7 +16,7 @@ arithmetic on static shapes: ``Shape``, ``Gather`` on a shape, ``Concat`` of
 dims...) and with ``jax.numpy`` once they depend on the input or a parameter,
 so exporter-generated shape subgraphs fold away and the traced JAX program
 holds only the tensor ops.  Supported ops: Conv, ConvTranspose (no), Gemm,
-MatMul, Add, Sub, Mul, Div, Neg, Relu, Max/Min (elementwise), Gather, Concat,
+MatMul, Add, Sub, Mul, Div, Neg, Relu, Max/Min (elementwise), Gather, GatherND, Concat,
 Slice, Split, Flatten, Reshape, Transpose, Squeeze, Unsqueeze, Expand,
 GlobalAveragePool, GlobalMaxPool, ReduceMean, ReduceSum, AveragePool, MaxPool,
 BatchNormalization (inference), Identity, Dropout, Constant, Cast, Shape,
@@ -238,6 +238,20 @@ def _gather(node: Node, data, idx):
     return jnp.take(data, idx, axis=axis, mode="clip" if idx.size else None)
 
 
+def _gather_nd(node: Node, data, idx):
+    b = int(node.attrs.get("batch_dims", 0))
+    idx = _need_static(idx, "indices", node).astype(np.int64)
+    if b:
+        lead = idx.reshape(-1, *idx.shape[b:])
+        if not (lead == lead[0]).all():
+            raise UnsupportedOp(f"GatherND {node.name}: batch_dims={b} with indices that differ across the batch")
+        idx = lead[0]
+    shape = np.shape(data)[b:]
+    idx = np.where(idx < 0, idx + np.asarray(shape[: idx.shape[-1]]), idx)
+    key = (slice(None),) * b + tuple(np.moveaxis(idx, -1, 0))
+    return data[key]
+
+
 def _concat(node: Node, *xs):
     xs = [x for x in xs if x is not None]
     return _xp(*xs).concatenate(xs, axis=int(node.attrs["axis"]))
@@ -343,9 +357,13 @@ def _avgpool(node: Node, x):
     total = lax.reduce_window(x, np.float32(0), lax.add, window, strides, padding)
     if node.attrs.get("count_include_pad", 0) or not any(pads):
         return total * np.float32(1.0 / math.prod(k))
-    ones = np.ones((1, 1, *np.shape(x)[2:]), np.float32)
-    counts = np.asarray(lax.reduce_window(ones, np.float32(0), lax.add, window, strides, padding))
-    return total * (1.0 / counts).astype(np.float32)
+    counts = np.ones((), np.float64)  # valid (unpadded) inputs per window: separable over the spatial dims
+    for i in range(nd):
+        size, out = np.shape(x)[2 + i], np.shape(total)[2 + i]
+        start = np.arange(out) * s[i] - pads[i]
+        per = np.minimum(start + k[i], size) - np.maximum(start, 0)
+        counts = np.multiply.outer(counts, per)
+    return total * (1.0 / counts).astype(np.float32)[None, None]
 
 
 def _maxpool(node: Node, x):
@@ -495,6 +513,7 @@ OPS: dict[str, Callable] = {
     "Neg": lambda n, x: -x,
     "Relu": _relu,
     "Gather": _gather,
+    "GatherND": _gather_nd,
     "Concat": _concat,
     "Slice": _slice,
     "Split": _split,
