@@ -59,17 +59,25 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--cifar-limit", type=int, default=12000)
+    ap.add_argument("--only", choices=["utkface", "cifar10"], default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows = []
     utk = SHARED / "utkface" / "UTKFace"
-    if utk.exists():
+    if args.only == "cifar10":
+        pass
+    elif utk.exists():
         rows.append(run("utkface", f"utkface:{utk}", budget="5k", limit=None, epochs=(12, 3, 3),
                         target="race", fair_groups="race", fair_method="nft"))
         print(json.dumps(rows[-1]["group_accuracy_test"]), flush=True)
     else:
         print(f"skip UTKFace: {utk} absent")
     c10 = SHARED / "cifar10-jpeg"
-    if c10.exists():
+    if args.only == "utkface":
+        pass
+    elif c10.exists():
         rows.append(run("cifar10-jpeg", f"cifar10:{c10}", budget="5k", limit=args.cifar_limit, epochs=(12, 3, 3)))
         print(json.dumps(rows[-1]["accuracy"]), flush=True)
     else:

@@ -7,9 +7,11 @@ elements (one ``Relu`` node whose input has ``kept`` elements per image), so a
 2PC runtime evaluates exactly the budget; they differ in how data is moved
 around that ``Relu``, which is not free under 2PC either.  Measured with
 SPU 0.9.5 (Cheetah, 2 cores, loopback; see ``relucomp/pi/cost_model.json``):
-a ReLU costs ≈15–18 µs, an element moved by ``Gather`` ≈1.3 µs (SPU gathers
-scalar by scalar), a ``Slice``/``Concat`` a few µs per op plus ~ns per
-element, a ``Where`` with a constant condition ~20–30 ns per element.
+a ReLU costs ≈15–20 µs, an element moved by ``Gather`` ≈1.1 µs (SPU gathers
+scalar by scalar), a ``Where`` with a constant condition ≈60 ns per element
+(with its constant), a ``Slice``/``Concat`` ~ns per element — and every op
+≈0.2 ms (SPU parses and dispatches the program op by op on every run), so
+forms with many small ops lose.
 
 Forms (all are :class:`SparseReLU` subclasses, so counting and tracing treat
 them as before):
@@ -57,10 +59,10 @@ FORMS = ("gather", "runs", "compact", "channel_perm")
 
 #: seconds; calibrated by benchmarks/bench_pi.py into relucomp/pi/cost_model.json["lowering"]
 DEFAULT_COEFFS = {
-    "gather_element_s": 1.7e-6,   # one element through SPU's Gather (scalar by scalar)
-    "select_element_s": 6e-8,    # one element through one compaction stage (roll + Where + its constant)
+    "gather_element_s": 1.1e-6,   # one element through SPU's Gather (scalar by scalar)
+    "select_element_s": 6e-8,     # one element through one compaction stage (roll + Where + its constant)
     "copy_element_s": 3e-9,       # one element through Slice/Concat/Reshape
-    "op_s": 4e-6,                 # fixed cost of one Slice/Concat/Where op
+    "op_s": 1.8e-4,               # fixed cost of one op: SPU re-reads the program on every run
 }
 
 
@@ -282,8 +284,8 @@ def form_costs(mask: torch.Tensor, act_shape: Sequence[int], by_channel: bool, c
     n = math.prod(act_shape)
     runs = runs_of(mask)
     n_runs_kept = sum(1 for r in runs if r[2])
-    costs = {"gather": g * 2 * n + c * n + 4 * o,
-             "runs": o * (len(runs) + n_runs_kept + 3) + c * 2 * n}
+    costs = {"gather": g * 2 * n + c * n + 8 * o,  # 3 gathers (+ index constants), concat, reshapes
+             "runs": o * (len(runs) + n_runs_kept + 4) + c * 2 * n}
     if by_channel:
         if perm_ok:
             costs["channel_perm"] = 3 * o + c * n
@@ -304,7 +306,8 @@ def compact_cost(mask: torch.Tensor, block: int, coeffs: dict[str, float]) -> fl
     levels = int(d.max()).bit_length() if d.numel() else 0
     n_rows = rows.shape[0]
     slices = 0 if n_rows == 1 else 3 * n_rows
-    return 2 * levels * (e * n + 3 * o) + e * n + (slices + 4) * o + 2 * c * n
+    # a stage: 2 slices + concat (the roll), Where, its condition constant
+    return 2 * levels * (e * n + 5 * o) + e * n + (slices + 6) * o + 2 * c * n
 
 
 def best_block(mask: torch.Tensor, coeffs: dict[str, float], max_rows: int = 64) -> tuple[int, float]:

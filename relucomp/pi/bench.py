@@ -327,6 +327,9 @@ def pi_bench(model: str | Path, *, protocol: str = "cheetah", batch: int = 1, re
             "notes": (f"2 processes on loopback; weights: {weights} (server = party 0), image secret-shared by the client "
                       "(party 1); latency = wall time of Runtime.run (max over parties), bytes = TCP payload both ways"),
         }
+        if protocol == "semi2k":
+            out["notes"] += ("; semi2k uses SPU's default Beaver triple source (TrustedFirstParty: the server deals "
+                             "the triples) — a benchmark setting, not secure against the server")
         if profile:
             out["profile"] = _profile_lines((work / "party0.log").read_text(errors="replace"))
         return out
