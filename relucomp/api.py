@@ -587,11 +587,18 @@ def compile(  # noqa: A001 - the public name users expect
         with phases("diagnose"):
             from .diagnostics import diagnose as _diagnose
 
+            def trainable(m: nn.Module) -> nn.Module:  # a copy whose weights take gradients
+                m = copy.deepcopy(m)
+                for p in m.parameters():
+                    p.requires_grad_(True)
+                for gate in gates_of(m).values():
+                    gate.alpha.requires_grad_(False)
+                return m
+
             diag_ds = bundle.val
-            diagnostics = {"dense": _diagnose(teacher, BatchLoader(diag_ds, batch_size=256), bundle.num_groups,
-                                              bundle.group_names),
-                           "compiled": _diagnose(gm, BatchLoader(diag_ds, batch_size=256), bundle.num_groups,
-                                                 bundle.group_names)}
+            diagnostics = {name: _diagnose(trainable(m), BatchLoader(diag_ds, batch_size=256), bundle.num_groups,
+                                           bundle.group_names)
+                           for name, m in (("dense", teacher), ("compiled", gm))}
 
     kept_by_site = {r["name"]: r["relus_kept"] for r in after_rows if r["kind"] in ("relu", "gate", "sparse_relu")}
     per_layer = [{"site": r["name"], "shape": r["shape"], "relus_before": r["relus"],

@@ -165,6 +165,16 @@ def _print_compile_summary(rep: dict) -> None:
                 if r.get("max_psi") is not None:
                     out_console.print(f"  {w:4s} {split:5s}: max ψ_g = {r['max_psi']:.2f}, Ψ_PW = {r['psi_pw']:.2f}, "
                                       f"accuracy {r['overall']['acc_compiled']:.2f}%")
+    diag = rep.get("diagnostics")
+    if diag:
+        dt = Table(title="group diagnostics (validation set): who gets hurt")
+        for col in ("group", "‖∇J‖ dense", "‖∇J‖ compiled", "λ_max(H) dense", "λ_max(H) compiled"):
+            dt.add_column(col, justify="right" if col != "group" else "left")
+        f = lambda v: "-" if v is None else f"{v:.3g}"  # noqa: E731
+        for gname in diag["dense"]["group_names"]:
+            dt.add_row(gname, f(diag["dense"]["grad_norm"].get(gname)), f(diag["compiled"]["grad_norm"].get(gname)),
+                       f(diag["dense"]["hessian_top_eig"].get(gname)), f(diag["compiled"]["hessian_top_eig"].get(gname)))
+        out_console.print(dt)
     ph = rep.get("phases_seconds", {})
     out_console.print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in ph.items()))
 

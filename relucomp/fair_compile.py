@@ -77,7 +77,7 @@ class FairPhase:
         self.term.dual_step()
         if self.ema is not None:
             self.ema.update(self.model)
-        if step % self.record_every == 0:
+        if step == 1 or step % self.record_every == 0:
             self.trajectory.append({"step": step, "multipliers": self.term.multiplier_values(),
                                     "psi_replay": self.term.psi_estimate()})
 

@@ -226,3 +226,21 @@ def test_top_level_exports():
     assert relucomp.inspect("tinycnn")["total"]["relus"] == 20480
     with pytest.raises(AttributeError):
         relucomp.does_not_exist  # noqa: B018
+
+
+def test_compile_fairness_and_diagnostics(tmp_path, rc_cache):
+    """--fair-groups with CEAG fills the fairness section; --diagnose adds group gradient norms / Hessian eigenvalues."""
+    res = api.compile("tinycnn", "synthetic", relu_budget="2k", limit=300, pretrain_epochs=1, search_epochs=1,
+                      finetune_epochs=1, fair_groups="group", diagnose=True, progress=False)
+    fair = res.report["fairness"]
+    assert fair["method"] == "ceag" and fair["groups"] == ["A", "B", "C"]
+    test = fair["results"]["last"]["test"]
+    psi = [g["psi"] for g in test["groups"].values() if g["psi"] is not None]
+    assert test["max_psi"] == pytest.approx(max(psi)) and test["psi_pw"] == pytest.approx(max(psi) - min(psi))
+    assert "ema" in fair["results"] and fair["multiplier_trajectory"]
+    assert len(fair["multiplier_trajectory"][-1]["multipliers"]) == 3
+    diag = res.report["diagnostics"]
+    for side in ("dense", "compiled"):
+        assert set(diag[side]["grad_norm"]) == {"A", "B", "C"}
+        assert all(v is not None and v > 0 for v in diag[side]["grad_norm"].values())
+        assert all(v is not None for v in diag[side]["hessian_top_eig"].values())
