@@ -143,11 +143,15 @@ def step_cost(arch: str = "resnet8", batch: int = 64, steps: int = 30) -> dict:
             "method": "interleaved plain/gated steps, 20th percentile of each"}
 
 
-def accuracy_vs_budget(budgets: list[int], search_epochs: int, finetune_epochs: int) -> list[dict]:
-    rows = []
+def accuracy_vs_budget(budgets: list[int], search_epochs: int, finetune_epochs: int,
+                       rows: list[dict] | None = None, on_row=None) -> list[dict]:
+    rows = rows if rows is not None else []
+    done = {(r["budget"], r["search"], r["granularity"]) for r in rows}
     configs = [("snl", "pixel"), ("snl", "channel"), ("snl", "layer"), ("layer-drop", "layer")]
     for budget in budgets:
         for search, gran in configs:
+            if (budget, search, gran) in done:
+                continue
             t0 = time.perf_counter()
             res = rc_compile(None, "synthetic", relu_budget=budget, granularity=gran, search=search,
                              search_epochs=search_epochs, finetune_epochs=finetune_epochs, progress=False)
@@ -158,6 +162,8 @@ def accuracy_vs_budget(budgets: list[int], search_epochs: int, finetune_epochs: 
                          "group_acc_test": rep["group_accuracy"]["after"],
                          "seconds": round(time.perf_counter() - t0, 1)})
             print(json.dumps(rows[-1]), flush=True)
+            if on_row is not None:
+                on_row(rows)
     return rows
 
 
@@ -168,6 +174,7 @@ def main(argv=None) -> int:
     ap.add_argument("--finetune-epochs", type=int, default=3)
     ap.add_argument("--skip-accuracy", action="store_true")
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--resume-rows", type=Path, default=None, help="JSON lines of finished accuracy rows")
     ap.add_argument("--update-timings", action="store_true",
                     help="re-measure pass times and step cost only, keeping the accuracy rows of --out")
     args = ap.parse_args(argv)
@@ -179,12 +186,20 @@ def main(argv=None) -> int:
         args.skip_accuracy = True
     print(json.dumps(result["pass_times"], indent=1))
     print(json.dumps(result["gated_step_cost"], indent=1))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     if not args.skip_accuracy:
         budgets = [parse_count(b) for b in args.budgets.split(",")]
+        rows = []
+        if args.resume_rows and args.resume_rows.exists():  # rows of an interrupted run (JSON lines)
+            rows = [json.loads(line) for line in args.resume_rows.read_text().splitlines() if line.strip()]
         result["accuracy_vs_budget"] = {"data": "synthetic (default)", "model": "resnet8 (default, 73,728 ReLUs)",
                                         "search_epochs": args.search_epochs, "finetune_epochs": args.finetune_epochs,
-                                        "rows": accuracy_vs_budget(budgets, args.search_epochs, args.finetune_epochs)}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+                                        "rows": rows}
+
+        def save(_rows):
+            args.out.write_text(json.dumps(result, indent=2))
+
+        accuracy_vs_budget(budgets, args.search_epochs, args.finetune_epochs, rows=rows, on_row=save)
     args.out.write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")
     return 0
