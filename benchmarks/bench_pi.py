@@ -35,8 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import statistics
 import sys
 import tempfile
 import time

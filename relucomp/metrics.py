@@ -184,7 +184,6 @@ def group_accuracy(
             table.loc[name, "count"] = int(row["count"])
             table.loc[name, "accuracy"] = float(row["accuracy"])
             table.loc[name, "error"] = float(row["error"])
-        overall = mf.overall
         if do_ci:
             alpha = (1.0 - ci) / 2.0
             mf_ci = MetricFrame(

@@ -330,7 +330,7 @@ def fig_group_accuracy(data: ReportData, path: Path) -> Path:
         _budget_axis(ax, xs)
         ax.set_xticklabels([human(t) + ("\n(dense)" if t == total else "") for t in sorted(set(xs))])
         ax.set_xlabel("ReLUs kept per image (log)")
-        ax.set_title(f"test accuracy per group vs ReLU budget" + (f" — {method}" if len(methods) > 1 else ""))
+        ax.set_title("test accuracy per group vs ReLU budget" + (f" — {method}" if len(methods) > 1 else ""))
         ax.legend(title=data.runs[0].report.get("data", {}).get("group_attribute") or "group", fontsize=8,
                   loc="best")
     axes[0][0].set_ylabel("test accuracy (%)")

@@ -12,7 +12,7 @@ from torch import nn
 from relucomp.api import build_gated, lowering_passes
 from relucomp.export import export_onnx
 from relucomp.infra import PassManager
-from relucomp.nn import ReLUGate, SparseReLU
+from relucomp.nn import SparseReLU
 from relucomp.passes.dce import DeadCodeEliminationPass
 from relucomp.passes.fold_bn import FoldBatchNormPass
 from relucomp.passes.insert_gates import gates_of
