@@ -24,10 +24,9 @@ out_console = Console()
 
 
 def _fail(exc: RelucompError) -> None:
-    console.print(f"[bold red]error:[/] {exc.cause}")
-    if exc.fix:
-        console.print(f"  [bold]fix:[/] {exc.fix}")
-    raise typer.Exit(2)
+    from .cli import _fail as fail  # one error printer (escaped cause + fix, exit 2)
+
+    fail(exc)
 
 
 def _mb(b: float) -> str:
