@@ -120,38 +120,29 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
+def _read_varint(buf: bytes, i: int) -> tuple[int, int]:
+    """Decode one protobuf varint at ``buf[i]``; return (value, next index)."""
+    v, shift = 0, 0
+    while True:
+        b = buf[i]
+        i += 1
+        v |= (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            return v, i
+
+
 def _fields(buf: bytes) -> list[tuple[int, int, object]]:
     """Minimal protobuf reader (varint and length-delimited fields only)."""
     out, i = [], 0
     while i < len(buf):
-        key, shift = 0, 0
-        while True:
-            b = buf[i]
-            i += 1
-            key |= (b & 0x7F) << shift
-            shift += 7
-            if not b & 0x80:
-                break
+        key, i = _read_varint(buf, i)
         num, wt = key >> 3, key & 7
         if wt == 0:
-            v, shift = 0, 0
-            while True:
-                b = buf[i]
-                i += 1
-                v |= (b & 0x7F) << shift
-                shift += 7
-                if not b & 0x80:
-                    break
+            v, i = _read_varint(buf, i)
             out.append((num, wt, v))
         elif wt == 2:
-            ln, shift = 0, 0
-            while True:
-                b = buf[i]
-                i += 1
-                ln |= (b & 0x7F) << shift
-                shift += 7
-                if not b & 0x80:
-                    break
+            ln, i = _read_varint(buf, i)
             out.append((num, wt, buf[i:i + ln]))
             i += ln
         else:
