@@ -141,3 +141,137 @@ class ComposeAffinePass(Pass):
         if composed:
             gm.delete_all_unused_submodules()
         return PassResult(gm, composed > 0, {"composed": composed, "skipped": skipped})
+
+
+# ---------------------------------------------------------------------------
+# linear replacements of removed ReLUs (ElementwiseAffine) → neighbouring conv/BN
+# ---------------------------------------------------------------------------
+
+def _set_module(gm: fx.GraphModule, target: str, mod: nn.Module) -> None:
+    parent, _, attr = target.rpartition(".")
+    setattr(gm.get_submodule(parent) if parent else gm, attr, mod)
+
+
+def _channel_vectors(aff) -> tuple[torch.Tensor, torch.Tensor]:
+    return aff.scale.reshape(-1).double(), aff.shift.reshape(-1).double()
+
+
+class FoldElementwiseAffinePass(Pass):
+    """Fold per-channel :class:`~relucomp.nn.ElementwiseAffine` ops (linear replacements) into a conv/BN.
+
+    With ``y = s ⊙ x + t`` per channel, after a gate lowered to a ReLU op that
+    passes linearized elements through unchanged (identity, ``SparseReLU``) and
+    ``s = 1, t = 0`` at kept elements:
+
+    * **previous** (preferred): the affine moves before the ReLU op and into the
+      producer ``P`` of the pre-activation (Conv/Linear: ``W'_c = s_c·W_c``,
+      ``b'_c = s_c·b_c + t_c``; BatchNorm: ``γ'_c = s_c·γ_c``, ``β'_c = s_c·β_c + t_c``)
+      — exact because the ReLU op is the identity wherever ``(s, t) ≠ (1, 0)``.
+      Needs ``P`` to be called once and to have the gate as its only user.
+    * **next**: the affine's only user is a Conv2d (``groups=1``) or Linear:
+      ``W'[:, c] = s_c·W[:, c]``, ``b' = b + Σ W[:, c]·t_c`` — exact only when
+      ``t = 0`` or the conv has no zero padding (padding would see ``0``, not
+      ``t``).
+    * otherwise (per-pixel affine, residual adds, shared producers) it stays an
+      elementwise Mul + Add — a linear op, no comparison.
+    """
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        from relucomp.nn import ElementwiseAffine, SparseReLU
+
+        calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+        folded_prev = folded_next = kept = 0
+        for node in list(gm.graph.nodes):
+            aff = module_of(gm, node)
+            if not isinstance(aff, ElementwiseAffine):
+                continue
+            if not aff.per_channel:
+                kept += 1
+                continue
+            s, t = _channel_vectors(aff)
+            src = node.args[0]
+            relu_op = module_of(gm, src) if isinstance(src, fx.Node) else None
+            pre = src.args[0] if isinstance(relu_op, SparseReLU) else src
+            if isinstance(relu_op, SparseReLU) and len(src.users) != 1:
+                pre = None
+            prod = module_of(gm, pre) if isinstance(pre, fx.Node) else None
+            if (prod is not None and calls[pre.target] == 1 and len(pre.users) == 1
+                    and self._fold_into_producer(gm, pre, prod, s, t)):
+                node.replace_all_uses_with(src)
+                gm.graph.erase_node(node)
+                folded_prev += 1
+                continue
+            users = list(node.users)
+            cons = module_of(gm, users[0]) if len(users) == 1 else None
+            if cons is not None and calls[users[0].target] == 1 and self._fold_into_consumer(gm, users[0], cons, s, t):
+                node.replace_all_uses_with(src)
+                gm.graph.erase_node(node)
+                folded_next += 1
+                continue
+            kept += 1
+        if folded_prev or folded_next:
+            gm.graph.lint()
+            gm.delete_all_unused_submodules()
+            gm.recompile()
+        return PassResult(gm, bool(folded_prev or folded_next),
+                          {"folded_into_previous": folded_prev, "folded_into_next": folded_next,
+                           "kept_elementwise": kept})
+
+    @staticmethod
+    def _fold_into_producer(gm, pre: fx.Node, prod: nn.Module, s: torch.Tensor, t: torch.Tensor) -> bool:
+        import copy
+
+        if isinstance(prod, nn.modules.batchnorm._BatchNorm):
+            if not prod.affine or prod.num_features != s.numel():
+                return False
+            new = copy.deepcopy(prod)
+            with torch.no_grad():
+                new.weight.copy_((prod.weight.double() * s).to(prod.weight.dtype))
+                new.bias.copy_((prod.bias.double() * s + t).to(prod.bias.dtype))
+        elif isinstance(prod, (nn.Conv2d, nn.Linear)):
+            out_ch = prod.out_channels if isinstance(prod, nn.Conv2d) else prod.out_features
+            if out_ch != s.numel():
+                return False
+            if isinstance(prod, nn.Linear) and len(meta(pre).get("shape") or (0, 0)) != 1:
+                return False
+            new = copy.deepcopy(prod)
+            with torch.no_grad():
+                w = prod.weight.double()
+                new.weight.copy_((w * s.reshape(-1, *([1] * (w.dim() - 1)))).to(w.dtype))
+                b = prod.bias.double() if prod.bias is not None else torch.zeros_like(s)
+                new.bias = nn.Parameter((b * s + t).to(prod.weight.dtype))
+        else:
+            return False
+        _set_module(gm, str(pre.target), new)
+        meta(pre)["folded_affine_replacement"] = True
+        return True
+
+    @staticmethod
+    def _fold_into_consumer(gm, user: fx.Node, cons: nn.Module, s: torch.Tensor, t: torch.Tensor) -> bool:
+        import copy
+
+        if isinstance(cons, nn.Conv2d):
+            if cons.groups != 1 or cons.in_channels != s.numel() or cons.padding_mode != "zeros":
+                return False
+            if bool(torch.any(t != 0)) and (isinstance(cons.padding, str) or _pair(cons.padding) != (0, 0)):
+                return False
+            w = cons.weight.double()
+            new = copy.deepcopy(cons)
+            with torch.no_grad():
+                new.weight.copy_((w * s.reshape(1, -1, 1, 1)).to(cons.weight.dtype))
+                b = cons.bias.double() if cons.bias is not None else torch.zeros(cons.out_channels, dtype=torch.float64)
+                new.bias = nn.Parameter((b + torch.einsum("ocuv,c->o", w, t)).to(cons.weight.dtype))
+        elif isinstance(cons, nn.Linear):
+            if cons.in_features != s.numel() or len(meta(user).get("shape") or (0, 0)) != 1:
+                return False
+            w = cons.weight.double()
+            new = copy.deepcopy(cons)
+            with torch.no_grad():
+                new.weight.copy_((w * s.reshape(1, -1)).to(cons.weight.dtype))
+                b = cons.bias.double() if cons.bias is not None else torch.zeros(cons.out_features, dtype=torch.float64)
+                new.bias = nn.Parameter((b + w @ t).to(cons.weight.dtype))
+        else:
+            return False
+        _set_module(gm, str(user.target), new)
+        meta(user)["folded_affine_replacement"] = True
+        return True

@@ -2,7 +2,10 @@
 
 Gates start open (``alpha = 1``), so the pass preserves semantics exactly.
 Granularity ``pixel`` gives one gate per activation element (C×H×W, as SNL),
-``channel`` one per channel, ``layer`` one per ReLU site.  Gates live under
+``channel`` one per channel, ``layer`` one per ReLU site.  ``replacement``
+``"affine"`` gives each gate a learnable per-channel linear replacement
+``s·x + b`` for its linearized elements (init identity); ``"identity"`` (SNL)
+keeps it fixed at ``x``.  Gates live under
 the ``relucomp_gates`` container submodule, named after their ReLU site.
 Requires :class:`ShapeAnalysisPass` metadata (``meta["relucomp"]["shape"]``).
 """
@@ -13,7 +16,7 @@ from torch import fx, nn
 
 from relucomp.infra import Pass, PassResult
 from relucomp.ir import is_canonical_relu, meta, unique_attr_name
-from relucomp.nn import GRANULARITIES, ReLUGate
+from relucomp.nn import GRANULARITIES, REPLACEMENTS, ReLUGate
 
 GATES = "relucomp_gates"
 
@@ -38,13 +41,16 @@ def gates_of(gm: nn.Module) -> dict[str, ReLUGate]:
 
 
 class InsertGatesPass(Pass):
-    def __init__(self, granularity: str = "pixel", sites: set[str] | None = None):
-        if granularity not in GRANULARITIES:
-            from relucomp.errors import RelucompError
+    def __init__(self, granularity: str = "pixel", sites: set[str] | None = None, replacement: str = "identity"):
+        from relucomp.errors import RelucompError
 
+        if granularity not in GRANULARITIES:
             raise RelucompError(f"unknown granularity {granularity!r}", f"use one of {', '.join(GRANULARITIES)}")
+        if replacement not in REPLACEMENTS:
+            raise RelucompError(f"unknown replacement {replacement!r}", f"use one of {', '.join(REPLACEMENTS)}")
         self.granularity = granularity
         self.sites = sites
+        self.replacement = replacement
 
     def requires(self, gm: fx.GraphModule) -> None:
         for n in gm.graph.nodes:
@@ -61,7 +67,7 @@ class InsertGatesPass(Pass):
             if self.sites is not None and site not in self.sites:
                 continue
             container = container or gate_container(gm)
-            gate = ReLUGate(meta(node)["shape"], self.granularity, site=site)
+            gate = ReLUGate(meta(node)["shape"], self.granularity, site=site, replacement=self.replacement)
             name = unique_attr_name(container, site)
             container.add_module(name, gate)
             with gm.graph.inserting_after(node):
@@ -71,4 +77,5 @@ class InsertGatesPass(Pass):
             node.replace_all_uses_with(new)
             gm.graph.erase_node(node)
             inserted += 1
-        return PassResult(gm, inserted > 0, {"gates": inserted, "granularity": self.granularity})
+        return PassResult(gm, inserted > 0, {"gates": inserted, "granularity": self.granularity,
+                                              "replacement": self.replacement})

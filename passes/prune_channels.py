@@ -111,6 +111,10 @@ def slice_gate(gate: ReLUGate, in_keep, out_keep) -> None:
     if gate.alpha.shape[1] == gate.act_shape[0]:  # per-pixel / per-channel entries (a layer gate has 1)
         gate.alpha = _param(gate.alpha.index_select(1, keep), gate.alpha)
         gate.mask = gate.mask.index_select(1, keep).clone()
+    for name in ("rep_scale", "rep_shift"):  # per-channel linear replacement
+        p = getattr(gate, name, None)
+        if p is not None and p.shape[1] == gate.act_shape[0]:
+            setattr(gate, name, _param(p.index_select(1, keep), p))
     gate.act_shape = (int(keep.numel()), *gate.act_shape[1:])
 
 

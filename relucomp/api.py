@@ -295,11 +295,11 @@ def _json_default(o):
 
 
 def build_gated(model: nn.Module, example: torch.Tensor, *, granularity: str,
-                leaf_modules: Sequence[type] = ()) -> tuple[fx.GraphModule, PassManager]:
+                leaf_modules: Sequence[type] = (), replacement: str = "identity") -> tuple[fx.GraphModule, PassManager]:
     """Trace, canonicalize and insert open gates (each step verified)."""
     gm = trace(model, leaf_modules=leaf_modules)
     pm = PassManager([CanonicalizeReLUPass(), DeadCodeEliminationPass(), ShapeAnalysisPass(example[:1]),
-                      InsertGatesPass(granularity)], calibration=example)
+                      InsertGatesPass(granularity, replacement=replacement)], calibration=example)
     return pm.run(gm).gm, pm
 
 

@@ -1,11 +1,21 @@
 """Modules relucomp inserts into the IR.
 
 * :class:`ReLUGate` — a learnable SNL gate replacing one ReLU site:
-  ``y = x + a * (relu(x) - x)`` with ``a`` in [0, 1] (``a = 1``: ReLU, ``a = 0``:
-  identity).  ``a`` has one entry per pixel (C×H×W, as in SNL), per channel or
-  per layer.  Once binarized (``hard``) the gate applies ReLU exactly where its
-  0/1 ``mask`` is 1.  All state is in parameters/buffers, so a state_dict
-  restores it (checkpoint/resume).
+  ``y = a·relu(x) + (1 − a)·(s·x + b)`` with ``a`` in [0, 1] (``a = 1``: ReLU,
+  ``a = 0``: the linear replacement ``s·x + b``).  ``a`` has one entry per
+  pixel (C×H×W, as in SNL), per channel or per layer; the replacement
+  ``s`` = ``rep_scale``, ``b`` = ``rep_shift`` is per channel (init 1 / 0, so
+  the gate starts as SNL's ``x + a·(relu(x) − x)``; frozen at 1 / 0 with
+  ``replacement="identity"``).  A linearized element costs no comparison in
+  PI: ``s·x + b`` is a linear op, folded into a neighbouring conv/BN when the
+  structure allows (:class:`~relucomp.passes.compose_affine.FoldElementwiseAffinePass`).
+  During the search ``mask`` marks entries *pinned* linear (0); the forward
+  uses ``a·mask`` but the gradient still reaches a pinned entry's ``a`` (a
+  straight-through shadow score), so a pinned entry can re-open.  Once
+  binarized (``hard``) the gate applies ReLU exactly where its 0/1 ``mask`` is
+  1.  All state is in parameters/buffers, so a state_dict restores it.
+* :class:`ElementwiseAffine` — ``x·scale + shift`` with constant (buffer)
+  tensors broadcast over the batch: what a linearized element becomes.
 * :class:`SparseReLU` — the PI-ready form of a partially linearized layer: the
   ReLU is evaluated only on the kept elements (gather → relu → concat with the
   linear elements → gather back into place), so the exported graph's ReLU
@@ -21,6 +31,7 @@ import torch
 from torch import nn
 
 GRANULARITIES = ("pixel", "channel", "layer")
+REPLACEMENTS = ("affine", "identity")
 
 
 def gate_shape(act_shape: Sequence[int], granularity: str) -> tuple[int, ...]:
@@ -43,8 +54,11 @@ def gate_shape(act_shape: Sequence[int], granularity: str) -> tuple[int, ...]:
 class ReLUGate(nn.Module):
     """Learnable ReLU/identity gate (SNL).  See the module docstring."""
 
-    def __init__(self, act_shape: Sequence[int], granularity: str = "pixel", site: str = ""):
+    def __init__(self, act_shape: Sequence[int], granularity: str = "pixel", site: str = "",
+                 replacement: str = "identity"):
         super().__init__()
+        if replacement not in REPLACEMENTS:
+            raise ValueError(f"unknown replacement {replacement!r}; choose one of {REPLACEMENTS}")
         shape = gate_shape(act_shape, granularity)
         self.granularity = granularity
         self.site = site
@@ -52,6 +66,26 @@ class ReLUGate(nn.Module):
         self.alpha = nn.Parameter(torch.ones(shape))
         self.register_buffer("mask", torch.ones(shape))
         self.register_buffer("hard", torch.zeros((), dtype=torch.bool))
+        rshape = gate_shape(act_shape, "channel")
+        self.rep_scale = nn.Parameter(torch.ones(rshape), requires_grad=replacement == "affine")
+        self.rep_shift = nn.Parameter(torch.zeros(rshape), requires_grad=replacement == "affine")
+
+    @property
+    def replacement(self) -> str:
+        return "affine" if self.rep_scale.requires_grad else "identity"
+
+    def has_replacement(self) -> bool:
+        """True when the linear replacement is not the identity."""
+        return bool(torch.any(self.rep_scale != 1) or torch.any(self.rep_shift != 0))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # checkpoints written before linear replacements existed: identity replacement
+        for name, fill in (("rep_scale", 1.0), ("rep_shift", 0.0)):
+            if prefix + name not in state_dict:
+                state_dict[prefix + name] = torch.full_like(getattr(self, name), fill)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     # -- counting -----------------------------------------------------------
     @property
@@ -68,22 +102,31 @@ class ReLUGate(nn.Module):
         if bool(self.hard):
             n = int(self.mask.sum().item())
         else:
-            n = int((self.alpha.detach() > threshold).sum().item())
+            n = int(((self.alpha.detach() * self.mask) > threshold).sum().item())
         return n * self.elements_per_gate
 
     # -- state --------------------------------------------------------------
     @torch.no_grad()
     def clamp_(self) -> None:
-        """Project ``a`` to [0, 1]; entries pinned linear (``mask == 0``) stay at 0."""
+        """Project ``a`` to [0, 1] (pinned entries keep their shadow score; the forward ignores it)."""
         self.alpha.clamp_(0.0, 1.0)
-        if not bool(self.hard):
-            self.alpha.mul_(self.mask)
 
     @torch.no_grad()
     def pin_linear_(self, entries: torch.Tensor) -> None:
-        """Fix the given flat gate entries to identity for the rest of the search."""
+        """Pin the given flat gate entries linear (their ``a`` becomes a shadow score)."""
         self.mask.view(-1)[entries] = 0.0
-        self.alpha.view(-1)[entries] = 0.0
+
+    @torch.no_grad()
+    def unpin_(self, entries: torch.Tensor) -> None:
+        """Re-open pinned entries (hysteresis)."""
+        self.mask.view(-1)[entries] = 1.0
+
+    def effective_alpha(self) -> torch.Tensor:
+        """``a`` with pinned entries at 0 in value but with the gradient passed to their shadow score."""
+        if bool(self.hard) or not self.alpha.requires_grad:
+            return self.alpha * self.mask
+        a = self.alpha
+        return torch.where(self.mask.bool(), a, a - a.detach())
 
     @torch.no_grad()
     def set_mask(self, mask: torch.Tensor) -> None:
@@ -93,14 +136,49 @@ class ReLUGate(nn.Module):
         self.alpha.requires_grad_(False)
         self.hard.fill_(True)
 
+    def _linear(self, x: torch.Tensor) -> torch.Tensor:
+        s, b = self.rep_scale, self.rep_shift
+        if x.dim() != s.dim():  # (N, F) activations: per-feature replacement
+            s, b = s.reshape(1, -1), b.reshape(1, -1)
+        return torch.addcmul(b, s, x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        affine = self.rep_scale.requires_grad or self.has_replacement()
         if bool(self.hard):
-            return torch.where(self.mask.bool(), torch.relu(x), x)
-        # x + a·(relu(x) − x) == x − a·min(x, 0): two fused kernels instead of four
-        return torch.addcmul(x, self.alpha, torch.clamp(x, max=0.0), value=-1.0)
+            return torch.where(self.mask.bool(), torch.relu(x), self._linear(x) if affine else x)
+        a = self.effective_alpha()
+        if not affine:
+            # x + a·(relu(x) − x) == x − a·min(x, 0): two fused kernels instead of four
+            return torch.addcmul(x, a, torch.clamp(x, max=0.0), value=-1.0)
+        lin = self._linear(x)
+        return torch.addcmul(lin, a, torch.relu(x) - lin)
 
     def extra_repr(self) -> str:
-        return f"site={self.site!r}, granularity={self.granularity}, act_shape={self.act_shape}, hard={bool(self.hard)}"
+        return (f"site={self.site!r}, granularity={self.granularity}, act_shape={self.act_shape}, "
+                f"hard={bool(self.hard)}, replacement={self.replacement}")
+
+
+class ElementwiseAffine(nn.Module):
+    """``y = x·scale + shift`` with constant tensors (a linearized ReLU's replacement; no comparison).
+
+    ``scale`` / ``shift`` have a leading broadcast batch dim of 1 (per-element
+    ``(1, C, H, W)`` or per-channel ``(1, C, 1, 1)``).  Exports as Mul + Add.
+    """
+
+    def __init__(self, scale: torch.Tensor, shift: torch.Tensor):
+        super().__init__()
+        self.register_buffer("scale", scale.detach().clone().float())
+        self.register_buffer("shift", shift.detach().clone().float())
+
+    @property
+    def per_channel(self) -> bool:
+        return all(d == 1 for d in self.scale.shape[2:]) and all(d == 1 for d in self.shift.shape[2:])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(self.shift, x, self.scale)
+
+    def extra_repr(self) -> str:
+        return f"shape={tuple(self.scale.shape)}"
 
 
 class SparseReLU(nn.Module):
@@ -148,4 +226,4 @@ class SparseReLU(nn.Module):
         return f"kept={self.kept_relus}, act_shape={self.act_shape}, by_channel={self.by_channel}"
 
 
-LEAF_MODULES: tuple[type[nn.Module], ...] = (ReLUGate, SparseReLU)
+LEAF_MODULES: tuple[type[nn.Module], ...] = (ReLUGate, SparseReLU, ElementwiseAffine)

@@ -146,6 +146,61 @@ def load_state(path: str | Path) -> dict[str, Any]:
 StepFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]]
 
 
+def _loader_generator(loader) -> torch.Generator | None:
+    gen = getattr(loader, "generator", None)
+    return gen if isinstance(gen, torch.Generator) else None
+
+
+class LoopState:
+    """Where a training loop is, and the RNG streams it needs to continue exactly.
+
+    ``epoch`` / ``batch``: the next step to run; ``loader_rng``: the loader's
+    generator state at the start of ``epoch`` (its data order and augmentation
+    draws); ``torch_rng``: the global torch RNG at the last step boundary.
+    ``to_dict()`` is saved in checkpoints; ``train_loop(..., loop_state=...)``
+    continues from it, replaying the skipped batches' draws so that the data
+    order after a resume is the one the uninterrupted run sees.
+    """
+
+    def __init__(self, d: dict | None = None):
+        d = d or {}
+        self.epoch = int(d.get("epoch", 0))
+        self.batch = int(d.get("batch", 0))
+        self.loader_rng = d.get("loader_rng")
+        self.torch_rng = d.get("torch_rng")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "batch": self.batch, "loader_rng": self.loader_rng,
+                "torch_rng": torch.get_rng_state()}
+
+
+@contextlib.contextmanager
+def _deferred_sigint(flag: dict) -> Iterator[None]:
+    """Turn Ctrl-C into a flag checked at step boundaries (state stays consistent); main thread only."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    prev = signal.getsignal(signal.SIGINT)
+
+    def handler(signum, frame):
+        if flag.get("stop"):  # second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        flag["stop"] = True
+
+    try:
+        signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not allowed here
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, prev)
+
+
 def train_loop(
     model: nn.Module,
     loader: Iterable,
@@ -161,6 +216,7 @@ def train_loop(
     on_epoch_end: Callable[[int, dict[str, float]], dict[str, Any] | None] | None = None,
     save: Callable[[int, bool], None] | None = None,
     device: str | torch.device = "cpu",
+    loop_state: LoopState | None = None,
 ) -> list[dict[str, Any]]:
     """Generic epoch loop.
 
@@ -169,44 +225,80 @@ def train_loop(
     ``save(next_epoch, interrupted)`` is called after each epoch and on Ctrl-C.
     Returns per-epoch records (loss, train accuracy, seconds, plus what
     ``on_epoch_end`` returns).
+
+    ``loop_state`` (a :class:`LoopState`, updated in place) makes the loop
+    exactly resumable: Ctrl-C is deferred to the next step boundary, where
+    ``loop_state`` says which batch of which epoch comes next and holds the
+    RNG streams; a loop started with a restored ``loop_state`` skips the
+    batches already trained (replaying their random draws) and continues.
+    Without it, the loop restarts at ``start_epoch``.
     """
     history: list[dict[str, Any]] = []
     n_batches = len(loader) if hasattr(loader, "__len__") else None
     prog = progress or _NullProgress()
-    task = prog.add_task(desc, total=(epochs - start_epoch) * (n_batches or 0) or None, info="")
-    step = start_epoch * (n_batches or 0)
+    gen = _loader_generator(loader)
+    skip = 0
+    if loop_state is not None:
+        start_epoch = loop_state.epoch
+        skip = loop_state.batch
+        if loop_state.loader_rng is not None and gen is not None:
+            gen.set_state(loop_state.loader_rng)
+        if loop_state.torch_rng is not None:
+            torch.set_rng_state(loop_state.torch_rng)
+    total_steps = (epochs - start_epoch) * (n_batches or 0) - skip
+    task = prog.add_task(desc, total=total_steps if total_steps > 0 else None, info="")
+    step = start_epoch * (n_batches or 0) + skip
     epoch = start_epoch
+    flag: dict[str, bool] = {}
     try:
-        for epoch in range(start_epoch, epochs):
-            model.train()
-            t0 = time.perf_counter()
-            tot_loss = 0.0
-            correct = seen = 0
-            for batch in loader:
-                x, y, g = unpack(batch)
-                x, y = x.to(device), y.to(device)
-                g = g.to(device) if g is not None else None
-                loss, logits = step_fn(model, x, y, g)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                step += 1
-                if after_step is not None:
-                    after_step(step)
-                tot_loss += float(loss.detach()) * y.numel()
-                correct += int((logits.detach().argmax(1) == y).sum())
-                seen += int(y.numel())
-                prog.update(task, advance=1, info=f"ep {epoch + 1}/{epochs} loss {tot_loss / seen:.3f} acc {100 * correct / seen:.1f}%")
-            if scheduler is not None:
-                scheduler.step()
-            rec: dict[str, Any] = {"epoch": epoch + 1, "loss": tot_loss / max(seen, 1),
-                                   "train_acc": 100.0 * correct / max(seen, 1),
-                                   "seconds": time.perf_counter() - t0}
-            if on_epoch_end is not None:
-                rec.update(on_epoch_end(epoch, rec) or {})
-            history.append(rec)
-            if save is not None:
-                save(epoch + 1, False)
+        with _deferred_sigint(flag) if loop_state is not None else contextlib.nullcontext():
+            for epoch in range(start_epoch, epochs):
+                if loop_state is not None:
+                    loop_state.epoch = epoch
+                    if skip == 0:
+                        loop_state.batch = 0
+                        loop_state.loader_rng = gen.get_state() if gen is not None else None
+                model.train()
+                t0 = time.perf_counter()
+                tot_loss = 0.0
+                correct = seen = 0
+                for i, batch in enumerate(loader):
+                    if i < skip:  # resumed mid-epoch: these batches were trained before the interrupt
+                        continue
+                    x, y, g = unpack(batch)
+                    x, y = x.to(device), y.to(device)
+                    g = g.to(device) if g is not None else None
+                    loss, logits = step_fn(model, x, y, g)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    step += 1
+                    if after_step is not None:
+                        after_step(step)
+                    if loop_state is not None:
+                        loop_state.batch = i + 1
+                    tot_loss += float(loss.detach()) * y.numel()
+                    correct += int((logits.detach().argmax(1) == y).sum())
+                    seen += int(y.numel())
+                    prog.update(task, advance=1, info=f"ep {epoch + 1}/{epochs} loss {tot_loss / seen:.3f} acc {100 * correct / seen:.1f}%")
+                    if flag.get("stop"):
+                        raise KeyboardInterrupt
+                skip = 0
+                if scheduler is not None:
+                    scheduler.step()
+                rec: dict[str, Any] = {"epoch": epoch + 1, "loss": tot_loss / max(seen, 1),
+                                       "train_acc": 100.0 * correct / max(seen, 1),
+                                       "seconds": time.perf_counter() - t0}
+                if on_epoch_end is not None:
+                    rec.update(on_epoch_end(epoch, rec) or {})
+                history.append(rec)
+                if loop_state is not None:
+                    loop_state.epoch, loop_state.batch = epoch + 1, 0
+                    loop_state.loader_rng = gen.get_state() if gen is not None else None
+                if save is not None:
+                    save(epoch + 1, False)
+                if flag.get("stop"):
+                    raise KeyboardInterrupt
     except KeyboardInterrupt:
         if save is not None:
             save(epoch, True)

@@ -1,0 +1,153 @@
+"""The accuracy recipe: effort presets, recipe defaults, and the embedded default weights.
+
+Effort presets (``--effort``) set the schedule; explicit options override them:
+
+==========  ========  ======  ========  ==========  =====================================
+effort      pretrain  search  finetune  batch size  meant for
+==========  ========  ======  ========  ==========  =====================================
+quick       15        3       3         128         a CPU demo (minutes on 2 cores)
+standard    30        10      10        128         CPU runs worth quoting (the default)
+paper       200       100     100       128         SNL's published schedule, for a GPU
+==========  ========  ======  ========  ==========  =====================================
+
+``paper`` follows SNL (Cho et al., ICML'22): a 200-epoch dense model, the
+mask search, then 100 epochs of finetuning with CE + KD (T = 4).  The search
+recipe (warm-up, importance-ranked pinning with hysteresis, refinement) and the
+finetune recipe (KD temperature / weight, LR schedule, BN recalibration) are
+in :data:`SEARCH_DEFAULTS` / :data:`FINETUNE_DEFAULTS`; every key is a keyword
+argument of :class:`~relucomp.passes.snl_search.SNLSearchPass` /
+:class:`~relucomp.passes.finetune.FinetunePass`.
+
+The embedded default model (resnet8 trained on the built-in synthetic data
+with the default seed and split) ships as ``relucomp/weights/*.pt`` — a plain
+``state_dict`` loaded with ``torch.load(weights_only=True)`` after its sha256
+is checked against the JSON next to it.  :func:`default_pretrained` returns it
+only when the model and the data are exactly the defaults (the data is
+identified by a fingerprint of its train/test split), so a changed split never
+reuses it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import RelucompError
+
+EFFORTS = ("quick", "standard", "paper")
+DEFAULT_EFFORT = "standard"
+
+
+@dataclass(frozen=True)
+class Effort:
+    pretrain_epochs: int
+    search_epochs: int
+    finetune_epochs: int
+    batch_size: int
+
+
+PRESETS: dict[str, Effort] = {
+    "quick": Effort(pretrain_epochs=15, search_epochs=3, finetune_epochs=3, batch_size=128),
+    "standard": Effort(pretrain_epochs=30, search_epochs=10, finetune_epochs=10, batch_size=128),
+    "paper": Effort(pretrain_epochs=200, search_epochs=100, finetune_epochs=100, batch_size=128),
+}
+
+# Search recipe (SNLSearchPass keyword arguments).
+SEARCH_DEFAULTS: dict[str, Any] = {
+    "warmup": 0.15,        # fraction of the search steps trained before the first pin (gates and weights learn)
+    "reach": 0.6,          # the pin schedule reaches the budget at this fraction of the search steps
+    "check_every": 2,      # steps between pin updates (small, importance-ranked steps)
+    "hysteresis": 0.05,    # a pinned entry re-opens only when its score beats a live one by this margin
+    "refine": 0.25,        # fraction of the budget re-examined by the discrete refinement (0: off)
+    "replacement": "affine",  # linearized entries become s·x + b per channel ("identity": SNL)
+    "kd_weight": 0.5,
+    "temperature": 4.0,
+}
+
+# Finetune recipe (FinetunePass keyword arguments).
+FINETUNE_DEFAULTS: dict[str, Any] = {
+    "kd_weight": 0.7,       # weight of KD(teacher) vs CE
+    "temperature": 4.0,     # KD temperature
+    "lr_schedule": "cosine",  # cosine decay after a warm-up of warmup_epochs
+    "warmup_epochs": 0.5,
+    "bn_recalibrate": True,  # re-estimate BN statistics on train batches after the mask is fixed
+}
+
+
+def resolve_effort(effort: str | None = None, *, pretrain_epochs: int | None = None,
+                   search_epochs: int | None = None, finetune_epochs: int | None = None,
+                   batch_size: int | None = None) -> dict[str, int]:
+    """The schedule for ``effort`` with every explicitly given option taking precedence."""
+    name = (effort or DEFAULT_EFFORT).lower()
+    if name not in PRESETS:
+        raise RelucompError(f"unknown effort {effort!r}", f"use one of {', '.join(EFFORTS)}")
+    p = PRESETS[name]
+    out = {"pretrain_epochs": p.pretrain_epochs, "search_epochs": p.search_epochs,
+           "finetune_epochs": p.finetune_epochs, "batch_size": p.batch_size}
+    for key, val in (("pretrain_epochs", pretrain_epochs), ("search_epochs", search_epochs),
+                     ("finetune_epochs", finetune_epochs), ("batch_size", batch_size)):
+        if val is not None:
+            if int(val) < (1 if key == "batch_size" else 0):
+                raise RelucompError(f"{key.replace('_', '-')} {val} is out of range",
+                                    "give a non-negative number of epochs (batch size ≥ 1)")
+            out[key] = int(val)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# embedded default weights
+# ---------------------------------------------------------------------------
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+DEFAULT_WEIGHTS = {"model": "resnet8", "seed": 0, "file": "resnet8_synthetic.pt", "meta": "resnet8_synthetic.json"}
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def bundle_fingerprint(bundle) -> str:
+    """sha256 over the train and test split (images, labels, groups) and the normalisation."""
+    h = hashlib.sha256()
+    for ds in (bundle.train, bundle.test):
+        for t in (ds.images, ds.labels, ds.groups):
+            h.update(t.contiguous().numpy().tobytes())
+        h.update(json.dumps([ds.mean, ds.std]).encode())
+    return h.hexdigest()
+
+
+def default_pretrained(model: str | None, bundle) -> dict[str, torch.Tensor] | None:
+    """The embedded trained weights when ``model`` and ``bundle`` are the defaults, else ``None``.
+
+    ``model`` is the model spec (``None`` or ``"resnet8"`` = the default).  The
+    weights file's sha256 is verified before loading (``weights_only=True``);
+    a mismatch warns and returns ``None`` (the caller then pretrains).
+    """
+    if model not in (None, DEFAULT_WEIGHTS["model"]) or getattr(bundle, "name", None) != "synthetic":
+        return None
+    meta_path = WEIGHTS_DIR / DEFAULT_WEIGHTS["meta"]
+    path = WEIGHTS_DIR / DEFAULT_WEIGHTS["file"]
+    if not meta_path.exists() or not path.exists():
+        return None
+    meta = json.loads(meta_path.read_text())
+    if bundle.num_classes != 10 or bundle_fingerprint(bundle) != meta["data_fingerprint"]:
+        return None
+    if file_sha256(path) != meta["sha256"]:
+        warnings.warn(f"embedded weights {path.name} fail their checksum; pretraining instead", stacklevel=2)
+        return None
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def default_weights_info() -> dict[str, Any] | None:
+    meta_path = WEIGHTS_DIR / DEFAULT_WEIGHTS["meta"]
+    return json.loads(meta_path.read_text()) if meta_path.exists() else None
