@@ -135,7 +135,9 @@ class LowerGatesPass(Pass):
             node.replace_all_uses_with(new)
             gm.graph.erase_node(node)
         modified = bool(removed or to_relu or to_sparse)
-        stats = {"removed": removed, "to_relu": to_relu, "to_sparse": to_sparse, "affine_replacements": affines}
+        stats = {"removed": removed, "to_relu": to_relu, "to_sparse": to_sparse}
+        if affines:
+            stats["affine_replacements"] = affines
         if modified:
             gm.graph.lint()
             gm.delete_all_unused_submodules()

@@ -101,7 +101,8 @@ def binarize_to_budget(gates: dict[str, ReLUGate], budget: int, *, scores: dict[
     flat_scores, costs, owners, offsets = [], [], [], []
     for i, name in enumerate(names):
         g = gates[name]
-        s = (scores[name] if scores is not None else g.alpha.detach()).reshape(-1).float()
+        # default score: the gate value of live entries (pinned entries count as 0)
+        s = (scores[name] if scores is not None else g.alpha.detach() * g.mask).reshape(-1).float()
         flat_scores.append(s)
         costs.append(torch.full_like(s, float(g.elements_per_gate)))
         owners.append(torch.full((s.numel(),), i, dtype=torch.long))

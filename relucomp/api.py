@@ -320,10 +320,18 @@ def compile(  # noqa: A001 - the public name users expect
     relu_budget: int | str,
     granularity: str = "pixel",
     search: str = "snl",
-    search_epochs: int = 4,
-    finetune_epochs: int = 4,
+    search_epochs: int | None = None,
+    finetune_epochs: int | None = None,
     pretrain_epochs: int | None = None,
-    batch_size: int = 128,
+    batch_size: int | None = None,
+    effort: str | None = None,
+    replacement: str = "affine",
+    warmup: float = 0.15,
+    hysteresis: float = 0.05,
+    refine: int = 3,
+    ft_kd_weight: float = 0.7,
+    ft_temperature: float = 4.0,
+    bn_recalibrate: bool = True,
     lr: float = 0.01,
     alpha_lr: float = 0.02,
     kd_weight: float = 0.5,
@@ -384,7 +392,16 @@ def compile(  # noqa: A001 - the public name users expect
     the SNL search's soft count first reaches each larger budget;
     ``search_state`` warm-starts from such a state (the search is skipped and
     the gates are binarized to ``relu_budget``).
+
+    Accuracy recipe (:mod:`relucomp.recipe`): ``effort`` (``quick`` —
+    default —, ``standard``, ``paper``) sets pretrain/search/finetune epochs
+    and the batch size; explicit values override it.  ``replacement``
+    (``affine``/``identity``), ``warmup``, ``hysteresis``, ``refine`` go to
+    the search, ``ft_kd_weight``, ``ft_temperature``, ``bn_recalibrate`` to
+    the finetune.  The default model on the default data starts from the
+    embedded trained weights (no pretraining).
     """
+    from .recipe import default_pretrained, resolve_effort
     from .fair_compile import (FAIR_METHODS, FAIR_PHASES, FairPhase, check_groups, ema_copy, fairness_section,
                                group_train_accuracy)
 
@@ -398,6 +415,15 @@ def compile(  # noqa: A001 - the public name users expect
         raise RelucompError(f"unknown fairness phase {fair_phase!r}", f"use one of {', '.join(FAIR_PHASES)}")
     if tolerance < 0:
         raise RelucompError(f"tolerance {tolerance} must be ≥ 0 (accuracy points)", "give e.g. --tolerance 2")
+    if replacement not in ("affine", "identity"):
+        raise RelucompError(f"unknown replacement {replacement!r}", "use affine or identity")
+    if not 0 <= warmup < 1 or hysteresis < 0 or refine < 0 or not 0 <= ft_kd_weight <= 1 or ft_temperature <= 0:
+        raise RelucompError("a search/finetune recipe option is out of range",
+                            "use 0 ≤ warmup < 1, hysteresis ≥ 0, refine ≥ 0, 0 ≤ ft_kd_weight ≤ 1, ft_temperature > 0")
+    schedule = resolve_effort(effort, pretrain_epochs=pretrain_epochs, search_epochs=search_epochs,
+                              finetune_epochs=finetune_epochs, batch_size=batch_size)
+    search_epochs, finetune_epochs, batch_size = (schedule["search_epochs"], schedule["finetune_epochs"],
+                                                  schedule["batch_size"])
     phases = _Phases()
     if not (isinstance(relu_budget, str) and relu_budget.strip().endswith("%")):
         early = parse_count(relu_budget)  # fail fast on typos, before data and training
@@ -438,7 +464,13 @@ def compile(  # noqa: A001 - the public name users expect
                               importance=prune_importance)  # fail before any training
     say(f"model: {before['relus']:,} ReLUs, {before['macs']:,} MACs; budget {budget:,}")
     pre_info: dict[str, Any] = {}
-    epochs_pre = pretrain_epochs if pretrain_epochs is not None else (0 if trained else 15)
+    if not trained and pretrain_epochs is None and checkpoint is None:
+        embedded = default_pretrained(spec, bundle)  # the default model on the default data: shipped weights
+        if embedded is not None:
+            user_model.load_state_dict(embedded)
+            trained = True
+            pre_info = {"embedded_weights": "relucomp/weights (sha256 verified)"}
+    epochs_pre = pretrain_epochs if pretrain_epochs is not None else (0 if trained else schedule["pretrain_epochs"])
     if epochs_pre > 0:
         with phases("pretrain"):
             key = None
@@ -470,7 +502,8 @@ def compile(  # noqa: A001 - the public name users expect
                          dense_acc=dense_train_acc, tolerance=tolerance, dual_lr=dual_lr, ema_model=model_for_ema)
 
     with phases("gates"):
-        gm, _ = build_gated(user_model, calib, granularity=granularity, leaf_modules=leaf_modules)
+        gm, _ = build_gated(user_model, calib, granularity=granularity, leaf_modules=leaf_modules,
+                            replacement=replacement)
         if replace_maxpool:  # MaxPool comparisons cost like ReLUs in PI; the finetune recovers
             from .passes.maxpool_to_avgpool import replace_maxpool as _replace_maxpool
 
@@ -507,7 +540,8 @@ def compile(  # noqa: A001 - the public name users expect
                                    after_step=sfair.after_step if sfair else None,
                                    checkpoint=ckpt.save if out is not None else None,
                                    resume=state if state is not None and state.get("phase") == "search" else None,
-                                   device=device, snapshots=search_snapshots, on_snapshot=on_snapshot)
+                                   device=device, snapshots=search_snapshots, on_snapshot=on_snapshot,
+                                   warmup=warmup, hysteresis=hysteresis, refine=refine, seed=seed)
                 search_stats = PassManager([sp]).run(gm).stats["passes"][0]["stats"]
                 if sfair is not None:
                     search_stats["fair_trajectory"] = sfair.trajectory
@@ -545,7 +579,8 @@ def compile(  # noqa: A001 - the public name users expect
                 return {"multipliers": ffair.term.multiplier_values(), "psi_replay": ffair.term.psi_estimate()}
 
             fp = FinetunePass(train_loader=train_loader, teacher=teacher, epochs=finetune_epochs, lr=lr * 0.5,
-                              kd_weight=kd_weight, progress=prog, checkpoint=save_ft if out is not None else None,
+                              kd_weight=ft_kd_weight, temperature=ft_temperature, bn_recalibrate=bn_recalibrate,
+                              progress=prog, checkpoint=save_ft if out is not None else None,
                               extra_loss=ffair.extra_loss, on_epoch_end=ft_epoch_end,
                               after_step=chain_steps(gmp, ffair.after_step) if gmp is not None else ffair.after_step,
                               resume=resume_ft, device=device)
@@ -613,7 +648,10 @@ def compile(  # noqa: A001 - the public name users expect
         "options": {"relu_budget": budget, "granularity": granularity, "search": search,
                     "search_epochs": search_epochs, "finetune_epochs": finetune_epochs,
                     "pretrain_epochs": epochs_pre, "batch_size": batch_size, "lr": lr, "seed": seed,
-                    "gate_form": gate_form, "replace_maxpool": replace_maxpool},
+                    "gate_form": gate_form, "replace_maxpool": replace_maxpool, "effort": effort or "quick",
+                    "replacement": replacement, "warmup": warmup, "hysteresis": hysteresis, "refine": refine,
+                    "ft_kd_weight": ft_kd_weight, "ft_temperature": ft_temperature,
+                    "bn_recalibrate": bn_recalibrate},
         "pretrain": pre_info,
         "relus": {"before": before["relus"], "after": after["relus_kept"], "budget": budget},
         "macs": {"before": before["macs"], "after": after["macs"]},
