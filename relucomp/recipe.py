@@ -5,8 +5,8 @@ Effort presets (``--effort``) set the schedule; explicit options override them:
 ==========  ========  ======  ========  ==========  =====================================
 effort      pretrain  search  finetune  batch size  meant for
 ==========  ========  ======  ========  ==========  =====================================
-quick       15        3       3         128         a CPU demo (minutes on 2 cores)
-standard    30        10      10        128         CPU runs worth quoting (the default)
+quick       15        3       3         128         a CPU demo (the default; minutes on 2 cores)
+standard    30        10      10        128         CPU runs worth quoting
 paper       200       100     100       128         SNL's published schedule, for a GPU
 ==========  ========  ======  ========  ==========  =====================================
 
@@ -41,7 +41,7 @@ import torch
 from .errors import RelucompError
 
 EFFORTS = ("quick", "standard", "paper")
-DEFAULT_EFFORT = "standard"
+DEFAULT_EFFORT = "quick"
 
 
 @dataclass(frozen=True)
