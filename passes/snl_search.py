@@ -384,6 +384,8 @@ class SNLSearchPass(Pass):
                                extra=self.extra_loss)
         cost = {id(g): g.elements_per_gate / total for g in soft}
         costs = _costs(soft)
+        # a fixed per-entry jitter far below any learned difference: exact ties never fall back to graph order
+        tie = torch.rand(costs.numel(), generator=torch.Generator().manual_seed(self.seed)) * 1e-6
 
         def step_fn(model, x, y, g):
             loss, logits = base_step(model, x, y, g)
@@ -411,13 +413,19 @@ class SNLSearchPass(Pass):
             if k >= total:
                 return
             live_now = _flat(soft, lambda g: g.mask) > 0.5
-            scores = _flat(soft, lambda g: g.alpha.detach()) + self.hysteresis * live_now.float()
+            scores = _flat(soft, lambda g: g.alpha.detach()) + self.hysteresis * live_now.float() + tie
             live = select_live(scores, costs, k)
             state["reopened"] += int((live & ~live_now).sum())
             _scatter_mask(soft, live, hard=False)
 
+        def set_plateau(step: int) -> None:
+            on = self.schedule == "gradual" and step >= reach_steps
+            for gt in soft:
+                gt.straight = on
+
         def after(step: int):
             opt_a.step()
+            set_plateau(step)
             for gt in soft:
                 gt.clamp_()
             if self.extra_after_step is not None:
@@ -447,9 +455,12 @@ class SNLSearchPass(Pass):
                                  "snapshots": dict(state["snapshots"]), "loop": loop.to_dict()})
 
         gm.to(self.device)
+        set_plateau(loop.epoch * n_batches + loop.batch)
         history = train_loop(gm, self.loader, epochs=self.epochs, optimizer=opt, step_fn=step_fn,
                              desc="search (SNL)", progress=self.progress, after_step=after,
                              on_epoch_end=on_epoch_end, save=save, device=self.device, loop_state=loop)
+        for gt in soft:
+            gt.straight = False
         soft_final = soft_count(soft, self.threshold)
         if self.snapshots:
             take_snapshots(self.epochs * n_batches, soft_final, final=True)
@@ -460,7 +471,7 @@ class SNLSearchPass(Pass):
         for name, g in gates.items():
             a = g.alpha.detach().float()
             jitter = torch.rand(a.shape, generator=gen) * 1e-6
-            scores[name] = (g.mask * (1.0 + a) + (1 - g.mask) * a * 0.999 + jitter) if not bool(g.hard) else g.mask.float()
+            scores[name] = (g.mask * 10.0 + a + jitter) if not bool(g.hard) else g.mask.float()
         kept = binarize_to_budget(gates, self.budget, scores=scores)
         refine_stats = {"rounds": 0, "swaps": 0}
         if self.refine > 0 and self.budget > 0:

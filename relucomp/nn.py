@@ -102,14 +102,17 @@ class ReLUGate(nn.Module):
         if bool(self.hard):
             n = int(self.mask.sum().item())
         else:
-            n = int(((self.alpha.detach() * self.mask) > threshold).sum().item())
+            n = int(((self.alpha.detach().clamp(0.0, 1.0) * self.mask) > threshold).sum().item())
         return n * self.elements_per_gate
 
     # -- state --------------------------------------------------------------
     @torch.no_grad()
     def clamp_(self) -> None:
-        """Project ``a`` to [0, 1] (pinned entries keep their shadow score; the forward ignores it)."""
-        self.alpha.clamp_(0.0, 1.0)
+        """Project ``a`` to [0, 1] once hard, to the score range [−1, 2] while searching."""
+        if bool(self.hard):
+            self.alpha.clamp_(0.0, 1.0)
+        else:
+            self.alpha.clamp_(-1.0, 2.0)
 
     @torch.no_grad()
     def pin_linear_(self, entries: torch.Tensor) -> None:
@@ -121,12 +124,22 @@ class ReLUGate(nn.Module):
         """Re-open pinned entries (hysteresis)."""
         self.mask.view(-1)[entries] = 1.0
 
+    #: set by the search during its recovery plateau: the forward is the binarized gate (live → ReLU,
+    #: pinned → linear) while the scores keep learning (straight-through)
+    straight: bool = False
+
     def effective_alpha(self) -> torch.Tensor:
-        """``a`` with pinned entries at 0 in value but with the gradient passed to their shadow score."""
+        """The gate value used in the forward, with straight-through gradients to the score ``a``.
+
+        ``a`` is a score in [−1, 2]; the forward uses ``clamp(a, 0, 1)`` for live entries (0 for
+        pinned ones, 1 for live ones during the plateau) but the gradient reaches ``a`` unclipped, so
+        entries saturated at 0 or 1 keep being ranked by their evidence instead of tying.
+        """
         if bool(self.hard) or not self.alpha.requires_grad:
-            return self.alpha * self.mask
+            return self.alpha.clamp(0.0, 1.0) * self.mask
         a = self.alpha
-        return torch.where(self.mask.bool(), a, a - a.detach())
+        value = self.mask if self.straight else a.clamp(0.0, 1.0) * self.mask
+        return a + (value - a).detach()
 
     @torch.no_grad()
     def set_mask(self, mask: torch.Tensor) -> None:
