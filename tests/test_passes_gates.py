@@ -43,9 +43,10 @@ def test_relu_gate_math():
         g.alpha.fill_(0.25)
     assert torch.allclose(g(x), x + 0.25 * (torch.relu(x) - x))
     with torch.no_grad():
-        g.alpha.fill_(1.7)
-    g.clamp_()
-    assert float(g.alpha.detach().max()) == 1.0
+        g.alpha.fill_(2.7)
+    g.clamp_()  # while searching, a is a score kept in [-1, 2]; the forward clips it to [0, 1]
+    assert float(g.alpha.detach().max()) == 2.0
+    assert torch.equal(g(x), torch.relu(x))
 
     mask = (torch.rand(1, 3, 4, 4) > 0.5).float()
     g.set_mask(mask)
