@@ -64,7 +64,8 @@ SEARCH_DEFAULTS: dict[str, Any] = {
     "reach": 0.6,          # the pin schedule reaches the budget at this fraction of the search steps
     "check_every": 2,      # steps between pin updates (small, importance-ranked steps)
     "hysteresis": 0.05,    # a pinned entry re-opens only when its score beats a live one by this margin
-    "refine": 0.25,        # fraction of the budget re-examined by the discrete refinement (0: off)
+    "refine": 3,           # rounds of discrete kept/linear swaps after binarization (0: off)
+    "refine_fraction": 0.05,  # at most this fraction of the kept entries swapped per round
     "replacement": "affine",  # linearized entries become s·x + b per channel ("identity": SNL)
     "kd_weight": 0.5,
     "temperature": 4.0,
