@@ -53,8 +53,9 @@ import torch.nn.functional as F
 from cooper.multipliers import IndexedMultiplier
 from torch import nn
 
-from relucomp.errors import DataError, RelucompError
+from relucomp.errors import DataError, FairConfigError, RelucompError  # noqa: F401
 from relucomp.metrics import EMA, _model_device, iter_batches
+from relucomp.train import kd_loss  # the one KD loss
 
 __all__ = [
     "FairConfig",
@@ -70,10 +71,6 @@ __all__ = [
 ]
 
 METHODS = ("ceag", "el", "nft")
-
-
-class FairConfigError(RelucompError, ValueError):
-    """A fairness configuration value that cannot be used."""
 
 
 # --------------------------------------------------------------------------- config
@@ -143,15 +140,6 @@ class FairConfig:
 
 
 # --------------------------------------------------------------------------- loss pieces
-
-
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0) -> torch.Tensor:
-    """Hinton distillation loss ``KL(softmax(t/T) ‖ softmax(s/T)) · T²`` (batch mean)."""
-    t = float(temperature)
-    return F.kl_div(
-        F.log_softmax(student_logits / t, dim=1), F.softmax(teacher_logits.detach() / t, dim=1),
-        reduction="batchmean",
-    ) * (t * t)
 
 
 def group_mean_loss(
