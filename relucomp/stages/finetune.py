@@ -52,7 +52,7 @@ def run(st: RunState) -> FinetuneOut:
     after = chain_steps(prune.gmp, ffair.after_step) if prune.gmp is not None else ffair.after_step
     fp = FinetunePass(train_loader=st["data"].train, teacher=st["pretrain"].teacher, epochs=cfg.finetune.epochs,
                       lr=cfg.finetune.lr if cfg.finetune.lr is not None else cfg.search.lr * 0.5,
-                      kd_weight=cfg.search.kd_weight, progress=st.progress,
+                      kd_weight=cfg.search.kd_weight, temperature=cfg.search.kd_temperature, progress=st.progress,
                       checkpoint=save if st.out is not None else None, extra_loss=ffair.extra_loss,
                       on_epoch_end=epoch_end, after_step=after, resume=resumed, device=cfg.runtime.device)
     stats = PassManager([fp]).run(gm).stats["passes"][0]["stats"]

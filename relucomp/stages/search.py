@@ -59,7 +59,8 @@ def run(st: RunState) -> SearchOut:
         s = cfg.search
         sfair = fair_phase(st, "search") if cfg.fairness.phase in ("search", "both") and cfg.fair_method != "nft" else None
         sp = SNLSearchPass(budget=budget, train_loader=st["data"].train, teacher=st["pretrain"].teacher,
-                           epochs=s.epochs, lr=s.lr, alpha_lr=s.alpha_lr, kd_weight=s.kd_weight, progress=st.progress,
+                           epochs=s.epochs, lr=s.lr, alpha_lr=s.alpha_lr, kd_weight=s.kd_weight, temperature=s.kd_temperature,
+                           progress=st.progress,
                            extra_loss=sfair.extra_loss if sfair else None,
                            after_step=sfair.after_step if sfair else None,
                            checkpoint=st.ckpt.save if st.out is not None else None,
