@@ -170,6 +170,7 @@ KEYWORDS: dict[str, str] = {
     "target": "data.target", "fair_groups": "data.fair_groups", "limit": "data.limit",
     "image_size": "data.image_size", "num_classes": "data.num_classes", "cache_dir": "data.cache_dir",
     "checkpoint": "model.checkpoint", "pretrained": "model.pretrained", "pretrain_epochs": "model.pretrain_epochs",
+    "leaf_modules": "model.leaf_modules",
     "relu_budget": "search.relu_budget", "granularity": "search.granularity", "search": "search.method",
     "search_epochs": "search.epochs", "lr": "search.lr", "alpha_lr": "search.alpha_lr",
     "kd_weight": "search.kd_weight", "replace_maxpool": "search.replace_maxpool",
