@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import copy
-import importlib
 from typing import Any, Sequence
 
 import torch
@@ -87,29 +86,19 @@ def resolve_model(model: Any, *, num_classes: int, checkpoint=None, pretrained: 
                         "pass an nn.Module, a built-in name like 'resnet18', or 'file.py:factory'")
 
 
-def resolve_leaf_modules(names: Sequence[str], model_spec: str | None) -> tuple[type, ...]:
-    """``--leaf-module`` values as classes: ``ClassName`` (looked up in the model's file/module) or ``module:ClassName``."""
+def resolve_leaf_modules(names: Sequence[str], model: nn.Module) -> tuple[type, ...]:
+    """``--leaf-module`` values as classes: ``ClassName`` or ``module:ClassName`` of a submodule of ``model``."""
     out = []
+    classes = {type(m) for m in model.modules()}
     for name in names:
-        mod_name, _, cls_name = name.rpartition(":")
-        where = mod_name or (model_spec.rpartition(":")[0] if model_spec and ":" in model_spec else "")
-        if not where:
-            raise ModelLoadError(f"--leaf-module {name!r}: cannot tell which module defines it",
-                                 "write it as 'package.module:ClassName' or 'path/to/file.py:ClassName'")
-        try:
-            if where.endswith(".py"):
-                from .models.loading import _import_file
-
-                module = _import_file(where)
-            else:
-                module = importlib.import_module(where)
-            cls = getattr(module, cls_name)
-        except (ImportError, AttributeError) as exc:
-            raise ModelLoadError(f"--leaf-module {name!r}: no class {cls_name!r} in {where}",
-                                 "give the class that wraps the untraceable code, e.g. --leaf-module MyBlock") from exc
-        if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-            raise ModelLoadError(f"--leaf-module {name!r} is not an nn.Module class", "name a subclass of nn.Module")
-        out.append(cls)
+        where, _, cls_name = name.rpartition(":")
+        found = [c for c in classes if c.__name__ == cls_name
+                 and (not where or c.__module__ == where or where.endswith(".py"))]
+        if not found:
+            raise ModelLoadError(f"--leaf-module {name!r}: the model has no submodule of class {cls_name!r}",
+                                 "give the class that wraps the untraceable code, e.g. --leaf-module MyBlock "
+                                 f"(classes in the model: {', '.join(sorted({c.__name__ for c in classes})[:8])})")
+        out.extend(found)
     return tuple(out)
 
 

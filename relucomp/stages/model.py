@@ -34,7 +34,7 @@ def run(st: RunState) -> ModelOut:
     model, spec, trained = resolve_model(spec_in, num_classes=data.num_classes, checkpoint=cfg.model.checkpoint,
                                          pretrained=cfg.model.pretrained)
     check_io(model, data.calib, data.num_classes)
-    leaves = tuple(st.hooks.leaf_modules) + resolve_leaf_modules(cfg.model.leaf_modules, spec)
+    leaves = tuple(st.hooks.leaf_modules) + resolve_leaf_modules(cfg.model.leaf_modules, model)
     dense = analyze(model, data.calib, leaf_modules=leaves)  # structure only: bad budgets fail before training
     before = summary(dense)
     if before["relus"] == 0:
