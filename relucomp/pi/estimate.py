@@ -19,7 +19,6 @@ for a model spec, from relucomp's own analysis of the traced model.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any, Sequence
 
