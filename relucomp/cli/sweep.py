@@ -12,6 +12,19 @@ from .app import (BatchSize, Checkpoint, ConfigFile, Device, ImageSize, Limit, L
                   errors_handled, given, log, out_console, quiet_torch_logs)
 
 
+# the sweep's own fairness options (several methods compared; one search shared when the constraints act in the finetune)
+FAIR_METHODS = typer.Option(None, "--fair-method", help="comma-separated finetuning methods to compare, e.g. nft,ceag")
+TOLERANCE = typer.Option(2.0, "--tolerance", help="CEAG: max excess accuracy gap ψ_g, in points")
+FAIR_PHASE = typer.Option("finetune", "--fair-phase",
+                          help="finetune (one shared search) | search | both (one search per method)")
+
+GRANULARITY = typer.Option("pixel", "--granularity", help="pixel | channel | layer")
+SEARCH = typer.Option("snl", "--search", help="snl (one shared search) | layer-drop")
+EPOCHS = typer.Option(4, "--epochs", help="mask-search epochs (one search for all budgets)")
+FINETUNE_EPOCHS = typer.Option(4, "--finetune-epochs", help="finetune epochs per budget")
+PRETRAIN_EPOCHS = typer.Option(None, "--pretrain-epochs", help="train an untrained built-in model first (cached)")
+
+
 @app.command("sweep")
 def sweep_cmd(
     ctx: typer.Context,
@@ -22,16 +35,14 @@ def sweep_cmd(
     data: str = typer.Option("synthetic", "--data", help="synthetic | utkface:PATH | cifar10:PATH | ... (as in compile)"),
     target: Target = None,
     fair_groups: Optional[str] = typer.Option(None, "--fair-groups", help="group attribute(s), e.g. race"),
-    fair_method: Optional[str] = typer.Option(None, "--fair-method",
-                                              help="comma-separated finetuning methods to compare, e.g. nft,ceag"),
-    tolerance: float = typer.Option(2.0, "--tolerance", help="CEAG: max excess accuracy gap ψ_g, in points"),
-    fair_phase: str = typer.Option("finetune", "--fair-phase",
-                                   help="finetune (one shared search) | search | both (one search per method)"),
-    granularity: str = typer.Option("pixel", "--granularity", help="pixel | channel | layer"),
-    search: str = typer.Option("snl", "--search", help="snl (one shared search) | layer-drop"),
-    epochs: int = typer.Option(4, "--epochs", help="mask-search epochs (one search for all budgets)"),
-    finetune_epochs: int = typer.Option(4, "--finetune-epochs", help="finetune epochs per budget"),
-    pretrain_epochs: Optional[int] = typer.Option(None, "--pretrain-epochs", help="train an untrained built-in model first (cached)"),
+    fair_method: Optional[str] = FAIR_METHODS,
+    tolerance: float = TOLERANCE,
+    fair_phase: str = FAIR_PHASE,
+    granularity: str = GRANULARITY,
+    search: str = SEARCH,
+    epochs: int = EPOCHS,
+    finetune_epochs: int = FINETUNE_EPOCHS,
+    pretrain_epochs: Optional[int] = PRETRAIN_EPOCHS,
     checkpoint: Checkpoint = None,
     batch_size: BatchSize = 128,
     lr: Lr = 0.01,
