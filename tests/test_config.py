@@ -221,6 +221,13 @@ def test_internal_errors_exit_3_and_say_it_is_a_bug(tmp_path, monkeypatch):
     assert r.exit_code == 3, r.output
     assert "relucomp bug" in r.output and "internal error" in r.output and "Traceback" not in r.output
 
+    def crashing(**kw):
+        raise RuntimeError("an unexpected failure deep inside")
+
+    monkeypatch.setattr(api, "compile", crashing)
+    r = invoke(["compile", "tinycnn", "-b", "2k", "--out", tmp_path / "o", *QUICK])
+    assert r.exit_code == 3 and "RuntimeError: an unexpected failure" in " ".join(r.output.split()), r.output
+
 
 USER_MODEL = '''
 from torch import nn

@@ -10,6 +10,7 @@ say so, say how to report them and exit 3; Ctrl-C exits 130.
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 from typing import Annotated, Any, Iterator, Optional
 
@@ -89,12 +90,18 @@ def errors_handled(interrupted_fix: str | None = None) -> Iterator[None]:
         raise typer.Exit(0)
     except RelucompError as exc:
         fail(exc)
-    except InternalError as exc:
-        console.print(f"[bold red]internal error:[/] {escape(str(exc))}\n  [bold]{escape(BUG_REPORT)}[/]")
-        raise typer.Exit(INTERNAL_ERROR_EXIT)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")
         raise typer.Exit(INTERRUPTED_EXIT)
+    except (typer.Exit, typer.Abort, SystemExit):
+        raise
+    except Exception as exc:  # noqa: BLE001 - InternalError, or any other failure: a relucomp bug
+        if os.environ.get("RELUCOMP_DEBUG"):
+            raise
+        what = str(exc) if isinstance(exc, InternalError) else f"{type(exc).__name__}: {exc}"
+        console.print(f"[bold red]internal error:[/] {escape(what.splitlines()[0] if what else '')}\n"
+                      f"  [bold]{escape(BUG_REPORT)}[/] (RELUCOMP_DEBUG=1 shows the traceback)")
+        raise typer.Exit(INTERNAL_ERROR_EXIT)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
