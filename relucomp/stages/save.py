@@ -24,8 +24,11 @@ def when(st: RunState) -> bool:
 def run(st: RunState) -> Path:
     out, rep = st.out, st["report"]
     st["data"].bundle.save_splits(out / "splits.json")
-    atomic_write_text(out / "config.toml", to_toml(st.cfg.with_values({"runtime.resume": False}),
-                                                   header={"version": __version__, "model": rep.model}))
+    objects = [w for w, o in (("model", st.hooks.model), ("data", st.hooks.data)) if o is not None]
+    header = {"version": __version__, "model": rep.model,
+              # a Python object is not configuration: replay needs the same object passed again
+              "replay_needs_objects": objects or None}
+    atomic_write_text(out / "config.toml", to_toml(st.cfg.with_values({"runtime.resume": False}), header=header))
     rep.phases_seconds = dict(st.phases)
     atomic_write_json(out / "report.json", rep.to_dict())
     st.ckpt.clear()
