@@ -1,6 +1,7 @@
 """The accuracy recipe: effort presets, recipe defaults, and the embedded default weights.
 
-Effort presets (``--effort``) set the schedule; explicit options override them:
+Effort presets (``--effort``, ``runtime.effort``) set the schedule; explicit options override them
+(:func:`relucomp.config.resolve_effort` fills the unset ones before the run):
 
 ==========  ========  ======  ========  ==========  =====================================
 effort      pretrain  search  finetune  batch size  meant for
@@ -36,9 +37,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from .errors import RelucompError
 
 EFFORTS = ("quick", "standard", "paper")
 DEFAULT_EFFORT = "quick"
@@ -81,26 +79,6 @@ FINETUNE_DEFAULTS: dict[str, Any] = {
 }
 
 
-def resolve_effort(effort: str | None = None, *, pretrain_epochs: int | None = None,
-                   search_epochs: int | None = None, finetune_epochs: int | None = None,
-                   batch_size: int | None = None) -> dict[str, int]:
-    """The schedule for ``effort`` with every explicitly given option taking precedence."""
-    name = (effort or DEFAULT_EFFORT).lower()
-    if name not in PRESETS:
-        raise RelucompError(f"unknown effort {effort!r}", f"use one of {', '.join(EFFORTS)}")
-    p = PRESETS[name]
-    out = {"pretrain_epochs": p.pretrain_epochs, "search_epochs": p.search_epochs,
-           "finetune_epochs": p.finetune_epochs, "batch_size": p.batch_size}
-    for key, val in (("pretrain_epochs", pretrain_epochs), ("search_epochs", search_epochs),
-                     ("finetune_epochs", finetune_epochs), ("batch_size", batch_size)):
-        if val is not None:
-            if int(val) < (1 if key == "batch_size" else 0):
-                raise RelucompError(f"{key.replace('_', '-')} {val} is out of range",
-                                    "give a non-negative number of epochs (batch size ≥ 1)")
-            out[key] = int(val)
-    return out
-
-
 # ---------------------------------------------------------------------------
 # embedded default weights
 # ---------------------------------------------------------------------------
@@ -127,7 +105,7 @@ def bundle_fingerprint(bundle) -> str:
     return h.hexdigest()
 
 
-def default_pretrained(model: str | None, bundle) -> dict[str, torch.Tensor] | None:
+def default_pretrained(model: str | None, bundle) -> dict[str, Any] | None:
     """The embedded trained weights when ``model`` and ``bundle`` are the defaults, else ``None``.
 
     ``model`` is the model spec (``None`` or ``"resnet8"`` = the default).  The
@@ -146,6 +124,8 @@ def default_pretrained(model: str | None, bundle) -> dict[str, torch.Tensor] | N
     if file_sha256(path) != meta["sha256"]:
         warnings.warn(f"embedded weights {path.name} fail their checksum; pretraining instead", stacklevel=2)
         return None
+    import torch  # here, not at the top: relucomp.config reads the presets before torch is imported
+
     return torch.load(path, map_location="cpu", weights_only=True)
 
 

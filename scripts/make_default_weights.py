@@ -25,7 +25,7 @@ from relucomp.data import load_data
 from relucomp.loaders import BatchLoader
 from relucomp.models import load_model
 from relucomp.recipe import DEFAULT_WEIGHTS, bundle_fingerprint, file_sha256
-from relucomp.train import evaluate
+from relucomp.train import evaluate, progress_bar
 
 
 def main() -> None:
@@ -39,8 +39,9 @@ def main() -> None:
     torch.manual_seed(spec["seed"])
     model = load_model(spec["model"], num_classes=bundle.num_classes)
     t0 = time.perf_counter()
-    model, info = pretrain(model, bundle, epochs=args.epochs, lr=0.05, batch_size=128, seed=spec["seed"],
-                           progress=True, cache_key=None)
+    with progress_bar(True) as prog:
+        model, info = pretrain(model, bundle, epochs=args.epochs, lr=0.05, batch_size=128, seed=spec["seed"],
+                               progress=prog, cache_path=None)
     seconds = time.perf_counter() - t0
     model.eval()
     acc = {s: evaluate(model, BatchLoader(getattr(bundle, s), batch_size=512))["acc"] for s in ("val", "test")}

@@ -22,7 +22,8 @@ from relucomp.passes.insert_gates import gates_of
 from relucomp.passes.lower_gates import LowerGatesPass
 from relucomp.passes.snl_search import SNLSearchPass, hard_count, select_live
 from relucomp.passes.finetune import FinetunePass
-from relucomp.recipe import PRESETS, resolve_effort
+from relucomp.config import CompileConfig, resolve_config, resolve_effort, validate
+from relucomp.recipe import PRESETS
 from relucomp.train import Interrupted
 from relucomp.verify import onnx_relu_count
 
@@ -199,21 +200,40 @@ def test_one_epoch_search_spreads_budget_over_layers(small_synthetic):
 # --------------------------------------------------------------------------- presets
 
 def test_effort_presets_resolve_to_documented_epochs():
-    assert resolve_effort("quick") == {"pretrain_epochs": 15, "search_epochs": 3, "finetune_epochs": 3,
-                                       "batch_size": 128}
-    assert resolve_effort("standard") == {"pretrain_epochs": 30, "search_epochs": 10, "finetune_epochs": 10,
-                                          "batch_size": 128}
-    assert resolve_effort("paper") == {"pretrain_epochs": 200, "search_epochs": 100, "finetune_epochs": 100,
-                                       "batch_size": 128}
-    assert set(PRESETS) == {"quick", "standard", "paper"}
-    # explicit options override the preset
-    assert resolve_effort("paper", search_epochs=7, batch_size=64)["search_epochs"] == 7
-    assert resolve_effort("paper", search_epochs=7, batch_size=64)["batch_size"] == 64
-    assert resolve_effort("paper", search_epochs=7)["finetune_epochs"] == 100
-    with pytest.raises(RelucompError, match="unknown effort"):
-        resolve_effort("max")
-    with pytest.raises(RelucompError):
-        resolve_effort("quick", finetune_epochs=-1)
+    def sched(**kw):
+        c = resolve_config(None, kw)
+        return (c.search.epochs, c.finetune.epochs, c.runtime.batch_size, c.runtime.effort)
+
+    assert sched() == (3, 3, 128, "quick")  # the default effort
+    assert sched(effort="standard") == (10, 10, 128, "standard")
+    assert sched(effort="paper") == (100, 100, 128, "paper")
+    assert {k: (p.pretrain_epochs, p.search_epochs, p.finetune_epochs, p.batch_size) for k, p in PRESETS.items()} == {
+        "quick": (15, 3, 3, 128), "standard": (30, 10, 10, 128), "paper": (200, 100, 100, 128)}
+    # explicit options override the preset; resolving twice changes nothing
+    assert sched(effort="paper", search_epochs=7, batch_size=64) == (7, 100, 64, "paper")
+    c = resolve_config(None, {"effort": "paper", "search_epochs": 7})
+    assert resolve_effort(c) == c and c.model.pretrain_epochs is None  # pretraining: decided once the model is built
+    from relucomp.config import preset_pretrain_epochs
+
+    assert preset_pretrain_epochs(c) == 200 and preset_pretrain_epochs(CompileConfig()) == 15
+    # the finetune's KD temperature follows the search's unless set
+    assert resolve_config(None, {"search.kd_temperature": 2.0}).finetune.temperature == 2.0
+    assert resolve_config(None, {"search.kd_temperature": 2.0, "ft_temperature": 3.0}).finetune.temperature == 3.0
+    with pytest.raises(RelucompError, match="unknown effort 'max'"):
+        resolve_config(None, {"effort": "max"})
+    with pytest.raises(RelucompError, match="--finetune-epochs -1"):
+        validate(resolve_config(None, {"relu_budget": "2k", "finetune_epochs": -1}), check_data=False)
+
+
+@pytest.mark.parametrize("key,value,msg", [
+    ("replacement", "relu", "unknown replacement 'relu'"), ("warmup", 1.0, "search.warmup = 1.0 must be in [0, 1)"),
+    ("hysteresis", -0.1, "search.hysteresis"), ("refine", -1, "search.refine"),
+    ("ft_kd_weight", 1.5, "finetune.kd_weight = 1.5"), ("ft_temperature", 0.0, "finetune.temperature = 0.0"),
+    ("kd_temperature", -1.0, "search.kd_temperature")])
+def test_recipe_options_validated_up_front(key, value, msg):
+    with pytest.raises(RelucompError, match=msg.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")) as ei:
+        validate(resolve_config(None, {"relu_budget": "2k", key: value}), check_data=False)
+    assert "\n" not in str(ei.value.cause) and ei.value.fix
 
 
 # --------------------------------------------------------------------------- embedded default weights
@@ -306,3 +326,59 @@ def test_resume_reproduces_uninterrupted_run(phase, small_synthetic):
         got = _state(gm)
         for k in ref:
             assert torch.equal(got[k], ref[k]), k
+
+
+class _InterruptAtBatch:
+    """A train loader that raises KeyboardInterrupt (as Ctrl-C would) before its ``at``-th batch, once."""
+
+    def __init__(self, loader, at: int):
+        self.loader, self.at, self.n = loader, at, 0
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
+
+    def __iter__(self):
+        for batch in self.loader:
+            self.n += 1
+            if self.n == self.at:
+                raise KeyboardInterrupt
+            yield batch
+
+
+def test_cli_resume_mid_search_reproduces_uninterrupted_run(tmp_path, rc_cache, monkeypatch):
+    """compile --out, Ctrl-C in the middle of the search, --resume: the masks, weights and accuracy of an
+    uninterrupted run (the search's loop state travels through the stage checkpoint)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    import relucomp.stages.search as search_stage
+    from relucomp.cli import app
+
+    args = ["compile", "tinycnn", "-b", "3k", "--limit", "300", "--pretrain-epochs", "0", "--epochs", "2",
+            "--finetune-epochs", "1", "--batch-size", "32", "--no-progress"]
+    run = lambda *extra: CliRunner().invoke(app, [str(a) for a in (*args, *extra)])  # noqa: E731
+    ref = run("--out", tmp_path / "ref")
+    assert ref.exit_code == 0, ref.output
+
+    real = search_stage.SNLSearchPass
+    monkeypatch.setattr(search_stage, "SNLSearchPass",
+                        lambda **kw: real(**{**kw, "train_loader": _InterruptAtBatch(kw["train_loader"], 10)}))
+    r = run("--out", tmp_path / "cut")
+    assert r.exit_code == 130 and "--resume" in r.output, r.output
+    state = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
+    assert state["phase"] == "search" and state["loop"]["batch"] > 0  # cut mid-epoch, the batch recorded
+    monkeypatch.setattr(search_stage, "SNLSearchPass", real)
+    r = run("--out", tmp_path / "cut", "--resume")
+    assert r.exit_code == 0, r.output
+
+    a = torch.load(tmp_path / "ref" / "model.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "cut" / "model.pt", weights_only=True)["state_dict"]
+    masks = [k for k in a if k.endswith(".mask")]
+    assert masks and all(torch.equal(a[k], b[k]) for k in masks)
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:3]
+    ra, rb = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("ref", "cut"))
+    assert ra["accuracy"] == rb["accuracy"] and ra["relus"] == rb["relus"]
