@@ -382,3 +382,23 @@ def test_cli_resume_mid_search_reproduces_uninterrupted_run(tmp_path, rc_cache, 
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:3]
     ra, rb = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("ref", "cut"))
     assert ra["accuracy"] == rb["accuracy"] and ra["relus"] == rb["relus"]
+
+
+def test_pretrain_stage_uses_embedded_weights_only_for_the_defaults(rc_cache):
+    """The default model on the default data starts from the shipped weights (no pretraining, the report says
+    so); an explicit --pretrain-epochs (or a checkpoint, another model or split) does not get them."""
+    import relucomp.recipe as recipe
+    from relucomp.stages import STAGES, Hooks, run
+
+    stages = STAGES[:3]  # data, model, pretrain
+    assert [s.name for s in stages] == ["data", "model", "pretrain"]
+    st = run(resolve_config(None, {"relu_budget": "2k", "progress": False}), Hooks(), stages=stages)
+    pre = st["pretrain"]
+    assert pre.epochs == 0 and pre.info["embedded_weights"].endswith("resnet8_synthetic.pt")
+    assert pre.info["sha256"] == recipe.default_weights_info()["sha256"]
+    shipped = recipe.default_pretrained("resnet8", st["data"].bundle)
+    assert all(torch.equal(v, shipped[k]) for k, v in pre.teacher.state_dict().items())
+    st = run(resolve_config(None, {"relu_budget": "2k", "progress": False, "pretrain_epochs": 0}), Hooks(),
+             stages=stages)
+    assert "embedded_weights" not in st["pretrain"].info and st["pretrain"].epochs == 0
+    assert not all(torch.equal(v, shipped[k]) for k, v in st["pretrain"].teacher.state_dict().items())
