@@ -22,10 +22,10 @@ import torch
 from torch import fx, nn
 
 from . import __version__
-from .budget import check_relu_budget, parse_count
+from .budget import check_relu_budget, check_uncounted_nonlinearities, parse_count
 from .errors import ModelLoadError, RelucompError
 from .infra import PassManager
-from .ir import trace
+from .ir import copy_gm, trace
 from .loaders import BatchLoader, first_batch
 from .passes.canonicalize import CanonicalizeReLUPass
 from .passes.compose_affine import ComposeAffinePass
@@ -180,11 +180,17 @@ def analyze(model: nn.Module | fx.GraphModule, example: torch.Tensor, *, leaf_mo
     return pm.run(gm).gm
 
 
-def _summary(gm: fx.GraphModule) -> dict[str, int]:
+def _summary(gm: fx.GraphModule) -> dict[str, Any]:
     rows = layer_table(gm)
+    ops: dict[str, int] = {}
+    for r in rows:
+        for k, v in r.get("nonlinearities", {}).items():
+            ops[k] = ops.get(k, 0) + v
     return {"relus": sum(r["relus"] for r in rows), "relus_kept": sum(r["relus_kept"] for r in rows),
             "macs": sum(r["macs"] for r in rows),
             "maxpool_comparisons": sum(r.get("maxpool_comparisons", 0) for r in rows),
+            "hidden_relus": sum(r.get("hidden_relus", 0) for r in rows),
+            "comparisons": sum(r.get("comparisons", 0) for r in rows), "nonlinearities": ops,
             "params": int(sum(p.numel() for p in gm.parameters()))}
 
 
@@ -349,6 +355,7 @@ def compile(  # noqa: A001 - the public name users expect
     fair_phase: str = "finetune",
     dual_lr: float = 0.05,
     diagnose: bool = False,
+    budget_includes_maxpool: bool = False,
     search_snapshots: Sequence[int] = (),
     on_snapshot: Callable[[int, dict], None] | None = None,
     search_state: dict | None = None,
@@ -386,7 +393,7 @@ def compile(  # noqa: A001 - the public name users expect
     the gates are binarized to ``relu_budget``).
     """
     from .fair_compile import (FAIR_METHODS, FAIR_PHASES, FairPhase, check_groups, ema_copy, fairness_section,
-                               group_train_accuracy)
+                               group_accuracy_like_replay)
 
     say = log or (lambda s: None)
     if search not in SEARCH_METHODS:
@@ -431,6 +438,9 @@ def compile(  # noqa: A001 - the public name users expect
         raise RelucompError("the model has no ReLUs that relucomp can see",
                             "relucomp gates ReLUs; models using other activations are not supported yet")
     budget = check_relu_budget(parse_count(relu_budget, total=before["relus"]), before["relus"])
+    # comparisons no gate controls (hidden ReLUs in leaf modules, ReLU6, clamp, other activations [, MaxPool])
+    # are charged against the budget before any training; the gates get what is left
+    gate_budget = check_uncounted_nonlinearities(gm_dense, budget, include_maxpool=budget_includes_maxpool)
     if prune_channels is not None or mac_budget is not None or sparsity is not None:
         from .pruning import check_options as check_pruning_options
 
@@ -462,7 +472,9 @@ def compile(  # noqa: A001 - the public name users expect
         constrained = fair_method != "nft"
         if constrained:
             check_groups(bundle)
-        dense_train_groups, dense_train_acc = group_train_accuracy(teacher, bundle.train)
+        # the reference CEAG's replay buffers are compared with: measured as they are (train mode, augmented)
+        dense_train_groups, dense_train_acc = group_accuracy_like_replay(teacher, bundle.train, batch_size=batch_size,
+                                                                         seed=seed)
 
     def fair_phase_for(phase_name: str, model_for_ema) -> FairPhase:
         use = fair_method if (fair_phase == "both" or fair_phase == phase_name) else "nft"
@@ -498,10 +510,10 @@ def compile(  # noqa: A001 - the public name users expect
                 soft0 = soft_count(gates_of(gm).values())
                 search_stats = {"warm_start": True, "budget": budget, "total_relus": before["relus"],
                                 "soft_relus_at_start": soft0,
-                                "hard_relus": binarize_to_budget(gates_of(gm), budget)}
+                                "hard_relus": binarize_to_budget(gates_of(gm), gate_budget)}
             elif search == "snl":
                 sfair = fair_phase_for("search", None) if fair_phase in ("search", "both") and constrained else None
-                sp = SNLSearchPass(budget=budget, train_loader=train_loader, teacher=teacher, epochs=search_epochs,
+                sp = SNLSearchPass(budget=gate_budget, train_loader=train_loader, teacher=teacher, epochs=search_epochs,
                                    lr=lr, alpha_lr=alpha_lr, kd_weight=kd_weight, progress=prog,
                                    extra_loss=sfair.extra_loss if sfair else None,
                                    after_step=sfair.after_step if sfair else None,
@@ -512,9 +524,9 @@ def compile(  # noqa: A001 - the public name users expect
                 if sfair is not None:
                     search_stats["fair_trajectory"] = sfair.trajectory
             else:
-                sp = LayerDropSearchPass(budget=budget, calib_loader=val_loader, device=device)
+                sp = LayerDropSearchPass(budget=gate_budget, calib_loader=val_loader, device=device)
                 search_stats = PassManager([sp]).run(gm).stats["passes"][0]["stats"]
-            if hard_count(gates_of(gm).values()) > budget:  # defensive: never above budget
+            if hard_count(gates_of(gm).values()) > gate_budget:  # defensive: never above budget
                 raise RuntimeError("search produced more ReLUs than the budget")
         light_search = {k: v for k, v in search_stats.items() if k not in ("history", "lambda_trace")}
         # [pruning hook] channel pruning / GMP runs here, on the gated graph, before finetuning
@@ -525,7 +537,7 @@ def compile(  # noqa: A001 - the public name users expect
             with phases("prune"):
                 pruning, gmp = compile_hook(
                     gm, prune_channels=prune_channels, mac_budget=mac_budget, sparsity=sparsity,
-                    importance=prune_importance, calib=train_loader, relu_budget=budget,
+                    importance=prune_importance, calib=train_loader, relu_budget=gate_budget,
                     finetune_steps=max(0, finetune_epochs) * len(train_loader), log=say,
                     resume_plan=state.get("pruning_plan") if state is not None and state.get("phase") == "finetune" else None)
         pruning_plan = pruning_plan_of(pruning) if pruning is not None else None
@@ -558,6 +570,9 @@ def compile(  # noqa: A001 - the public name users expect
     if gmp is not None and gm_ema is not None:
         gmp.apply_to(gm_ema)
 
+    # diagnostics compare like with like: the dense model and the compiled model in the same form (BN
+    # separate, unfolded; the hard-gated graph computes exactly what the lowered one does)
+    gated_for_diag = copy_gm(gm) if diagnose else None
     with phases("fold"):
         pm = PassManager(lowering_passes(calib, gate_form=gate_form), calibration=calib)
         gm = pm.run(gm).gm
@@ -598,7 +613,7 @@ def compile(  # noqa: A001 - the public name users expect
             diag_ds = bundle.val
             diagnostics = {name: _diagnose(trainable(m), BatchLoader(diag_ds, batch_size=256), bundle.num_groups,
                                            bundle.group_names)
-                           for name, m in (("dense", teacher), ("compiled", gm))}
+                           for name, m in (("dense", teacher), ("compiled", gated_for_diag))}
 
     kept_by_site = {r["name"]: r["relus_kept"] for r in after_rows if r["kind"] in ("relu", "gate", "sparse_relu")}
     per_layer = [{"site": r["name"], "shape": r["shape"], "relus_before": r["relus"],
@@ -615,7 +630,12 @@ def compile(  # noqa: A001 - the public name users expect
                     "pretrain_epochs": epochs_pre, "batch_size": batch_size, "lr": lr, "seed": seed,
                     "gate_form": gate_form, "replace_maxpool": replace_maxpool},
         "pretrain": pre_info,
-        "relus": {"before": before["relus"], "after": after["relus_kept"], "budget": budget},
+        "relus": {"before": before["relus"], "after": after["relus_kept"], "budget": budget,
+                  "gate_budget": gate_budget, "hidden_before": before["hidden_relus"],
+                  "hidden_after": after["hidden_relus"]},
+        "comparisons": {"ungated_before": before["comparisons"], "ungated_after": after["comparisons"],
+                        "budget_includes_maxpool": budget_includes_maxpool,
+                        "nonlinearities": before["nonlinearities"]},
         "macs": {"before": before["macs"], "after": after["macs"]},
         "params": {"before": before["params"], "after": after["params"]},
         "maxpool_comparisons": {"before": before["maxpool_comparisons"], "after": after["maxpool_comparisons"]},

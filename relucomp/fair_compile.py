@@ -53,6 +53,36 @@ def group_train_accuracy(model: nn.Module, ds, batch_size: int = 512) -> tuple[l
     return per, overall
 
 
+@torch.no_grad()
+def group_accuracy_like_replay(model: nn.Module, ds, *, batch_size: int = 128, seed: int = 0,
+                               epochs: int = 1) -> tuple[list[float | None], float]:
+    """Per-group and overall accuracy (points) measured the way the replay buffers measure it.
+
+    CEAG's replay buffers hold the *training* model's correctness on the
+    training batches: train mode (BatchNorm on batch statistics, dropout on)
+    and augmented images (random crop + flip), at the training batch size.  The
+    dense reference ``d_g`` of ψ_g = (d_g − a_g) − (d − a) must be measured
+    the same way, or ψ_g carries the eval-vs-train gap of the measurement
+    rather than the damage of compression.  ``model`` is left untouched (a
+    copy runs in train mode, so its BatchNorm running statistics never move).
+    """
+    m = copy.deepcopy(model).train()
+    G = len(ds.group_names)
+    correct = torch.zeros(G)
+    count = torch.zeros(G)
+    loader = BatchLoader(ds, batch_size=batch_size, shuffle=True, augment=True, seed=seed + 7919)
+    for _ in range(max(1, int(epochs))):
+        for x, y, g in loader:
+            if x.shape[0] < 2:  # a batch of one has no batch statistics
+                continue
+            ok = (m(x).argmax(1) == y).float()
+            correct.index_add_(0, g, ok)
+            count.index_add_(0, g, torch.ones_like(ok))
+    per = [100.0 * float(c / n) if n > 0 else None for c, n in zip(correct, count)]
+    overall = 100.0 * float(correct.sum() / count.sum().clamp_min(1))
+    return per, overall
+
+
 class FairPhase:
     """Constraint term + EMA + trajectory recording for one training phase."""
 
