@@ -63,10 +63,13 @@ def _layer_table(title: str, rows: list[dict], *, before_after: bool = False) ->
         return t
     t.add_column("ReLUs", justify="right")
     t.add_column("MACs", justify="right")
+    t.add_column("other comparisons (not gated)", justify="right")
     for r in rows:
         relus = r["relus_kept"] if r["kind"] != "relu" else r["relus"]
+        cmp = r.get("comparisons", 0) + r.get("maxpool_comparisons", 0)
+        hidden = f" ({r['hidden_relus']:,} hidden ReLUs)" if r.get("hidden_relus") else ""
         t.add_row(r["name"], r["kind"], "×".join(map(str, r["shape"])), f"{relus:,}" if relus else "",
-                  human(r["macs"]) if r["macs"] else "")
+                  human(r["macs"]) if r["macs"] else "", f"{cmp:,} {r.get('op', '')}{hidden}" if cmp else "")
     return t
 
 
@@ -202,7 +205,10 @@ def inspect(
     tot = info["total"]
     out_console.print(f"[bold]total:[/] {tot['relus_kept']:,} ReLUs, {tot['macs']:,} MACs ({human(tot['macs'])}), "
                       f"{tot['params']:,} params" + (f", {tot['maxpool_comparisons']:,} MaxPool comparisons (PI pays for these too)"
-                                                      if tot.get("maxpool_comparisons") else ""))
+                                                      if tot.get("maxpool_comparisons") else "")
+                      + (f", {tot['comparisons']:,} comparisons no gate controls"
+                         + (f" (incl. {tot['hidden_relus']:,} ReLUs hidden in leaf modules)" if tot.get("hidden_relus") else "")
+                         if tot.get("comparisons") else ""))
 
 
 @app.command()
