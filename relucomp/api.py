@@ -257,16 +257,23 @@ def inspect_onnx(path: str | Path) -> dict[str, Any]:
 # ---------------------------------------------------------------------------
 
 def _group_accuracy(model: nn.Module, ds, device="cpu") -> dict[str, Any]:
+    """Test accuracy (points) per group, computed by fairlearn's MetricFrame (relucomp.metrics.group_accuracy)."""
+    from .metrics import group_accuracy
+
     loader = BatchLoader(ds, batch_size=512)
     model.eval()
-    correct = torch.zeros(len(ds.group_names))
-    count = torch.zeros(len(ds.group_names))
+    preds, ys, gs = [], [], []
     with torch.no_grad():
         for x, y, g in loader:
-            ok = (model(x.to(device)).argmax(1).cpu() == y).float()
-            correct.index_add_(0, g, ok)
-            count.index_add_(0, g, torch.ones_like(ok))
-    return {name: (100.0 * float(c / n) if n > 0 else None) for name, c, n in zip(ds.group_names, correct, count)}
+            preds.append(model(x.to(device)).argmax(1).cpu())
+            ys.append(y)
+            gs.append(g)
+    if not preds:
+        return {name: None for name in ds.group_names}
+    tab = group_accuracy(torch.cat(ys), torch.cat(preds), torch.cat(gs), list(ds.group_names), n_boot=None,
+                         include_overall=False)
+    return {name: (float(tab.loc[name, "accuracy"]) if int(tab.loc[name, "count"]) > 0 else None)
+            for name in ds.group_names}
 
 
 def _prepare_out(out_dir) -> Path | None:
