@@ -207,12 +207,13 @@ def is_getitem(node: fx.Node) -> bool:
 #: evaluated in 2PC by piecewise approximations, each at least one comparison per element)
 ONE_PER_ELEMENT = frozenset({
     "relu", "threshold", "leaky_relu", "prelu", "rrelu", "elu", "selu", "celu", "gelu", "silu", "mish",
-    "softplus", "sigmoid", "tanh", "logsigmoid", "softsign", "tanhshrink", "abs", "sign", "sgn",
+    "softplus", "sigmoid", "tanh", "logsigmoid", "softsign", "tanhshrink", "abs",
     "maximum", "minimum", "fmax", "fmin", "clamp_min", "clamp_max", "gt", "lt", "ge", "le",
     "softmax", "log_softmax", "glu", "erf",
 })
-#: two comparisons per element (both bounds of a clip / a piecewise-linear hat)
-TWO_PER_ELEMENT = frozenset({"relu6", "hardswish", "hardsigmoid", "hardshrink", "softshrink"})
+#: two comparisons per element (both bounds of a clip / a piecewise-linear hat / sign's two tests); the ONNX
+#: walker (relucomp.onnx_graph) counts the exported ops by the same convention
+TWO_PER_ELEMENT = frozenset({"relu6", "hardswish", "hardsigmoid", "hardshrink", "softshrink", "sign", "sgn"})
 #: reductions: comparisons = input elements - output elements
 REDUCTIONS = frozenset({"amax", "amin", "argmax", "argmin", "adaptive_max_pool1d", "adaptive_max_pool2d",
                         "adaptive_max_pool3d", "max", "min", "aminmax"})

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import relucomp.api as api
-from relucomp.budget import check_uncounted_nonlinearities
+from relucomp.budget import check_relu_budget, check_uncounted_nonlinearities
 from relucomp.errors import BudgetError
 from relucomp.infra import PassManager
 from relucomp.ir import meta, relu_nodes, trace
@@ -115,21 +115,13 @@ class Block(nn.Module):
         return F.relu(y - 0.1) + torch.clamp(x, min=0)
 
 
-class PlainBlock(Block):
-    """Same count of hidden ReLUs, all exported as ONNX Relu (today's ONNX counter sees only Relu)."""
-
-    def forward(self, x):
-        y = self.act(self.conv(x))
-        return F.relu(y - 0.1) + x.relu()
-
-
 class HiddenReLUs(nn.Module):
     """8x8x8 = 512 ReLUs per op: stem clamp(min=0) (gateable once canonicalized), 3x512 hidden in the leaf."""
 
-    def __init__(self, num_classes=10, block=Block):
+    def __init__(self, num_classes=10):
         super().__init__()
         self.stem = nn.Conv2d(3, 8, 3, padding=1, stride=4)
-        self.block = block(8)
+        self.block = Block(8)
         self.head = nn.Linear(8 * 8 * 8, num_classes)
 
     def forward(self, x):
@@ -145,7 +137,7 @@ def test_relus_hidden_in_a_leaf_module_are_counted():
     total = sum(r["relus"] for r in rows.values())
     assert total == 4 * 512  # the "budget above the model's ReLUs" check sees all of them
     with pytest.raises(BudgetError, match="3,000 is above the model's 2,048 ReLUs"):
-        api.check_relu_budget(3000, total)
+        check_relu_budget(3000, total)
     assert check_uncounted_nonlinearities(gm, 2000) == 2000 - 3 * 512
     with pytest.raises(BudgetError) as err:
         check_uncounted_nonlinearities(gm, 1000)
@@ -166,8 +158,11 @@ def test_compile_refuses_hidden_relus_over_budget_before_training(rc_cache, monk
     def boom(*a, **k):
         raise AssertionError("training started")
 
-    monkeypatch.setattr(api, "pretrain", boom)
-    monkeypatch.setattr(api, "SNLSearchPass", boom)
+    import relucomp.stages.pretrain as pretrain_stage
+    import relucomp.stages.search as search_stage
+
+    monkeypatch.setattr(pretrain_stage, "pretrain", boom)
+    monkeypatch.setattr(search_stage, "SNLSearchPass", boom)
     with pytest.raises(BudgetError) as err:
         api.compile(HiddenReLUs(), "synthetic", relu_budget=1500, leaf_modules=[Block], limit=200, progress=False)
     assert "block" in err.value.cause and "cannot gate" in err.value.cause
@@ -175,12 +170,19 @@ def test_compile_refuses_hidden_relus_over_budget_before_training(rc_cache, monk
 
 @pytest.mark.e2e
 def test_compile_gates_clamp_and_counts_hidden_relus(rc_cache, tmp_path):
-    res = api.compile(HiddenReLUs(block=PlainBlock), "synthetic", relu_budget=1800, leaf_modules=[Block], limit=200,
+    """ReLUs in a leaf module (one of them a clamp(min=0), exported as a ReLU-equivalent Max/Clip) and a
+    clamp(min=0) outside it: the outer one is gated, the hidden ones are charged to the budget, and the
+    exported graph's ReLU count equals the report's."""
+    res = api.compile(HiddenReLUs(), "synthetic", relu_budget=1800, leaf_modules=[Block], limit=200,
                       search_epochs=1, finetune_epochs=0, progress=False, out_dir=tmp_path / "out")
     rep = res.report
     assert rep["relus"]["before"] == 2048 and rep["relus"]["gate_budget"] == 1800 - 1536
     assert rep["relus"]["hidden_after"] == 1536
     assert rep["per_layer"][0]["relus_before"] == 512  # the clamp(min=0) is a gated site
     assert 1536 < rep["relus"]["after"] <= 1800
-    counted = onnx_relu_count(onnx.load(str(res.onnx_path)))["relus"]
-    assert counted == rep["relus"]["after"]  # the graph's count equals the report's
+    counted = onnx_relu_count(onnx.load(str(res.onnx_path)))
+    assert counted["relus"] == rep["relus"]["after"]  # the graph's count equals the report's
+    # ungated comparisons include the hidden ReLUs: gated kept + ungated = what the graph evaluates
+    gated_kept = rep["relus"]["after"] - rep["relus"]["hidden_after"]
+    assert counted["budgeted_comparisons"] == gated_kept + rep["comparisons"]["ungated_after"] <= 1800
+    assert rep["export"]["onnx_relus"] == rep["relus"]["after"]
