@@ -84,8 +84,13 @@ def test_no_unrestricted_unpickling_in_the_package():
     bad = []
     for path in root.rglob("*.py"):
         text = path.read_text()
-        for m in re.finditer(r"pickle\.loads?\(|torch\.load\([^)]*\)|np\.load\([^)]*\)", text):
-            s = m.group(0)
+        for m in re.finditer(r"pickle\.loads?\(|torch\.load\(|np\.load\(", text):
+            depth, end = 0, m.end() - 1
+            for end in range(m.end() - 1, len(text)):  # the whole call, nested parentheses included
+                depth += {"(": 1, ")": -1}.get(text[end], 0)
+                if depth == 0:
+                    break
+            s = text[m.start():end + 1]
             if s.startswith("pickle") or ("torch.load" in s and "weights_only=True" not in s) or (
                     "np.load" in s and "allow_pickle=False" not in s):
                 bad.append(f"{path.name}: {s}")
