@@ -78,6 +78,7 @@ class SearchSection(_Section):
     kd_weight: float = 0.5
     kd_temperature: float = 4.0         # the KD temperature of the search (and of the finetune unless it sets one)
     replace_maxpool: bool = False
+    budget_includes_maxpool: bool = False  # MaxPool comparisons count against relu_budget (search and export)
     replacement: str = "affine"         # linearized ReLUs become: affine (learned per-channel s·x+b) | identity (SNL)
     warmup: float = 0.15                # fraction of the search steps before the first pin
     hysteresis: float = 0.05            # a pinned entry re-opens when its score beats a live one by this margin
@@ -123,7 +124,6 @@ class PruningSection(_Section):
 class ExportSection(_Section):
     enabled: bool = True
     gate_form: str = "pi"
-    include_maxpool: bool = False       # count MaxPool comparisons against the ReLU budget
     opset: int = 18
 
 
@@ -189,15 +189,16 @@ KEYWORDS: dict[str, str] = {
     "relu_budget": "search.relu_budget", "granularity": "search.granularity", "search": "search.method",
     "search_epochs": "search.epochs", "lr": "search.lr", "alpha_lr": "search.alpha_lr",
     "kd_weight": "search.kd_weight", "kd_temperature": "search.kd_temperature",
-    "replace_maxpool": "search.replace_maxpool", "replacement": "search.replacement", "warmup": "search.warmup",
-    "hysteresis": "search.hysteresis", "refine": "search.refine",
+    "replace_maxpool": "search.replace_maxpool", "budget_includes_maxpool": "search.budget_includes_maxpool",
+    "replacement": "search.replacement", "warmup": "search.warmup", "hysteresis": "search.hysteresis",
+    "refine": "search.refine",
     "finetune_epochs": "finetune.epochs", "ft_kd_weight": "finetune.kd_weight", "ft_temperature": "finetune.temperature",
     "bn_recalibrate": "finetune.bn_recalibrate", "effort": "runtime.effort",
     "fair_method": "fairness.method", "tolerance": "fairness.tolerance", "fair_phase": "fairness.phase",
     "dual_lr": "fairness.dual_lr",
     "prune_channels": "pruning.prune_channels", "mac_budget": "pruning.mac_budget", "sparsity": "pruning.sparsity",
     "prune_importance": "pruning.importance",
-    "export": "export.enabled", "gate_form": "export.gate_form", "include_maxpool": "export.include_maxpool",
+    "export": "export.enabled", "gate_form": "export.gate_form",
     "seed": "runtime.seed", "batch_size": "runtime.batch_size", "device": "runtime.device",
     "out_dir": "runtime.out_dir", "resume": "runtime.resume", "progress": "runtime.progress",
     "diagnose": "runtime.diagnose",

@@ -45,6 +45,6 @@ def run(st: RunState) -> ExportOut:
                 "fair_method": cfg.fair_method, "tolerance_eps": cfg.fairness.tolerance, "test_max_psi": rep.max_psi}
         rep.export = export_onnx(low.gm, out / "model.onnx", example=data.calib[:1],
                                  verify_batch=first_batch(data.test, 7), metadata=meta, max_relus=m.budget,
-                                 opset=cfg.export.opset, include_maxpool=cfg.export.include_maxpool)
+                                 opset=cfg.export.opset, include_maxpool=cfg.search.budget_includes_maxpool)
         onnx_path = out / "model.onnx"
     return ExportOut(onnx_path=onnx_path)
