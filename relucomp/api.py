@@ -304,6 +304,12 @@ def build_gated(model: nn.Module, example: torch.Tensor, *, granularity: str,
 
 
 def lowering_passes(example: torch.Tensor, *, gate_form: str = "sparse", compose: str = "macs") -> list:
+    """The lowering pipeline; ``gate_form`` "pi" / "edge" are the two export targets (see export_targets)."""
+    if gate_form == "edge":  # plaintext-optimal: each partial layer one PRelu (passes/edge_lowering.py)
+        from .passes.edge_lowering import EdgeLoweringPass
+
+        return [LowerGatesPass("sparse"), FoldBatchNormPass(), EdgeLoweringPass(), ComposeAffinePass(compose),
+                DeadCodeEliminationPass(), ShapeAnalysisPass(example[:1])]
     if gate_form == "pi":  # PI-ready: per layer, the cheapest data-movement form around the kept ReLUs
         from .passes.pi_lowering import PILoweringPass
 
@@ -338,6 +344,7 @@ def compile(  # noqa: A001 - the public name users expect
     resume: bool = False,
     export: bool = True,
     gate_form: str = "pi",
+    export_target: str = "pi",
     replace_maxpool: bool = False,
     leaf_modules: Sequence[type] = (),
     prune_channels: float | None = None,
@@ -377,7 +384,9 @@ def compile(  # noqa: A001 - the public name users expect
 
     With ``out_dir`` it writes ``model.onnx`` (verified), ``model.pt`` and
     ``report.json``; a Ctrl-C during training leaves ``checkpoint.pt`` there
-    and ``resume=True`` continues from it.
+    and ``resume=True`` continues from it.  ``export_target``: ``pi`` (``model.onnx``,
+    PI-ready), ``edge`` (``model.edge.onnx``, plaintext-optimal) or ``both``
+    (see :mod:`relucomp.export_targets`).
 
     Budget sweeps (:mod:`relucomp.sweep`): ``search_snapshots`` /
     ``on_snapshot(budget, state_dict)`` hand out the gated model's state when
@@ -389,6 +398,9 @@ def compile(  # noqa: A001 - the public name users expect
                                group_train_accuracy)
 
     say = log or (lambda s: None)
+    from .export_targets import parse_target
+
+    export_targets = parse_target(export_target)  # fails before any training on a bad value
     if search not in SEARCH_METHODS:
         raise RelucompError(f"unknown search method {search!r}", f"use one of {', '.join(SEARCH_METHODS)}")
     fair_method = (fair_method or ("ceag" if fair_groups else "nft")).lower()
@@ -613,7 +625,7 @@ def compile(  # noqa: A001 - the public name users expect
         "options": {"relu_budget": budget, "granularity": granularity, "search": search,
                     "search_epochs": search_epochs, "finetune_epochs": finetune_epochs,
                     "pretrain_epochs": epochs_pre, "batch_size": batch_size, "lr": lr, "seed": seed,
-                    "gate_form": gate_form, "replace_maxpool": replace_maxpool},
+                    "gate_form": gate_form, "export_target": export_target, "replace_maxpool": replace_maxpool},
         "pretrain": pre_info,
         "relus": {"before": before["relus"], "after": after["relus_kept"], "budget": budget},
         "macs": {"before": before["macs"], "after": after["macs"]},
@@ -650,9 +662,16 @@ def compile(  # noqa: A001 - the public name users expect
                         "fair_groups": bundle.group_names, "fair_method": fair_method, "tolerance_eps": tolerance,
                         "test_max_psi": fairness["last"]["test"].get("max_psi")}
                 calib_v = first_batch(test_loader, 7)
-                report["export"] = export_onnx(gm, out / "model.onnx", example=calib[:1], verify_batch=calib_v,
-                                               metadata=meta, max_relus=budget)
-                onnx_path = out / "model.onnx"
+                if "pi" in export_targets:
+                    report["export"] = export_onnx(gm, out / "model.onnx", example=calib[:1], verify_batch=calib_v,
+                                                   metadata={**meta, "export_target": "pi"}, max_relus=budget)
+                    onnx_path = out / "model.onnx"
+                if "edge" in export_targets:  # re-lowered from the gated weights just saved (model.pt)
+                    from .export_targets import FILENAMES, export_compiled
+
+                    report["export_edge"] = export_compiled(out, "edge", verify_batch=calib_v, metadata=meta, model=(
+                        None if spec else copy.deepcopy(user_model)))["edge"]
+                    onnx_path = onnx_path or out / FILENAMES["edge"]
         report["phases_seconds"] = phases.seconds
         _atomic_json(out / "report.json", report)
         ckpt.clear()
@@ -668,12 +687,13 @@ def _save_compiled(path: Path, gated_state: dict, **info) -> None:
                              "info": {k: v for k, v in info.items()}})
 
 
-def load_compiled(path: str | Path, *, model: nn.Module | None = None) -> fx.GraphModule:
+def load_compiled(path: str | Path, *, model: nn.Module | None = None, gate_form: str | None = None) -> fx.GraphModule:
     """Rebuild the compiled torch model from ``model.pt`` (or its directory).
 
     The file holds the gated model's weights and masks plus the recipe; the
     graph is rebuilt by replaying the (deterministic) passes.  For a model
     that was passed as an object, pass the same architecture as ``model``.
+    ``gate_form`` overrides the recorded lowering ("pi", "edge", "sparse", "mask").
     """
     path = Path(path)
     if path.is_dir():
@@ -703,4 +723,4 @@ def load_compiled(path: str | Path, *, model: nn.Module | None = None) -> fx.Gra
         apply_plan(gm, info["pruning_plan"])
     gm.load_state_dict(state["state_dict"])
     gm.eval()
-    return PassManager(lowering_passes(example, gate_form=info.get("gate_form", "sparse")), calibration=example).run(gm).gm
+    return PassManager(lowering_passes(example, gate_form=gate_form or info.get("gate_form", "sparse")), calibration=example).run(gm).gm

@@ -203,6 +203,12 @@ def inspect(
     out_console.print(f"[bold]total:[/] {tot['relus_kept']:,} ReLUs, {tot['macs']:,} MACs ({human(tot['macs'])}), "
                       f"{tot['params']:,} params" + (f", {tot['maxpool_comparisons']:,} MaxPool comparisons (PI pays for these too)"
                                                       if tot.get("maxpool_comparisons") else ""))
+    if info.get("metadata"):
+        from .export_targets import describe
+
+        line = describe(info["metadata"])
+        if line:
+            out_console.print(line)
 
 
 @app.command()
