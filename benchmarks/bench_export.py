@@ -124,10 +124,11 @@ def _stats(v: list[float]) -> dict:
     return {"median_ms": round(med * 1e3, 4), "iqr_ms": [round(q1 * 1e3, 4), round(q3 * 1e3, 4)], "n": len(v)}
 
 
-def interleaved(paths: dict[str, str], threads: int, batch: int, repeats: int, inner: int, seed: int = 0) -> dict:
+def interleaved(paths: dict[str, str], threads: int, batch: int, repeats: int, inner: int, seed: int = 0,
+                shape: tuple[int, ...] = (3, 32, 32)) -> dict:
     """Per repeat: every variant once in a fresh random order; a sample = mean of ``inner`` runs."""
     sess = {k: _session(p, threads) for k, p in paths.items()}
-    x = np.random.default_rng(seed).standard_normal((batch, 3, 32, 32)).astype(np.float32)
+    x = np.random.default_rng(seed).standard_normal((batch, *shape)).astype(np.float32)
     feeds = {k: {s.get_inputs()[0].name: x} for k, s in sess.items()}
     for k, s in sess.items():  # warm-up
         for _ in range(3):
@@ -192,7 +193,7 @@ def elementwise_forms(repeats: int) -> dict:
                 paths[f] = str(p)
             for threads in (1, 2):
                 for batch in (1, 64):
-                    r = interleaved(paths, threads, batch, repeats, inner=10 if batch == 1 else 1)
+                    r = interleaved(paths, threads, batch, repeats, inner=10 if batch == 1 else 1, shape=(C, H, H))
                     key = f"{C}x{H}x{H}-t{threads}-b{batch}"
                     out[key] = r
                     med = {k: v["median_ms"] for k, v in r["variants"].items()}
@@ -251,16 +252,21 @@ def main() -> int:
                                "IQR over repeats", "load_note": "shared machine: other jobs ran during the measurement "
                                                                 "(see loadavg); timings are upper bounds"},
            "builds": built, "latency": lat, "summary": summary}
-    if not a.no_forms:
-        res["elementwise_forms"] = elementwise_forms(max(10, repeats // 2) if not a.quick else 5)
     import onnxruntime
 
-    res["machine"] = {**machine_info(), "onnxruntime": onnxruntime.__version__, "torch": torch.__version__,
-                      "loadavg_end": os.getloadavg()}
-    res["wall_s"] = round(time.time() - t_start, 1)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2, default=str))
+
+    def write():
+        res["machine"] = {**machine_info(), "onnxruntime": onnxruntime.__version__, "torch": torch.__version__,
+                          "loadavg_end": os.getloadavg()}
+        res["wall_s"] = round(time.time() - t_start, 1)
+        out.write_text(json.dumps(res, indent=2, default=str))
+
+    write()  # the main result first; the forms study is added when it finishes
+    if not a.no_forms:
+        res["elementwise_forms"] = elementwise_forms(max(10, repeats // 2) if not a.quick else 5)
+        write()
     print(json.dumps(summary, indent=1))
     print(f"wrote {out}")
     return 0

@@ -13,10 +13,13 @@ elements get ``max(x, 0)``, removed ones ``max(x, x) = x`` — the same function
 as the gate.  Candidates were measured in onnxruntime 1.32 (after a 3×3 conv,
 resnet8's three activation shapes, 1 and 2 threads, batch 1 and 64, interleaved
 medians; ``benchmarks/results/export.json`` → ``elementwise_forms``):
-``PRelu(x, s)`` (one op, but onnxruntime's broadcasting PRelu kernel is not
-vectorized: +45–65 % over the fused conv+relu at b64), ``Where(m, Relu(x), x)``
-(slowest), ``x − m·min(x, 0)`` (three ops) and ``Max(x, x·s)`` (two vectorized
-streaming ops) — the last was fastest or tied everywhere, so it is the form.
+``PRelu(x, s)`` (one op, but onnxruntime's broadcasting PRelu kernel is slow:
++26–63 % over the fused conv+relu at b64 in the first measurement),
+``Where(m, Relu(x), x)`` (slowest), ``x − m·min(x, 0)`` (three ops) and
+``Max(x, x·s)`` (two vectorized streaming ops) — the last was fastest in most
+settings of the first measurement, so it is the form.  None matches the
+fused conv+relu of a dense layer: onnxruntime also inserts NCHWc layout reorders
+around ops its NCHWc transformer does not handle (``Mul`` by a constant, ``Max``).
 
 Fully linearized layers were already removed by
 :class:`~relucomp.passes.lower_gates.LowerGatesPass` and their affine
