@@ -118,6 +118,12 @@ def test_export_compiled_both_targets(tmp_path):
     meta = read_metadata(tmp_path / "model.edge.onnx")
     assert meta["export_target"] == "edge" and meta["relu_count"] == kept
     assert "edge" in describe(meta)
+    from typer.testing import CliRunner
+
+    from relucomp.cli import app
+
+    r = CliRunner().invoke(app, ["inspect", str(tmp_path / "model.edge.onnx")])
+    assert r.exit_code == 0 and "export target: edge" in r.output
     assert onnx_relu_count(str(tmp_path / "model.onnx"))["relus"] == kept
     xs = np.random.default_rng(1).standard_normal((3, 3, 6, 6)).astype(np.float32)
     with torch.no_grad():
@@ -132,3 +138,23 @@ def test_export_target_errors(tmp_path):
         parse_target("gpu")
     with pytest.raises(RelucompError, match="does not exist"):
         export_compiled(tmp_path / "nothing", "edge")
+
+
+def test_compile_export_target_both(tmp_path, monkeypatch):
+    from relucomp import api
+
+    monkeypatch.setenv("RELUCOMP_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(RelucompError, match="export target"):  # refused before any training
+        api.compile("tinycnn", "synthetic", relu_budget="2k", export_target="cpu", limit=300, progress=False)
+    res = api.compile("tinycnn", "synthetic", relu_budget="2k", pretrain_epochs=0, limit=300, search_epochs=1,
+                      finetune_epochs=0, progress=False, out_dir=tmp_path / "out", export_target="both")
+    out = tmp_path / "out"
+    assert read_metadata(out / "model.onnx")["export_target"] == "pi"
+    meta = read_metadata(out / "model.edge.onnx")
+    assert meta["export_target"] == "edge" and meta["relu_budget"] == 2000 and "accuracy_test" in meta
+    assert res.report["export_edge"]["export_target"] == "edge"
+    assert onnx_relu_count(str(out / "model.onnx"))["relus"] == res.relus
+    xs = np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    with torch.no_grad():
+        ref = res.model(torch.from_numpy(xs)).numpy()
+    assert np.allclose(ort_run(out / "model.edge.onnx", xs), ref, atol=1e-4, rtol=1e-3)
