@@ -103,6 +103,8 @@ class EdgeLoweringPass(Pass):
             mod = module_of(gm, node)
             if type(mod) is not SparseReLU and not isinstance(mod, ReLUGate):
                 continue
+            if isinstance(mod, ReLUGate) and getattr(mod, "rep_scale", None) is not None:
+                continue  # a gate with a learned replacement: LowerGatesPass lowers it (kept-ReLU op + affine) first
             info = _mask_of(mod)
             if info is None:
                 continue
