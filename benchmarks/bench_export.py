@@ -44,7 +44,7 @@ import torch
 warnings.filterwarnings("ignore")
 logging.getLogger("torch.onnx").setLevel(logging.ERROR)
 
-from relucomp.api import build_gated, lowering_passes  # noqa: E402
+from relucomp.pipelines import build_gated, lowering_passes  # noqa: E402
 from relucomp.export_targets import export_model  # noqa: E402
 from relucomp.infra import PassManager  # noqa: E402
 from relucomp.models import load_model  # noqa: E402

@@ -41,7 +41,7 @@ from torch import fx, nn
 
 from relucomp.infra import Pass, PassResult
 from relucomp.ir import meta, module_of
-from relucomp.nn import ReLUGate, SparseReLU
+from relucomp.nn import ReLUGate, SparseReLU, keep_mask
 
 
 class MaskedReLU(SparseReLU):
@@ -71,21 +71,6 @@ class MaskedReLU(SparseReLU):
         return super().extra_repr() + ", form=maxmul"
 
 
-def _mask_of(mod: nn.Module) -> tuple[torch.Tensor, tuple[int, ...], bool] | None:
-    """(keep mask, act_shape, by_channel) of a partial SparseReLU / hard gate; None otherwise."""
-    if isinstance(mod, SparseReLU):
-        n = mod.act_shape[0] if mod.by_channel else math.prod(mod.act_shape)
-        mask = torch.zeros(n, dtype=torch.bool)
-        mask[mod.keep] = True
-        return mask, mod.act_shape, mod.by_channel
-    if isinstance(mod, ReLUGate) and bool(mod.hard):
-        m = mod.mask.detach()[0] > 0.5
-        if mod.granularity == "channel" and len(mod.act_shape) > 1:
-            return m.reshape(m.shape[0], -1)[:, 0].clone(), mod.act_shape, True
-        return m.expand(mod.act_shape).reshape(-1).clone(), mod.act_shape, False
-    return None
-
-
 class EdgeLoweringPass(Pass):
     """Lower every partial ReLU layer (plain :class:`SparseReLU` or hard gate) to :class:`MaskedReLU`.
 
@@ -105,7 +90,7 @@ class EdgeLoweringPass(Pass):
                 continue
             if isinstance(mod, ReLUGate) and getattr(mod, "rep_scale", None) is not None:
                 continue  # a gate with a learned replacement: LowerGatesPass lowers it (kept-ReLU op + affine) first
-            info = _mask_of(mod)
+            info = keep_mask(mod)
             if info is None:
                 continue
             mask, act_shape, by_channel = info

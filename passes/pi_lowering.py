@@ -60,7 +60,7 @@ from torch import fx, nn
 
 from relucomp.infra import Pass, PassResult
 from relucomp.ir import meta, module_of
-from relucomp.nn import ReLUGate, SparseReLU
+from relucomp.nn import SparseReLU, keep_mask
 
 FORMS = ("gather", "runs", "compact", "channel_perm", "pixel_perm")
 
@@ -335,17 +335,7 @@ def _pixel_or_channel(mod: nn.Module) -> tuple[torch.Tensor, tuple[int, ...], bo
     """(1-D keep mask, act_shape, by_channel) of a partial SparseReLU / hard gate; None otherwise."""
     if isinstance(mod, (RunsReLU, CompactReLU, PrefixReLU)):
         return None  # already lowered
-    if isinstance(mod, SparseReLU):
-        n = mod.act_shape[0] if mod.by_channel else math.prod(mod.act_shape)
-        mask = torch.zeros(n, dtype=torch.bool)
-        mask[mod.keep] = True
-        return mask, mod.act_shape, mod.by_channel
-    if isinstance(mod, ReLUGate) and bool(mod.hard):
-        m = mod.mask.detach()[0] > 0.5
-        if mod.granularity == "channel" and len(mod.act_shape) > 1:
-            return m.reshape(m.shape[0], -1)[:, 0].clone(), mod.act_shape, True
-        return m.expand(mod.act_shape).reshape(-1).clone(), mod.act_shape, False
-    return None
+    return keep_mask(mod)
 
 
 def _perm_plan(gm: fx.GraphModule, node: fx.Node, calls: Counter) -> tuple[fx.Node, list[fx.Node]] | None:

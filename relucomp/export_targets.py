@@ -22,10 +22,10 @@ from typing import Any
 
 import torch
 
+from .config import EXPORT_TARGETS as CHOICES
 from .errors import RelucompError
 
 TARGETS = ("pi", "edge")
-CHOICES = ("pi", "edge", "both")
 FILENAMES = {"pi": "model.onnx", "edge": "model.edge.onnx"}
 
 
@@ -48,28 +48,32 @@ def target_metadata(target: str, base: dict[str, Any] | None = None) -> dict[str
 
 def export_model(model: torch.nn.Module, out_path: str | Path, target: str, *, example: torch.Tensor,
                  verify_batch: torch.Tensor | None = None, metadata: dict[str, Any] | None = None,
-                 budget: int | None = None) -> dict[str, Any]:
-    """Export an already lowered ``model`` for ``target`` (verified; the budget checked for pi only)."""
+                 budget: int | None = None, **export_kwargs: Any) -> dict[str, Any]:
+    """Export an already lowered ``model`` for ``target`` (verified; the budget checked for pi only).
+
+    ``export_kwargs`` (``opset``, ``include_maxpool``) go to :func:`relucomp.export.export_onnx`."""
     from .export import export_onnx
 
     if target not in TARGETS:
         raise RelucompError(f"unknown export target {target!r}", "use pi or edge")
     res = export_onnx(model, out_path, example=example, verify_batch=verify_batch,
-                      metadata=target_metadata(target, metadata), max_relus=budget if target == "pi" else None)
+                      metadata=target_metadata(target, metadata), max_relus=budget if target == "pi" else None,
+                      **export_kwargs)
     res["export_target"] = target
     return res
 
 
 def export_compiled(out_dir: str | Path, target: str = "both", *, verify_batch: torch.Tensor | None = None,
-                    model: torch.nn.Module | None = None, metadata: dict[str, Any] | None = None
-                    ) -> dict[str, dict[str, Any]]:
+                    model: torch.nn.Module | None = None, metadata: dict[str, Any] | None = None,
+                    opset: int = 18) -> dict[str, dict[str, Any]]:
     """Export the compiled model in ``out_dir`` (``model.pt``) for ``target`` ("pi", "edge" or "both").
 
     Rebuilds the gated model from ``model.pt`` (no retraining), lowers it for each
     target and writes ``OUT/model.onnx`` (pi) / ``OUT/model.edge.onnx`` (edge).  The
     metadata of an existing ``OUT/model.onnx`` (accuracy, fairness...) is carried
     over (or ``metadata`` is used).  ``model``: the architecture, for a model compiled
-    from a Python object.  Returns ``{target: export result}``.
+    from a Python object.  Returns ``{target: export result}``.  ``relucomp export``
+    calls this.
     """
     from .api import load_compiled
     from .export import read_metadata
@@ -99,7 +103,7 @@ def export_compiled(out_dir: str | Path, target: str = "both", *, verify_batch: 
         gm = load_compiled(pt, model=model, gate_form=t)
         kept = sum(int(n.meta.get("relucomp", {}).get("relus_kept", 0)) for n in gm.graph.nodes)
         results[t] = export_model(gm, out / FILENAMES[t], t, example=example, verify_batch=vb,
-                                  metadata={**base, "relu_count": kept}, budget=info.get("budget"))
+                                  metadata={**base, "relu_count": kept}, budget=info.get("budget"), opset=opset)
     return results
 
 

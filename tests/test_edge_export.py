@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from relucomp.api import _save_compiled, build_gated, lowering_passes
+from relucomp.pipelines import build_gated, lowering_passes
+from relucomp.stages.export import save_compiled
 from relucomp.errors import RelucompError
 from relucomp.export import ort_run, read_metadata
 from relucomp.export_targets import describe, export_compiled, export_model, parse_target
@@ -108,8 +109,8 @@ def test_export_compiled_both_targets(tmp_path):
     gm, x, kept = _gated("pixel", 9)
     from test_pi_lowering import Net
 
-    _save_compiled(tmp_path / "model.pt", {k: v.clone() for k, v in gm.state_dict().items()}, spec=None, num_classes=5,
-                   granularity="pixel", image_size=6, gate_form="pi", budget=kept)
+    save_compiled(tmp_path / "model.pt", {k: v.clone() for k, v in gm.state_dict().items()}, spec=None, num_classes=5,
+                  granularity="pixel", image_size=6, gate_form="pi", budget=kept)
     torch.manual_seed(9)
     res = export_compiled(tmp_path, "both", model=Net(), verify_batch=torch.randn(4, 3, 6, 6))
     assert set(res) == {"pi", "edge"}
@@ -152,9 +153,35 @@ def test_compile_export_target_both(tmp_path, monkeypatch):
     assert read_metadata(out / "model.onnx")["export_target"] == "pi"
     meta = read_metadata(out / "model.edge.onnx")
     assert meta["export_target"] == "edge" and meta["relu_budget"] == 2000 and "accuracy_test" in meta
-    assert res.report["export_edge"]["export_target"] == "edge"
+    assert res.report.exports["edge"]["export_target"] == "edge" and res.report.exports["pi"] is res.report.export
+    assert res.report.options["export_target"] == "both" and res.onnx_path == out / "model.onnx"
     assert onnx_relu_count(str(out / "model.onnx"))["relus"] == res.relus
     xs = np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)
     with torch.no_grad():
         ref = res.model(torch.from_numpy(xs)).numpy()
     assert np.allclose(ort_run(out / "model.edge.onnx", xs), ref, atol=1e-4, rtol=1e-3)
+    # relucomp export OUT: re-exports from model.pt without retraining (the command only parses and calls)
+    from typer.testing import CliRunner
+
+    from relucomp.cli import app
+
+    (out / "model.edge.onnx").unlink()
+    r = CliRunner().invoke(app, ["export", str(out), "--export-target", "edge"])
+    assert r.exit_code == 0, r.output
+    assert "edge:" in r.output and read_metadata(out / "model.edge.onnx")["export_target"] == "edge"
+    assert read_metadata(out / "model.edge.onnx")["accuracy_test"] == meta["accuracy_test"]  # carried from model.onnx
+    assert np.allclose(ort_run(out / "model.edge.onnx", xs), ref, atol=1e-4, rtol=1e-3)
+
+
+def test_cli_export_target_refused_before_training(tmp_path):
+    from typer.testing import CliRunner
+
+    from relucomp.cli import app
+
+    r = CliRunner().invoke(app, ["compile", "tinycnn", "-b", "2k", "--export-target", "gpu", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "unknown export target 'gpu'" in r.output and "--export-target pi | edge | both" in r.output
+    assert not (tmp_path / "o").exists()
+    r = CliRunner().invoke(app, ["compile", "tinycnn", "-b", "2k", "--export-target", "edge", "--print-config"])
+    assert r.exit_code == 0 and 'target = "edge"' in r.output
+    r = CliRunner().invoke(app, ["export", str(tmp_path / "missing")])
+    assert r.exit_code == 2 and "does not exist" in r.output
