@@ -103,7 +103,8 @@ def export_compiled(out_dir: str | Path, target: str = "both", *, verify_batch: 
         gm = load_compiled(pt, model=model, gate_form=t)
         kept = sum(int(n.meta.get("relucomp", {}).get("relus_kept", 0)) for n in gm.graph.nodes)
         results[t] = export_model(gm, out / FILENAMES[t], t, example=example, verify_batch=vb,
-                                  metadata={**base, "relu_count": kept}, budget=info.get("budget"), opset=opset)
+                                  metadata={**base, "relu_count": kept}, budget=info.get("budget"), opset=opset,
+                                  include_maxpool=bool(info.get("budget_includes_maxpool", False)))
     return results
 
 

@@ -40,7 +40,8 @@ def run(st: RunState) -> ExportOut:
     save_compiled(out / "model.pt", st["finetune"].gated_state, spec=m.spec, num_classes=data.num_classes,
                   granularity=cfg.search.granularity, image_size=cfg.data.image_size, gate_form=cfg.export.gate_form,
                   budget=m.budget, pruning_plan=prune.plan if prune is not None else None,
-                  replace_maxpool=cfg.search.replace_maxpool)
+                  replace_maxpool=cfg.search.replace_maxpool,
+                  budget_includes_maxpool=cfg.search.budget_includes_maxpool)
     if not cfg.export.enabled:
         return ExportOut(onnx_path=None)
     b, targets = data.bundle, parse_target(cfg.export.target)
@@ -53,7 +54,7 @@ def run(st: RunState) -> ExportOut:
     if "pi" in targets:
         exports["pi"] = rep.export = export_model(
             low.gm, out / FILENAMES["pi"], "pi", example=data.calib[:1], verify_batch=verify, metadata=meta,
-            budget=m.budget, opset=cfg.export.opset, include_maxpool=cfg.export.include_maxpool)
+            budget=m.budget, opset=cfg.export.opset, include_maxpool=cfg.search.budget_includes_maxpool)
     if "edge" in targets:  # re-lowered for plaintext from the gated weights just saved (model.pt)
         model = copy.deepcopy(m.model) if m.spec is None else None  # the architecture; weights from model.pt
         exports["edge"] = export_compiled(out, "edge", verify_batch=verify, metadata=meta, model=model,
