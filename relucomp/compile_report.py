@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 SCHEMA_VERSION = 2
-OPTIONAL = ("export", "sweep")  # present in report.json only when set
+OPTIONAL = ("export", "exports", "sweep")  # present in report.json only when set
 
 __all__ = ["CompileReport", "SCHEMA_VERSION"]
 
@@ -44,7 +44,8 @@ class CompileReport:
     passes: list[dict[str, Any]] = field(default_factory=list)
     pruning: dict[str, Any] | None = None
     phases_seconds: dict[str, float] = field(default_factory=dict)
-    export: dict[str, Any] | None = None
+    export: dict[str, Any] | None = None    # the pi export (OUT/model.onnx)
+    exports: dict[str, dict[str, Any]] | None = None  # every export by target: {"pi": ..., "edge": ...}
     sweep: dict[str, Any] | None = None
     schema_version: int = SCHEMA_VERSION
 
