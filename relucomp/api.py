@@ -356,6 +356,12 @@ def compile(  # noqa: A001 - the public name users expect
     progress: bool = True,
     device: str = "cpu",
     log: Callable[[str], None] | None = None,
+    dp_epsilon: float | None = None,
+    dp_delta: float | None = None,
+    dp_max_grad_norm: float = 1.0,
+    dp_phase: str = "finetune",
+    dp_batch_size: int | None = None,
+    export_weights: str | None = None,
 ) -> CompileResult:
     """Compile ``model`` to at most ``relu_budget`` ReLUs per image.
 
@@ -384,6 +390,12 @@ def compile(  # noqa: A001 - the public name users expect
     the SNL search's soft count first reaches each larger budget;
     ``search_state`` warm-starts from such a state (the search is skipped and
     the gates are binarized to ``relu_budget``).
+
+    Differential privacy (:mod:`relucomp.dp`): ``dp_epsilon`` runs the finetune
+    under DP-SGD (opacus) to (``dp_epsilon``, ``dp_delta``)-DP w.r.t. the
+    training split, clipping per-sample gradients to ``dp_max_grad_norm``;
+    ``export_weights`` (``last``/``ema``, default ``ema`` under DP) picks the
+    weights written to ONNX.
     """
     from .fair_compile import (FAIR_METHODS, FAIR_PHASES, FairPhase, check_groups, ema_copy, fairness_section,
                                group_train_accuracy)
@@ -391,13 +403,17 @@ def compile(  # noqa: A001 - the public name users expect
     say = log or (lambda s: None)
     if search not in SEARCH_METHODS:
         raise RelucompError(f"unknown search method {search!r}", f"use one of {', '.join(SEARCH_METHODS)}")
-    fair_method = (fair_method or ("ceag" if fair_groups else "nft")).lower()
+    # under DP the default is to measure fairness only (CEAG/EL dual updates would read private data)
+    fair_method = (fair_method or ("ceag" if fair_groups and dp_epsilon is None else "nft")).lower()
     if fair_method not in FAIR_METHODS:
         raise RelucompError(f"unknown fairness method {fair_method!r}", f"use one of {', '.join(FAIR_METHODS)}")
     if fair_phase not in FAIR_PHASES:
         raise RelucompError(f"unknown fairness phase {fair_phase!r}", f"use one of {', '.join(FAIR_PHASES)}")
     if tolerance < 0:
         raise RelucompError(f"tolerance {tolerance} must be ≥ 0 (accuracy points)", "give e.g. --tolerance 2")
+    from . import dp as _dp
+
+    _dp.check_dp_options(epsilon=None, export_weights=export_weights, n_train=0)
     phases = _Phases()
     if not (isinstance(relu_budget, str) and relu_budget.strip().endswith("%")):
         early = parse_count(relu_budget)  # fail fast on typos, before data and training
@@ -413,6 +429,10 @@ def compile(  # noqa: A001 - the public name users expect
     if n_cls != bundle.num_classes:
         raise RelucompError(f"--num-classes {n_cls} disagrees with the data's {bundle.num_classes} classes",
                             "drop --num-classes or pick the matching target")
+    dp_opts = _dp.check_dp_options(epsilon=dp_epsilon, delta=dp_delta, max_grad_norm=dp_max_grad_norm,
+                                   phase=dp_phase, export_weights=export_weights, n_train=len(bundle.train),
+                                   fair_method=fair_method, sparsity=sparsity)  # before any training
+    export_weights = export_weights or ("ema" if dp_opts is not None else "last")
     train_loader = BatchLoader(bundle.train, batch_size=batch_size, shuffle=True, augment=True, seed=seed)
     val_loader = BatchLoader(bundle.val, batch_size=512)
     test_loader = BatchLoader(bundle.test, batch_size=512)
@@ -530,31 +550,44 @@ def compile(  # noqa: A001 - the public name users expect
                     resume_plan=state.get("pruning_plan") if state is not None and state.get("phase") == "finetune" else None)
         pruning_plan = pruning_plan_of(pruning) if pruning is not None else None
         with phases("finetune"):
-            resume_ft = state if state is not None and state.get("phase") == "finetune" else None
-            ffair = fair_phase_for("finetune", gm)
-            if resume_ft is not None and resume_ft.get("fair") is not None:
-                ffair.load_state_dict(resume_ft["fair"])
+            ffair, dp_result = None, None
+            if dp_opts is not None:  # DP-SGD (relucomp.dp): BN folded, per-sample clipping, noise, EMA
+                dp_result = _dp.dp_finetune(gm, bundle.train, dp_opts, calib=calib, teacher=teacher,
+                                            epochs=finetune_epochs, batch_size=dp_batch_size or max(batch_size, 256),
+                                            lr=lr * 0.5, kd_weight=kd_weight, seed=seed, progress=prog, log=say,
+                                            device=device)
+                gm = dp_result.model
+                ft_stats = {"history": dp_result.report["history"]}
+            else:
+                resume_ft = state if state is not None and state.get("phase") == "finetune" else None
+                ffair = fair_phase_for("finetune", gm)
+                if resume_ft is not None and resume_ft.get("fair") is not None:
+                    ffair.load_state_dict(resume_ft["fair"])
 
-            def save_ft(s):
-                s["search_stats"] = light_search
-                s["pruning_plan"] = pruning_plan
-                s["fair"] = ffair.state_dict()
-                ckpt.save(s)
+                def save_ft(s):
+                    s["search_stats"] = light_search
+                    s["pruning_plan"] = pruning_plan
+                    s["fair"] = ffair.state_dict()
+                    ckpt.save(s)
 
-            def ft_epoch_end(epoch, rec):
-                return {"multipliers": ffair.term.multiplier_values(), "psi_replay": ffair.term.psi_estimate()}
+                def ft_epoch_end(epoch, rec):
+                    return {"multipliers": ffair.term.multiplier_values(), "psi_replay": ffair.term.psi_estimate()}
 
-            fp = FinetunePass(train_loader=train_loader, teacher=teacher, epochs=finetune_epochs, lr=lr * 0.5,
-                              kd_weight=kd_weight, progress=prog, checkpoint=save_ft if out is not None else None,
-                              extra_loss=ffair.extra_loss, on_epoch_end=ft_epoch_end,
-                              after_step=chain_steps(gmp, ffair.after_step) if gmp is not None else ffair.after_step,
-                              resume=resume_ft, device=device)
-            ft_stats = PassManager([fp]).run(gm).stats["passes"][0]["stats"]
+                fp = FinetunePass(train_loader=train_loader, teacher=teacher, epochs=finetune_epochs, lr=lr * 0.5,
+                                  kd_weight=kd_weight, progress=prog, checkpoint=save_ft if out is not None else None,
+                                  extra_loss=ffair.extra_loss, on_epoch_end=ft_epoch_end,
+                                  after_step=chain_steps(gmp, ffair.after_step) if gmp is not None else ffair.after_step,
+                                  resume=resume_ft, device=device)
+                ft_stats = PassManager([fp]).run(gm).stats["passes"][0]["stats"]
     gm.cpu().eval()
     if gmp is not None:  # GMP: reach the final sparsity and bake the masks into the weights
         pruning["sparsity"] = gmp.bake()
     gated_state = {k: v.clone() for k, v in gm.state_dict().items()}
-    gm_ema = ema_copy(gm, ffair) if finetune_epochs > 0 else None
+    gm_ema = ema_copy(gm, ffair) if finetune_epochs > 0 and ffair is not None else None
+    if dp_result is not None:
+        gm_ema = dp_result.ema
+        if export_weights == "ema" and gm_ema is not None:  # model.pt holds the exported (averaged) weights
+            gated_state = {k: v.clone() for k, v in gm_ema.state_dict().items()}
     if gmp is not None and gm_ema is not None:
         gmp.apply_to(gm_ema)
 
@@ -579,7 +612,7 @@ def compile(  # noqa: A001 - the public name users expect
         fairness_info = {"method": fair_method, "phase": fair_phase, "tolerance": tolerance,
                          "groups": bundle.group_names, "group_attribute": bundle.group_attribute,
                          "dense_train_group_acc": dense_train_groups, "dense_train_acc": dense_train_acc,
-                         "multiplier_trajectory": ffair.trajectory,
+                         "multiplier_trajectory": ffair.trajectory if ffair is not None else [],
                          "search_multiplier_trajectory": search_stats.get("fair_trajectory", []),
                          "results": fairness}
     diagnostics = None
@@ -632,6 +665,8 @@ def compile(  # noqa: A001 - the public name users expect
         "finetune_history": ft_stats.get("history", []),
         "passes": fold_records,
         "pruning": pruning,
+        "dp": dp_result.report if dp_result is not None else None,
+        "export_weights": export_weights,
         "phases_seconds": phases.seconds,
     }
     onnx_path = None
@@ -639,7 +674,7 @@ def compile(  # noqa: A001 - the public name users expect
         with phases("export"):
             _save_compiled(out / "model.pt", gated_state, spec=spec, num_classes=n_cls, granularity=granularity,
                            image_size=image_size, gate_form=gate_form, budget=budget, pruning_plan=pruning_plan,
-                           replace_maxpool=replace_maxpool)
+                           replace_maxpool=replace_maxpool, dp_compat=dp_result is not None)
             if export:
                 from .export import export_onnx
 
@@ -649,8 +684,16 @@ def compile(  # noqa: A001 - the public name users expect
                         "accuracy_test": round(comp_test["acc"], 3),
                         "fair_groups": bundle.group_names, "fair_method": fair_method, "tolerance_eps": tolerance,
                         "test_max_psi": fairness["last"]["test"].get("max_psi")}
+                exported = gm
+                if export_weights == "ema" and gm_ema is not None:
+                    exported = gm_ema
+                    meta["accuracy_test"] = round(evaluate(gm_ema, test_loader)["acc"], 3)
+                    meta["test_max_psi"] = fairness["ema"]["test"].get("max_psi")
+                meta["export_weights"] = export_weights if exported is gm_ema else "last"
+                if dp_result is not None:
+                    meta.update(_dp.metadata(dp_result.report, meta["export_weights"]))
                 calib_v = first_batch(test_loader, 7)
-                report["export"] = export_onnx(gm, out / "model.onnx", example=calib[:1], verify_batch=calib_v,
+                report["export"] = export_onnx(exported, out / "model.onnx", example=calib[:1], verify_batch=calib_v,
                                                metadata=meta, max_relus=budget)
                 onnx_path = out / "model.onnx"
         report["phases_seconds"] = phases.seconds
@@ -701,6 +744,10 @@ def load_compiled(path: str | Path, *, model: nn.Module | None = None) -> fx.Gra
         from .pruning import apply_plan
 
         apply_plan(gm, info["pruning_plan"])
+    if info.get("dp_compat"):  # DP finetune folded BN (relucomp.dp): rebuild the same structure
+        from .dp import make_dp_compatible
+
+        gm, _ = make_dp_compatible(gm, example)
     gm.load_state_dict(state["state_dict"])
     gm.eval()
     return PassManager(lowering_passes(example, gate_form=info.get("gate_form", "sparse")), calibration=example).run(gm).gm

@@ -102,6 +102,12 @@ def compile(  # noqa: A001
     sparsity: Optional[float] = typer.Option(None, "--sparsity", help="unstructured weight sparsity by gradual magnitude pruning during finetuning, e.g. 0.9"),
     prune_importance: str = typer.Option("l1", "--prune-importance", help="channel importance: l1 | l2 | bn | taylor"),
     replace_maxpool: bool = typer.Option(False, "--replace-maxpool", help="MaxPool → AvgPool before the search (MaxPool comparisons cost like ReLUs in PI; the finetune recovers)"),
+    dp_epsilon: Optional[float] = typer.Option(None, "--dp-epsilon", help="finetune under DP-SGD (opacus) to this ε w.r.t. the training split; inf = clipping without noise"),
+    dp_delta: Optional[float] = typer.Option(None, "--dp-delta", help="DP δ, < 1/n (default min(1e-5, 0.1/n))"),
+    dp_max_grad_norm: float = typer.Option(1.0, "--dp-max-grad-norm", help="per-sample gradient clipping norm C"),
+    dp_phase: str = typer.Option("finetune", "--dp-phase", help="which phase runs under DP: finetune (search|both: not implemented)"),
+    dp_batch_size: Optional[int] = typer.Option(None, "--dp-batch-size", help="expected (Poisson) batch size under DP (default max(--batch-size, 256))"),
+    export_weights: Optional[str] = typer.Option(None, "--export-weights", help="weights written to ONNX: last | ema (default ema under DP, else last)"),
 ) -> None:
     """Compress MODEL to a ReLU budget and write OUT/model.onnx, OUT/model.pt, OUT/report.json."""
     from .api import compile as compile_api
@@ -116,6 +122,8 @@ def compile(  # noqa: A001
                           fair_method=fair_method, tolerance=tolerance, fair_phase=fair_phase, diagnose=diagnose,
                           prune_channels=prune_channels, mac_budget=mac_budget, sparsity=sparsity,
                           prune_importance=prune_importance, replace_maxpool=replace_maxpool,
+                          dp_epsilon=dp_epsilon, dp_delta=dp_delta, dp_max_grad_norm=dp_max_grad_norm,
+                          dp_phase=dp_phase, dp_batch_size=dp_batch_size, export_weights=export_weights,
                           progress=not no_progress, device=device, log=lambda s: console.print(f"[dim]{s}[/]"))
     except Interrupted as exc:
         console.print(f"[yellow]{exc.cause}[/]\n  [bold]resume:[/] {exc.fix}")
