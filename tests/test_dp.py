@@ -208,3 +208,21 @@ def test_dp_compile_bn_model_to_budget_with_ema_export(tmp_path, rc_cache):
     to_ema, to_last = np.abs(onnx_out - ema_out.numpy()).max(), np.abs(onnx_out - last_out.numpy()).max()
     assert to_last > 1e-3 and to_last > 20 * to_ema  # not the last iterate
     assert api._summary(ema)["relus_kept"] <= 2000
+
+
+def test_cli_dp_flags_reach_compile(rc_cache, tmp_path):
+    from typer.testing import CliRunner
+
+    from relucomp.cli import app
+
+    runner = CliRunner()
+    for args, match in [(["--dp-epsilon", "0"], "must be > 0"), (["--dp-epsilon", "-3"], "must be > 0"),
+                        (["--dp-epsilon", "8", "--dp-delta", "0.5"], "1/n"),
+                        (["--dp-epsilon", "8", "--dp-max-grad-norm", "0"], "must be > 0"),
+                        (["--dp-epsilon", "8", "--dp-phase", "both"], "not implemented"),
+                        (["--export-weights", "best"], "unknown export weights")]:
+        r = runner.invoke(app, ["compile", "tinycnn", "--relu-budget", "2k", "--limit", "200", "--no-progress",
+                                "--out", str(tmp_path / "o"), *args])
+        assert r.exit_code == 2, r.output
+        text = "".join(r.output.split())  # rich wraps long lines
+        assert "".join(match.split()) in text and "fix:" in text and "Traceback" not in r.output
