@@ -332,8 +332,9 @@ def dp_finetune(gm: fx.GraphModule, train_ds, opts: DPOptions, *, calib: torch.T
     batch_size = max(1, min(int(batch_size), n))
     q = batch_size / n
     steps_per_epoch = max(1, round(1 / q))
-    steps = max(1, int(epochs)) * steps_per_epoch
-    sigma = noise_for(opts, q, steps)
+    steps = max(0, int(epochs)) * steps_per_epoch
+    sigma = noise_for(opts, q, steps) if steps else 0.0
+    ema = ema and steps > 0
     say(f"DP-SGD: ε={opts.epsilon:g}, δ={opts.delta:.2g}, C={opts.max_grad_norm:g}, q={q:.4f}, "
         f"{steps} steps, noise multiplier σ={sigma:.3f}")
 
@@ -352,7 +353,7 @@ def dp_finetune(gm: fx.GraphModule, train_ds, opts: DPOptions, *, calib: torch.T
     accountant = RDPAccountant() if opts.accountant == "rdp" else PRVAccountant()
     opt.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=q))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(base, T_max=steps)
-    loader = PoissonLoader(train_ds, sample_rate=q, steps=steps, augment=augment, seed=seed)
+    loader = PoissonLoader(train_ds, sample_rate=q, steps=steps, augment=augment, seed=seed) if steps else []
 
     prog = progress
     task = prog.add_task("dp-finetune", total=steps, info="") if prog is not None else None
@@ -381,8 +382,9 @@ def dp_finetune(gm: fx.GraphModule, train_ds, opts: DPOptions, *, calib: torch.T
         if prog is not None:
             prog.update(task, advance=1, info=f"loss {tot / max(seen, 1):.3f} acc {100 * correct / max(seen, 1):.1f}%")
         if step % steps_per_epoch == 0 or step == steps:
+            eps_now = _spent(accountant, opts.delta, sigma)
             history.append({"step": step, "loss": tot / max(seen, 1), "train_acc": 100.0 * correct / max(seen, 1),
-                            "epsilon": _spent(accountant, opts.delta, sigma),
+                            "epsilon": None if math.isinf(eps_now) else eps_now,
                             "seconds": round(time.perf_counter() - t0, 2)})
             tot = correct = seen = 0.0
     gsm._close()
@@ -399,8 +401,10 @@ def dp_finetune(gm: fx.GraphModule, train_ds, opts: DPOptions, *, calib: torch.T
         gm_ema = copy_gm(gm)
         gm_ema.load_state_dict(avg.module.state_dict())
         gm_ema.eval()
-    spent = _spent(accountant, opts.delta, sigma)
-    report = {"epsilon_target": opts.epsilon, "epsilon_spent": spent, "delta": opts.delta,
+    spent = _spent(accountant, opts.delta, sigma) if steps else 0.0
+    private = not math.isinf(opts.epsilon)
+    report = {"private": private, "epsilon_target": opts.epsilon if private else None,
+              "epsilon_spent": spent if private else None, "delta": opts.delta,
               "noise_multiplier": sigma, "max_grad_norm": opts.max_grad_norm, "sample_rate": q,
               "expected_batch_size": batch_size, "steps": steps, "epochs": int(epochs),
               "accountant": opts.accountant, "sampling": "poisson", "phase": opts.phase,
@@ -423,7 +427,7 @@ def _spent(accountant, delta: float, sigma: float) -> float | None:
 def metadata(report: dict[str, Any], export_weights: str) -> dict[str, Any]:
     """The DP fields for the ONNX metadata."""
     eps = report.get("epsilon_spent")
-    return {"dp_epsilon_spent": None if eps is None or math.isinf(eps) else round(eps, 4),
+    return {"dp_epsilon_spent": None if eps is None else round(eps, 4),
             "dp_epsilon_target": report.get("epsilon_target"), "dp_delta": report.get("delta"),
             "dp_noise_multiplier": round(report.get("noise_multiplier", 0.0), 5),
             "dp_max_grad_norm": report.get("max_grad_norm"), "dp_sample_rate": round(report.get("sample_rate", 0), 6),

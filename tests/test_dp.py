@@ -226,3 +226,15 @@ def test_cli_dp_flags_reach_compile(rc_cache, tmp_path):
         assert r.exit_code == 2, r.output
         text = "".join(r.output.split())  # rich wraps long lines
         assert "".join(match.split()) in text and "fix:" in text and "Traceback" not in r.output
+
+
+def test_zero_epochs_converts_without_training(make_gated):
+    gm, _ = _gated(make_gated)
+    ds = _dataset(n=40)
+    x = normalize(ds.images[:4].float() / 255.0, ds.mean, ds.std)
+    with torch.no_grad():
+        ref = gm(x)
+    res = dp.dp_finetune(gm, ds, dp.check_dp_options(epsilon=1.0, n_train=40), calib=x, epochs=0)
+    assert res.report["steps"] == 0 and res.report["epsilon_spent"] == 0.0 and res.ema is None
+    with torch.no_grad():
+        torch.testing.assert_close(res.model(x), ref, atol=1e-5, rtol=1e-4)
