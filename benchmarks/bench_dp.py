@@ -54,7 +54,7 @@ def summarize(rep: dict) -> dict:
         out[w] = {"acc": t["overall"]["acc_compiled"], "max_psi": t["max_psi"], "psi_pw": t["psi_pw"],
                   "worst_group_error_ratio": t["worst_group_error_ratio"]["compiled"],
                   "psi": {g: v["psi"] for g, v in t["groups"].items()},
-                  "train_max_psi": r["train"]["max_psi"]}
+                  "val_max_psi": r["val"]["max_psi"] if "val" in r else None}
     if rep.get("dp"):
         d = rep["dp"]
         out["dp"] = {k: d[k] for k in ("epsilon_target", "epsilon_spent", "delta", "noise_multiplier",
@@ -81,10 +81,20 @@ def main(argv=None) -> int:
     ap.add_argument("--dp-epochs", type=int, default=2)
     ap.add_argument("--dp-batch-size", type=int, default=512)
     ap.add_argument("--dp-lr", type=float, default=0.04, help="compile lr for the DP runs (finetune uses half)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="1: no OpenMP spin-waiting on a shared machine")
+    ap.add_argument("--fair-splits", default="val,test", help="splits the fairness section evaluates")
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--table", action="store_true", help="print the README table from --out and exit")
     args = ap.parse_args(argv)
+    if args.table:
+        print(table(json.loads(args.out.read_text())))
+        return 0
     torch.set_num_threads(args.threads)
+    if args.fair_splits != "train,val,test":  # shared CPU: skip the fairness evaluation on the train split
+        import relucomp.fair_compile as fc
+
+        full = fc.fairness_section
+        fc.fairness_section = lambda *a, **k: full(*a, **{**k, "splits": tuple(args.fair_splits.split(","))})
     utk = next((p for p in UTK_CANDIDATES if p.exists()), None)
     spec = args.data or (f"utkface:{utk}" if utk else "synthetic")
     kw = {"target": "race", "fair_groups": "race"} if spec.startswith("utkface") else {"fair_groups": "group"}
@@ -132,6 +142,26 @@ def main(argv=None) -> int:
     return 0
 
 
+def table(d: dict) -> str:
+    """Markdown table (README) from dp.json."""
+    def f(v, nd=2):
+        return "–" if v is None else (v if isinstance(v, str) else f"{v:.{nd}f}")
+
+    rows = ["| run | ε spent (δ) | σ | test acc last / EMA | test max ψ_g last / EMA | test Ψ_PW last / EMA |",
+            "|---|---|---|---|---|---|"]
+    for name, r in d["results"].items():
+        if name == "dense":
+            continue
+        dp = r.get("dp") or {}
+        eps = "non-private" if not dp else ("∞ (no noise)" if dp.get("epsilon_spent") in (None, "inf")
+                                            else f"{dp['epsilon_spent']:.2f} ({dp['delta']:.0e})")
+        sig = f(dp.get("noise_multiplier"), 3) if dp else "–"
+        last, ema = r.get("last", {}), r.get("ema", {})
+        rows.append(f"| {name} | {eps} | {sig} | {f(last.get('acc'))} / {f(ema.get('acc'))} | "
+                    f"{f(last.get('max_psi'))} / {f(ema.get('max_psi'))} | {f(last.get('psi_pw'))} / {f(ema.get('psi_pw'))} |")
+    return "\n".join(rows)
+
+
 def _finite(o):
     """JSON without Infinity: ε = ∞ is written as the string "inf"."""
     if isinstance(o, float) and math.isinf(o):
@@ -153,7 +183,7 @@ def report_line(name: str, r: dict) -> None:
 def schedule(args, spec, budget) -> dict:
     return {"data": spec, "limit": args.limit, "budget": budget, "pretrain": args.pretrain_epochs,
             "search": args.search_epochs, "finetune": args.finetune_epochs, "dp_finetune": args.dp_epochs,
-            "dp_batch_size": args.dp_batch_size, "dp_lr": args.dp_lr}
+            "dp_batch_size": args.dp_batch_size, "dp_lr": args.dp_lr, "fair_splits": args.fair_splits}
 
 
 def write(args, spec, bundle, budget, results, t0) -> None:

@@ -305,7 +305,15 @@ def noise_for(opts: DPOptions, sample_rate: float, steps: int) -> float:
                                       steps=steps, accountant=opts.accountant, epsilon_tolerance=0.01))
 
 
-def dp_finetune(gm: fx.GraphModule, train_ds, opts: DPOptions, *, calib: torch.Tensor,
+def dp_finetune(*args, **kwargs) -> DPResult:
+    """DP-SGD finetune of the gated graph ``gm`` (masks fixed) on ``train_ds``; see :func:`_dp_finetune`."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")  # inputs need no grad: expected
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")  # RDP bound is just looser
+        return _dp_finetune(*args, **kwargs)
+
+
+def _dp_finetune(gm: fx.GraphModule, train_ds, opts: DPOptions, *, calib: torch.Tensor,
                 teacher: nn.Module | None = None, epochs: int = 3, batch_size: int = 256, lr: float = 0.01,
                 momentum: float = 0.9, kd_weight: float = 0.5, temperature: float = 4.0, seed: int = 0,
                 ema: bool = True, augment: bool = True, progress: Any | None = None, log: Callable[[str], None] | None = None,
@@ -360,8 +368,6 @@ def dp_finetune(gm: fx.GraphModule, train_ds, opts: DPOptions, *, calib: torch.T
     history = []
     t0 = time.perf_counter()
     tot = correct = seen = 0.0
-    warnings.filterwarnings("ignore", message="Full backward hook is firing")  # inputs need no grad: expected
-    warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")  # RDP bound is just looser
     for step, (x, y, _g) in enumerate(loader, 1):
         x, y = x.to(device), y.to(device)
         t_logits = None
