@@ -37,7 +37,9 @@ import torch
 warnings.filterwarnings("ignore")
 logging.getLogger("torch.onnx").setLevel(logging.ERROR)
 
-from relucomp.api import _group_accuracy, analyze, inspect_onnx, pretrain  # noqa: E402
+from relucomp.api import analyze, inspect_onnx, pretrain  # noqa: E402
+from relucomp.cache import cache_dir  # noqa: E402
+from relucomp.evaluate import predict_split  # noqa: E402
 from relucomp.export import export_onnx  # noqa: E402
 from relucomp.loaders import BatchLoader, first_batch  # noqa: E402
 from relucomp.models import build_model  # noqa: E402
@@ -133,15 +135,16 @@ def bench_accuracy(ratios, pre_epochs: int, ft_epochs: int, limit: int | None) -
     calib_x = first_batch(BatchLoader(bundle.val, batch_size=64), 32)
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    model, info = pretrain(build_model("resnet8"), bundle, epochs=pre_epochs, progress=False,
-                           cache_key=f"bench-pruning-resnet8-synthetic-{limit}-{pre_epochs}")
+    models = cache_dir("models")
+    model, info = pretrain(build_model("resnet8"), bundle, epochs=pre_epochs,
+                           cache_path=models / f"bench-pruning-resnet8-synthetic-{limit}-{pre_epochs}.pt" if models else None)
     t_pre = time.perf_counter() - t0
     teacher = copy.deepcopy(model).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     dense = analyze(model.eval(), calib_x)
     base = model_costs(dense)
-    rows = [{"method": "dense", "test_acc": evaluate(dense, test)["acc"], "group_acc": _group_accuracy(dense, bundle.test),
+    rows = [{"method": "dense", "test_acc": evaluate(dense, test)["acc"], "group_acc": predict_split(dense, bundle.test).group_acc_by_name(bundle.group_names),
              "macs": base["macs"], "params": base["params"], "relus": base["relus"]}]
     configs = [("channels-l1", r, "l1", None) for r in ratios] + [("channels-taylor", 0.5, "taylor", None),
                                                                   ("gmp", None, None, 0.9)]
@@ -160,7 +163,7 @@ def bench_accuracy(ratios, pre_epochs: int, ft_epochs: int, limit: int | None) -
         c = model_costs(gm)
         row = {"method": method, "channel_ratio": ratio, "importance": imp, "sparsity": sparsity,
                "test_acc_before_finetune": acc0, "test_acc": evaluate(gm, test)["acc"],
-               "group_acc": _group_accuracy(gm, bundle.test), "macs": c["macs"], "params": c["params"],
+               "group_acc": predict_split(gm, bundle.test).group_acc_by_name(bundle.group_names), "macs": c["macs"], "params": c["params"],
                "relus": c["relus"], "seconds": round(time.perf_counter() - t0, 1)}
         if sp is not None:
             row["achieved_sparsity"] = round(sp["achieved"], 4)

@@ -10,10 +10,11 @@ were searched on them without DP (``phase="finetune"``), the final model is
 *not* end-to-end private for those images: only the finetune's use of them is
 covered.  Validation/test splits are only read for reporting.
 
-Pieces (all logic here; :func:`relucomp.compile` only forwards options):
+Pieces (all logic here; the ``dp_finetune`` stage only calls them):
 
-* :func:`check_dp_options` — validates ε, δ, clipping norm, phase, export
-  weights and incompatible combinations, before any training.
+* :func:`options` / :func:`check_dp_options` — the validated options for n
+  training images (the rules: :func:`relucomp.config.check_dp`, also run by
+  ``validate`` before anything is loaded).
 * :func:`make_dp_compatible` — BatchNorm is not per-sample: each BN that
   follows a conv/linear is folded into it (``FoldBatchNormPass``, numerically
   identical, verified on a calibration batch, keeps the trained statistics);
@@ -35,7 +36,6 @@ mean (not a per-sample loss), neither of which DP-SGD accounts for.
 
 from __future__ import annotations
 
-import copy
 import math
 import operator
 import time
@@ -47,17 +47,13 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .config import CompileConfig, check_dp, load_config
 from .errors import RelucompError
 from .nn import ReLUGate
 
-DP_PHASES = ("finetune", "search", "both")
-EXPORT_WEIGHTS = ("last", "ema")
-ACCOUNTANTS = ("rdp", "prv")
-
-
 @dataclass
 class DPOptions:
-    """Validated DP options (see :func:`check_dp_options`)."""
+    """Validated DP options (see :func:`options`)."""
 
     epsilon: float
     delta: float
@@ -68,58 +64,31 @@ class DPOptions:
     n_train: int = 0
 
 
-def check_dp_options(*, epsilon: float | None, delta: float | None = None, max_grad_norm: float = 1.0,
-                     phase: str = "finetune", export_weights: str | None = None, n_train: int,
-                     fair_method: str = "nft", accountant: str = "rdp", sparsity: float | None = None,
-                     ema_decay: float = 0.99) -> DPOptions | None:
-    """Validate the DP options before any training; ``None`` when DP is off.
+def options(cfg: CompileConfig, n_train: int) -> DPOptions | None:
+    """The DP options of a validated config for ``n_train`` training images (``None``: DP off).
 
-    Rules: ε > 0 (``inf`` allowed: clipping without noise, no guarantee); δ in
-    (0, 1/n) for n training images (default ``min(1e-5, 0.1/n)``);
-    ``max_grad_norm`` > 0; phase ``finetune`` (``search``/``both`` refused:
-    not implemented); no CEAG/EL constraints; no GMP sparsity.
+    The rules live in :func:`relucomp.config.check_dp` (run by ``validate``
+    without n, and here, before any training, with it).
     """
-    if export_weights is not None and export_weights not in EXPORT_WEIGHTS:
-        raise RelucompError(f"unknown export weights {export_weights!r}", "use --export-weights last or ema")
-    if epsilon is None:
+    delta = check_dp(cfg, n_train)
+    dp = cfg.dp
+    if dp.epsilon is None:
         return None
-    try:
-        eps = float(epsilon)
-    except (TypeError, ValueError):
-        raise RelucompError(f"--dp-epsilon {epsilon!r} is not a number", "give a positive ε, e.g. --dp-epsilon 8") from None
-    if not eps > 0 or math.isnan(eps):
-        raise RelucompError(f"--dp-epsilon {epsilon} must be > 0", "give a positive ε, e.g. --dp-epsilon 8 (smaller = more private)")
-    if n_train <= 0:
-        raise RelucompError("the training split is empty", "use a data set with training images")
-    if delta is None:
-        delta = min(1e-5, 0.1 / n_train)
-    delta = float(delta)
-    if not (0 < delta < 1.0 / n_train):
-        raise RelucompError(f"--dp-delta {delta:g} must lie in (0, 1/n) = (0, {1.0 / n_train:.3g}) for n = {n_train} "
-                            "training images (δ ≥ 1/n allows leaking a whole record)",
-                            f"give a smaller δ, e.g. --dp-delta {min(1e-5, 0.1 / n_train):.1g}")
-    if not float(max_grad_norm) > 0:
-        raise RelucompError(f"--dp-max-grad-norm {max_grad_norm} must be > 0", "give a clipping norm such as 1.0")
-    if phase not in DP_PHASES:
-        raise RelucompError(f"unknown --dp-phase {phase!r}", f"use one of {', '.join(DP_PHASES)}")
-    if phase != "finetune":
-        raise RelucompError(f"--dp-phase {phase} (mask search under DP-SGD) is not implemented yet",
-                            "use --dp-phase finetune (the default); the masks are then treated as public")
-    if accountant not in ACCOUNTANTS:
-        raise RelucompError(f"unknown DP accountant {accountant!r}", f"use one of {', '.join(ACCOUNTANTS)}")
-    if fair_method not in ("nft", None):
-        raise RelucompError(
-            f"--fair-method {fair_method} with --dp-epsilon: its dual updates read per-group accuracy of the private "
-            "training data every step, which DP-SGD does not account for",
-            "use --fair-method nft with --dp-epsilon (fairness is still measured for last and EMA weights), "
-            "or drop --dp-epsilon")
-    if sparsity is not None:
-        raise RelucompError("--sparsity (GMP) with --dp-epsilon is not supported",
-                            "drop --sparsity, or use --prune-channels (structured pruning runs before the DP finetune)")
-    if not 0.0 < ema_decay < 1.0:
-        raise RelucompError(f"EMA decay {ema_decay} must lie in (0, 1)", "use e.g. 0.99")
-    return DPOptions(epsilon=eps, delta=delta, max_grad_norm=float(max_grad_norm), phase=phase,
-                     accountant=accountant, ema_decay=float(ema_decay), n_train=int(n_train))
+    return DPOptions(epsilon=float(dp.epsilon), delta=float(delta),
+                     max_grad_norm=float(dp.max_grad_norm if dp.max_grad_norm is not None else 1.0), phase=dp.phase,
+                     accountant=dp.accountant, ema_decay=float(cfg.finetune.ema_decay), n_train=int(n_train))
+
+
+def check_dp_options(*, epsilon: float | None, delta: float | None = None, max_grad_norm: float | None = None,
+                     phase: str = "finetune", export_weights: str | None = None, n_train: int,
+                     fair_method: str | None = "nft", accountant: str = "rdp", sparsity: float | None = None,
+                     ema_decay: float = 0.99) -> DPOptions | None:
+    """Keyword form of :func:`options` (library use without a CompileConfig); ``None`` when DP is off."""
+    cfg = load_config({"dp": {"epsilon": epsilon, "delta": delta, "max_grad_norm": max_grad_norm, "phase": phase,
+                              "accountant": accountant},
+                       "fairness": {"method": fair_method}, "pruning": {"sparsity": sparsity},
+                       "export": {"weights": export_weights}, "finetune": {"ema_decay": ema_decay}})
+    return options(cfg, n_train)
 
 
 # ---------------------------------------------------------------------------

@@ -10,8 +10,12 @@ only after
 3. onnxruntime's output on a verification batch matches the torch model
    (batch size ≠ the export example's, so the dynamic batch axis is exercised).
 
-The file is written to a temporary name in the target directory and renamed
-into place at the end; on any failure nothing is left on disk.
+Counting uses the one ONNX walker (:mod:`relucomp.onnx_graph`): every
+comparison-bearing op counts against ``max_relus`` (MaxPool only with
+``include_maxpool``).  A failed check 2./3. is a relucomp bug
+(:class:`~relucomp.errors.ExportCheckError`, an ``InternalError``).  The file is
+written with :func:`relucomp.atomic.atomic_write` (temporary file in the target
+directory, renamed into place); on any failure nothing is left on disk.
 """
 
 from __future__ import annotations
@@ -20,7 +24,6 @@ import contextlib
 import io
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -30,12 +33,11 @@ import torch
 from torch import nn
 
 from . import __version__
-from .errors import RelucompError
-from .verify import onnx_relu_count
+from .atomic import atomic_write
+from .errors import ExportCheckError, ExportError
+from .onnx_graph import walk
 
-
-class ExportError(RelucompError):
-    """The exported ONNX model failed a check; nothing was written."""
+__all__ = ["export_onnx", "ort_run", "read_metadata", "ExportError", "ExportCheckError"]
 
 
 def _torch_export(model: nn.Module, example: torch.Tensor, path: str, opset: int) -> None:
@@ -71,6 +73,7 @@ def export_onnx(
     metadata: dict[str, Any] | None = None,
     max_relus: int | None = None,
     opset: int = 18,
+    include_maxpool: bool = False,
     atol: float = 1e-4,
     rtol: float = 1e-3,
 ) -> dict[str, Any]:
@@ -86,24 +89,26 @@ def export_onnx(
     if not os.access(path.parent, os.W_OK):
         raise ExportError(f"output directory {path.parent} is not writable", "choose a writable --out directory")
     model = model.eval()
-    fd, tmp = tempfile.mkstemp(prefix=".relucomp-", suffix=".onnx", dir=path.parent)
-    os.close(fd)
-    ok = False
-    try:
+    result: dict[str, Any] = {}
+
+    def write(tmp: str) -> None:
         _torch_export(model, example[:1].contiguous(), tmp, opset)
         proto = onnx.load(tmp)
         meta = {"relucomp_version": __version__, **{k: v for k, v in (metadata or {}).items()}}
-        counts = onnx_relu_count(proto)
+        counts = walk(proto, include_maxpool=include_maxpool)
         meta["onnx_relu_count"] = counts["relus"]
+        meta["onnx_comparisons"] = counts["comparisons"]
         del proto.metadata_props[:]
         for k, v in meta.items():
             entry = proto.metadata_props.add()
             entry.key = str(k)
             entry.value = v if isinstance(v, str) else json.dumps(v)
         onnx.checker.check_model(proto, full_check=True)
-        if max_relus is not None and counts["relus"] > max_relus:
-            raise ExportError(f"exported graph evaluates {counts['relus']} ReLUs per image, above the budget {max_relus}",
-                              "this is a relucomp bug: please report it with the model")
+        n = counts["budgeted_comparisons"]
+        if max_relus is not None and n > max_relus:
+            other = {k: v for k, v in counts["comparisons_by_op"].items() if k != "Relu"}
+            raise ExportCheckError(f"exported graph evaluates {n} ReLUs per image, above the budget {max_relus}"
+                                   + (f" (comparisons by op: {counts['comparisons_by_op']})" if other else ""))
         onnx.save(proto, tmp)
         vb = verify_batch if verify_batch is not None else torch.randn(3, *example.shape[1:])
         with torch.no_grad():
@@ -111,16 +116,14 @@ def export_onnx(
         got = ort_run(tmp, vb.detach().cpu().numpy().astype(np.float32))
         max_diff = float(np.max(np.abs(ref - got))) if ref.size else 0.0
         if ref.shape != got.shape or not np.allclose(got, ref, atol=atol, rtol=rtol):
-            raise ExportError(f"onnxruntime output differs from torch (max |diff| = {max_diff:.3g})",
-                              "this is a relucomp bug: please report it with the model")
-        os.replace(tmp, path)
-        ok = True
-        return {"path": str(path), "onnx_relus": counts["relus"], "relu_nodes": len(counts["relu_nodes"]),
-                "maxpool_comparisons": counts["maxpool_comparisons"], "ort_max_abs_diff": max_diff,
-                "verify_batch": int(vb.shape[0]), "bytes": path.stat().st_size, "opset": opset}
-    finally:
-        if not ok and os.path.exists(tmp):
-            os.unlink(tmp)
+            raise ExportCheckError(f"onnxruntime output differs from torch (max |diff| = {max_diff:.3g})")
+        result.update({"onnx_relus": counts["relus"], "relu_nodes": len(counts["relu_nodes"]),
+                       "comparisons": counts["comparisons"], "comparisons_by_op": counts["comparisons_by_op"],
+                       "budgeted_comparisons": n, "maxpool_comparisons": counts["maxpool_comparisons"],
+                       "ort_max_abs_diff": max_diff, "verify_batch": int(vb.shape[0]), "opset": opset})
+
+    atomic_write(path, write)
+    return {"path": str(path), **result, "bytes": path.stat().st_size}
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:

@@ -1,12 +1,15 @@
-"""Glue between :func:`relucomp.compile` and the fairness machinery.
+"""The fairness training path of compile (the only one), and the fairness evaluation.
 
 * :class:`FairPhase` wires a :class:`~relucomp.fairness.FairConstraintTerm`
   (cooper multipliers, replay buffers) into a training pass as its
-  ``extra_loss`` / ``after_step`` hooks, keeps an EMA of the weights and
-  records multiplier trajectories.
+  ``extra_loss`` / ``after_step`` hooks, keeps an EMA of the weights
+  (:class:`torch.optim.swa_utils.AveragedModel`) and records multiplier
+  trajectories.
+* :func:`ema_model` — the EMA weights in a copy of the graph with BatchNorm
+  statistics recomputed by ``update_bn`` (not averaged).
 * :func:`fairness_section` evaluates the dense and compiled models (last and
   EMA weights) per group on train / val / test with
-  :func:`relucomp.metrics.fairness_report`.
+  :func:`relucomp.metrics.fairness_report`, reusing the dense predictions.
 """
 
 from __future__ import annotations
@@ -18,39 +21,12 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .errors import DataError
 from .fairness import FairConstraintTerm
 from .ir import copy_gm
-from .loaders import BatchLoader
-from .metrics import EMA, fairness_report
+from .metrics import fairness_report
 
 FAIR_METHODS = ("ceag", "el", "nft")
 FAIR_PHASES = ("finetune", "search", "both")
-
-
-def check_groups(bundle, *, min_train: int = 1) -> None:
-    """Refuse empty groups in the training split (a constraint on nothing)."""
-    counts = bundle.train.group_counts()
-    empty = [g for g, n in counts.items() if n < min_train]
-    if empty:
-        raise DataError(f"group(s) {', '.join(empty)} have no training samples",
-                        "choose another --fair-groups attribute, merge small groups, or drop --limit")
-
-
-@torch.no_grad()
-def group_train_accuracy(model: nn.Module, ds, batch_size: int = 512) -> tuple[list[float | None], float]:
-    """Accuracy (points) of ``model`` per group and overall on ``ds`` (no augmentation)."""
-    model.eval()
-    G = len(ds.group_names)
-    correct = torch.zeros(G)
-    count = torch.zeros(G)
-    for x, y, g in BatchLoader(ds, batch_size=batch_size):
-        ok = (model(x).argmax(1) == y).float()
-        correct.index_add_(0, g, ok)
-        count.index_add_(0, g, torch.ones_like(ok))
-    per = [100.0 * float(c / n) if n > 0 else None for c, n in zip(correct, count)]
-    overall = 100.0 * float(correct.sum() / count.sum().clamp_min(1))
-    return per, overall
 
 
 class FairPhase:
@@ -63,7 +39,11 @@ class FairPhase:
         self.term = FairConstraintTerm(num_groups, method=method, dense_group_acc=dense_group_acc,
                                        dense_acc=dense_acc, tolerance=tolerance, dual_lr=dual_lr,
                                        replay_size=replay_size)
-        self.ema = EMA(ema_model, ema_decay) if ema_model is not None else None
+        self.ema = None
+        if ema_model is not None:
+            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+            self.ema = AveragedModel(ema_model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=False)
         self.model = ema_model
         self.record_every = record_every
         self.trajectory: list[dict[str, Any]] = []
@@ -76,7 +56,7 @@ class FairPhase:
     def after_step(self, step: int) -> None:
         self.term.dual_step()
         if self.ema is not None:
-            self.ema.update(self.model)
+            self.ema.update_parameters(self.model)
         if step == 1 or step % self.record_every == 0:
             self.trajectory.append({"step": step, "multipliers": self.term.multiplier_values(),
                                     "psi_replay": self.term.psi_estimate()})
@@ -92,37 +72,35 @@ class FairPhase:
         self.trajectory = list(state.get("trajectory", []))
 
 
-def _predict(model: nn.Module, ds) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    model.eval()
-    ys, ps, gs = [], [], []
-    with torch.no_grad():
-        for x, y, g in BatchLoader(ds, batch_size=512):
-            ps.append(model(x).argmax(1))
-            ys.append(y)
-            gs.append(g)
-    return torch.cat(ys), torch.cat(ps), torch.cat(gs)
+def fairness_section(dense_preds: dict[str, Any], compiled: dict[str, nn.Module], bundle, *, n_boot: int = 200,
+                     seed: int = 0) -> dict[str, Any]:
+    """``{weights: {split: fairness_report}}`` for each compiled variant (e.g. last, ema).
 
+    ``dense_preds``: ``{split: Predictions}`` of the dense model (computed once by the dense stage).
+    """
+    from .evaluate import predict_split
 
-def fairness_section(dense: nn.Module, compiled: dict[str, nn.Module], bundle, *, n_boot: int = 200,
-                     seed: int = 0, splits=("train", "val", "test")) -> dict[str, Any]:
-    """``{weights: {split: fairness_report}}`` for each compiled variant (e.g. last, ema)."""
     out: dict[str, Any] = {}
-    dense_pred = {s: _predict(dense, bundle.splits[s]) for s in splits}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for name, model in compiled.items():
             out[name] = {}
-            for s in splits:
-                y, pd, g = dense_pred[s]
-                _, pc, _ = _predict(model, bundle.splits[s])
-                out[name][s] = fairness_report(y.numpy(), pd.numpy(), pc.numpy(), g.numpy(), bundle.group_names,
-                                               n_boot=n_boot if s == "test" else 0, seed=seed)
+            for s, dp in dense_preds.items():
+                pc = predict_split(model, bundle.splits[s]).pred
+                out[name][s] = fairness_report(dp.y.numpy(), dp.pred.numpy(), pc.numpy(), dp.g.numpy(),
+                                               bundle.group_names, n_boot=n_boot if s == "test" else 0, seed=seed)
     return out
 
 
-def ema_copy(gm: nn.Module, phase: FairPhase | None) -> nn.Module | None:
+def ema_model(gm: nn.Module, phase: FairPhase | None, bn_loader) -> nn.Module | None:
+    """A copy of ``gm`` with the EMA weights and BatchNorm statistics recomputed on ``bn_loader``."""
     if phase is None or phase.ema is None:
         return None
+    from torch.optim.swa_utils import update_bn
+
     m = copy_gm(gm) if isinstance(gm, fx.GraphModule) else copy.deepcopy(gm)
-    phase.ema.copy_to(m)
-    return m
+    with torch.no_grad():
+        for p, q in zip(m.parameters(), phase.ema.module.parameters()):
+            p.copy_(q)
+    update_bn(bn_loader, m)
+    return m.eval()

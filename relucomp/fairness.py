@@ -27,10 +27,9 @@ are in *fractions* (a 5-point gap is 0.05); ``tolerance`` is in accuracy points.
 
 The constraint machinery lives once, in :class:`FairConstraintTerm`: it can be
 used inside any training loop (``total = task_loss + term.loss(logits, y, g)``;
-``total.backward(); opt.step(); term.dual_step()``), and
-:class:`GroupConstrainedObjective` (a cooper CMP) builds its constraint state
-from the same term for :func:`fair_finetune`, which drives cooper's
-``SimultaneousOptimizer`` (or ``AlternatingDualPrimalOptimizer``).
+``total.backward(); opt.step(); term.dual_step()``).  There is one fairness
+training path: compile's, :class:`relucomp.fair_compile.FairPhase` wiring this
+term into the search / finetune passes.
 
 The primal Lagrangian term is differentiable with respect to the model
 parameters: cooper detaches the *multiplier* in the primal Lagrangian, never the
@@ -41,39 +40,30 @@ its penalty and trained nothing.)
 from __future__ import annotations
 
 import math
-import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import cooper
 import torch
 import torch.nn.functional as F
 from cooper.multipliers import IndexedMultiplier
-from torch import nn
 
-from relucomp.errors import DataError, RelucompError
-from relucomp.metrics import EMA, _model_device, iter_batches
+from relucomp.errors import DataError, FairConfigError
+from relucomp.train import kd_loss  # the one KD loss
 
 __all__ = [
     "FairConfig",
     "FairConfigError",
     "FairConstraintTerm",
-    "FairHistory",
-    "GroupConstrainedObjective",
     "GroupReplayBuffer",
-    "fair_finetune",
     "group_constraint_penalty",
     "group_mean_loss",
     "kd_loss",
 ]
 
 METHODS = ("ceag", "el", "nft")
-
-
-class FairConfigError(RelucompError, ValueError):
-    """A fairness configuration value that cannot be used."""
 
 
 # --------------------------------------------------------------------------- config
@@ -143,15 +133,6 @@ class FairConfig:
 
 
 # --------------------------------------------------------------------------- loss pieces
-
-
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0) -> torch.Tensor:
-    """Hinton distillation loss ``KL(softmax(t/T) ‖ softmax(s/T)) · T²`` (batch mean)."""
-    t = float(temperature)
-    return F.kl_div(
-        F.log_softmax(student_logits / t, dim=1), F.softmax(teacher_logits.detach() / t, dim=1),
-        reduction="batchmean",
-    ) * (t * t)
 
 
 def group_mean_loss(
@@ -569,272 +550,3 @@ class FairConstraintTerm:
         if self.multiplier is not None and "multiplier" in state:
             self.multiplier.load_state_dict(state["multiplier"])
             self.dual_optimizer.load_state_dict(state["dual_optimizer"])
-
-
-# --------------------------------------------------------------------------- cooper CMP
-
-
-class GroupConstrainedObjective(cooper.ConstrainedMinimizationProblem):
-    """cooper CMP: primal loss ``CE + kd_weight · KD`` with the term's group constraints.
-
-    ``compute_cmp_state(x, y, g)`` runs the model, updates the term's replay
-    buffers and returns a :class:`cooper.CMPState` whose ``observed_constraints``
-    hold the term's ConstraintState (absent when no constrained group is in the
-    batch).  ``misc`` carries detached per-batch statistics for logging.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        term: FairConstraintTerm,
-        *,
-        teacher: nn.Module | None = None,
-        kd_weight: float = 0.5,
-        kd_temperature: float = 4.0,
-    ):
-        super().__init__()
-        self.model = model
-        self.term = term
-        self.teacher = teacher
-        self.kd_weight = float(kd_weight)
-        self.kd_temperature = float(kd_temperature)
-        if term.multiplier is not None:
-            # registered by cooper's __setattr__; shares the term's multiplier
-            self.group_fairness = cooper.Constraint(term.constraint_type, multiplier=term.multiplier)
-
-    def compute_cmp_state(self, x: torch.Tensor, y: torch.Tensor, g: torch.Tensor) -> cooper.CMPState:
-        logits = self.model(x)
-        ce_per = F.cross_entropy(logits, y, reduction="none")
-        loss = ce_per.mean()
-        kd = None
-        if self.teacher is not None and self.kd_weight > 0:
-            with torch.no_grad():
-                t_logits = self.teacher(x)
-            kd = kd_loss(logits, t_logits, self.kd_temperature)
-            loss = loss + self.kd_weight * kd
-        state = self.term.constraint_state(logits, y, g, ce_per)
-        observed = {}
-        if state is not None and self.term.multiplier is not None:
-            observed[self.group_fairness] = state
-        misc = {
-            "correct": (logits.detach().argmax(1) == y),
-            "g": g,
-            "ce": ce_per.detach().mean(),
-            "kd": None if kd is None else kd.detach(),
-        }
-        return cooper.CMPState(loss=loss, observed_constraints=observed, misc=misc)
-
-
-# --------------------------------------------------------------------------- history
-
-
-@dataclass
-class FairHistory:
-    """Training record of :func:`fair_finetune` (accuracies in points).
-
-    ``epochs``: one dict per epoch with ``loss`` (mean primal objective CE+KD),
-    ``lagrangian`` (mean primal Lagrangian), ``train_acc`` / ``group_train_acc``
-    (running, over the epoch's batches), ``group_counts``, ``replay_acc`` /
-    ``replay_overall_acc`` (end of epoch), ``psi_replay`` / ``max_psi_replay``
-    (CEAG only), ``multipliers`` (end of epoch), ``lr``, ``seconds``.
-    ``steps`` / ``multiplier_trajectory``: multipliers every ``log_every`` steps.
-    ``ema``: the weight average (not serialised) — ``history.ema.averaged_model()``.
-    """
-
-    method: str
-    num_groups: int
-    group_names: list[str] | None = None
-    config: dict[str, Any] = field(default_factory=dict)
-    epochs: list[dict[str, Any]] = field(default_factory=list)
-    steps: list[int] = field(default_factory=list)
-    multiplier_trajectory: list[list[float]] = field(default_factory=list)
-    stopped_early: bool = False
-    ema: EMA | None = field(default=None, repr=False, compare=False)
-
-    @property
-    def loss(self) -> list[float]:
-        return [e["loss"] for e in self.epochs]
-
-    @property
-    def train_acc(self) -> list[float | None]:
-        return [e["train_acc"] for e in self.epochs]
-
-    @property
-    def multipliers(self) -> list[list[float]]:
-        return [e["multipliers"] for e in self.epochs]
-
-    def to_dict(self) -> dict[str, Any]:
-        # not dataclasses.asdict: it would deep-copy the EMA module
-        return {
-            "method": self.method,
-            "num_groups": self.num_groups,
-            "group_names": self.group_names,
-            "config": dict(self.config),
-            "epochs": [dict(e) for e in self.epochs],
-            "steps": list(self.steps),
-            "multiplier_trajectory": [list(m) for m in self.multiplier_trajectory],
-            "stopped_early": self.stopped_early,
-            "ema_decay": None if self.ema is None else self.ema.decay,
-        }
-
-
-# --------------------------------------------------------------------------- fair_finetune
-
-
-def _build_optimizer(name: str | torch.optim.Optimizer, params: list, lr: float, cfg: FairConfig) -> torch.optim.Optimizer:
-    if isinstance(name, torch.optim.Optimizer):
-        return name
-    n = str(name).lower()
-    if n == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    if n == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay)
-    if n == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
-    raise FairConfigError(f"unknown optimizer {name!r}", "use 'sgd', 'adam' or 'adamw'")
-
-
-def fair_finetune(
-    model: nn.Module,
-    train_loader: Iterable,
-    *,
-    num_groups: int,
-    dense_group_acc: Sequence[float | None] | None = None,
-    dense_acc: float | None = None,
-    teacher: nn.Module | None = None,
-    config: FairConfig | None = None,
-    epochs: int = 1,
-    lr: float = 1e-3,
-    optimizer: str | torch.optim.Optimizer = "sgd",
-    ema_decay: float | None = 0.999,
-    progress: bool = True,
-    on_epoch_end: Callable[[int, FairHistory], Any] | None = None,
-    params: Iterable | None = None,
-    group_names: Sequence[str] | None = None,
-    term: FairConstraintTerm | None = None,
-) -> FairHistory:
-    """Finetune ``model`` in place under group-fairness constraints (see module doc).
-
-    ``train_loader`` yields ``(x, y, g)`` batches.  ``dense_group_acc`` /
-    ``dense_acc``: the dense model's *train* accuracies in points (required for
-    ``"ceag"``).  ``teacher``: adds ``kd_weight · KD`` to the loss.  ``params``:
-    what to train (default: all parameters requiring grad).  ``ema_decay``: keep
-    an :class:`~relucomp.metrics.EMA` of the weights (``history.ema``).
-    ``on_epoch_end(epoch, history)`` may return True to stop early.  ``term``:
-    reuse an existing :class:`FairConstraintTerm` (its multipliers and buffers
-    carry over), otherwise one is built from ``config``.
-    """
-    cfg = config if config is not None else FairConfig()
-    device = _model_device(model)
-    if term is None:
-        term = FairConstraintTerm.from_config(
-            cfg, num_groups, dense_group_acc=dense_group_acc, dense_acc=dense_acc, device=device
-        )
-    elif term.num_groups != num_groups:
-        raise FairConfigError(f"term has {term.num_groups} groups, num_groups={num_groups}", "pass a matching term")
-    names = [str(n) for n in group_names] if group_names is not None else None
-    if names is not None and len(names) != num_groups:
-        raise FairConfigError(f"{len(names)} group names for {num_groups} groups", "pass one name per group")
-
-    cmp = GroupConstrainedObjective(
-        model, term, teacher=teacher, kd_weight=cfg.kd_weight, kd_temperature=cfg.kd_temperature
-    )
-    plist = list(params) if params is not None else [p for p in model.parameters() if p.requires_grad]
-    primal = _build_optimizer(optimizer, plist, lr, cfg)
-    if term.multiplier is None:
-        copt: cooper.optim.CooperOptimizer = cooper.optim.UnconstrainedOptimizer(cmp, primal)
-    elif cfg.cooper_optimizer == "alternating":
-        copt = cooper.optim.AlternatingDualPrimalOptimizer(cmp, primal, term.dual_optimizer)
-    else:
-        copt = cooper.optim.SimultaneousOptimizer(cmp, primal, term.dual_optimizer)
-
-    try:
-        steps_per_epoch = len(train_loader)  # type: ignore[arg-type]
-    except TypeError:
-        steps_per_epoch = None
-    sched = None
-    if cfg.lr_schedule == "cosine" and steps_per_epoch and not isinstance(optimizer, torch.optim.Optimizer):
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(primal, T_max=max(1, steps_per_epoch * epochs))
-    ema = EMA(model, ema_decay) if ema_decay is not None else None
-    if teacher is not None:
-        teacher.eval()
-    hist = FairHistory(method=cfg.method, num_groups=num_groups, group_names=names, config=asdict(cfg), ema=ema)
-
-    bar = None
-    if progress:
-        from rich.progress import (
-            BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
-        )
-
-        bar = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-        )
-        task = bar.add_task(f"{cfg.method} finetune", total=(steps_per_epoch * epochs) if steps_per_epoch else None, info="")
-        bar.start()
-
-    G = num_groups
-    step = 0
-    try:
-        for epoch in range(epochs):
-            t0 = time.perf_counter()
-            model.train()
-            loss_sum = torch.zeros((), device=device)
-            lag_sum = torch.zeros((), device=device)
-            nb = 0
-            ok_g = torch.zeros(G, device=device)
-            n_g = torch.zeros(G, device=device)
-            for x, y, g in iter_batches(train_loader):
-                x, y, g = x.to(device), y.to(device), g.to(device)
-                out = copt.roll(compute_cmp_state_kwargs={"x": x, "y": y, "g": g})
-                if sched is not None:
-                    sched.step()
-                if ema is not None:
-                    ema.update(model)
-                misc = out.cmp_state.misc
-                loss_sum += out.loss.detach()
-                lag = out.primal_lagrangian_store.lagrangian
-                lag_sum += (lag if lag is not None else out.loss).detach()
-                ok_g += torch.bincount(g, weights=misc["correct"].float(), minlength=G)[:G]
-                n_g += torch.bincount(g, minlength=G)[:G].float()
-                nb += 1
-                step += 1
-                if step % cfg.log_every == 0 and term.multiplier is not None:
-                    hist.steps.append(step)
-                    hist.multiplier_trajectory.append(term.multiplier_values())
-                if bar is not None:
-                    bar.advance(task)
-                    if step % 10 == 0:
-                        mv = term.multiplier_values()
-                        info = f"loss {float(out.loss.detach()):.3f}" + (f" λmax {max(mv):.3f}" if mv else "")
-                        bar.update(task, info=info)
-            if epoch == 0:
-                term.check_group_sizes(cfg.min_group_size, names)
-            n_tot = float(n_g.sum())
-            grp_acc = [None if n == 0 else 100.0 * float(o) / float(n) for o, n in zip(ok_g.tolist(), n_g.tolist())]
-            psi = term.psi_estimate() if cfg.method == "ceag" else None
-            psi_known = [p for p in (psi or []) if p is not None]
-            rec = {
-                "epoch": epoch,
-                "steps": nb,
-                "loss": float(loss_sum) / nb if nb else None,
-                "lagrangian": float(lag_sum) / nb if nb else None,
-                "train_acc": 100.0 * float(ok_g.sum()) / n_tot if n_tot else None,
-                "group_train_acc": grp_acc,
-                "group_counts": [int(n) for n in n_g.tolist()],
-                "replay_acc": term.replay_accuracy(),
-                "replay_overall_acc": term.replay_overall_accuracy(),
-                "psi_replay": psi,
-                "max_psi_replay": max(psi_known) if psi_known else None,
-                "multipliers": term.multiplier_values(),
-                "lr": float(primal.param_groups[0]["lr"]),
-                "seconds": time.perf_counter() - t0,
-            }
-            hist.epochs.append(rec)
-            if on_epoch_end is not None and on_epoch_end(epoch, hist) is True:
-                hist.stopped_early = True
-                break
-    finally:
-        if bar is not None:
-            bar.stop()
-    return hist

@@ -24,7 +24,6 @@ accuracies: ``ψ_g = (acc_dense(g) − acc(g)) − (acc_dense − acc)``.
 from __future__ import annotations
 
 import base64
-import html
 import json
 import math
 import time
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .budget import human, parse_count
+from .compile_report import CompileReport
 from .errors import RelucompError
 
 __all__ = ["RunData", "ReportData", "collect", "render_report", "pi_latency", "LATENCY_FLOOR_S", "LATENCY_PER_RELU_S"]
@@ -245,6 +245,15 @@ def run_from_report(rep: dict[str, Any], run_dir: Path, name: str | None = None)
     )
 
 
+def _read_report(path: Path) -> CompileReport:
+    """A run's report.json, read through the typed report."""
+    try:
+        return CompileReport.from_dict(json.loads(path.read_text()))
+    except (ValueError, TypeError) as exc:
+        raise RelucompError(f"{path} is not a relucomp compile report ({type(exc).__name__})",
+                            "point relucomp report at a sweep or compile output directory") from exc
+
+
 def collect(path: str | Path) -> ReportData:
     """Read a sweep directory (``sweep.json``/``runs/*``) or a compile directory (``report.json``)."""
     root = Path(path)
@@ -253,7 +262,7 @@ def collect(path: str | Path) -> ReportData:
     if not root.is_dir():
         raise RelucompError(f"{root} is not a directory", "give the --out directory of relucomp sweep or compile")
     if (root / "report.json").exists() and not (root / "runs").is_dir():
-        rep = json.loads((root / "report.json").read_text())
+        rep = _read_report(root / "report.json")
         return ReportData(root=root, kind="compile", runs=[run_from_report(rep, root, name=root.name)])
     sweep_state = None
     if (root / "sweep.json").exists():
@@ -268,7 +277,7 @@ def collect(path: str | Path) -> ReportData:
     for name, d in dirs:
         rp = d / "report.json"
         if rp.exists():
-            runs.append(run_from_report(json.loads(rp.read_text()), d, name=name))
+            runs.append(run_from_report(_read_report(rp), d, name=name))
     if not runs:
         raise RelucompError(f"no finished runs under {root}",
                             "run `relucomp sweep ... --out DIR` (or `relucomp compile --out DIR`) first")
@@ -492,45 +501,51 @@ tr:nth-child(even) td{background:#fafafa} .bad{color:#b00020;font-weight:600} .n
 """
 
 
-def _e(v: Any) -> str:
-    return html.escape(str(v))
-
-
 def _f(v: float | None, nd: int = 2, signed: bool = False) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "–"
     return f"{v:+.{nd}f}" if signed else f"{v:.{nd}f}"
 
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], num_from: int = 1, cls: str = "") -> str:
-    h = "".join(f"<th>{_e(x)}</th>" for x in headers)
-    body = []
+def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], num_from: int = 1, cls: str = "") -> dict[str, Any]:
+    """A table for the template: cells are text (escaped by jinja2) or ``(Markup html, css class)``."""
+    out = []
     for row in rows:
         cells = []
         for i, c in enumerate(row):
-            raw = isinstance(c, tuple)  # (html, css-class)
-            content, klass = (c[0], c[1]) if raw else (_e(c), "num" if i >= num_from else "")
-            cells.append(f'<td class="{klass}">{content}</td>')
-        body.append("<tr>" + "".join(cells) + "</tr>")
-    return f'<table class="{cls}"><thead><tr>{h}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+            if isinstance(c, tuple):
+                cells.append({"content": c[0], "cls": c[1]})
+            else:
+                cells.append({"content": str(c), "cls": "num" if i >= num_from else ""})
+        out.append(cells)
+    return {"headers": [str(h) for h in headers], "rows": out, "cls": cls}
 
 
-def _img(path: Path, root: Path, alt: str, inline: bool) -> str:
+def _img(path: Path, root: Path, alt: str, inline: bool) -> dict[str, str]:
     if inline:
         src = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
     else:
         src = path.relative_to(root).as_posix()
-    return f'<img src="{_e(src)}" alt="{_e(alt)}">'
+    return {"src": src, "alt": alt}
 
 
-def _rel(p: Path | None, root: Path) -> str:
+def _rel(p: Path | None, root: Path):
+    from markupsafe import Markup, escape
+
     if p is None:
         return "–"
     try:
         r = p.relative_to(root).as_posix()
     except ValueError:
         r = str(p)
-    return f'<a href="{_e(r)}">{_e(r)}</a>'
+    return Markup('<a href="{0}">{0}</a>').format(escape(r))
+
+
+def _environment():
+    import jinja2
+
+    return jinja2.Environment(loader=jinja2.PackageLoader("relucomp", "templates"),
+                              autoescape=jinja2.select_autoescape(["html", "j2"]), keep_trailing_newline=True)
 
 
 def render_report(path: str | Path, *, budget: int | str | None = None, inline: bool = False,
@@ -570,21 +585,20 @@ def render_report(path: str | Path, *, budget: int | str | None = None, inline: 
     dinfo = rep0.get("data", {})
     opts = rep0.get("options", {})
 
-    parts: list[str] = []
     ttl = title or (f"relucomp sweep — {rep0.get('model')} on {dinfo.get('name')}" if data.kind == "sweep"
                     else f"relucomp compile — {rep0.get('model')} on {dinfo.get('name')} at {r0.budget:,} ReLUs")
-    parts.append(f"<h1>{_e(ttl)}</h1>")
-    meta = [f"model <b>{_e(rep0.get('model'))}</b>", f"{r0.relus_total:,} ReLUs dense",
-            f"data <b>{_e(dinfo.get('spec') or dinfo.get('name'))}</b>",
-            f"target {_e(dinfo.get('target'))}", f"groups: {_e(dinfo.get('group_attribute'))}",
+    from markupsafe import Markup, escape
+
+    meta = [Markup("model <b>{}</b>").format(rep0.get('model')), f"{r0.relus_total:,} ReLUs dense",
+            Markup("data <b>{}</b>").format(dinfo.get('spec') or dinfo.get('name')),
+            f"target {dinfo.get('target')}", f"groups: {dinfo.get('group_attribute')}",
             f"budgets {', '.join(f'{b:,}' for b in budgets)}",
             f"method(s) {', '.join(data.methods)}",
-            f"search {_e(opts.get('search'))} ({_e(opts.get('search_epochs'))} epochs), "
-            f"finetune {_e(opts.get('finetune_epochs'))} epochs, granularity {_e(opts.get('granularity'))}",
-            f"relucomp {_e(rep0.get('relucomp_version'))}", f"rendered {time.strftime('%Y-%m-%d %H:%M')}"]
-    parts.append(f'<p class="meta">{" · ".join(meta)}</p>')
+            f"search {opts.get('search')} ({opts.get('search_epochs')} epochs), "
+            f"finetune {opts.get('finetune_epochs')} epochs, granularity {opts.get('granularity')}",
+            f"relucomp {rep0.get('relucomp_version')}", f"rendered {time.strftime('%Y-%m-%d %H:%M')}"]
+    meta = [m if isinstance(m, Markup) else escape(m) for m in meta]
 
-    # summary table
     hdr = ["budget", "method", "ReLUs kept", "test acc (%)", "Δ (points)"] + \
           [f"{g} acc (%)" for g in groups] + ["max ψ_g", "Ψ_PW", "PI latency (s)", "ONNX"]
     rows = [["dense", "–", f"{r0.relus_total:,}", _f(r0.acc_dense), _f(0.0)] +
@@ -593,28 +607,12 @@ def render_report(path: str | Path, *, budget: int | str | None = None, inline: 
         rows.append([f"{r.budget:,}", r.method, f"{r.relus:,}", _f(r.acc), _f(r.acc_dense - r.acc)] +
                     [_f(r.group_acc.get(g)) for g in groups] +
                     [_f(r.max_psi), _f(r.psi_pw), _f(r.latency_s), (_rel(r.onnx, root), "")])
-    parts.append("<h2>Summary</h2>")
-    parts.append(_table(hdr, rows, num_from=2))
-    parts.append(f'<p class="note">Accuracies on the test split in percentage points. ψ_g = Δ_g − Δ: the accuracy a '
-                 f'group loses beyond the overall loss (Balancing Act); max ψ_g is the headline, Ψ_PW = max ψ_g − min ψ_g. '
-                 f'ψ source: {_e(r0.fairness_source)}. PI latency: {_e(", ".join(sorted({r.latency_label for r in data.runs})))}.</p>')
 
-    # group accuracy
-    parts.append("<h2>Group accuracy vs ReLU budget</h2>")
-    parts.append(f"<figure>{_img(figs['group_accuracy'], root, 'group accuracy vs budget', inline)}"
-                 f"<figcaption>One line per group (test-set size in the legend), overall accuracy dashed; the rightmost "
-                 f"point is the dense model.</figcaption></figure>")
     ghdr = ["budget", "method", "ReLUs kept"] + [f"{g} (n={r0.counts.get(g, 0)})" for g in groups] + ["overall"]
     grows = [["dense", "–", f"{r0.relus_total:,}"] + [_f(r0.group_dense.get(g)) for g in groups] + [_f(r0.acc_dense)]]
     for r in data.runs:
         grows.append([f"{r.budget:,}", r.method, f"{r.relus:,}"] + [_f(r.group_acc.get(g)) for g in groups] + [_f(r.acc)])
-    parts.append(_table(ghdr, grows, num_from=2))
 
-    # psi
-    parts.append(f"<h2>Excess accuracy gap ψ_g at {b_sel:,} ReLUs</h2>")
-    parts.append(f"<figure>{_img(figs['psi'], root, 'psi per group', inline)}<figcaption>ψ_g per group"
-                 + (" and fairness method" if multi else "") + "; error bars: the report's bootstrap CI when present; "
-                 "dashed: the CEAG tolerance ε.</figcaption></figure>")
     sel = [r for r in data.runs if r.budget == b_sel]
     phdr = ["group", "n"] + [f"ψ_g {r.method}" for r in sel] + [f"95% CI {r.method}" for r in sel]
     prow = []
@@ -626,20 +624,12 @@ def render_report(path: str | Path, *, budget: int | str | None = None, inline: 
         prow.append([g, f"{r0.counts.get(g, 0)}"] + [_f(r.psi.get(g), signed=True) for r in sel] + ci)
     prow.append(["max ψ_g", "–"] + [_f(r.max_psi, signed=True) for r in sel] + ["" for _ in sel])
     prow.append(["Ψ_PW", "–"] + [_f(r.psi_pw) for r in sel] + ["" for _ in sel])
-    parts.append(_table(phdr, prow, num_from=1))
 
-    parts.append("<h2>Disparity and accuracy loss vs budget</h2>")
-    parts.append(f"<figure>{_img(figs['disparity'], root, 'disparity vs budget', inline)}</figure>")
     drows = [[f"{r.budget:,}", r.method, _f(r.acc_dense - r.acc), _f(r.max_psi, signed=True), _f(r.psi_pw),
-              _e(next((g for g in groups if r.psi.get(g) is not None and r.psi.get(g) == r.max_psi), "–"))]
+              next((g for g in groups if r.psi.get(g) is not None and r.psi.get(g) == r.max_psi), "–")]
              for r in data.runs]
-    parts.append(_table(["budget", "method", "Δ (points)", "max ψ_g", "Ψ_PW", "worst group"], drows, num_from=2))
 
-    # layers
     lruns = _layer_runs(data)
-    parts.append("<h2>ReLUs kept per layer</h2>")
-    parts.append(f"<figure>{_img(figs['layers'], root, 'relus per layer', inline)}<figcaption>Top: ReLUs per layer "
-                 f"(log scale), dense in grey; bottom: share of each layer's ReLUs kept.</figcaption></figure>")
     lhdr = ["layer", "shape", "dense"] + [f"{r.budget:,}" for r in lruns]
     lrows = []
     for i, p in enumerate(lruns[0].per_layer):
@@ -649,26 +639,11 @@ def render_report(path: str | Path, *, budget: int | str | None = None, inline: 
             row.append(f"{a:,} ({100.0 * a / p['relus_before']:.1f}%)" if p["relus_before"] else f"{a:,}")
         lrows.append(row)
     lrows.append(["total", "", f"{r0.relus_total:,}"] + [f"{r.relus:,}" for r in lruns])
-    parts.append(_table(lhdr, lrows, num_from=2))
 
-    # latency
-    parts.append("<h2>Private-inference latency vs budget</h2>")
-    parts.append(f"<figure>{_img(figs['latency'], root, 'PI latency', inline)}</figure>")
     lat_rows = [["dense", f"{r0.relus_total:,}", _f(r0.latency_dense_s), r0.latency_dense_label or "–"]]
     for r in sorted([r for r in data.runs if r.method == data.methods[0]], key=lambda r: -r.budget):
         lat_rows.append([f"{r.budget:,}", f"{r.relus:,}", _f(r.latency_s), r.latency_label])
-    parts.append(_table(["budget", "ReLUs", "latency (s)", "source"], lat_rows, num_from=1))
-    if any(r.latency_label.startswith("estimated (relucomp.pi") for r in data.runs):
-        parts.append('<p class="note">Estimate: the linear cost model of <code>relucomp estimate</code> (latency ≈ '
-                     'c0 + c_relu·ReLUs + c_mac·MACs + c_gather·gathered elements, fitted on 2PC runs), from each '
-                     'run\'s ONNX graph when exported, else from the report\'s counts.</p>')
-    if any(r.latency_label == FALLBACK_LABEL for r in data.runs):
-        parts.append(f'<p class="note">Estimate: {LATENCY_FLOOR_S:.2f} s (linear layers) + 16 µs × ReLUs, from 2PC '
-                     f'(SPU Cheetah) measurements of a small CIFAR ResNet on 2 cores over loopback; real deployments '
-                     f'(WAN, other protocols) are slower.</p>')
 
-    # runs
-    parts.append("<h2>Runs</h2>")
     rrows = []
     for r in data.runs:
         ex = r.report.get("export") or {}
@@ -676,8 +651,7 @@ def render_report(path: str | Path, *, budget: int | str | None = None, inline: 
                       f"{ex.get('onnx_relus', '–'):,}" if isinstance(ex.get("onnx_relus"), int) else "–",
                       f"{ex['ort_max_abs_diff']:.1e}" if isinstance(ex.get("ort_max_abs_diff"), float) else "–",
                       _f(r.seconds, 1)])
-    parts.append(_table(["report", "method", "ReLUs", "budget", "ONNX ReLUs", "ORT |diff|", "time (s)"], rrows,
-                        num_from=2))
+    search_table = None
     if data.sweep and data.sweep.get("searches"):
         srows = []
         for key, s in data.sweep["searches"].items():
@@ -685,13 +659,24 @@ def render_report(path: str | Path, *, budget: int | str | None = None, inline: 
                 srows.append([key, f"{int(b):,}", f"{info.get('step')}", f"{info.get('soft_relus'):,}",
                               "yes" if info.get("reached") else "no (end of search)"])
         if srows:
-            parts.append("<p>One SNL search served every budget; snapshots of the soft gates:</p>")
-            parts.append(_table(["search", "budget", "step", "soft ReLUs", "reached softly"], srows, num_from=1))
+            search_table = _table(["search", "budget", "step", "soft ReLUs", "reached softly"], srows, num_from=1)
 
-    doc = ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
-           f"<title>{_e(ttl)}</title><style>{_CSS}</style></head><body>" + "\n".join(parts) +
-           "</body></html>\n")
-    tmp = html_path.with_suffix(".html.tmp")
-    tmp.write_text(doc, encoding="utf-8")
-    tmp.replace(html_path)
+    doc = _environment().get_template("report.html.j2").render(
+        title=ttl, css=Markup(_CSS), meta=meta, b_sel=b_sel, multi=multi,
+        figs={k: _img(v, root, alt, inline) for (k, v), alt in zip(figs.items(), (
+            "group accuracy vs budget", "psi per group", "disparity vs budget", "relus per layer", "PI latency"))},
+        summary=_table(hdr, rows, num_from=2), psi_source=r0.fairness_source,
+        latency_labels=", ".join(sorted({r.latency_label for r in data.runs})),
+        groups_table=_table(ghdr, grows, num_from=2), psi_table=_table(phdr, prow, num_from=1),
+        disparity_table=_table(["budget", "method", "Δ (points)", "max ψ_g", "Ψ_PW", "worst group"], drows, num_from=2),
+        layers_table=_table(lhdr, lrows, num_from=2),
+        latency_table=_table(["budget", "ReLUs", "latency (s)", "source"], lat_rows, num_from=1),
+        cost_model_note=any(r.latency_label.startswith("estimated (relucomp.pi") for r in data.runs),
+        fallback_note=any(r.latency_label == FALLBACK_LABEL for r in data.runs), latency_floor=LATENCY_FLOOR_S,
+        runs_table=_table(["report", "method", "ReLUs", "budget", "ONNX ReLUs", "ORT |diff|", "time (s)"], rrows,
+                          num_from=2),
+        search_table=search_table)
+    from .atomic import atomic_write_text
+
+    atomic_write_text(html_path, doc)
     return html_path

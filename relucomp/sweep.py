@@ -6,7 +6,9 @@ when the soft ReLU count first reaches each budget
 (``SNLSearchPass(snapshots=..., on_snapshot=...)``).  Every budget (and every
 ``fair_method``) is then a warm-started :func:`relucomp.api.compile`: load the
 snapshot, binarize to the budget, finetune, lower/fold, export, report.  So a
-sweep costs one search plus N finetunes instead of N searches.
+sweep costs one search plus N finetunes instead of N searches.  Every run is
+the same stage pipeline as ``compile`` on the same :class:`~relucomp.config.CompileConfig`
+(the sweep's base config with the budget / method / warm start applied).
 
 Layout of ``out_dir``::
 
@@ -24,9 +26,7 @@ its checkpoint); different options raise a clear error.
 
 from __future__ import annotations
 
-import inspect as _inspect
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -36,11 +36,13 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from .atomic import atomic_torch_save, atomic_write_json
 from .budget import parse_count
-from .errors import BudgetError, RelucompError
-from .train import Interrupted
+from .compile_report import CompileReport
+from .config import DEFAULT_ARCH, CompileConfig, resolve_config, validate
+from .errors import BudgetError, Interrupted, RelucompError
 
-SWEEP_FORMAT = "relucomp-sweep-v1"
+SWEEP_FORMAT = "relucomp-sweep-v2"
 SHARED = "shared"
 
 __all__ = ["SweepResult", "sweep", "parse_budgets", "load_sweep", "SWEEP_FORMAT"]
@@ -55,8 +57,9 @@ class SweepResult:
     skipped: list[str] = field(default_factory=list)
     state: dict[str, Any] = field(default_factory=dict)
 
-    def reports(self) -> list[dict[str, Any]]:
-        return [json.loads((self.out_dir / r["dir"] / "report.json").read_text()) for r in self.runs]
+    def reports(self) -> list[CompileReport]:
+        return [CompileReport.from_dict(json.loads((self.out_dir / r["dir"] / "report.json").read_text()))
+                for r in self.runs]
 
 
 def parse_budgets(text: str | Sequence[int | str], *, total: int | None = None) -> list[int]:
@@ -76,11 +79,11 @@ def _needs_total(text) -> bool:
 
 
 def _model_relus(model, image_size: int) -> int:
-    from .api import DEFAULT_ARCH, _summary, analyze
     from .models import load_model
+    from .pipelines import analyze, summary
 
     m = model if isinstance(model, nn.Module) else load_model(model or DEFAULT_ARCH, num_classes=10)
-    return _summary(analyze(m, torch.randn(2, 3, image_size, image_size)))["relus"]
+    return summary(analyze(m, torch.randn(2, 3, image_size, image_size)))["relus"]
 
 
 def load_sweep(out_dir: str | Path) -> dict[str, Any] | None:
@@ -91,26 +94,29 @@ def load_sweep(out_dir: str | Path) -> dict[str, Any] | None:
         state = json.loads(p.read_text())
     except json.JSONDecodeError as exc:
         raise RelucompError(f"{p} is not valid JSON ({exc.msg})", "delete it to start the sweep over") from exc
-    if state.get("format") != SWEEP_FORMAT:
+    if not str(state.get("format", "")).startswith("relucomp-sweep-v"):
         raise RelucompError(f"{p} is not a relucomp sweep file", "use another --out directory")
     return state
 
 
 def _write_state(out: Path, state: dict) -> None:
-    from .api import _atomic_json
-
     state["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-    _atomic_json(out / "sweep.json", state)
+    atomic_write_json(out / "sweep.json", state)
 
 
 def run_name(budget: int, method: str | None) -> str:
     return f"{budget}" if method is None else f"{budget}-{method}"
 
 
-def _supports_fair_method() -> bool:
-    from . import api
-
-    return "fair_method" in _inspect.signature(api.compile).parameters
+def _options(cfg: CompileConfig, model, data, budgets: list[int], methods) -> dict[str, Any]:
+    """What must match for a sweep directory to be continued: the config (less per-run fields) and the runs."""
+    flat = {f"{sec}.{k}": v for sec, vals in cfg.model_dump().items() for k, v in vals.items()}
+    for k in ("search.relu_budget", "runtime.out_dir", "runtime.resume", "runtime.progress", "model.spec", "data.spec"):
+        flat.pop(k, None)
+    model_id = f"<{type(model).__name__} object>" if isinstance(model, nn.Module) else (model or cfg.model.spec or DEFAULT_ARCH)
+    data_id = data if isinstance(data, str) or data is None else f"<{type(data).__name__} {getattr(data, 'spec', '')}>"
+    return json.loads(json.dumps({"model": model_id, "data": data_id or cfg.data.spec, "budgets": budgets,
+                                  "methods": methods, **flat}, default=str))
 
 
 def sweep(
@@ -120,45 +126,32 @@ def sweep(
     budgets: str | Sequence[int | str],
     out_dir: str | Path,
     fair_methods: Sequence[str] | None = None,
-    fair_groups: str | None = None,
-    target: str | None = None,
-    tolerance: float = 2.0,
-    fair_phase: str = "finetune",
-    search: str = "snl",
-    granularity: str = "pixel",
-    search_epochs: int = 4,
-    finetune_epochs: int = 4,
-    pretrain_epochs: int | None = None,
-    checkpoint: str | Path | None = None,
-    batch_size: int = 128,
-    lr: float = 0.01,
-    limit: int | None = None,
-    image_size: int = 32,
-    seed: int = 0,
-    export: bool = True,
+    config: CompileConfig | dict | str | None = None,
     keep_snapshots: bool = False,
-    progress: bool = True,
-    device: str = "cpu",
     log: Callable[[str], None] | None = None,
-    **compile_kwargs: Any,
+    **overrides: Any,
 ) -> SweepResult:
     """Compile ``model`` at every budget of ``budgets`` (and every fairness method).
 
     ``budgets``: ``"5k,10k,15k"`` or a list (``%`` of the model's ReLUs works
-    too).  ``fair_methods``: e.g. ``["nft", "ceag"]``; ``None`` uses
-    :func:`~relucomp.api.compile`'s default and names runs ``runs/<budget>``,
-    otherwise ``runs/<budget>-<method>``.  Other arguments as in
-    :func:`relucomp.api.compile` (extra keywords are passed through).
-    Re-running with the same ``out_dir`` and options continues an interrupted
-    sweep; different options raise :class:`~relucomp.errors.RelucompError`.
+    too).  ``fair_methods``: e.g. ``["nft", "ceag"]``; ``None`` uses the
+    config's method and names runs ``runs/<budget>``, otherwise
+    ``runs/<budget>-<method>``.  ``config`` and keyword ``overrides`` as in
+    :func:`relucomp.compile` (the same config type and stages).  Re-running
+    with the same ``out_dir`` and options continues an interrupted sweep;
+    different options raise :class:`~relucomp.errors.RelucompError`.
     """
     from . import api
 
     say = log or (lambda s: None)
-    if search not in api.SEARCH_METHODS:
-        raise RelucompError(f"unknown search method {search!r}", f"use one of {', '.join(api.SEARCH_METHODS)}")
+    base = resolve_config(config, {k: v for k, v in overrides.items()})
+    methods: list[str | None] = list(dict.fromkeys(str(m).strip().lower() for m in fair_methods if str(m).strip())) \
+        if fair_methods else [None]
+    explicit = bool(fair_methods)
+    for m in methods:
+        validate(base.with_values({"search.relu_budget": 1, "fairness.method": m}), check_data=not hasattr(data, "splits"))
     try:
-        total = _model_relus(model, image_size)
+        total = _model_relus(model, base.data.image_size)
     except Exception:  # noqa: BLE001 - compile() reports model problems with their fix
         if _needs_total(budgets):
             raise
@@ -169,48 +162,10 @@ def sweep(
 
         for b in budget_list:
             check_relu_budget(b, total)
-    out = api._prepare_out(out_dir)
-    assert out is not None
+    from .stages import prepare_out
 
-    # -- fairness methods ------------------------------------------------------
-    methods: list[str | None]
-    if fair_methods:
-        methods = []
-        for m in fair_methods:
-            m = str(m).strip().lower()
-            if m and m not in methods:
-                methods.append(m)
-        if not _supports_fair_method():
-            dropped = [m for m in methods if m != "nft"]
-            if dropped:
-                say(f"this relucomp's compile() has no fair_method option: {', '.join(dropped)} not available, "
-                    "running plain finetuning (nft) only")
-            methods = ["nft"]
-            fair_kw: dict[str, Any] = {}
-        else:
-            fair_kw = {"tolerance": tolerance, "fair_phase": fair_phase}
-    else:
-        methods = [None]
-        fair_kw = {"tolerance": tolerance, "fair_phase": fair_phase} if _supports_fair_method() else {}
-    explicit_methods = bool(fair_methods)
-
-    # -- options / resume --------------------------------------------------------
-    if isinstance(model, nn.Module):
-        model_id = f"<{type(model).__name__} object>"
-    else:
-        model_id = model or api.DEFAULT_ARCH
-    data_id = data if isinstance(data, str) or data is None else f"<{type(data).__name__} {getattr(data, 'spec', '')}>"
-    options = {
-        "model": model_id, "data": data_id or "synthetic", "budgets": budget_list,
-        "methods": [m for m in methods] if explicit_methods else None, "fair_groups": fair_groups,
-        "target": target, "tolerance": tolerance if fair_kw else None, "fair_phase": fair_phase if fair_kw else None,
-        "search": search, "granularity": granularity, "search_epochs": search_epochs,
-        "finetune_epochs": finetune_epochs, "pretrain_epochs": pretrain_epochs,
-        "checkpoint": str(checkpoint) if checkpoint is not None else None, "batch_size": batch_size, "lr": lr,
-        "limit": limit, "image_size": image_size, "seed": seed, "export": export,
-        "extra": {k: v for k, v in sorted(compile_kwargs.items())},
-    }
-    options = json.loads(json.dumps(options, default=str))
+    out, _ = prepare_out(out_dir)
+    options = _options(base, model, data, budget_list, methods if explicit else None)
     state = load_sweep(out)
     if state is not None:
         old = state.get("options", {})
@@ -225,20 +180,10 @@ def sweep(
                  "searches": {}, "runs": {}, "complete": False}
     _write_state(out, state)
 
-    shared_search = search == "snl" and (fair_phase == "finetune" or not fair_kw or methods == [None])
+    shared_search = base.search.method == "snl" and (base.fairness.phase == "finetune" or methods == [None])
 
     def search_key(method: str | None) -> str:
         return SHARED if shared_search else (method or "default")
-
-    def compile_common(method: str | None) -> dict[str, Any]:
-        kw = dict(granularity=granularity, search=search, search_epochs=search_epochs,
-                  finetune_epochs=finetune_epochs, pretrain_epochs=pretrain_epochs, checkpoint=checkpoint,
-                  batch_size=batch_size, lr=lr, target=target, fair_groups=fair_groups, limit=limit,
-                  image_size=image_size, seed=seed, progress=progress, device=device, log=log, **fair_kw,
-                  **compile_kwargs)
-        if method is not None and "fair_method" in _inspect.signature(api.compile).parameters:
-            kw["fair_method"] = method
-        return kw
 
     def snap_dir(key: str) -> Path:
         return out / ("search" if key == SHARED else f"search-{key}") / "snapshots"
@@ -247,28 +192,26 @@ def sweep(
         r = state["runs"].get(name)
         return bool(r and r.get("status") == "done" and (out / r["dir"] / "report.json").exists())
 
+    def run_compile(**kw) -> Any:
+        if kw.get("fair_method") is None:
+            kw.pop("fair_method", None)
+        return api.compile(model, data, config=base, log=log, **kw)
+
     # -- the search(es) ------------------------------------------------------------
     result = SweepResult(out_dir=out, state=state)
-    todo = [(b, m) for b in budget_list for m in methods if not is_done(run_name(b, m if explicit_methods else None))]
-    if search == "snl":
+    todo = [(b, m) for b in budget_list for m in methods if not is_done(run_name(b, m if explicit else None))]
+    if base.search.method == "snl":
         for key in dict.fromkeys(search_key(m) for _, m in todo):
             sdir = snap_dir(key)
             need = sorted({b for b, m in todo if search_key(m) == key}, reverse=True)
             if all((sdir / f"{b}.pt").exists() for b in need):
                 continue
             sdir.mkdir(parents=True, exist_ok=True)
-            method = None if key == SHARED else key
-            kw = compile_common(method)
-            if key == SHARED and fair_kw and "fair_method" in _inspect.signature(api.compile).parameters:
-                kw["fair_method"] = "nft"  # the shared search is unconstrained (constraints act in the finetune)
-            kw["finetune_epochs"] = 0
 
             def on_snapshot(b: int, sd: dict, sdir: Path = sdir) -> None:
                 path = sdir / f"{b}.pt"
                 if not path.exists():
-                    tmp = path.with_suffix(".pt.tmp")
-                    torch.save(sd, tmp)
-                    os.replace(tmp, path)
+                    atomic_torch_save(path, sd)
                     say(f"search: snapshot for budget {b:,}")
 
             search_dir = sdir.parent
@@ -276,21 +219,24 @@ def sweep(
             say(f"searching ReLU masks once for budgets {', '.join(f'{b:,}' for b in budget_list)}"
                 + (" (resuming)" if resume else ""))
             t0 = time.perf_counter()
+            # the shared search is unconstrained (constraints act in the finetune)
+            method = "nft" if key == SHARED and explicit else (None if key == SHARED else key)
             try:
-                res = api.compile(model, data, relu_budget=budget_list[-1], out_dir=search_dir, export=False,
-                                  resume=resume, search_snapshots=budget_list, on_snapshot=on_snapshot, **kw)
+                res = run_compile(relu_budget=budget_list[-1], out_dir=search_dir, export=False, resume=resume,
+                                  finetune_epochs=0, fair_method=method, search_snapshots=budget_list,
+                                  on_snapshot=on_snapshot)
             except Interrupted as exc:
                 raise Interrupted(f"sweep interrupted during the mask search ({exc.cause})",
                                   "run the same sweep command again to continue") from None
+            rep = res.report if isinstance(res.report, CompileReport) else CompileReport.from_dict(res.report)
             state["searches"][key] = {"dir": str(search_dir.relative_to(out)), "seconds": round(time.perf_counter() - t0, 2),
-                                      "snapshots": res.report.get("search", {}).get("snapshots", {}),
-                                      "total_relus": res.report["relus"]["before"]}
+                                      "snapshots": rep.search.get("snapshots", {}), "total_relus": rep.relus_before}
             _write_state(out, state)
 
     # -- one warm-started compile per (budget, method) ----------------------------------
     for b in budget_list:
         for m in methods:
-            name = run_name(b, m if explicit_methods else None)
+            name = run_name(b, m if explicit else None)
             rdir = out / "runs" / name
             entry = {"name": name, "budget": b, "method": m, "dir": str(rdir.relative_to(out))}
             if is_done(name):
@@ -298,34 +244,28 @@ def sweep(
                 result.runs.append({**entry, **state["runs"][name]})
                 say(f"{name}: done already, skipped")
                 continue
-            kw = compile_common(m)
             warm = None
-            if search == "snl":
-                snap = snap_dir(search_key(m)) / f"{b}.pt"
-                warm = torch.load(snap, map_location="cpu", weights_only=True)
+            if base.search.method == "snl":
+                warm = torch.load(snap_dir(search_key(m)) / f"{b}.pt", map_location="cpu", weights_only=True)
             say(f"compiling at {b:,} ReLUs" + (f" ({m})" if m else ""))
             t0 = time.perf_counter()
             state["runs"][name] = {"status": "running", "dir": entry["dir"], "budget": b, "method": m}
             _write_state(out, state)
             try:
-                res = api.compile(model, data, relu_budget=b, out_dir=rdir, export=export,
-                                  resume=(rdir / "checkpoint.pt").exists(), search_state=warm, **kw)
+                res = run_compile(relu_budget=b, out_dir=rdir, resume=(rdir / "checkpoint.pt").exists(),
+                                  search_state=warm, fair_method=m)
             except Interrupted as exc:
                 raise Interrupted(f"sweep interrupted at budget {b:,} ({exc.cause})",
                                   "run the same sweep command again to continue (done budgets are skipped)") from None
-            rep = res.report
-            fair = rep.get("fairness") or {}
-            rep["sweep"] = {"budget": b, "method": fair.get("method", m or "nft"), "name": name,
-                            "shared_search": search == "snl",
-                            "snapshot": state["searches"].get(search_key(m), {}).get("snapshots", {}).get(str(b)),
-                            "sweep_dir": ".."}
-            api._atomic_json(rdir / "report.json", rep)
-            last = ((fair.get("results") or {}).get("last") or {}).get("test") or {}
-            state["runs"][name] = {"status": "done", "dir": entry["dir"], "budget": b,
-                                   "method": rep["sweep"]["method"], "relus": rep["relus"]["after"],
-                                   "acc_test": rep["accuracy"]["after"]["test"],
-                                   "group_acc_test": rep["group_accuracy"]["after"],
-                                   "max_psi": last.get("max_psi"),
+            rep = res.report if isinstance(res.report, CompileReport) else CompileReport.from_dict(res.report)
+            rep.sweep = {"budget": b, "method": (rep.fairness or {}).get("method", m or "nft"), "name": name,
+                         "shared_search": base.search.method == "snl",
+                         "snapshot": state["searches"].get(search_key(m), {}).get("snapshots", {}).get(str(b)),
+                         "sweep_dir": ".."}
+            atomic_write_json(rdir / "report.json", rep.to_dict())
+            state["runs"][name] = {"status": "done", "dir": entry["dir"], "budget": b, "method": rep.sweep["method"],
+                                   "relus": rep.relus_after, "acc_test": rep.test_accuracy[1],
+                                   "group_acc_test": rep.group_accuracy["after"], "max_psi": rep.max_psi,
                                    "seconds": round(time.perf_counter() - t0, 2)}
             _write_state(out, state)
             result.runs.append({**entry, **state["runs"][name]})

@@ -9,7 +9,6 @@ re-raises as :class:`Interrupted`, which tells the user how to resume.
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -18,11 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ModelLoadError, RelucompError
+from .atomic import atomic_torch_save
+from .errors import Interrupted, ModelLoadError
 
-
-class Interrupted(RelucompError):
-    """Training stopped by Ctrl-C after saving a resumable checkpoint."""
+__all__ = ["Interrupted", "Checkpointer", "load_state", "train_loop", "ce_kd_step", "kd_loss", "evaluate",
+           "make_optimizer", "progress_bar"]
 
 
 # ---------------------------------------------------------------------------
@@ -67,7 +66,7 @@ def progress_bar(enabled: bool = True) -> Iterator[Any]:
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0) -> torch.Tensor:
     """Hinton KD: ``T^2 * KL(softmax(t/T) || softmax(s/T))``."""
     t = temperature
-    return F.kl_div(F.log_softmax(student_logits / t, 1), F.log_softmax(teacher_logits / t, 1),
+    return F.kl_div(F.log_softmax(student_logits / t, 1), F.log_softmax(teacher_logits.detach() / t, 1),
                     reduction="batchmean", log_target=True) * t * t
 
 
@@ -79,22 +78,11 @@ def unpack(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     raise TypeError("batches must be (x, y) or (x, y, group) tuples")
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, device: str | torch.device = "cpu") -> dict[str, float]:
-    """Top-1 accuracy (%) and mean CE of ``model`` on ``loader`` in eval mode."""
-    was = model.training
-    model.eval()
-    correct = total = 0
-    loss = 0.0
-    for batch in loader:
-        x, y, _ = unpack(batch)
-        x, y = x.to(device), y.to(device)
-        logits = model(x)
-        loss += float(F.cross_entropy(logits, y, reduction="sum"))
-        correct += int((logits.argmax(1) == y).sum())
-        total += int(y.numel())
-    model.train(was)
-    return {"acc": 100.0 * correct / max(total, 1), "loss": loss / max(total, 1), "n": total}
+    """Top-1 accuracy (%) and mean CE of ``model`` on ``loader`` in eval mode (the one evaluator)."""
+    from .evaluate import predict
+
+    return predict(model, loader, device).summary()
 
 
 # ---------------------------------------------------------------------------
@@ -110,10 +98,7 @@ class Checkpointer:
     def save(self, state: dict[str, Any]) -> None:
         if self.path is None:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.path)
+        atomic_torch_save(self.path, state)
 
     def load(self) -> dict[str, Any] | None:
         if self.path is None or not self.path.exists():
@@ -208,8 +193,10 @@ def train_loop(
             if save is not None:
                 save(epoch + 1, False)
     except KeyboardInterrupt:
-        if save is not None:
-            save(epoch, True)
+        if save is None:
+            raise Interrupted(f"interrupted during {desc} epoch {epoch + 1}; nothing saved (no output directory)",
+                              "run again with --out DIR to be able to resume") from None
+        save(epoch, True)
         raise Interrupted(
             f"interrupted during {desc} epoch {epoch + 1}; state saved",
             "run the same command again with --resume to continue from the checkpoint",

@@ -86,50 +86,16 @@ def allclose(a, b, *, atol: float = 1e-4, rtol: float = 1e-4) -> tuple[bool, flo
 # ONNX-side counting (from the graph, not from relucomp's bookkeeping)
 # ----------------------------------------------------------------------------
 
-def _dims(vi) -> list[int | str | None]:
-    t = vi.type.tensor_type
-    if not t.HasField("shape"):
-        return []
-    out: list[int | str | None] = []
-    for d in t.shape.dim:
-        if d.HasField("dim_value"):
-            out.append(d.dim_value)
-        elif d.HasField("dim_param"):
-            out.append(d.dim_param)
-        else:
-            out.append(None)
-    return out
+def onnx_relu_count(model_or_path, *, include_maxpool: bool = False) -> dict[str, Any]:
+    """Count ReLU elements and every comparison per image in an ONNX model from the graph itself.
 
-
-def onnx_relu_count(model_or_path) -> dict[str, Any]:
-    """Count ReLU elements per image in an ONNX model from the graph itself.
-
-    Runs ONNX shape inference and sums, over every ``Relu`` node, the number of
-    elements of its input excluding the (first, batch) dimension.  Also counts
-    MaxPool comparisons and other nonlinear ops (which PI pays for too).
+    A view of :func:`relucomp.onnx_graph.walk` (the one ONNX walker): ``relus``
+    (Relu elements), ``relu_nodes``, ``comparisons`` / ``comparisons_by_op``
+    (every comparison-bearing op), ``budgeted_comparisons`` (all but MaxPool
+    unless ``include_maxpool``), ``maxpool_comparisons``, ``other_nonlinear_ops``.
     """
-    import onnx
+    from .onnx_graph import walk
 
-    model = onnx.load(model_or_path) if isinstance(model_or_path, (str, bytes)) or hasattr(model_or_path, "__fspath__") else model_or_path
-    inferred = onnx.shape_inference.infer_shapes(model)
-    shapes = {vi.name: _dims(vi) for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)}
-    per_node = []
-    total = 0
-    other: dict[str, int] = {}
-    maxpool_cmp = 0
-    for node in inferred.graph.node:
-        if node.op_type == "Relu":
-            dims = shapes.get(node.input[0])
-            if not dims or any(not isinstance(d, int) for d in dims[1:]):
-                raise ValueError(f"cannot infer a static per-image shape for Relu input {node.input[0]!r}")
-            n = math.prod(dims[1:])
-            per_node.append({"node": node.name, "input": node.input[0], "relus": n})
-            total += n
-        elif node.op_type == "MaxPool":
-            dims = shapes.get(node.output[0]) or []
-            k = [a.ints for a in node.attribute if a.name == "kernel_shape"]
-            if dims and k and all(isinstance(d, int) for d in dims[1:]):
-                maxpool_cmp += math.prod(dims[1:]) * (math.prod(k[0]) - 1)
-        elif node.op_type in ("PRelu", "LeakyRelu", "Clip", "Max", "Min", "Sigmoid", "Tanh", "Softmax", "Elu", "Gelu", "Selu"):
-            other[node.op_type] = other.get(node.op_type, 0) + 1
-    return {"relus": total, "relu_nodes": per_node, "maxpool_comparisons": maxpool_cmp, "other_nonlinear_ops": other}
+    c = walk(model_or_path, include_maxpool=include_maxpool)
+    return {k: c[k] for k in ("relus", "relu_nodes", "comparisons", "comparisons_by_op", "budgeted_comparisons",
+                              "maxpool_comparisons", "other_nonlinear_ops", "uncounted")}

@@ -10,6 +10,8 @@ import torch
 
 import relucomp
 import relucomp.api as api
+import relucomp.stages.finetune as finetune_stage
+import relucomp.stages.search as search_stage
 from relucomp.errors import BudgetError, RelucompError
 from relucomp.export import ort_run, read_metadata
 from relucomp.models import tinycnn
@@ -170,7 +172,7 @@ def test_interrupt_saves_checkpoint_and_resume_finishes(rc_cache, tmp_path, monk
 
     opts = dict(relu_budget="3k", pretrain_epochs=0, limit=300, search_epochs=2, finetune_epochs=1,
                 progress=False, out_dir=out)
-    monkeypatch.setattr(api, "SNLSearchPass", InterruptingSearch)
+    monkeypatch.setattr(search_stage, "SNLSearchPass", InterruptingSearch)
     with pytest.raises(Interrupted) as ei:
         api.compile("tinycnn", "synthetic", **opts)
     assert "search" in ei.value.cause and "--resume" in ei.value.fix
@@ -180,7 +182,7 @@ def test_interrupt_saves_checkpoint_and_resume_finishes(rc_cache, tmp_path, monk
     assert state["phase"] == "search" and state["epoch"] == 1
     assert any(k.endswith("alpha") for k in state["model"])
 
-    monkeypatch.setattr(api, "SNLSearchPass", RecordingSearch)
+    monkeypatch.setattr(search_stage, "SNLSearchPass", RecordingSearch)
     res = api.compile("tinycnn", "synthetic", resume=True, **opts)
     assert resumes and resumes[0] is not None and resumes[0]["epoch"] == 1
     assert not ckpt.exists()
@@ -192,7 +194,7 @@ def test_interrupt_saves_checkpoint_and_resume_finishes(rc_cache, tmp_path, monk
 def test_interrupt_in_finetune_resumes_without_searching_again(rc_cache, tmp_path, monkeypatch):
     out = tmp_path / "out"
 
-    class InterruptingFinetune(api.FinetunePass):
+    class InterruptingFinetune(finetune_stage.FinetunePass):
         def __init__(self, *, train_loader, **kw):
             super().__init__(train_loader=_InterruptOnEpoch(train_loader, 2), **kw)
 
@@ -202,15 +204,15 @@ def test_interrupt_in_finetune_resumes_without_searching_again(rc_cache, tmp_pat
 
     opts = dict(relu_budget="3k", pretrain_epochs=0, limit=300, search_epochs=1, finetune_epochs=2,
                 progress=False, out_dir=out, export=False)
-    monkeypatch.setattr(api, "FinetunePass", InterruptingFinetune)
+    monkeypatch.setattr(finetune_stage, "FinetunePass", InterruptingFinetune)
     with pytest.raises(Interrupted, match="finetune"):
         api.compile("tinycnn", "synthetic", **opts)
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert state["phase"] == "finetune" and state["epoch"] == 1
     assert state["search_stats"]["hard_relus"] <= 3000
 
-    monkeypatch.setattr(api, "FinetunePass", InterruptingFinetune.__mro__[1])
-    monkeypatch.setattr(api, "SNLSearchPass", NoSearch)
+    monkeypatch.setattr(finetune_stage, "FinetunePass", InterruptingFinetune.__mro__[1])
+    monkeypatch.setattr(search_stage, "SNLSearchPass", NoSearch)
     res = api.compile("tinycnn", "synthetic", resume=True, **opts)
     assert not (out / "checkpoint.pt").exists()
     assert res.relus == state["search_stats"]["hard_relus"]

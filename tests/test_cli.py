@@ -181,7 +181,9 @@ def test_bad_budget_fails_before_pretraining(monkeypatch, rc_cache):
     def no_pretrain(*a, **k):
         raise AssertionError("pretrained before validating the budget")
 
-    monkeypatch.setattr(api, "pretrain", no_pretrain)
+    import relucomp.stages.pretrain as pretrain_stage
+
+    monkeypatch.setattr(pretrain_stage, "pretrain", no_pretrain)
     with pytest.raises(BudgetError):
         api.compile("tinycnn", "synthetic", relu_budget="abc", pretrain_epochs=5, limit=300, progress=False)
 

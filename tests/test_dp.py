@@ -65,7 +65,7 @@ def test_bad_options_are_one_line_errors_naming_the_fix():
                       ({"epsilon": 8, "delta": 1e-3}, "must lie in"), ({"epsilon": 8, "delta": 0.0}, "must lie in"),
                       ({"epsilon": 8, "max_grad_norm": 0}, "must be > 0"),
                       ({"epsilon": 8, "phase": "search"}, "not implemented"),
-                      ({"epsilon": 8, "phase": "nope"}, "unknown --dp-phase"),
+                      ({"epsilon": 8, "phase": "nope"}, "unknown DP phase"),
                       ({"epsilon": 8, "fair_method": "ceag"}, "dual updates"),
                       ({"epsilon": 8, "sparsity": 0.9}, "sparsity"),
                       ({"epsilon": 8, "export_weights": "best"}, "unknown export weights")]:
@@ -79,16 +79,26 @@ def test_bad_options_are_one_line_errors_naming_the_fix():
 
 
 def test_compile_refuses_bad_dp_input_before_training(rc_cache, monkeypatch):
+    from relucomp.stages import pretrain as pretrain_stage
+
     def boom(*a, **k):
         raise AssertionError("trained before validating")
 
-    monkeypatch.setattr(api, "pretrain", boom)
-    for kw, match in [({"dp_epsilon": 0}, "must be > 0"), ({"dp_epsilon": 8, "dp_delta": 0.5}, "1/n"),
+    monkeypatch.setattr(pretrain_stage, "pretrain", boom)
+    monkeypatch.setattr(pretrain_stage, "train_loop", boom)
+    for kw, match in [({"dp_epsilon": 0}, "must be > 0"), ({"dp_epsilon": float("nan")}, "must be > 0"),
+                      ({"dp_epsilon": 8, "dp_delta": 0.5}, "1/n"),  # δ < 1, but ≥ 1/n for n = 140 training images
+                      ({"dp_epsilon": 8, "dp_delta": 2.0}, "1/n"),
                       ({"dp_epsilon": 8, "dp_max_grad_norm": -1}, "must be > 0"),
+                      ({"dp_epsilon": 8, "dp_batch_size": 0}, "must be ≥ 1"),
+                      ({"dp_epsilon": 8, "dp_phase": "both"}, "not implemented"),
                       ({"dp_epsilon": 8, "fair_groups": "group", "fair_method": "ceag"}, "dual updates"),
+                      ({"dp_epsilon": 8, "sparsity": 0.5}, "sparsity"),
+                      ({"dp_max_grad_norm": 2.0}, "differential privacy is off"),
                       ({"export_weights": "mean"}, "unknown export weights")]:
-        with pytest.raises(RelucompError, match=match):
+        with pytest.raises(RelucompError, match=match) as ei:
             api.compile("tinycnn", "synthetic", relu_budget="2k", limit=200, progress=False, **kw)
+        assert ei.value.fix and "\n" not in ei.value.cause
 
 
 def test_unsupported_layer_is_named(make_gated):

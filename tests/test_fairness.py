@@ -11,9 +11,7 @@ from relucomp.fairness import (
     FairConfig,
     FairConfigError,
     FairConstraintTerm,
-    GroupConstrainedObjective,
     GroupReplayBuffer,
-    fair_finetune,
     group_constraint_penalty,
 )
 
@@ -103,21 +101,19 @@ def test_raising_a_multiplier_raises_its_groups_gradient_weight():
     assert (w_hi[6:] > w_lo[6:]).all() and (w_hi[:6] < w_lo[:6]).all()
 
 
-def test_cmp_primal_lagrangian_keeps_gradient():
-    """The cooper CMP used by fair_finetune yields ∇(CE + Σλ(CE_g − CE)), not ∇CE."""
+def test_primal_lagrangian_keeps_gradient():
+    """compile's path (task loss + term.loss) yields ∇(CE + Σλ(CE_g − CE)), not ∇CE."""
     model = tiny_net()
     model.eval()
     x, y, g = batch(seed=1)
     term = FairConstraintTerm(3, method="ceag", dense_group_acc=[80, 70, 60], dense_acc=75)
     with torch.no_grad():
         term.multiplier.weight.copy_(torch.tensor([[1.0], [0.0], [3.0]]))
-    cmp = GroupConstrainedObjective(model, term, teacher=None)
-    state = cmp.compute_cmp_state(x, y, g)
-    lag = state.compute_primal_lagrangian().lagrangian
+    logits = model(x)
+    lag = F.cross_entropy(logits, y) + term.loss(logits, y, g)
     per = F.cross_entropy(model(x), y, reduction="none")
     manual = per.mean() + 1.0 * (per[g == 0].mean() - per.mean()) + 3.0 * (per[g == 2].mean() - per.mean())
     assert torch.allclose(grads_of(lag, model), grads_of(manual, model), atol=1e-6, rtol=1e-5)
-    assert state.observed_constraints[cmp.group_fairness].strict_violation.grad_fn is None
 
 
 # ---------------------------------------------------------------- dual dynamics
@@ -223,52 +219,59 @@ def test_config_and_input_validation():
 # ---------------------------------------------------------------- end to end
 
 
+def _compile_path(model, teacher, loader, phase, epochs=1, lr=0.05):
+    """The one fairness training path: FinetunePass with FairPhase's hooks (as the finetune stage runs it)."""
+    from relucomp.infra import PassManager
+    from relucomp.ir import trace
+    from relucomp.passes.finetune import FinetunePass
+
+    fp = FinetunePass(train_loader=loader, teacher=teacher, epochs=epochs, lr=lr, extra_loss=phase.extra_loss,
+                      after_step=phase.after_step)
+    return PassManager([fp]).run(model).stats["passes"][0]["stats"]
+
+
 @pytest.mark.parametrize("method", ["nft", "el", "ceag"])
-def test_fair_finetune_runs_one_epoch(method):
+def test_compile_fairness_path_runs_one_epoch(method):
+    from relucomp.fair_compile import FairPhase, ema_model
+    from relucomp.ir import trace
+
     ds = synthetic()
     loader = torch.utils.data.DataLoader(ds, batch_size=32, shuffle=True,
                                          generator=torch.Generator().manual_seed(0))
     teacher = tiny_net()
-    model = tiny_net()
+    model = trace(tiny_net())
     before = [p.detach().clone() for p in model.parameters()]
-    seen = []
-    hist = fair_finetune(
-        model, loader, num_groups=3, dense_group_acc=[60.0, 55.0, 50.0], dense_acc=58.0,
-        teacher=teacher, config=FairConfig(method=method, dual_lr=0.5), epochs=1, lr=0.05,
-        progress=False, on_epoch_end=lambda e, h: seen.append(e), group_names=["maj", "mid", "min"],
-    )
-    assert seen == [0]
+    phase = FairPhase(method=method, num_groups=3, dense_group_acc=[60.0, 55.0, 50.0], dense_acc=58.0, tolerance=2.0,
+                      dual_lr=0.5, ema_model=model, record_every=1)
+    stats = _compile_path(model, teacher, loader, phase)
+    assert len(stats["history"]) == 1
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
-    e = hist.epochs[0]
-    assert e["steps"] == len(loader) and e["train_acc"] is not None
-    assert len(e["replay_acc"]) == 3 and sum(e["group_counts"]) == len(ds)
-    d = hist.to_dict()
-    json.dumps(d)
+    assert len(phase.trajectory) == len(loader)
     if method == "nft":
-        assert e["multipliers"] == [] and hist.multiplier_trajectory == []
+        assert phase.term.multiplier_values() == []
     else:
-        assert len(hist.multiplier_trajectory) == len(loader) == len(hist.steps)
-        assert all(len(m) == 3 for m in hist.multiplier_trajectory)
+        assert all(len(t["multipliers"]) == 3 for t in phase.trajectory)
     if method == "ceag":
-        assert len(e["psi_replay"]) == 3 and e["max_psi_replay"] is not None
-        assert min(e["multipliers"]) >= 0
-    assert hist.ema is not None and hist.ema.num_updates == len(loader)
+        assert len(phase.term.psi_estimate()) == 3 and min(phase.term.multiplier_values()) >= 0
+    assert int(phase.ema.n_averaged) == len(loader)
+    # EMA weights with BatchNorm statistics recomputed on the data (update_bn), not averaged
+    ema = ema_model(model, phase, torch.utils.data.DataLoader(ds, batch_size=40))  # equal batches: exact mean
+    bn = next(m for m in ema.modules() if isinstance(m, nn.BatchNorm2d))
+    conv = next(m for m in ema.modules() if isinstance(m, nn.Conv2d))
+    with torch.no_grad():
+        feats = conv(ds.tensors[0])
+    assert torch.allclose(bn.running_mean, feats.mean((0, 2, 3)), atol=1e-4)
+    assert not torch.equal(ema.state_dict()["0.weight"], model.state_dict()["0.weight"])
 
 
-def test_fair_finetune_alternating_progress_and_tiny_group_warning():
+def test_compile_fairness_path_raises_violated_multipliers():
+    from relucomp.fair_compile import FairPhase
+    from relucomp.ir import trace
+
     ds = synthetic(n=120, seed=2)
     loader = torch.utils.data.DataLoader(ds, batch_size=40)
-    term = FairConstraintTerm(3, method="ceag", dense_group_acc=[60, 60, 60], dense_acc=60, dual_lr=1.0)
-    with warnings.catch_warnings(record=True) as w:
-        warnings.simplefilter("always")
-        hist = fair_finetune(
-            tiny_net(), loader, num_groups=3, config=FairConfig(method="ceag", cooper_optimizer="alternating",
-                                                                min_group_size=50),
-            epochs=2, lr=0.01, optimizer="adam", ema_decay=None, progress=True, term=term,
-            on_epoch_end=lambda e, h: True,  # stop after the first epoch
-        )
-    tiny = [x for x in w if "tiny or empty groups" in str(x.message)]
-    assert len(tiny) == 1
-    assert hist.stopped_early and len(hist.epochs) == 1
-    assert hist.multipliers[0] == term.multiplier_values()
-    assert max(term.multiplier_values()) > 0  # dense 60 % vs an untrained net: violated
+    phase = FairPhase(method="ceag", num_groups=3, dense_group_acc=[60, 60, 60], dense_acc=60, tolerance=0.0,
+                      dual_lr=1.0)
+    _compile_path(trace(tiny_net()), None, loader, phase, epochs=2, lr=0.01)
+    assert len(phase.trajectory) >= 1
+    assert max(phase.term.multiplier_values()) > 0  # dense 60 % vs an untrained net: violated

@@ -360,15 +360,6 @@ def test_sweep_methods_and_fallback(tmp_path, monkeypatch):
              out_dir=tmp_path / "b")
     assert [(c["fair_method"], c["warm"]) for c in calls if not c["warm"]] == [("nft", False), ("ceag", False)]
 
-    # a compile() without fair_method: only nft, with a message
-    calls.clear()
-    monkeypatch.setattr(sw, "_supports_fair_method", lambda: False)
-    msgs: list[str] = []
-    res = sw.sweep("tinycnn", "synthetic", budgets="4000", fair_methods=["ceag"], out_dir=tmp_path / "c",
-                   log=msgs.append)
-    assert any("ceag not available" in m for m in msgs)
-    assert [r["name"] for r in res.runs] == ["4000-nft"]
-
 
 # --------------------------------------------------------------------------- a real browser
 

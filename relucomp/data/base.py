@@ -244,7 +244,9 @@ class DataBundle:
                 for name, ds in self.splits.items()
             },
         }
-        p.write_text(json.dumps(doc))
+        from ..atomic import atomic_write
+
+        atomic_write(p, json.dumps(doc))
         return p
 
     def __repr__(self) -> str:

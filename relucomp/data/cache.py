@@ -30,22 +30,20 @@ from . import decode as _decode
 __all__ = ["default_cache_dir", "resolve_cache_dir", "decode_cached", "CACHE_VERSION"]
 
 CACHE_VERSION = 1
-_OFF = {"off", "none", "0", "false", "no"}
 
 
 def default_cache_dir() -> Path | None:
-    env = os.environ.get("RELUCOMP_CACHE")
-    if env is not None and env.strip():
-        if env.strip().lower() in _OFF:
-            return None
-        return Path(env).expanduser() / "data"
-    return Path.home() / ".cache" / "relucomp" / "data"
+    from ..cache import cache_dir
+
+    return cache_dir("data")
 
 
 def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None) -> Path | None:
     if cache_dir is None:
         return default_cache_dir()
-    if isinstance(cache_dir, str) and cache_dir.strip().lower() in _OFF:
+    from ..cache import OFF_VALUES
+
+    if isinstance(cache_dir, str) and cache_dir.strip().lower() in OFF_VALUES:
         return None
     return Path(cache_dir).expanduser()
 
@@ -68,14 +66,13 @@ def _cache_key(kind: str, root: Path, rel_files: Sequence[str], size: int) -> tu
 
 
 def _atomic_write_bytes(path: Path, writer) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    from ..atomic import atomic_write
+
+    def write(tmp: str) -> None:
         with open(tmp, "wb") as f:
             writer(f)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+
+    atomic_write(path, write)
 
 
 def decode_cached(

@@ -238,6 +238,20 @@ def _model_from_spec(spec: str, num_classes: int) -> nn.Module:
     parts = _split_spec(spec)
     if parts is None:
         if _looks_like_path(spec):
+            p = Path(spec)
+            if p.is_dir():
+                fix = (f"inspect {p / 'model.onnx'} (a compile output)" if (p / "model.onnx").is_file()
+                       else "give a model file with its factory, e.g. 'model.py:make_model', or an ONNX file")
+                raise ModelLoadError(f"model spec {spec!r} is a directory, not a model", fix)
+            if p.suffix.lower() in (".pt", ".pth", ".ckpt", ".bin", ".safetensors"):
+                raise ModelLoadError(
+                    f"{spec!r} is a weights file, not a model definition",
+                    "give the architecture with --checkpoint, e.g. 'resnet20 --checkpoint "
+                    f"{spec}'; a compiled model is inspected as OUT/model.onnx",
+                )
+            if p.suffix.lower() != ".py":
+                raise ModelLoadError(f"model spec {spec!r} is not a Python file, ONNX file or architecture name",
+                                     f"give 'file.py:factory', a .onnx file or one of {', '.join(list_architectures())}")
             raise ModelLoadError(
                 f"model spec {spec!r} names a file but no factory",
                 f"append the factory name, e.g. '{spec}:make_model'",
@@ -300,8 +314,7 @@ def load_checkpoint(model: nn.Module, checkpoint: str | Path) -> nn.Module:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle / zip / torch errors: all mean "unreadable"
-        text = str(exc).strip()
-        reason = type(exc).__name__ + (f": {text.splitlines()[0][:200]}" if text else "")
+        reason = type(exc).__name__  # torch's own text suggests weights_only=False: never quote that advice
         raise ModelLoadError(
             f"checkpoint {str(path)!r} is corrupt or unreadable ({reason})",
             "re-save it with torch.save(model.state_dict(), path); pickled whole "

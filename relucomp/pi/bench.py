@@ -49,7 +49,9 @@ class PIBenchError(RelucompError):
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("RELUCOMP_CACHE", Path.home() / ".cache" / "relucomp"))
+    from ..cache import cache_root as root  # the one cache root; with caching off the venv still needs a home
+
+    return root() or Path.home() / ".cache" / "relucomp"
 
 
 def venv_dir() -> Path:

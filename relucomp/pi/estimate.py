@@ -19,7 +19,6 @@ for a model spec, from relucomp's own analysis of the traced model.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -37,77 +36,15 @@ DEFAULT_MODEL: dict[str, Any] = {
 }
 
 
-def _dims(vi) -> list:
-    t = vi.type.tensor_type
-    if not t.HasField("shape"):
-        return []
-    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
-
-
-def _per_image(d: list) -> int | None:
-    if not d or any(not isinstance(v, int) for v in d[1:]):
-        return None
-    return math.prod(d[1:])
-
-
 def onnx_costs(model: Any) -> dict[str, Any]:
-    """Count, per image, what a 2PC runtime pays for in an ONNX model (from the graph)."""
-    import onnx
+    """Count, per image, what a 2PC runtime pays for in an ONNX model (from the graph; one walker)."""
+    from ..onnx_graph import walk
 
-    proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
-    inferred = onnx.shape_inference.infer_shapes(proto)
-    g = inferred.graph
-    shapes = {vi.name: _dims(vi) for vi in list(g.value_info) + list(g.input) + list(g.output)}
-    inits = {i.name: list(i.dims) for i in g.initializer}
-    relus = cmp = macs = gathered = selected = slices = 0
-    relu_nodes = 0
-    ops: dict[str, int] = {}
-    for node in g.node:
-        ops[node.op_type] = ops.get(node.op_type, 0) + 1
-        if node.op_type == "Relu":
-            n = _per_image(shapes.get(node.input[0], []))
-            if n is None:
-                raise ValueError(f"cannot infer a static per-image shape for Relu input {node.input[0]!r}")
-            relus += n
-            relu_nodes += 1
-        elif node.op_type == "MaxPool":
-            d = shapes.get(node.output[0], [])
-            k = [a.ints for a in node.attribute if a.name == "kernel_shape"]
-            n = _per_image(d)
-            if n is not None and k:
-                cmp += n * (math.prod(k[0]) - 1)
-        elif node.op_type == "GlobalMaxPool":
-            d = shapes.get(node.input[0], [])
-            if d and _per_image(d) is not None:
-                cmp += d[1] * (math.prod(d[2:]) - 1)
-        elif node.op_type in ("Conv", "Gemm", "MatMul"):
-            out = shapes.get(node.output[0], [])
-            w = inits.get(node.input[1]) or shapes.get(node.input[1]) or []
-            n = _per_image(out)
-            if n is None or not w or not all(isinstance(v, int) for v in w):
-                continue
-            if node.op_type == "Conv":
-                macs += n * math.prod(w[1:])
-            else:
-                trans_b = any(a.name == "transB" and a.i == 1 for a in node.attribute)
-                macs += n * (w[1] if (node.op_type == "Gemm" and trans_b) else w[0])
-        elif node.op_type == "Gather":
-            d = shapes.get(node.output[0], [])
-            n = _per_image(d)
-            if node.input[0] not in inits and len(d) >= 2 and n is not None:
-                gathered += n  # data movement on an activation (shape arithmetic has rank ≤ 1)
-        elif node.op_type == "Where":
-            n = _per_image(shapes.get(node.output[0], []))
-            if n is not None and len(shapes.get(node.output[0], [])) >= 2:
-                selected += n
-        elif node.op_type == "Slice":
-            slices += 1
-    inp = next((vi for vi in g.input if vi.name not in inits), None)
-    in_shape = _dims(inp) if inp is not None else []
-    in_shape = [d if isinstance(d, int) and d > 0 else 1 for d in in_shape]
-    return {"relus": relus, "relu_nodes": relu_nodes, "maxpool_comparisons": cmp, "macs": macs,
-            "gather_elements": gathered, "where_elements": selected, "slice_ops": slices, "ops": ops, "input_shape": in_shape,
-            "params": int(sum(math.prod(v) for v in inits.values()))}
+    c = walk(model)
+    return {"relus": c["relus"], "relu_nodes": len(c["relu_nodes"]), "maxpool_comparisons": c["maxpool_comparisons"],
+            "comparisons": c["comparisons"], "comparisons_by_op": c["comparisons_by_op"], "macs": c["macs"],
+            "gather_elements": c["gather_elements"], "where_elements": c["where_elements"],
+            "slice_ops": c["slice_ops"], "ops": c["ops"], "input_shape": c["input_shape"], "params": c["params"]}
 
 
 def load_cost_model(path: str | Path | None = None, config: str | None = None) -> dict[str, Any]:
@@ -199,7 +136,7 @@ def fit(runs: Sequence[dict[str, Any]], *, protocol: str = "cheetah", machine: d
 
 def model_costs(spec: str, *, num_classes: int = 10, image_size: int = 32) -> dict[str, Any]:
     """Costs of a model spec (built-in name, file.py:factory...) from relucomp's analysis (dense model)."""
-    from ..api import inspect as inspect_api
+    from ..api import inspect as inspect_api  # lazy: the driver imports torch
 
     info = inspect_api(spec, num_classes=num_classes, image_size=image_size)
     tot = info["total"]
@@ -208,7 +145,7 @@ def model_costs(spec: str, *, num_classes: int = 10, image_size: int = 32) -> di
             "input_shape": [1, 3, image_size, image_size], "params": tot["params"]}
 
 
-def estimate(target: str | Path, *, relus: int | None = None, cost_model: str | Path | None = None,
+def estimate(target: str | Path, *, relus: int | str | None = None, cost_model: str | Path | None = None,
              config: str | None = None, num_classes: int = 10, image_size: int = 32) -> dict[str, Any]:
     """Estimate 2PC latency and communication of an ONNX file or a model spec.
 
@@ -226,8 +163,10 @@ def estimate(target: str | Path, *, relus: int | None = None, cost_model: str | 
     else:
         costs = model_costs(t, num_classes=num_classes, image_size=image_size)
         kind = "spec"
-    if relus is not None:
-        costs = {**costs, "relus": int(relus)}
+    if relus is not None:  # "15k", "10%" (of the model's ReLUs) or an int
+        from ..budget import parse_count
+
+        costs = {**costs, "relus": parse_count(relus, total=costs["relus"])}
     m = load_cost_model(cost_model, config)
     p = predict(costs, m)
     floor = predict({**costs, "relus": 0, "maxpool_comparisons": 0, "gather_elements": 0, "where_elements": 0}, m)

@@ -1,8 +1,7 @@
 """``relucomp pi-bench`` and ``relucomp estimate``: measured and estimated private-inference cost.
 
-Registered into :data:`relucomp.cli.app` by ``relucomp/cli.py``.  Both commands
-print a table (or ``--json``) and turn user errors into ``error:`` / ``fix:``
-lines with exit status 2, like the rest of the CLI.
+Both print a table (or ``--json``); the logic lives in :mod:`relucomp.pi.bench`
+and :mod:`relucomp.pi.estimate`.
 """
 
 from __future__ import annotations
@@ -13,26 +12,14 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from .budget import human
-from .errors import RelucompError
-
-console = Console(stderr=True)
-out_console = Console()
+from ..budget import human
+from ..errors import RelucompError
+from .app import AsJson, ImageSize, NumClasses, app, errors_handled, log, mb, out_console
 
 
-def _fail(exc: RelucompError) -> None:
-    from .cli import _fail as fail  # one error printer (escaped cause + fix, exit 2)
-
-    fail(exc)
-
-
-def _mb(b: float) -> str:
-    return f"{b / 1e6:.2f} MB"
-
-
+@app.command("pi-bench")
 def pi_bench_cmd(
     model: Optional[Path] = typer.Argument(None, help="ONNX file to run under 2PC (e.g. OUT/model.onnx)"),
     protocol: str = typer.Option("cheetah", "--protocol", help="cheetah | semi2k (SPU 2PC protocols)"),
@@ -46,25 +33,24 @@ def pi_bench_cmd(
     timeout: float = typer.Option(1800.0, "--timeout", help="seconds before the run is stopped"),
     profile: bool = typer.Option(False, "--profile", help="add SPU's per-op time / bytes breakdown"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="also write the result as JSON here"),
-    as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+    as_json: AsJson = False,
 ) -> None:
     """Run MODEL.onnx under a real two-party protocol (server and client as two processes on 127.0.0.1)."""
-    from .pi import bench
+    from ..pi import bench
 
-    try:
+    with errors_handled():
         if setup:
-            bench.setup_venv(force=force, log=lambda s: console.print(f"[dim]{s}[/]"))
+            bench.setup_venv(force=force, log=log)
             if model is None:
                 return
         if model is None:
             raise RelucompError("pi-bench needs an ONNX file", "relucomp pi-bench OUT/model.onnx (or --setup alone)")
         res = bench.pi_bench(model, protocol=protocol, batch=batch, repeat=repeat, weights=weights, timeout=timeout,
-                             profile=profile, log=lambda s: console.print(f"[dim]{s}[/]"))
-    except RelucompError as exc:
-        _fail(exc)
+                             profile=profile, log=log)
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(res, indent=2))
+        from ..atomic import atomic_write_json
+
+        atomic_write_json(out, res)
     if as_json:
         sys.stdout.write(json.dumps(res, indent=2) + "\n")
         return
@@ -78,11 +64,11 @@ def pi_bench_cmd(
     t.add_row("MACs / image", human(res["macs"]))
     t.add_row("latency (median)", f"{res['latency_s'] * 1e3:,.0f} ms  (runs: "
               + ", ".join(f"{v * 1e3:,.0f}" for v in res["latency_runs_s"]) + ")")
-    t.add_row("communication / inference", _mb(res["bytes"]) + f"  (server→client {_mb(res['bytes_by_party']['server_sent'])}, "
-              f"client→server {_mb(res['bytes_by_party']['client_sent'])})")
+    t.add_row("communication / inference", mb(res["bytes"]) + f"  (server→client {mb(res['bytes_by_party']['server_sent'])}, "
+              f"client→server {mb(res['bytes_by_party']['client_sent'])})")
     s = res["setup"]
     t.add_row("one-time setup", f"protocol {s['one_time_protocol_setup_s']:.1f} s (first run {res['first_run_s']:.1f} s, "
-              f"{_mb(res['first_run_bytes'])}); weights {s['weights_share_s']:.2f} s / {_mb(s['weights_share_bytes'])}; "
+              f"{mb(res['first_run_bytes'])}); weights {s['weights_share_s']:.2f} s / {mb(s['weights_share_bytes'])}; "
               f"compile {s['compile_wall_s']:.1f} s")
     e = res["error"]
     t.add_row("output error vs plaintext", f"max |Δ| {e['max_abs_vs_onnxruntime']:.2e} (logits up to {e['output_scale']:.2g}), "
@@ -95,36 +81,25 @@ def pi_bench_cmd(
         for c in ("op", "count", "seconds", "sent"):
             p.add_column(c, justify="right" if c != "op" else "left")
         for row in sorted(res["profile"], key=lambda r: -r["seconds"])[:12]:
-            p.add_row(row["op"], str(row["count"]), f"{row['seconds']:.3f}", _mb(row["send_bytes"]))
+            p.add_row(row["op"], str(row["count"]), f"{row['seconds']:.3f}", mb(row["send_bytes"]))
         out_console.print(p)
 
 
+@app.command("estimate")
 def estimate_cmd(
     model: str = typer.Argument(..., help="an ONNX file, or a model spec (resnet8, file.py:factory...)"),
     relus: Optional[str] = typer.Option(None, "--relus", help="plan for this many ReLUs instead of the model's (15k, 10%)"),
     protocol: str = typer.Option("cheetah", "--protocol", help="cheetah | semi2k (a configuration must be fitted)"),
     weights: str = typer.Option("private", "--weights", help="private | public | secret (as in pi-bench)"),
-    num_classes: int = typer.Option(10, "--num-classes"),
-    image_size: int = typer.Option(32, "--image-size"),
-    as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+    num_classes: NumClasses = 10,
+    image_size: ImageSize = 32,
+    as_json: AsJson = False,
 ) -> None:
     """Estimate 2PC latency and communication from the cost model fitted to pi-bench runs on this machine."""
-    from .budget import parse_count
-    from .pi.estimate import estimate
+    from ..pi.estimate import estimate
 
-    try:
-        n = None
-        if relus is not None:
-            total = None
-            if relus.strip().endswith("%"):
-                from .pi.estimate import model_costs, onnx_costs
-
-                total = (onnx_costs(model) if model.endswith(".onnx") else model_costs(model, num_classes=num_classes,
-                                                                                      image_size=image_size))["relus"]
-            n = parse_count(relus, total=total)
-        res = estimate(model, relus=n, config=f"{protocol}-{weights}", num_classes=num_classes, image_size=image_size)
-    except RelucompError as exc:
-        _fail(exc)
+    with errors_handled():
+        res = estimate(model, relus=relus, config=f"{protocol}-{weights}", num_classes=num_classes, image_size=image_size)
     if as_json:
         sys.stdout.write(json.dumps(res, indent=2, default=str) + "\n")
         return
@@ -139,7 +114,7 @@ def estimate_cmd(
     if c.get("gather_elements"):
         t.add_row("gathered elements / image", f"{c['gather_elements']:,}")
     t.add_row("estimated latency", f"{p['latency_s'] * 1e3:,.0f} ms (linear floor {f['latency_s'] * 1e3:,.0f} ms)")
-    t.add_row("estimated communication", f"{_mb(p['bytes'])} (linear floor {_mb(f['bytes'])})")
+    t.add_row("estimated communication", f"{mb(p['bytes'])} (linear floor {mb(f['bytes'])})")
     co = res["coefficients"]
     t.add_row("cost model", f"{co['latency_s']['relus'] * 1e6:.1f} µs + {co['bytes']['relus']:.0f} B per ReLU, "
               f"{co['latency_s']['macs'] * 1e9:.2f} ns per MAC, const {co['latency_s']['const'] * 1e3:.0f} ms")

@@ -1,0 +1,5 @@
+"""``python -m relucomp`` = the ``relucomp`` command."""
+
+from relucomp.cli import main
+
+main()

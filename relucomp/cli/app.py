@@ -1,0 +1,167 @@
+"""The typer app, the shared options and the one error handler of the ``relucomp`` command line.
+
+Command modules (:mod:`.compile`, :mod:`.sweep`, :mod:`.pi`) import this
+module only; they parse options and call keyword-only library functions.
+User errors (:class:`~relucomp.errors.RelucompError`) print ``error:`` /
+``fix:`` and exit 2; relucomp bugs (:class:`~relucomp.errors.InternalError`)
+say so, say how to report them and exit 3; Ctrl-C exits 130.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Annotated, Any, Iterator, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from ..budget import human
+from ..errors import (BUG_REPORT, INTERNAL_ERROR_EXIT, INTERRUPTED_EXIT, USER_ERROR_EXIT, AlreadyFinished,
+                      InternalError, Interrupted, RelucompError)
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Compile PyTorch models to a ReLU budget for private inference, fairly, to verified ONNX.")
+console = Console(stderr=True)
+out_console = Console()
+
+# -- options shared by several commands (one definition each) ------------------------------------
+Target = Annotated[Optional[str], typer.Option("--target", help="label to predict (data-set specific)")]
+Checkpoint = Annotated[Optional[Path], typer.Option("--checkpoint", help="state_dict for MODEL")]
+BatchSize = Annotated[int, typer.Option("--batch-size")]
+Lr = Annotated[float, typer.Option("--lr")]
+Limit = Annotated[Optional[int], typer.Option("--limit", help="use at most this many images (quick runs)")]
+ImageSize = Annotated[int, typer.Option("--image-size")]
+NumClasses = Annotated[int, typer.Option("--num-classes")]
+Seed = Annotated[int, typer.Option("--seed")]
+NoProgress = Annotated[bool, typer.Option("--no-progress", help="no progress bars")]
+Device = Annotated[str, typer.Option("--device", help="cpu or cuda")]
+AsJson = Annotated[bool, typer.Option("--json", help="print JSON instead of a table")]
+Pretrained = Annotated[bool, typer.Option("--pretrained", help="MODEL (file.py:factory) returns trained weights: "
+                                                               "do not pretrain it")]
+LeafModule = Annotated[Optional[list[str]], typer.Option(
+    "--leaf-module", help="keep this nn.Module class opaque to the tracer (ClassName from MODEL's file, or "
+                          "module:ClassName); repeatable")]
+ConfigFile = Annotated[Optional[Path], typer.Option("--config", help="TOML config file (e.g. OUT/config.toml to "
+                                                                     "replay a run); flags override its values")]
+
+# differential privacy (relucomp.dp; compile and sweep)
+DPEpsilon = Annotated[Optional[float], typer.Option(
+    "--dp-epsilon", help="finetune under DP-SGD (opacus) to this ε w.r.t. the training split; inf = clipping, no noise")]
+DPDelta = Annotated[Optional[float], typer.Option("--dp-delta", help="DP δ, < 1/n (default min(1e-5, 0.1/n))")]
+DPMaxGradNorm = Annotated[Optional[float], typer.Option("--dp-max-grad-norm",
+                                                        help="per-sample gradient clipping norm C (default 1.0)")]
+DPPhase = Annotated[Optional[str], typer.Option("--dp-phase", help="phase under DP: finetune (search | both: not implemented)")]
+DPBatchSize = Annotated[Optional[int], typer.Option("--dp-batch-size",
+                                                    help="expected (Poisson) batch under DP (default max(--batch-size, 256))")]
+ExportWeights = Annotated[Optional[str], typer.Option("--export-weights",
+                                                      help="weights in model.onnx / model.pt: last | ema (default ema under DP)")]
+
+#: CLI parameter names that differ from the library keywords
+RENAMES = {"epochs": "search_epochs", "out": "out_dir", "leaf_module": "leaf_modules"}
+
+
+def given(ctx: typer.Context, *, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The options the user actually typed (not defaults), under their library keyword names."""
+    out: dict[str, Any] = {}
+    for name, value in ctx.params.items():
+        source = ctx.get_parameter_source(name)
+        if name in skip or source is None or source.name != "COMMANDLINE":
+            continue
+        if name == "no_progress":
+            out["progress"] = not value
+        else:
+            out[RENAMES.get(name, name)] = str(value) if isinstance(value, Path) else value
+    return out
+
+
+def log(s: str) -> None:
+    console.print(f"[dim]{escape(s)}[/]")
+
+
+def fail(exc: RelucompError) -> None:
+    console.print(f"[bold red]error:[/] {escape(str(exc.cause))}")
+    if exc.fix:
+        console.print(f"  [bold]fix:[/] {escape(str(exc.fix))}")
+    raise typer.Exit(USER_ERROR_EXIT)
+
+
+@contextlib.contextmanager
+def errors_handled(interrupted_fix: str | None = None) -> Iterator[None]:
+    """Turn relucomp's exceptions into messages and exit statuses (no tracebacks for users)."""
+    try:
+        yield
+    except Interrupted as exc:
+        console.print(f"[yellow]{escape(exc.cause)}[/]\n  [bold]resume:[/] {escape(interrupted_fix or exc.fix or '')}")
+        raise typer.Exit(INTERRUPTED_EXIT)
+    except AlreadyFinished as exc:
+        console.print(f"[green]{escape(exc.cause)}[/]\n  {escape(exc.fix or '')}")
+        raise typer.Exit(0)
+    except RelucompError as exc:
+        fail(exc)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]")
+        raise typer.Exit(INTERRUPTED_EXIT)
+    except (typer.Exit, typer.Abort, SystemExit):
+        raise
+    except Exception as exc:  # noqa: BLE001 - InternalError, or any other failure: a relucomp bug
+        if os.environ.get("RELUCOMP_DEBUG"):
+            raise
+        what = str(exc) if isinstance(exc, InternalError) else f"{type(exc).__name__}: {exc}"
+        console.print(f"[bold red]internal error:[/] {escape(what.splitlines()[0] if what else '')}\n"
+                      f"  [bold]{escape(BUG_REPORT)}[/] (RELUCOMP_DEBUG=1 shows the traceback)")
+        raise typer.Exit(INTERNAL_ERROR_EXIT)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    console.print(f"[yellow]warning:[/] {escape(str(message))}")
+
+
+def quiet_torch_logs() -> None:
+    import logging
+    import warnings
+
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    logging.getLogger("torch._export").setLevel(logging.ERROR)
+    warnings.showwarning = _show_warning
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def layer_table(title: str, rows: list[dict], *, before_after: bool = False) -> Table:
+    t = Table(title=title, show_lines=False)
+    t.add_column("layer")
+    t.add_column("kind")
+    t.add_column("shape")
+    if before_after:
+        t.add_column("ReLUs before", justify="right")
+        t.add_column("ReLUs after", justify="right")
+        t.add_column("kept", justify="right")
+        for r in rows:
+            b, a = r["relus_before"], r["relus_after"]
+            t.add_row(r["site"], "relu", "×".join(map(str, r["shape"])), f"{b:,}", f"{a:,}",
+                      f"{100 * a / b:.1f}%" if b else "-")
+        return t
+    t.add_column("ReLUs", justify="right")
+    t.add_column("MACs", justify="right")
+    for r in rows:
+        relus = r["relus_kept"] if r["kind"] != "relu" else r["relus"]
+        t.add_row(r["name"], r["kind"], "×".join(map(str, r["shape"])), f"{relus:,}" if relus else "",
+                  human(r["macs"]) if r["macs"] else "")
+    return t
+
+
+def value_table(title: str, rows: list[tuple[str, str]]) -> Table:
+    t = Table(title=title)
+    t.add_column("")
+    t.add_column("value", justify="right")
+    for k, v in rows:
+        t.add_row(k, v)
+    return t
+
+
+def mb(b: float) -> str:
+    return f"{b / 1e6:.2f} MB"

@@ -1,0 +1,180 @@
+"""``relucomp compile``, ``relucomp inspect``, ``relucomp version``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from ..budget import human
+from .app import (AsJson, BatchSize, Checkpoint, ConfigFile, Device, DPBatchSize, DPDelta, DPEpsilon, DPMaxGradNorm,
+                  DPPhase, ExportWeights, ImageSize, LeafModule, Limit, Lr, NoProgress, NumClasses, Pretrained, Seed,
+                  Target, app, errors_handled, given, layer_table, log, out_console, quiet_torch_logs)
+
+DEFAULT_OUT = "relucomp-out"
+
+
+@app.command()
+def compile(  # noqa: A001
+    ctx: typer.Context,
+    model: Optional[str] = typer.Argument(None, help="built-in name (resnet18, resnet20...), file.py:factory or "
+                                                   "package.module:factory; default: resnet8 trained on the data"),
+    relu_budget: Optional[str] = typer.Option(None, "--relu-budget", "-b", help="ReLUs to keep per image: 15000, 15k, 1.5M, 10%"),
+    out: Path = typer.Option(Path(DEFAULT_OUT), "--out", "-o", help="output directory"),
+    data: str = typer.Option("synthetic", "--data", help="synthetic | utkface:PATH | cifar10:PATH | cifar100:PATH | svhn:PATH | folder:PATH"),
+    target: Target = None,
+    fair_groups: Optional[str] = typer.Option(None, "--fair-groups", help="group attribute(s), e.g. race or race,gender"),
+    granularity: str = typer.Option("pixel", "--granularity", help="gate granularity: pixel | channel | layer"),
+    search: str = typer.Option("snl", "--search", help="snl (learned masks) | layer-drop (DeepReDuce-style baseline)"),
+    epochs: int = typer.Option(4, "--epochs", help="mask-search epochs"),
+    finetune_epochs: int = typer.Option(4, "--finetune-epochs", help="finetune epochs with fixed masks"),
+    pretrain_epochs: Optional[int] = typer.Option(None, "--pretrain-epochs", help="train an untrained built-in model first (default 15; cached)"),
+    checkpoint: Checkpoint = None,
+    batch_size: BatchSize = 128,
+    lr: Lr = 0.01,
+    limit: Limit = None,
+    image_size: ImageSize = 32,
+    seed: Seed = 0,
+    fair_method: Optional[str] = typer.Option(None, "--fair-method", help="ceag (default with --fair-groups) | el | nft"),
+    tolerance: float = typer.Option(2.0, "--tolerance", help="CEAG: max excess accuracy gap ψ_g per group, in points"),
+    fair_phase: str = typer.Option("finetune", "--fair-phase", help="apply the constraints in: finetune | search | both"),
+    diagnose: bool = typer.Option(False, "--diagnose", help="add per-group gradient norms and Hessian top eigenvalues"),
+    resume: bool = typer.Option(False, "--resume", help="continue from OUT/checkpoint.pt after an interruption"),
+    no_progress: NoProgress = False,
+    device: Device = "cpu",
+    prune_channels: Optional[float] = typer.Option(None, "--prune-channels", help="remove this fraction of the prunable (coupled) channels, e.g. 0.5"),
+    mac_budget: Optional[str] = typer.Option(None, "--mac-budget", help="prune channels until MACs per image ≤ this: 200M, 1.5G, 50%"),
+    sparsity: Optional[float] = typer.Option(None, "--sparsity", help="unstructured weight sparsity by gradual magnitude pruning during finetuning, e.g. 0.9"),
+    prune_importance: str = typer.Option("l1", "--prune-importance", help="channel importance: l1 | l2 | bn | taylor"),
+    replace_maxpool: bool = typer.Option(False, "--replace-maxpool", help="MaxPool → AvgPool before the search (MaxPool comparisons cost like ReLUs in PI; the finetune recovers)"),
+    dp_epsilon: DPEpsilon = None,
+    dp_delta: DPDelta = None,
+    dp_max_grad_norm: DPMaxGradNorm = None,
+    dp_phase: DPPhase = None,
+    dp_batch_size: DPBatchSize = None,
+    export_weights: ExportWeights = None,
+    pretrained: Pretrained = False,
+    leaf_module: LeafModule = None,
+    config: ConfigFile = None,
+    print_config: bool = typer.Option(False, "--print-config", help="print the resolved configuration (TOML) and exit"),
+) -> None:
+    """Compress MODEL to a ReLU budget and write OUT/model.onnx, OUT/model.pt, OUT/report.json."""
+    from ..config import resolve_config, to_toml, validate
+
+    overrides = given(ctx, skip=("model", "data", "config", "print_config"))
+    with errors_handled():
+        cfg = resolve_config(config)
+        if "out_dir" not in overrides and cfg.runtime.out_dir is None:
+            overrides["out_dir"] = DEFAULT_OUT
+        if model is not None:
+            overrides["model.spec"] = model
+        if ctx.get_parameter_source("data").name == "COMMANDLINE" or config is None:
+            overrides["data.spec"] = data
+        cfg = resolve_config(cfg, overrides)
+        if print_config:
+            sys.stdout.write(to_toml(cfg))
+            return
+        validate(cfg)  # every option, before torch is even imported for the run
+        quiet_torch_logs()
+        from ..api import compile as compile_api
+
+        res = compile_api(config=cfg, log=log)
+    print_summary(res.report)
+
+
+def print_summary(rep) -> None:
+    """The compile summary tables, read through the typed report."""
+    out_console.print(layer_table("ReLUs per layer", rep.per_layer, before_after=True))
+    t = Table(title="relucomp compile")
+    t.add_column("")
+    t.add_column("before", justify="right")
+    t.add_column("after", justify="right")
+    t.add_row("ReLUs", f"{rep.relus_before:,}", f"{rep.relus_after:,} (budget {rep.budget:,})")
+    t.add_row("MACs", human(rep.macs["before"]), human(rep.macs["after"]))
+    if rep.pruning:
+        t.add_row("params", f"{rep.params['before']:,}", f"{rep.params['after']:,}")
+        sp = rep.pruning.get("sparsity")
+        if sp:
+            t.add_row("weight sparsity", "", f"{100 * sp['achieved']:.1f}% (target {100 * sp['target']:.0f}%)")
+    t.add_row("val accuracy", f"{rep.accuracy['before']['val']:.2f}%", f"{rep.accuracy['after']['val']:.2f}%")
+    t.add_row("test accuracy", f"{rep.test_accuracy[0]:.2f}%", f"{rep.test_accuracy[1]:.2f}%")
+    ga = rep.group_accuracy
+    for gname in rep.group_names:
+        b, a = ga["before"].get(gname), ga["after"].get(gname)
+        n = ga.get("test_counts", {}).get(gname, 0)
+        t.add_row(f"  group {gname} (n={n})", "-" if b is None else f"{b:.2f}%", "-" if a is None else f"{a:.2f}%")
+    if rep.dp is not None:
+        d = rep.dp
+        eps = "∞ (no noise: no guarantee)" if d.epsilon_spent is None else f"{d.epsilon_spent:.3f} (target {d.epsilon_target:g})"
+        t.add_row("DP-SGD finetune", "", f"ε spent {eps}, δ {d.delta:.1e}, σ {d.noise_multiplier:.3f}, "
+                  f"C {d.max_grad_norm:g}, q {d.sample_rate:.4f}, {d.steps} steps")
+    if rep.export is not None:
+        e = rep.export
+        t.add_row("ONNX", "", f"{e['path']} ({e['onnx_relus']:,} ReLUs in graph, ort |diff| {e['ort_max_abs_diff']:.1e}, "
+                  f"{rep.export_weights} weights)")
+    out_console.print(t)
+    fair = rep.fairness or {}
+    test = rep.fairness_test()
+    f = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    if test:
+        ft = Table(title=f"fairness ({fair.get('method')}, ε = {fair.get('tolerance')} pts; test set)")
+        for col in ("group", "n", "acc dense", "acc compiled", "Δ_g", "ψ_g"):
+            ft.add_column(col, justify="right" if col != "group" else "left")
+        for gname, r in test["groups"].items():
+            ft.add_row(gname, str(r["count"]), f(r["acc_dense"]), f(r["acc_compiled"]), f(r["delta"]), f(r["psi"]))
+        out_console.print(ft)
+        for w, wres in (fair.get("results") or {}).items():
+            for split in ("train", "test"):
+                r = wres.get(split) or {}
+                if r.get("max_psi") is not None:
+                    out_console.print(f"  {w:4s} {split:5s}: max ψ_g = {r['max_psi']:.2f}, Ψ_PW = {r['psi_pw']:.2f}, "
+                                      f"accuracy {r['overall']['acc_compiled']:.2f}%")
+    diag = rep.diagnostics
+    if diag:
+        dt = Table(title="group diagnostics (validation set): who gets hurt")
+        for col in ("group", "‖∇J‖ dense", "‖∇J‖ compiled", "λ_max(H) dense", "λ_max(H) compiled"):
+            dt.add_column(col, justify="right" if col != "group" else "left")
+        g3 = lambda v: "-" if v is None else f"{v:.3g}"  # noqa: E731
+        for gname in diag["dense"]["group_names"]:
+            dt.add_row(gname, g3(diag["dense"]["grad_norm"].get(gname)), g3(diag["compiled"]["grad_norm"].get(gname)),
+                       g3(diag["dense"]["hessian_top_eig"].get(gname)), g3(diag["compiled"]["hessian_top_eig"].get(gname)))
+        out_console.print(dt)
+    out_console.print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in rep.phases_seconds.items()))
+
+
+@app.command()
+def inspect(
+    target: str = typer.Argument(..., help="model name / file.py:factory / module:factory, or a .onnx file"),
+    num_classes: NumClasses = 10,
+    image_size: ImageSize = 32,
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint"),
+    as_json: AsJson = False,
+) -> None:
+    """Per-layer ReLU and MAC table of a model or an ONNX file."""
+    from ..api import inspect as inspect_api
+
+    quiet_torch_logs()
+    with errors_handled():
+        info = inspect_api(target, num_classes=num_classes, image_size=image_size, checkpoint=checkpoint)
+    if as_json:
+        sys.stdout.write(json.dumps(info, indent=2, default=str) + "\n")
+        return
+    out_console.print(layer_table(f"{info['model']}", info["layers"]))
+    tot = info["total"]
+    other = {k: v for k, v in (tot.get("comparisons_by_op") or {}).items() if k not in ("Relu", "MaxPool", "GlobalMaxPool")}
+    out_console.print(f"[bold]total:[/] {tot['relus_kept']:,} ReLUs, {tot['macs']:,} MACs ({human(tot['macs'])}), "
+                      f"{tot['params']:,} params" + (f", {tot['maxpool_comparisons']:,} MaxPool comparisons (PI pays for these too)"
+                                                      if tot.get("maxpool_comparisons") else "")
+                      + (", other comparisons: " + ", ".join(f"{k} {v:,}" for k, v in other.items()) if other else ""))
+
+
+@app.command()
+def version() -> None:
+    """Print the relucomp version."""
+    from .. import __version__
+
+    out_console.print(__version__)

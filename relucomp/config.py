@@ -1,0 +1,435 @@
+"""The validated compile configuration: one :class:`CompileConfig`, read from TOML, flags and keywords.
+
+Sections: ``data``, ``model``, ``search``, ``finetune``, ``fairness``,
+``robustness``, ``dp``, ``pruning``, ``export``, ``runtime``.  Every field has
+a default; a TOML file (``relucomp compile --config run.toml``) sets some,
+command-line flags / keyword overrides set others (they win), and
+:func:`validate` checks every option up front — in well under 2 s, before any
+data is decoded or any model trained.  ``OUT/config.toml`` holds the resolved
+config of a run; ``relucomp compile --config OUT/config.toml --out OUT2``
+replays it.
+
+Adding an option = one line in its section class below (name, type, default;
+``None`` means "off/auto" and must be the default of any optional field, since
+TOML has no null), plus, if the old keyword API or the CLI should reach it,
+one entry in :data:`KEYWORDS` (``keyword -> "section.field"``) and a check in
+:func:`validate`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Union
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from .errors import ConfigError, DataError
+
+__all__ = ["CompileConfig", "load_config", "resolve_config", "validate", "to_toml", "KEYWORDS",
+           "check_dp", "GRANULARITIES", "SEARCH_METHODS", "FAIR_METHODS", "FAIR_PHASES", "GATE_FORMS", "MIN_LIMIT", "DEFAULT_ARCH"]
+
+DEFAULT_ARCH = "resnet8"
+GRANULARITIES = ("pixel", "channel", "layer")
+SEARCH_METHODS = ("snl", "layer-drop")
+FAIR_METHODS = ("ceag", "el", "nft")
+FAIR_PHASES = ("finetune", "search", "both")
+GATE_FORMS = ("pi", "sparse", "mask")
+IMPORTANCES = ("l1", "l2", "bn", "taylor")
+DP_PHASES = ("finetune", "search", "both")   # only finetune is implemented (validate() says so)
+DP_ACCOUNTANTS = ("rdp", "prv")
+EXPORT_WEIGHTS = ("last", "ema")
+#: fewest images that still give every split (train / val / test) samples of every class
+MIN_LIMIT = 100
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataSection(_Section):
+    spec: str = "synthetic"
+    target: str | None = None
+    fair_groups: str | None = None
+    limit: int | None = None
+    image_size: int = 32
+    num_classes: int | None = None
+    cache_dir: str | None = None
+
+
+class ModelSection(_Section):
+    spec: str | None = None             # None: the default architecture (resnet8) trained on the data
+    checkpoint: str | None = None
+    pretrained: bool = False            # trust a file.py:factory model's own weights (no pretraining)
+    pretrain_epochs: int | None = None  # None: 15 for an untrained model, 0 for a trained one
+    pretrain_lr: float = 0.05
+    leaf_modules: list[str] = []        # "package.module:ClassName" kept opaque by the tracer
+
+
+class SearchSection(_Section):
+    relu_budget: Union[int, str, None] = None
+    granularity: str = "pixel"
+    method: str = "snl"
+    epochs: int = 4
+    lr: float = 0.01
+    alpha_lr: float = 0.02
+    kd_weight: float = 0.5
+    kd_temperature: float = 4.0
+    replace_maxpool: bool = False
+
+
+class FinetuneSection(_Section):
+    epochs: int = 4
+    lr: float | None = None             # None: half the search lr
+    ema: bool = True
+    ema_decay: float = 0.99
+
+
+class FairnessSection(_Section):
+    method: str | None = None           # None: ceag with data.fair_groups, else nft
+    tolerance: float = 2.0
+    phase: str = "finetune"
+    dual_lr: float = 0.05
+
+
+class RobustnessSection(_Section):
+    eval: bool = False                  # evaluate on corrupted / attacked test images (a later stage)
+    robust: bool = False                # robust (adversarial) finetuning (a later stage)
+
+
+class DPSection(_Section):
+    epsilon: float | None = None        # None: no differential privacy; inf: DP-SGD machinery without noise
+    delta: float | None = None          # None: min(1e-5, 0.1/n) for n training images; must be < 1/n
+    max_grad_norm: float | None = None  # None: 1.0 (per-sample clipping norm C)
+    phase: str = "finetune"             # which phase runs under DP-SGD (search / both: not implemented)
+    batch_size: int | None = None       # expected Poisson batch; None: max(runtime.batch_size, 256)
+    accountant: str = "rdp"             # rdp | prv (opacus accountants)
+
+
+class PruningSection(_Section):
+    prune_channels: float | None = None
+    mac_budget: Union[int, str, None] = None
+    sparsity: float | None = None
+    importance: str = "l1"
+
+
+class ExportSection(_Section):
+    enabled: bool = True
+    gate_form: str = "pi"
+    include_maxpool: bool = False       # count MaxPool comparisons against the ReLU budget
+    opset: int = 18
+    weights: str | None = None          # last | ema; None: ema under DP, else last
+
+
+class RuntimeSection(_Section):
+    seed: int = 0
+    batch_size: int = 128
+    device: str = "cpu"
+    out_dir: str | None = None
+    resume: bool = False
+    progress: bool = True
+    diagnose: bool = False
+
+
+class CompileConfig(_Section):
+    """Everything a compile run depends on (hooks such as callbacks and Python objects excluded)."""
+
+    data: DataSection = DataSection()
+    model: ModelSection = ModelSection()
+    search: SearchSection = SearchSection()
+    finetune: FinetuneSection = FinetuneSection()
+    fairness: FairnessSection = FairnessSection()
+    robustness: RobustnessSection = RobustnessSection()
+    dp: DPSection = DPSection()
+    pruning: PruningSection = PruningSection()
+    export: ExportSection = ExportSection()
+    runtime: RuntimeSection = RuntimeSection()
+
+    def get(self, dotted: str) -> Any:
+        sec, field = dotted.split(".")
+        return getattr(getattr(self, sec), field)
+
+    def with_values(self, values: dict[str, Any]) -> "CompileConfig":
+        """A copy with ``{"section.field": value}`` applied (validated types)."""
+        data = self.model_dump()
+        for dotted, v in values.items():
+            sec, field = _split(dotted)
+            data[sec][field] = v
+        return _build(data, "override")
+
+    @property
+    def fair_method(self) -> str:
+        """The fairness method: explicit, else ceag with groups (nft under DP: CEAG/EL are refused there)."""
+        auto = "ceag" if self.data.fair_groups and self.dp.epsilon is None else "nft"
+        return (self.fairness.method or auto).lower()
+
+    @property
+    def export_weights(self) -> str:
+        """The weights exported (``last`` / ``ema``): explicit, else ``ema`` under DP, else ``last``."""
+        return self.export.weights or ("ema" if self.dp.epsilon is not None else "last")
+
+    def to_toml(self) -> str:
+        return to_toml(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump()
+
+
+#: the keyword arguments of ``relucomp.compile`` (and the CLI's parameter names) -> config fields
+KEYWORDS: dict[str, str] = {
+    "target": "data.target", "fair_groups": "data.fair_groups", "limit": "data.limit",
+    "image_size": "data.image_size", "num_classes": "data.num_classes", "cache_dir": "data.cache_dir",
+    "checkpoint": "model.checkpoint", "pretrained": "model.pretrained", "pretrain_epochs": "model.pretrain_epochs",
+    "leaf_modules": "model.leaf_modules",
+    "relu_budget": "search.relu_budget", "granularity": "search.granularity", "search": "search.method",
+    "search_epochs": "search.epochs", "lr": "search.lr", "alpha_lr": "search.alpha_lr",
+    "kd_weight": "search.kd_weight", "replace_maxpool": "search.replace_maxpool",
+    "finetune_epochs": "finetune.epochs",
+    "fair_method": "fairness.method", "tolerance": "fairness.tolerance", "fair_phase": "fairness.phase",
+    "dual_lr": "fairness.dual_lr",
+    "prune_channels": "pruning.prune_channels", "mac_budget": "pruning.mac_budget", "sparsity": "pruning.sparsity",
+    "prune_importance": "pruning.importance",
+    "export": "export.enabled", "gate_form": "export.gate_form", "include_maxpool": "export.include_maxpool",
+    "export_weights": "export.weights",
+    "dp_epsilon": "dp.epsilon", "dp_delta": "dp.delta", "dp_max_grad_norm": "dp.max_grad_norm",
+    "dp_phase": "dp.phase", "dp_batch_size": "dp.batch_size", "dp_accountant": "dp.accountant",
+    "seed": "runtime.seed", "batch_size": "runtime.batch_size", "device": "runtime.device",
+    "out_dir": "runtime.out_dir", "resume": "runtime.resume", "progress": "runtime.progress",
+    "diagnose": "runtime.diagnose",
+}
+
+
+def _split(dotted: str) -> tuple[str, str]:
+    sec, _, field = dotted.partition(".")
+    if sec not in CompileConfig.model_fields or field not in CompileConfig.model_fields[sec].annotation.model_fields:
+        raise ConfigError(f"unknown config option {dotted!r}",
+                          f"use one of the sections {', '.join(CompileConfig.model_fields)} and their fields "
+                          "(relucomp compile --print-config shows them all)")
+    return sec, field
+
+
+def _build(data: dict[str, Any], where: str) -> CompileConfig:
+    try:
+        return CompileConfig.model_validate(data)
+    except ValidationError as exc:
+        e = exc.errors()[0]
+        loc = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            raise ConfigError(f"unknown config option {loc!r} in {where}",
+                              "check the spelling (relucomp compile --print-config lists every option)") from None
+        raise ConfigError(f"config option {loc} = {e.get('input')!r} in {where}: {e['msg']}",
+                          "give a value of the right type (relucomp compile --print-config shows the defaults)") from None
+
+
+def _path_str(v: Any) -> Any:
+    return os.fspath(v) if isinstance(v, os.PathLike) else v
+
+
+def load_config(config: "CompileConfig | dict | str | os.PathLike | None") -> CompileConfig:
+    """A CompileConfig from an instance, a nested dict or a TOML file path (``None``: defaults)."""
+    if config is None:
+        return CompileConfig()
+    if isinstance(config, CompileConfig):
+        return config
+    if isinstance(config, dict):
+        return _build(config, "the config dict")
+    path = Path(config)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist", "check the --config path")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} is not valid TOML ({exc})", "fix the file, e.g. key = \"value\"") from None
+    data.pop("relucomp", None)  # provenance header written by to_toml
+    return _build(data, str(path))
+
+
+def resolve_config(config=None, overrides: dict[str, Any] | None = None) -> CompileConfig:
+    """Load ``config`` and apply overrides (keyword names of :data:`KEYWORDS` or ``"section.field"``)."""
+    cfg = load_config(config)
+    values: dict[str, Any] = {}
+    for k, v in (overrides or {}).items():
+        dotted = KEYWORDS.get(k, k)
+        if "." not in dotted:
+            raise ConfigError(f"unknown option {k!r}", f"use one of {', '.join(sorted(KEYWORDS))}")
+        values[dotted] = _path_str(v)
+    return cfg.with_values(values) if values else cfg
+
+
+# --------------------------------------------------------------------------- validation
+
+def _one_of(value: Any, allowed: tuple, flag: str, what: str) -> None:
+    if value not in allowed:
+        raise ConfigError(f"unknown {what} {value!r}", f"use {flag} {' | '.join(allowed)}")
+
+
+def _check_device(device: str) -> None:
+    kind = device.split(":")[0].strip().lower()
+    if kind == "cpu":
+        return
+    if kind not in ("cuda", "mps"):
+        raise ConfigError(f"unknown device {device!r}", "use --device cpu (or cuda on a machine with a CUDA GPU)")
+    import torch
+
+    ok = torch.cuda.is_available() if kind == "cuda" else torch.backends.mps.is_available()
+    if not ok:
+        raise ConfigError(f"--device {device}: this torch ({torch.__version__}) has no usable {kind.upper()} device",
+                          "use --device cpu, or install a CUDA build of torch on a machine with a GPU")
+
+
+def _check_data(cfg: CompileConfig) -> None:
+    from .data.load import parse_data_spec
+
+    kind, path = parse_data_spec(cfg.data.spec)
+    if path is not None and not path.exists():
+        raise DataError(f"data path {path} does not exist", f"check the path in --data {cfg.data.spec}")
+
+
+def check_dp(cfg: CompileConfig, n_train: int | None = None) -> float | None:
+    """The differential-privacy rules; returns δ (resolved when ``n_train`` is known) or ``None`` when DP is off.
+
+    ε > 0 (``inf``: clipping without noise, no guarantee); 0 < δ < 1/n for n
+    training images (checked once n is known, still before training; default
+    ``min(1e-5, 0.1/n)``); clipping norm > 0; phase ``finetune`` only; no
+    CEAG/EL constraints (their dual updates read the private training data);
+    no GMP sparsity.
+    """
+    dp, ew = cfg.dp, cfg.export.weights
+    if ew is not None:
+        _one_of(ew, EXPORT_WEIGHTS, "--export-weights", "export weights")
+    _one_of(dp.phase, DP_PHASES, "--dp-phase", "DP phase")
+    _one_of(dp.accountant, DP_ACCOUNTANTS, "dp.accountant =", "DP accountant")
+    if not 0.0 < cfg.finetune.ema_decay < 1.0:
+        raise ConfigError(f"finetune.ema_decay {cfg.finetune.ema_decay} must lie in (0, 1)", "use e.g. 0.99")
+    eps = dp.epsilon
+    if eps is None:
+        stray = [f"--dp-{k.replace('_', '-')}" for k in ("delta", "max_grad_norm", "batch_size") if getattr(dp, k) is not None]
+        if stray or dp.phase != "finetune":
+            flag = stray[0] if stray else "--dp-phase"
+            raise ConfigError(f"{flag} is set but --dp-epsilon is not (differential privacy is off)",
+                              f"add --dp-epsilon (e.g. 8) to finetune under DP-SGD, or drop {flag}")
+        return None
+    if not eps > 0:  # also NaN
+        raise ConfigError(f"--dp-epsilon {eps} must be > 0",
+                          "give a positive ε, e.g. --dp-epsilon 8 (smaller = more private; inf = no noise)")
+    if dp.max_grad_norm is not None and not (dp.max_grad_norm > 0 and math.isfinite(dp.max_grad_norm)):
+        raise ConfigError(f"--dp-max-grad-norm {dp.max_grad_norm} must be > 0", "give a clipping norm such as 1.0")
+    if dp.batch_size is not None and dp.batch_size < 1:
+        raise ConfigError(f"--dp-batch-size {dp.batch_size} must be ≥ 1", "give e.g. --dp-batch-size 256")
+    if dp.phase != "finetune":
+        raise ConfigError(f"--dp-phase {dp.phase} (the mask search under DP-SGD) is not implemented",
+                          "use --dp-phase finetune (the default); the masks are then treated as public")
+    if cfg.fair_method in ("ceag", "el"):
+        raise ConfigError(f"--fair-method {cfg.fair_method} with --dp-epsilon: its dual updates read per-group accuracy "
+                          "of the private training data every step, which DP-SGD does not account for",
+                          "use --fair-method nft with --dp-epsilon (fairness is still measured for last and EMA "
+                          "weights), or drop --dp-epsilon")
+    if cfg.pruning.sparsity is not None:
+        raise ConfigError("--sparsity (GMP) with --dp-epsilon is not supported",
+                          "drop --sparsity, or use --prune-channels (structured pruning runs before the DP finetune)")
+    delta = dp.delta
+    if delta is not None and not 0.0 < delta < 1.0:
+        raise ConfigError(f"--dp-delta {delta:g} must lie in (0, 1/n) for n training images",
+                          "give a small δ, e.g. --dp-delta 1e-5")
+    if n_train is None:
+        return delta
+    if n_train <= 0:
+        raise ConfigError("the training split is empty: DP-SGD needs training images", "use a larger data set or --limit")
+    if delta is None:
+        return min(1e-5, 0.1 / n_train)
+    if not delta < 1.0 / n_train:
+        raise ConfigError(f"--dp-delta {delta:g} must lie in (0, 1/n) = (0, {1.0 / n_train:.3g}) for n = {n_train} "
+                          "training images (δ ≥ 1/n allows leaking a whole record)",
+                          f"give a smaller δ, e.g. --dp-delta {min(1e-5, 0.1 / n_train):.1g}")
+    return delta
+
+
+def validate(cfg: CompileConfig, *, warm_start: bool = False, check_data: bool = True) -> CompileConfig:
+    """Check every option that can be checked without decoding data or building the model.
+
+    Raises :class:`~relucomp.errors.ConfigError` (or ``BudgetError`` /
+    ``DataError``) with the cause and the fix.  Checks that need the traced
+    model (a budget above the model's ReLUs, a ``%`` budget, pruning targets)
+    run right after tracing, still before any training; target and group
+    columns are checked by :func:`relucomp.data.load_data` from the data set's
+    metadata (file names, CSV) before any image is decoded.
+    """
+    from .budget import check_relu_budget, parse_count
+
+    s, f, d, r = cfg.search, cfg.fairness, cfg.data, cfg.runtime
+    _one_of(s.granularity, GRANULARITIES, "--granularity", "granularity")
+    _one_of(s.method, SEARCH_METHODS, "--search", "search method")
+    if f.method is not None:
+        _one_of(f.method.lower(), FAIR_METHODS, "--fair-method", "fairness method")
+    _one_of(f.phase, FAIR_PHASES, "--fair-phase", "fairness phase")
+    _one_of(cfg.export.gate_form, GATE_FORMS, "gate_form =", "gate form")
+    _one_of(cfg.pruning.importance, IMPORTANCES, "--prune-importance", "pruning importance")
+    if f.tolerance < 0 or not math.isfinite(f.tolerance):
+        raise ConfigError(f"tolerance {f.tolerance} must be ≥ 0 (accuracy points)", "give e.g. --tolerance 2")
+    if s.relu_budget is None:
+        raise ConfigError("no ReLU budget given", "pass --relu-budget 15k (or set search.relu_budget in the config file)")
+    if not (isinstance(s.relu_budget, str) and s.relu_budget.strip().endswith("%")):
+        early = parse_count(s.relu_budget)
+        if early <= 0:
+            check_relu_budget(early, 1)
+    for name, v, lo in (("--epochs", s.epochs, 0), ("--finetune-epochs", cfg.finetune.epochs, 0),
+                        ("--pretrain-epochs", cfg.model.pretrain_epochs, 0), ("--batch-size", r.batch_size, 1),
+                        ("--image-size", d.image_size, 4)):
+        if v is not None and v < lo:
+            raise ConfigError(f"{name} {v} must be ≥ {lo}", f"give {name} {max(lo, 1)} or more")
+    if s.method == "snl" and s.epochs == 0 and not warm_start:
+        raise ConfigError("--epochs 0 with --search snl trains no ReLU masks (the result would be arbitrary)",
+                          "give --epochs 1 or more, or use --search layer-drop (no training)")
+    for name, v in (("--lr", s.lr), ("alpha_lr", s.alpha_lr), ("finetune lr", cfg.finetune.lr)):
+        if v is not None and not (v > 0 and math.isfinite(v)):
+            raise ConfigError(f"{name} {v} must be a positive number", f"give e.g. {name} 0.01")
+    if d.limit is not None and d.limit < MIN_LIMIT:
+        raise ConfigError(f"--limit {d.limit} is too small to split into train / val / test with every class",
+                          f"use --limit {MIN_LIMIT} or more (e.g. --limit 300 for a quick run), or drop --limit")
+    p = cfg.pruning
+    if p.prune_channels is not None and p.mac_budget is not None:
+        raise ConfigError("give one of --prune-channels and --mac-budget, not both", "e.g. --prune-channels 0.5 or --mac-budget 200M")
+    if p.prune_channels is not None and not 0.0 <= p.prune_channels < 1.0:
+        raise ConfigError(f"--prune-channels {p.prune_channels} must be in [0, 1)", "give e.g. --prune-channels 0.5")
+    if p.sparsity is not None and not 0.0 < p.sparsity < 1.0:
+        raise ConfigError(f"--sparsity {p.sparsity} must be in (0, 1)", "give e.g. --sparsity 0.9")
+    check_dp(cfg)
+    if cfg.robustness.eval or cfg.robustness.robust:  # the robustness stage adds itself and lifts this
+        raise ConfigError("robustness evaluation / training is not available in this relucomp",
+                          "remove the [robustness] settings")
+    _check_device(r.device)
+    if check_data:
+        _check_data(cfg)
+    return cfg
+
+
+# --------------------------------------------------------------------------- TOML
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        return repr(v) if math.isfinite(v) else ("nan" if math.isnan(v) else ("inf" if v > 0 else "-inf"))
+    if isinstance(v, str):
+        out = v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\t", "\\t")
+        return f'"{out}"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def to_toml(cfg: CompileConfig, *, header: dict[str, Any] | None = None) -> str:
+    """The config as TOML (``None`` fields omitted: they are the defaults)."""
+    lines = ["# relucomp compile configuration; replay: relucomp compile --config THIS_FILE --out NEW_DIR", ""]
+    if header:
+        lines += ["[relucomp]"] + [f"{k} = {_toml_value(v)}" for k, v in header.items() if v is not None] + [""]
+    for sec, values in cfg.model_dump().items():
+        lines.append(f"[{sec}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items() if v is not None]
+        lines.append("")
+    return "\n".join(lines)
+

@@ -1,0 +1,56 @@
+"""Stage ``model``: resolve the model, check it on the data, trace it, and check the budgets (before training)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import fx, nn
+
+from ..budget import check_relu_budget, parse_count
+from ..errors import RelucompError
+from ..passes.shape_prop import layer_table
+from ..pipelines import analyze, check_io, resolve_leaf_modules, resolve_model, summary
+from .base import RunState
+
+NAME = "model"
+
+
+@dataclass
+class ModelOut:
+    model: nn.Module        # the user's model (a copy), weights as given
+    spec: str | None        # None for an nn.Module object
+    trained: bool           # weights given (checkpoint, object, --pretrained): no pretraining by default
+    dense_gm: fx.GraphModule
+    before_rows: list[dict[str, Any]]
+    before: dict[str, int]
+    budget: int
+    leaf_modules: tuple
+
+
+def run(st: RunState) -> ModelOut:
+    cfg, data = st.cfg, st["data"]
+    spec_in = st.hooks.model if st.hooks.model is not None else cfg.model.spec
+    model, spec, trained = resolve_model(spec_in, num_classes=data.num_classes, checkpoint=cfg.model.checkpoint,
+                                         pretrained=cfg.model.pretrained)
+    check_io(model, data.calib, data.num_classes)
+    leaves = tuple(st.hooks.leaf_modules) + resolve_leaf_modules(cfg.model.leaf_modules, model)
+    dense = analyze(model, data.calib, leaf_modules=leaves)  # structure only: bad budgets fail before training
+    before = summary(dense)
+    if before["relus"] == 0:
+        raise RelucompError("the model has no ReLUs that relucomp can see",
+                            "relucomp gates ReLUs; models using other activations are not supported yet")
+    budget = check_relu_budget(parse_count(cfg.search.relu_budget, total=before["relus"]), before["relus"])
+    p = cfg.pruning
+    if p.prune_channels is not None or p.mac_budget is not None or p.sparsity is not None:
+        from ..pruning import check_options
+
+        check_options(dense, prune_channels=p.prune_channels, mac_budget=p.mac_budget, sparsity=p.sparsity,
+                      importance=p.importance)
+    if cfg.dp.epsilon is not None:  # δ < 1/n needs the training split's size: checked here, before any training
+        from ..config import check_dp
+
+        check_dp(cfg, len(data.bundle.train))
+    st.say(f"model: {before['relus']:,} ReLUs, {before['macs']:,} MACs; budget {budget:,}")
+    return ModelOut(model=model, spec=spec, trained=trained, dense_gm=dense, before_rows=layer_table(dense),
+                    before=before, budget=budget, leaf_modules=leaves)

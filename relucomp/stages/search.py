@@ -1,0 +1,77 @@
+"""Stage ``search``: choose which ReLUs to keep, to the budget (SNL learned masks or layer-drop).
+
+Also restores a run interrupted in the finetune (the checkpoint holds the
+searched, possibly pruned, weights) and binarizes a warm-start state (sweeps).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import InternalError
+from ..fair_compile import FairPhase
+from ..infra import PassManager
+from ..passes.insert_gates import gates_of
+from ..passes.layer_drop import LayerDropSearchPass
+from ..passes.snl_search import SNLSearchPass, binarize_to_budget, hard_count, soft_count
+from .base import RunState
+
+NAME = "search"
+
+
+@dataclass
+class SearchOut:
+    stats: dict[str, Any] = field(default_factory=dict)   # the pass's stats (with history / lambda trace)
+
+    @property
+    def light(self) -> dict[str, Any]:
+        return {k: v for k, v in self.stats.items() if k not in ("history", "lambda_trace")}
+
+
+def fair_phase(st: RunState, phase: str, ema_model=None) -> FairPhase:
+    """The fairness term for a training phase (``nft`` outside the configured phase)."""
+    f, method = st.cfg.fairness, st.cfg.fair_method
+    use = method if f.phase in ("both", phase) else "nft"
+    bundle, dense = st["data"].bundle, st["evaluate_dense"]
+    return FairPhase(method=use, num_groups=bundle.num_groups, dense_group_acc=dense.train_group_acc,
+                     dense_acc=dense.train.acc, tolerance=f.tolerance, dual_lr=f.dual_lr, ema_model=ema_model,
+                     ema_decay=st.cfg.finetune.ema_decay)
+
+
+def run(st: RunState) -> SearchOut:
+    cfg, gm, budget = st.cfg, st["gates"].gm, st["model"].budget
+    resumed = st.resuming("finetune")
+    warm = st.hooks.search_state
+    if resumed is not None:  # the search had finished before the interruption
+        if resumed.get("pruning_plan"):  # the checkpoint holds the pruned (smaller) weights
+            from ..pruning import apply_plan
+
+            apply_plan(gm, resumed["pruning_plan"])
+        gm.load_state_dict(resumed["model"])
+        stats = dict(resumed.get("search_stats", {}))
+    elif warm is not None:  # warm start (budget sweep): binarize a searched state
+        gm.load_state_dict(warm)
+        stats = {"warm_start": True, "budget": budget, "total_relus": st["model"].before["relus"],
+                 "soft_relus_at_start": soft_count(gates_of(gm).values()),
+                 "hard_relus": binarize_to_budget(gates_of(gm), budget)}
+    elif cfg.search.method == "snl":
+        s = cfg.search
+        sfair = fair_phase(st, "search") if cfg.fairness.phase in ("search", "both") and cfg.fair_method != "nft" else None
+        sp = SNLSearchPass(budget=budget, train_loader=st["data"].train, teacher=st["pretrain"].teacher,
+                           epochs=s.epochs, lr=s.lr, alpha_lr=s.alpha_lr, kd_weight=s.kd_weight, temperature=s.kd_temperature,
+                           progress=st.progress,
+                           extra_loss=sfair.extra_loss if sfair else None,
+                           after_step=sfair.after_step if sfair else None,
+                           checkpoint=st.ckpt.save if st.out is not None else None,
+                           resume=st.resuming(NAME), device=cfg.runtime.device,
+                           snapshots=st.hooks.search_snapshots, on_snapshot=st.hooks.on_snapshot)
+        stats = PassManager([sp]).run(gm).stats["passes"][0]["stats"]
+        if sfair is not None:
+            stats["fair_trajectory"] = sfair.trajectory
+    else:
+        sp = LayerDropSearchPass(budget=budget, calib_loader=st["data"].val, device=cfg.runtime.device)
+        stats = PassManager([sp]).run(gm).stats["passes"][0]["stats"]
+    if hard_count(gates_of(gm).values()) > budget:  # never above budget
+        raise InternalError(f"search produced {hard_count(gates_of(gm).values())} ReLUs, above the budget {budget}")
+    return SearchOut(stats=stats)
