@@ -26,6 +26,7 @@ import math
 import os
 import platform
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -35,9 +36,9 @@ import torch
 warnings.filterwarnings("ignore")
 logging.getLogger("torch.onnx").setLevel(logging.ERROR)
 
-from relucomp.api import cache_root  # noqa: E402
 from relucomp.api import compile as rc_compile  # noqa: E402
 from relucomp.budget import parse_count  # noqa: E402
+from relucomp.cache import cache_root  # noqa: E402
 from relucomp.data import load_data  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,10 +92,10 @@ def main(argv=None) -> int:
         return 0
     torch.set_num_threads(args.threads)
     if args.fair_splits != "train,val,test":  # shared CPU: skip the fairness evaluation on the train split
-        import relucomp.fair_compile as fc
+        import relucomp.stages.fairness as fs
 
-        full = fc.fairness_section
-        fc.fairness_section = lambda *a, **k: full(*a, **{**k, "splits": tuple(args.fair_splits.split(","))})
+        full, keep = fs.fairness_section, set(args.fair_splits.split(","))
+        fs.fairness_section = lambda preds, *a, **k: full({s: p for s, p in preds.items() if s in keep}, *a, **k)
     utk = next((p for p in UTK_CANDIDATES if p.exists()), None)
     spec = args.data or (f"utkface:{utk}" if utk else "synthetic")
     kw = {"target": "race", "fair_groups": "race"} if spec.startswith("utkface") else {"fair_groups": "group"}
@@ -108,7 +109,7 @@ def main(argv=None) -> int:
         prev = json.loads(args.out.read_text())
         if prev.get("schedule") == schedule(args, spec, budget):
             results = prev.get("results", {})
-    state_path = cache_root() / "bench_dp" / f"search-{budget}-{args.pretrain_epochs}-{args.search_epochs}-{args.limit}.pt"
+    state_path = (cache_root() or Path(tempfile.gettempdir())) / "bench_dp" / f"search-{budget}-{args.pretrain_epochs}-{args.search_epochs}-{args.limit}.pt"
     snaps: dict[int, dict] = {}
     t0 = time.perf_counter()
     shared = torch.load(state_path, weights_only=True) if state_path.exists() else None

@@ -236,6 +236,10 @@ def test_cli_dp_flags_reach_compile(rc_cache, tmp_path):
         assert r.exit_code == 2, r.output
         text = "".join(r.output.split())  # rich wraps long lines
         assert "".join(match.split()) in text and "fix:" in text and "Traceback" not in r.output
+    # the sweep takes the same flags (validated before any search)
+    r = runner.invoke(app, ["sweep", "tinycnn", "--budgets", "1k,2k", "--limit", "200", "--no-progress",
+                            "--out", str(tmp_path / "sw"), "--dp-epsilon", "8", "--fair-method", "ceag"])
+    assert r.exit_code == 2 and "dualupdates" in "".join(r.output.split()), r.output
 
 
 def test_zero_epochs_converts_without_training(make_gated):
