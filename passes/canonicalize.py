@@ -6,6 +6,15 @@ out-of-place ``call_function torch.relu`` node carrying a stable site name in
 ``node.meta["relucomp"]["site"]`` (the module path for module ReLUs, with
 ``#k`` for the k-th reuse of a shared module; the node name otherwise).
 
+Exact ReLU equivalents are canonicalized too, so they are gated and counted
+like any ReLU: ``torch.clamp(x, min=0)`` / ``x.clamp(min=0)`` / ``clip``
+(no upper bound), ``clamp_min(x, 0)``, ``F.threshold(x, 0, 0)`` /
+``nn.Threshold(0, 0)``, ``F.hardtanh(x, 0, inf)`` / ``nn.Hardtanh(0, inf)``
+and ``leaky_relu(x, 0)`` / ``nn.LeakyReLU(0)`` (see
+:func:`relucomp.ir.is_relu_equivalent`).  Forms that only approximate a ReLU
+(``relu6``, ``clamp(min=c≠0)``, ...) are left alone; ShapeAnalysisPass counts
+their comparisons.
+
 In-place forms mutate their input in eager mode, so later readers of the
 input saw the rectified tensor: those uses are redirected to the new node,
 which keeps the semantics while removing the mutation.
@@ -17,7 +26,27 @@ import torch
 from torch import fx
 
 from relucomp.infra import Pass, PassResult
-from relucomp.ir import is_canonical_relu, is_raw_relu, meta, module_of, node_order, replace_all_uses_after
+from relucomp.ir import (call_is_inplace, is_canonical_relu, is_raw_relu, is_relu_equivalent, meta, module_call,
+                         module_of, node_order, replace_all_uses_after)
+
+
+def _is_torch_callable(target) -> bool:
+    mod = getattr(target, "__module__", None) or ""
+    return mod == "torch" or mod.startswith(("torch.", "torch._C"))
+
+
+def relu_equivalent_node(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A node computing exactly ``relu`` of its first input, in any spelling."""
+    if is_raw_relu(gm, node):
+        return True
+    if node.op == "call_module":
+        call = module_call(module_of(gm, node))
+        return call is not None and is_relu_equivalent(call[0], (None, *call[1]), call[2])
+    if node.op == "call_function" and _is_torch_callable(node.target):
+        return is_relu_equivalent(node.target, node.args, node.kwargs)
+    if node.op == "call_method":
+        return is_relu_equivalent(node.target, node.args, node.kwargs)
+    return False
 
 
 class CanonicalizeReLUPass(Pass):
@@ -46,7 +75,7 @@ class CanonicalizeReLUPass(Pass):
                     meta(node)["kind"] = "relu"
                     named += 1
                 continue
-            if not is_raw_relu(gm, node):
+            if not relu_equivalent_node(gm, node) or not node.args:
                 continue
             inplace = False
             if node.op == "call_module":
@@ -55,13 +84,8 @@ class CanonicalizeReLUPass(Pass):
                 k = seen_targets.get(node.target, 0)
                 seen_targets[node.target] = k + 1
                 site = node.target if k == 0 else f"{node.target}#{k}"
-            elif node.op == "call_function":
-                inplace = node.target in (torch.relu_, getattr(torch.nn.functional, "relu_", None)) or bool(
-                    node.kwargs.get("inplace", False) or (len(node.args) > 1 and node.args[1])
-                )
-                site = node.name
-            else:  # call_method
-                inplace = node.target == "relu_"
+            else:  # call_function / call_method
+                inplace = call_is_inplace(node.target, node.args, node.kwargs)
                 site = node.name
             src = node.args[0]
             with gm.graph.inserting_after(node):

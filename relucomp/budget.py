@@ -67,3 +67,45 @@ def human(n: float) -> str:
             v = n / div
             return f"{v:.1f}{suf}".replace(".0" + suf, suf)
     return str(int(n)) if float(n).is_integer() else f"{n:.2f}"
+
+
+def _fmt_ops(by_node: list[dict], limit: int = 4) -> str:
+    parts = []
+    for r in sorted(by_node, key=lambda r: -r["comparisons"])[:limit]:
+        what = "a leaf module" if r["kind"] == "leaf" else r["op"]
+        detail = f"{r['hidden_relus']:,} hidden ReLUs" if r["hidden_relus"] else r["op"]
+        parts.append(f"{r['name']} ({what}: {detail}, {r['comparisons']:,})")
+    more = len(by_node) - limit
+    return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
+
+
+def check_uncounted_nonlinearities(gm, budget: int, *, include_maxpool: bool = False) -> int:
+    """Charge the comparisons no gate controls against ``budget``; return what is left for the gates.
+
+    ``gm`` must carry ShapeAnalysisPass metadata.  Ungated comparisons are
+    ReLUs hidden in opaque leaf modules, ReLU6 / hardtanh / clamp bounds,
+    other activations, max/min, sorting and, with ``include_maxpool``,
+    MaxPool comparisons.  Raises :class:`BudgetError` (before any training)
+    naming the ops when they alone reach the budget.
+    """
+    from relucomp.passes.shape_prop import ungated_comparisons
+
+    un = ungated_comparisons(gm, include_maxpool=include_maxpool)
+    if un["total"] == 0:
+        return budget
+    if un["total"] >= budget:
+        leaf = any(r["kind"] == "leaf" for r in un["by_node"])
+        pool = include_maxpool and any("maxpool" in r["op"] for r in un["by_node"])
+        fixes = []
+        if leaf:
+            fixes.append("un-leaf the module (drop it from leaf_modules / make it traceable) so its ReLUs can be gated")
+        if any(o in r["op"] for r in un["by_node"] for o in ("relu6", "hardtanh", "clamp")):
+            fixes.append("replace ReLU6 / hardtanh / clamp by ReLU")
+        if pool:
+            fixes.append("leave MaxPool out of the budget (drop --budget-includes-maxpool) or use --replace-maxpool")
+        fixes.append(f"or raise the budget above {un['total']:,}")
+        raise BudgetError(
+            f"the model evaluates {un['total']:,} comparisons per image that relucomp cannot gate, "
+            f"≥ the budget of {budget:,}: {_fmt_ops(un['by_node'])}",
+            "; ".join(fixes))
+    return budget - un["total"]

@@ -72,7 +72,8 @@ class CompileReport:
     options: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     pretrain: dict[str, Any] = field(default_factory=dict)
-    relus: dict[str, int] = field(default_factory=dict)
+    relus: dict[str, int] = field(default_factory=dict)            # before, after, budget, gate_budget, hidden_*
+    comparisons: dict[str, Any] = field(default_factory=dict)      # comparisons no gate controls (before/after)
     macs: dict[str, int] = field(default_factory=dict)
     params: dict[str, int] = field(default_factory=dict)
     maxpool_comparisons: dict[str, int] = field(default_factory=dict)
@@ -142,6 +143,11 @@ class CompileReport:
     @property
     def budget(self) -> int:
         return int(self.relus["budget"])
+
+    @property
+    def gate_budget(self) -> int:
+        """What the gates were given: the budget less the comparisons no gate controls."""
+        return int(self.relus.get("gate_budget", self.relus["budget"]))
 
     @property
     def test_accuracy(self) -> tuple[float, float]:

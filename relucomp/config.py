@@ -78,6 +78,7 @@ class SearchSection(_Section):
     kd_weight: float = 0.5
     kd_temperature: float = 4.0
     replace_maxpool: bool = False
+    budget_includes_maxpool: bool = False  # MaxPool comparisons count against relu_budget (search and export)
 
 
 class FinetuneSection(_Section):
@@ -118,7 +119,6 @@ class PruningSection(_Section):
 class ExportSection(_Section):
     enabled: bool = True
     gate_form: str = "pi"
-    include_maxpool: bool = False       # count MaxPool comparisons against the ReLU budget
     opset: int = 18
     weights: str | None = None          # last | ema; None: ema under DP, else last
 
@@ -186,13 +186,13 @@ KEYWORDS: dict[str, str] = {
     "relu_budget": "search.relu_budget", "granularity": "search.granularity", "search": "search.method",
     "search_epochs": "search.epochs", "lr": "search.lr", "alpha_lr": "search.alpha_lr",
     "kd_weight": "search.kd_weight", "replace_maxpool": "search.replace_maxpool",
+    "budget_includes_maxpool": "search.budget_includes_maxpool",
     "finetune_epochs": "finetune.epochs",
     "fair_method": "fairness.method", "tolerance": "fairness.tolerance", "fair_phase": "fairness.phase",
     "dual_lr": "fairness.dual_lr",
     "prune_channels": "pruning.prune_channels", "mac_budget": "pruning.mac_budget", "sparsity": "pruning.sparsity",
     "prune_importance": "pruning.importance",
-    "export": "export.enabled", "gate_form": "export.gate_form", "include_maxpool": "export.include_maxpool",
-    "export_weights": "export.weights",
+    "export": "export.enabled", "gate_form": "export.gate_form", "export_weights": "export.weights",
     "dp_epsilon": "dp.epsilon", "dp_delta": "dp.delta", "dp_max_grad_norm": "dp.max_grad_norm",
     "dp_phase": "dp.phase", "dp_batch_size": "dp.batch_size", "dp_accountant": "dp.accountant",
     "seed": "runtime.seed", "batch_size": "runtime.batch_size", "device": "runtime.device",

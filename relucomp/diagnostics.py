@@ -1,7 +1,7 @@
 """Per-group loss-landscape diagnostics (Tran et al.; Das et al.).
 
 Groups whose gradient norm ``‖∇J(θ; D_g)‖`` or top Hessian eigenvalue
-``λ_max(∇²J(θ; D_g))`` is large tend to lose more accuracy under compression
+``λ_max(∇²J(θ; D_g))`` (largest algebraic eigenvalue, by Lanczos) is large tend to lose more accuracy under compression
 (small groups, groups near the decision boundary); together they bound a
 group's excess loss.  ``J(θ; D_g)`` is the mean cross-entropy over the group's
 samples, evaluated *full-batch* over the data given, with the model in eval mode
@@ -21,7 +21,8 @@ from torch import nn
 
 from relucomp.metrics import _model_device, iter_batches
 
-__all__ = ["diagnose", "group_gradient_norms", "group_hessian_top_eigenvalue", "group_losses"]
+__all__ = ["diagnose", "group_gradient_norms", "group_hessian_extreme_eigenvalues", "group_hessian_top_eigenvalue",
+           "group_losses"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -123,50 +124,87 @@ def _hvp(model: nn.Module, params: list, batches: list, n: int, v: list[torch.Te
     return out
 
 
+def group_hessian_extreme_eigenvalues(
+    model: nn.Module,
+    loader: Any,
+    group: int,
+    *,
+    tol: float = 1e-6,
+    maxiter: int | None = None,
+    seed: int = 0,
+    max_batches: int | None = None,
+    batch_size: int = 256,
+    loss_fn: LossFn = _per_sample_ce,
+) -> dict[str, Any]:
+    """Both ends of the spectrum of ``∇²J(θ; D_group)`` by Lanczos on Hessian-vector products.
+
+    ``scipy.sparse.linalg.eigsh`` (ARPACK's implicitly restarted Lanczos) on a
+    ``LinearOperator`` whose matvec is a Hessian-vector product (a full pass
+    over the group's samples with a double backward), once with
+    ``which="LA"`` (largest algebraic: λ_max) and once with ``which="SA"``
+    (smallest algebraic: λ_min, negative where the loss is not locally
+    convex).  Returns ``{"max", "min", "converged", "hvps"}``; ``converged``
+    is False when ARPACK stopped at ``maxiter`` (the values are then its last
+    Ritz estimates).  NaNs for a group without samples.  Eval mode; the
+    model's mode is restored.
+    """
+    import numpy as np
+    from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
+
+    device = _model_device(model)
+    params = _params(model)
+    shapes = [p.shape for p in params]
+    sizes = [p.numel() for p in params]
+    dim = int(sum(sizes))
+    nan = float("nan")
+    with _EvalMode(model):
+        batches, n = _group_batches(loader, int(group), device, batch_size, max_batches)
+        if n == 0:
+            return {"max": nan, "min": nan, "converged": False, "hvps": 0}
+        calls = [0]
+
+        def matvec(vec):
+            vec = np.asarray(vec, dtype=np.float64).reshape(-1)
+            parts = torch.from_numpy(vec).split(sizes)
+            v = [t.reshape(s).to(device=device, dtype=p.dtype) for t, s, p in zip(parts, shapes, params)]
+            hv = _hvp(model, params, batches, n, v, loss_fn)
+            calls[0] += 1
+            return torch.cat([h.detach().reshape(-1).double().cpu() for h in hv]).numpy()
+
+        if dim == 1:  # ARPACK needs k < dim: the 1x1 Hessian is its own eigenvalue
+            val = float(matvec(np.ones(1))[0])
+            return {"max": val, "min": val, "converged": True, "hvps": calls[0]}
+        op = LinearOperator((dim, dim), matvec=matvec, dtype=np.float64)
+        v0 = np.random.default_rng(int(seed)).standard_normal(dim)
+        out, converged = {}, True
+        for key, which in (("max", "LA"), ("min", "SA")):
+            try:
+                vals = eigsh(op, k=1, which=which, tol=tol, maxiter=maxiter, v0=v0, return_eigenvectors=False)
+                out[key] = float(vals[0])
+            except ArpackNoConvergence as exc:
+                converged = False
+                vals = exc.eigenvalues
+                out[key] = float(vals[0]) if len(vals) else nan
+    return {**out, "converged": converged, "hvps": calls[0]}
+
+
 def group_hessian_top_eigenvalue(
     model: nn.Module,
     loader: Any,
     group: int,
-    iters: int = 20,
-    tol: float = 1e-3,
+    iters: int | None = None,
+    tol: float = 1e-6,
     seed: int = 0,
     *,
     max_batches: int | None = None,
     batch_size: int = 256,
     loss_fn: LossFn = _per_sample_ce,
 ) -> float:
-    """Top eigenvalue of ``∇²J(θ; D_group)`` by power iteration on Hessian-vector products.
-
-    Starts from a seeded Gaussian vector and iterates ``v ← Hv/‖Hv‖`` (each
-    ``Hv`` a full pass over the group's samples with a double backward) until
-    the Rayleigh quotient ``vᵀHv`` changes by less than ``tol`` relative, or
-    ``iters`` iterations.  Power iteration finds the eigenvalue of largest
-    *magnitude*; the signed Rayleigh quotient is returned.  NaN if the group
-    has no samples.  Eval mode; the model's mode is restored.
-    """
-    device = _model_device(model)
-    params = _params(model)
-    gen = torch.Generator(device="cpu").manual_seed(int(seed))
-    with _EvalMode(model):
-        batches, n = _group_batches(loader, int(group), device, batch_size, max_batches)
-        if n == 0:
-            return float("nan")
-        v = [torch.randn(p.shape, generator=gen, dtype=p.dtype).to(device) for p in params]
-        norm = math.sqrt(sum(float(t.pow(2).sum()) for t in v))
-        v = [t / norm for t in v]
-        eig = float("nan")
-        for _ in range(max(1, int(iters))):
-            hv = _hvp(model, params, batches, n, v, loss_fn)
-            new = float(sum((h * t).sum() for h, t in zip(hv, v)))
-            hnorm = math.sqrt(sum(float(h.pow(2).sum()) for h in hv))
-            if hnorm == 0.0:
-                return 0.0
-            v = [h / hnorm for h in hv]
-            converged = math.isfinite(eig) and abs(new - eig) <= tol * max(abs(new), 1e-12)
-            eig = new
-            if converged:
-                break
-    return eig
+    """Largest *algebraic* eigenvalue of ``∇²J(θ; D_group)`` (Lanczos; see
+    :func:`group_hessian_extreme_eigenvalues`).  ``iters`` caps ARPACK's
+    restarts.  NaN if the group has no samples."""
+    return group_hessian_extreme_eigenvalues(model, loader, group, tol=tol, maxiter=iters, seed=seed,
+                                             max_batches=max_batches, batch_size=batch_size, loss_fn=loss_fn)["max"]
 
 
 @torch.no_grad()
@@ -206,7 +244,7 @@ def diagnose(
     group_names: Sequence[str] | None = None,
     *,
     hessian: bool = True,
-    hessian_iters: int = 20,
+    hessian_iters: int | None = 20,
     hessian_tol: float = 1e-3,
     max_batches: int | None = None,
     batch_size: int = 256,
@@ -215,8 +253,11 @@ def diagnose(
     """JSON-serialisable per-group diagnostics.
 
     ``{"group_names", "counts", "loss", "acc" (points), "grad_norm",
-    "hessian_top_eig"}``; each per-group field maps name → value (``None`` for
-    empty groups, and for ``hessian_top_eig`` when ``hessian=False``).
+    "hessian_top_eig", "hessian_min_eig", "hessian_converged"}``; each
+    per-group field maps name → value (``None`` for empty groups, and for the
+    Hessian fields when ``hessian=False``).  ``hessian_top_eig`` is the
+    largest algebraic eigenvalue and ``hessian_min_eig`` the smallest (both by
+    Lanczos), ``hessian_converged`` whether ARPACK converged for both.
     """
     G = int(num_groups)
     names = [str(n) for n in group_names] if group_names is not None else [str(i) for i in range(G)]
@@ -224,10 +265,11 @@ def diagnose(
         raise ValueError(f"{len(names)} group names for {G} groups")
     counts, losses, accs = group_losses(model, data, G, max_batches, batch_size=batch_size)
     gn = group_gradient_norms(model, data, G, max_batches, batch_size=batch_size)
+    none = {"max": float("nan"), "min": float("nan"), "converged": None}
     eig = [
-        group_hessian_top_eigenvalue(model, data, gi, hessian_iters, hessian_tol, seed,
-                                     max_batches=max_batches, batch_size=batch_size)
-        if hessian and counts[gi] > 0 else float("nan")
+        group_hessian_extreme_eigenvalues(model, data, gi, tol=hessian_tol, maxiter=hessian_iters, seed=seed,
+                                          max_batches=max_batches, batch_size=batch_size)
+        if hessian and counts[gi] > 0 else none
         for gi in range(G)
     ]
     return {
@@ -236,5 +278,7 @@ def diagnose(
         "loss": {n: _j(v) for n, v in zip(names, losses)},
         "acc": {n: _j(v) for n, v in zip(names, accs)},
         "grad_norm": {n: _j(v) for n, v in zip(names, gn)},
-        "hessian_top_eig": {n: _j(v) for n, v in zip(names, eig)},
+        "hessian_top_eig": {n: _j(e["max"]) for n, e in zip(names, eig)},
+        "hessian_min_eig": {n: _j(e["min"]) for n, e in zip(names, eig)},
+        "hessian_converged": {n: e["converged"] for n, e in zip(names, eig)},
     }

@@ -2,14 +2,15 @@
 
 :func:`predict` runs a model in eval mode over a loader of ``(x, y[, g])``
 batches and keeps labels, predictions, groups and the summed cross-entropy;
-:class:`Predictions` answers overall accuracy, loss and accuracy per group.
+:class:`Predictions` answers overall accuracy, loss and accuracy per group
+(per group by fairlearn's ``MetricFrame``, via :func:`relucomp.metrics.group_accuracy`).
 The dense model's predictions are computed once per split and reused by the
 accuracy table, the CEAG reference accuracies and the fairness report.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 import torch
@@ -25,6 +26,7 @@ class Predictions:
     pred: torch.Tensor
     g: torch.Tensor | None
     loss_sum: float
+    _group_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def n(self) -> int:
@@ -43,11 +45,18 @@ class Predictions:
         return {"acc": self.acc, "loss": self.loss, "n": self.n}
 
     def group_acc(self, num_groups: int) -> list[float | None]:
-        """Accuracy (points) per group index; ``None`` for an empty group."""
-        ok = (self.pred == self.y).float()
-        correct = torch.zeros(num_groups).index_add_(0, self.g, ok)
-        count = torch.zeros(num_groups).index_add_(0, self.g, torch.ones_like(ok))
-        return [100.0 * float(c / n) if n > 0 else None for c, n in zip(correct, count)]
+        """Accuracy (points) per group index, by fairlearn's ``MetricFrame``
+        (:func:`relucomp.metrics.group_accuracy`); ``None`` for an empty group.
+        Computed once per ``num_groups`` from the stored predictions."""
+        key = int(num_groups)
+        if key not in self._group_cache:
+            from .metrics import group_accuracy
+
+            tab = group_accuracy(self.y, self.pred, self.g, [str(i) for i in range(key)], n_boot=None,
+                                 include_overall=False)
+            self._group_cache[key] = [float(a) if int(c) > 0 else None
+                                      for c, a in zip(tab["count"].to_numpy(), tab["accuracy"].to_numpy())]
+        return list(self._group_cache[key])
 
     def group_acc_by_name(self, names: Sequence[str]) -> dict[str, float | None]:
         return dict(zip(names, self.group_acc(len(names))))

@@ -5,6 +5,8 @@
   ``extra_loss`` / ``after_step`` hooks, keeps an EMA of the weights
   (:class:`torch.optim.swa_utils.AveragedModel`) and records multiplier
   trajectories.
+* :func:`group_accuracy_like_replay` — the dense CEAG reference, measured the
+  way the replay buffers measure the model in training (train mode, augmented).
 * :func:`ema_model` — the EMA weights in a copy of the graph with BatchNorm
   statistics recomputed by ``update_bn`` (not averaged).
 * :func:`fairness_section` evaluates the dense and compiled models (last and
@@ -23,10 +25,41 @@ from torch import fx, nn
 
 from .fairness import FairConstraintTerm
 from .ir import copy_gm
+from .loaders import BatchLoader
 from .metrics import fairness_report
 
 FAIR_METHODS = ("ceag", "el", "nft")
 FAIR_PHASES = ("finetune", "search", "both")
+
+
+@torch.no_grad()
+def group_accuracy_like_replay(model: nn.Module, ds, *, batch_size: int = 128, seed: int = 0,
+                               epochs: int = 1) -> tuple[list[float | None], float]:
+    """Per-group and overall accuracy (points) measured the way the replay buffers measure it.
+
+    CEAG's replay buffers hold the *training* model's correctness on the
+    training batches: train mode (BatchNorm on batch statistics, dropout on)
+    and augmented images (random crop + flip), at the training batch size.  The
+    dense reference ``d_g`` of ψ_g = (d_g − a_g) − (d − a) must be measured
+    the same way, or ψ_g carries the eval-vs-train gap of the measurement
+    rather than the damage of compression.  ``model`` is left untouched (a
+    copy runs in train mode, so its BatchNorm running statistics never move).
+    """
+    m = copy.deepcopy(model).train()
+    G = len(ds.group_names)
+    correct = torch.zeros(G)
+    count = torch.zeros(G)
+    loader = BatchLoader(ds, batch_size=batch_size, shuffle=True, augment=True, seed=seed + 7919)
+    for _ in range(max(1, int(epochs))):
+        for x, y, g in loader:
+            if x.shape[0] < 2:  # a batch of one has no batch statistics
+                continue
+            ok = (m(x).argmax(1) == y).float()
+            correct.index_add_(0, g, ok)
+            count.index_add_(0, g, torch.ones_like(ok))
+    per = [100.0 * float(c / n) if n > 0 else None for c, n in zip(correct, count)]
+    overall = 100.0 * float(correct.sum() / count.sum().clamp_min(1))
+    return per, overall
 
 
 class FairPhase:

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import copy
 import linecache
+import math
 import operator
 import os
 import sys
 import traceback
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -196,3 +197,184 @@ def add_module(gm: fx.GraphModule, base: str, module: nn.Module) -> str:
 
 def is_getitem(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target is operator.getitem
+
+
+# ---------------------------------------------------------------------------
+# nonlinearities: what relucomp can gate, and every other comparison-bearing op
+# ---------------------------------------------------------------------------
+
+#: ops counted as one comparison-equivalent per output element (smooth activations are
+#: evaluated in 2PC by piecewise approximations, each at least one comparison per element)
+ONE_PER_ELEMENT = frozenset({
+    "relu", "threshold", "leaky_relu", "prelu", "rrelu", "elu", "selu", "celu", "gelu", "silu", "mish",
+    "softplus", "sigmoid", "tanh", "logsigmoid", "softsign", "tanhshrink", "abs",
+    "maximum", "minimum", "fmax", "fmin", "clamp_min", "clamp_max", "gt", "lt", "ge", "le",
+    "softmax", "log_softmax", "glu", "erf",
+})
+#: two comparisons per element (both bounds of a clip / a piecewise-linear hat / sign's two tests); the ONNX
+#: walker (relucomp.onnx_graph) counts the exported ops by the same convention
+TWO_PER_ELEMENT = frozenset({"relu6", "hardswish", "hardsigmoid", "hardshrink", "softshrink", "sign", "sgn"})
+#: reductions: comparisons = input elements - output elements
+REDUCTIONS = frozenset({"amax", "amin", "argmax", "argmin", "adaptive_max_pool1d", "adaptive_max_pool2d",
+                        "adaptive_max_pool3d", "max", "min", "aminmax"})
+MAXPOOLS = frozenset({"max_pool1d", "max_pool2d", "max_pool3d"})
+
+
+def op_name(target: Any) -> str:
+    """Normalised name of a call target (function, method name or method descriptor).
+
+    ``torch.relu_`` / ``x.clamp_`` → ``relu`` / ``clamp``; ``Tensor.__gt__`` → ``gt``;
+    ``F.max_pool2d`` (and its ``_with_indices`` variants) → ``max_pool2d``.
+    """
+    name = target if isinstance(target, str) else getattr(target, "__name__", "") or ""
+    if name.startswith("__") and name.endswith("__"):
+        name = name[2:-2]
+        if name.startswith(("i", "r")) and name[1:] in ("gt", "lt", "ge", "le"):
+            name = name[1:]
+        return name
+    name = name.lstrip("_")
+    name = name.replace("_with_indices", "")
+    if name.endswith("_") and not name.endswith("__"):
+        name = name[:-1]
+    return name
+
+
+def _num(v: Any) -> float | None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    return float(v)
+
+
+def _arg(args: Sequence[Any], kwargs: dict, i: int, key: str, default: Any = None) -> Any:
+    """The i-th positional argument *after the input*, or keyword ``key``."""
+    if len(args) > i + 1:
+        return args[i + 1]
+    return kwargs.get(key, default)
+
+
+def call_is_inplace(target: Any, args: Sequence[Any], kwargs: dict) -> bool:
+    """Whether a call mutates its first argument (``relu_``, ``clamp_``, ``inplace=True`` ...)."""
+    name = target if isinstance(target, str) else getattr(target, "__name__", "") or ""
+    if name.endswith("_") and not name.endswith("__"):
+        return True
+    if kwargs.get("inplace"):
+        return True
+    pos = {"threshold": 3, "hardtanh": 3, "leaky_relu": 2, "relu": 1, "relu6": 1, "elu": 2, "celu": 2, "selu": 1}
+    k = pos.get(op_name(target))
+    return k is not None and len(args) > k and args[k] is True
+
+
+def is_relu_equivalent(target: Any, args: Sequence[Any], kwargs: dict) -> bool:
+    """True when ``target(*args, **kwargs)`` computes exactly ``relu(args[0])``.
+
+    Exact forms only: ``relu``; ``clamp``/``clip`` with ``min=0`` and no ``max``;
+    ``clamp_min(0)``; ``threshold(x, 0, 0)``; ``hardtanh(x, 0, inf)``;
+    ``leaky_relu(x, 0)``.  Bounds must be Python numbers (a tensor bound is not
+    known to be zero).
+    """
+    name = op_name(target)
+    if name == "relu":
+        return True
+    if name in ("clamp", "clip"):
+        lo, hi = _arg(args, kwargs, 0, "min"), _arg(args, kwargs, 1, "max")
+        return _num(lo) == 0.0 and hi is None
+    if name == "clamp_min":
+        return _num(_arg(args, kwargs, 0, "min")) == 0.0
+    if name == "threshold":
+        return _num(_arg(args, kwargs, 0, "threshold")) == 0.0 and _num(_arg(args, kwargs, 1, "value")) == 0.0
+    if name == "hardtanh":
+        lo, hi = _num(_arg(args, kwargs, 0, "min_val", -1.0)), _num(_arg(args, kwargs, 1, "max_val", 1.0))
+        return lo == 0.0 and hi is not None and math.isinf(hi) and hi > 0
+    if name == "leaky_relu":
+        return _num(_arg(args, kwargs, 0, "negative_slope", 0.01)) == 0.0
+    return False
+
+
+def module_call(mod: nn.Module) -> tuple[str, tuple, dict] | None:
+    """(function name, args after the input, kwargs) that an activation module calls."""
+    if isinstance(mod, nn.ReLU):
+        return "relu", (), {}
+    if isinstance(mod, nn.Threshold):
+        return "threshold", (mod.threshold, mod.value), {}
+    if isinstance(mod, nn.Hardtanh):  # also ReLU6
+        return "hardtanh", (mod.min_val, mod.max_val), {}
+    if isinstance(mod, nn.LeakyReLU):
+        return "leaky_relu", (mod.negative_slope,), {}
+    return None
+
+
+def _numel(t: Any) -> int:
+    if isinstance(t, (tuple, list)) and t:
+        t = t[0]
+    return int(t.numel()) if isinstance(t, torch.Tensor) else 0
+
+
+def comparisons_of_call(target: Any, args: Sequence[Any], kwargs: dict, out: Any) -> tuple[str, int] | None:
+    """(op kind, comparisons) of one evaluated call, or None if it bears no comparison.
+
+    ``args``/``kwargs`` are the runtime values (input first) and ``out`` the
+    result; counts are for the whole call (divide by the batch for per-image
+    counts).  ReLU-equivalent calls return kind ``"relu"``.
+    """
+    name = op_name(target)
+    n = _numel(out)
+    if n == 0:
+        return None
+    if is_relu_equivalent(target, args, kwargs):
+        return "relu", n
+    if name in ("clamp", "clip", "hardtanh"):
+        if name == "hardtanh":
+            lo, hi = _arg(args, kwargs, 0, "min_val", -1.0), _arg(args, kwargs, 1, "max_val", 1.0)
+        else:
+            lo, hi = _arg(args, kwargs, 0, "min"), _arg(args, kwargs, 1, "max")
+        bounds = sum(1 for b in (lo, hi) if b is not None and not (_num(b) is not None and math.isinf(_num(b))))
+        if name == "hardtanh" and _num(lo) == 0.0 and _num(hi) == 6.0:
+            name = "relu6"
+        return (name, bounds * n) if bounds else None
+    if name in ONE_PER_ELEMENT:
+        return name, n
+    if name in TWO_PER_ELEMENT:
+        return name, 2 * n
+    if name in ("max", "min") and len(args) > 1 and isinstance(args[1], torch.Tensor):
+        return ("maximum" if name == "max" else "minimum"), n  # elementwise form
+    if name in REDUCTIONS:
+        return name, max(0, _numel(args[0]) - n) if args else 0
+    if name in MAXPOOLS:
+        k = _arg(args, kwargs, 0, "kernel_size")
+        dims = int(name[-2])
+        k = (k,) * dims if isinstance(k, int) else tuple(k)
+        return "maxpool", n * (int(math.prod(k)) - 1)
+    if name == "topk":
+        k = int(_arg(args, kwargs, 0, "k"))
+        rows = n // max(1, k)
+        per_row = _numel(args[0]) // max(1, rows)
+        return name, rows * k * max(0, per_row - 1)
+    if name in ("sort", "argsort") and args and isinstance(args[0], torch.Tensor) and args[0].dim() > 0:
+        dim_n = int(args[0].shape[_arg(args, kwargs, 0, "dim", -1)])
+        return name, n * max(1, math.ceil(math.log2(max(2, dim_n))))
+    return None
+
+
+class NonlinearityCounter(torch.overrides.TorchFunctionMode):
+    """Records every comparison-bearing torch call made while it is active.
+
+    Used on opaque modules (user leaf modules): whatever they compute, the
+    ReLUs and other nonlinearities they evaluate are seen here.  Only the
+    outermost call is seen (the mode is inactive inside its own handler), so
+    ``F.relu6`` is one record, not its internal ``hardtanh``.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.found: list[tuple[str, int]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        try:
+            rec = comparisons_of_call(func, args, kwargs, out)
+        except Exception:  # noqa: BLE001 - counting must never break the model's forward
+            rec = None
+        if rec is not None and rec[1] > 0:
+            self.found.append(rec)
+        return out

@@ -325,7 +325,8 @@ def fairness_report(
         }
 
     Empty groups have count 0 and ``None`` everywhere and are left out of the
-    max/min over groups.  ``error_ratio`` is ``(1 − acc_g)/(1 − acc)``; it is
+    max/min over groups.  Per-group counts and accuracies come from
+    :func:`group_accuracy` (fairlearn's ``MetricFrame``).  ``error_ratio`` is ``(1 − acc_g)/(1 − acc)``; it is
     ``None`` when the overall error is 0 (ratio undefined).  CIs come from a
     *paired, stratified* bootstrap (each group resampled within itself, the
     dense and compiled predictions of a sample kept together), seeded by
@@ -346,9 +347,12 @@ def fairness_report(
         raise ValueError("fairness_report needs samples or group_names (got neither)")
     ok_d = (pd_ == yt).astype(np.float64)
     ok_c = (pc == yt).astype(np.float64)
-    cnt = np.bincount(gr, minlength=G).astype(np.float64)[:G]
-    sd = np.bincount(gr, weights=ok_d, minlength=G)[:G]
-    sc = np.bincount(gr, weights=ok_c, minlength=G)[:G]
+    # point estimates: per-group counts and accuracies from fairlearn's MetricFrame
+    tab_d = group_accuracy(yt, pd_, gr, names, n_boot=None, include_overall=False)
+    tab_c = group_accuracy(yt, pc, gr, names, n_boot=None, include_overall=False)
+    cnt = tab_d["count"].to_numpy(dtype=np.float64)
+    sd = np.rint(np.nan_to_num(tab_d["accuracy"].to_numpy(dtype=np.float64)) * cnt / 100.0)
+    sc = np.rint(np.nan_to_num(tab_c["accuracy"].to_numpy(dtype=np.float64)) * cnt / 100.0)
     st = _disparity_stats(cnt, sd, sc)
 
     group_rows: dict[str, dict[str, Any]] = {}
@@ -366,6 +370,7 @@ def fairness_report(
     argmax = names[max(nonempty, key=lambda i: st["psi_g"][i])] if nonempty else None
     report: dict[str, Any] = {
         "units": "percentage points",
+        "source": "fairlearn.MetricFrame (per-group counts and accuracies); paired stratified bootstrap for CIs",
         "num_samples": int(yt.size),
         "group_names": list(names),
         "overall": {

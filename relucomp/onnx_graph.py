@@ -2,7 +2,10 @@
 
 Used by ``relucomp inspect model.onnx``, ``relucomp estimate`` and the export
 check.  ONNX shape inference gives every tensor's shape; per-image counts
-exclude the first (batch) dimension.  Every comparison-bearing op is counted:
+exclude the first (batch) dimension.  Every comparison-bearing op is counted,
+by the same convention as the fx side (``ShapeAnalysisPass`` /
+:func:`relucomp.ir.comparisons_of_call`), so a report's counts and its
+exported graph's counts agree:
 
 ===========================================  ==============================
 op                                           comparisons per image
@@ -10,8 +13,11 @@ op                                           comparisons per image
 Relu, LeakyRelu, PRelu, Elu, Selu, Celu,     1 per element
 ThresholdedRelu, Abs, Max/Min (2 inputs),
 Greater, Less, GreaterOrEqual, LessOrEqual,
-Equal
-Clip                                         1 per present bound per element
+Equal; smooth activations (Sigmoid, Tanh,
+Erf, Softplus, Softsign, Mish, Gelu,
+Softmax, LogSoftmax: evaluated in 2PC by
+piecewise approximations)
+Clip                                         1 per finite bound per element
 HardSigmoid, HardSwish, Sign                 2 per element (two bounds / two tests)
 Max/Min with k inputs                        k-1 per element
 MaxPool                                      (kernel elements - 1) per output element
@@ -19,7 +25,11 @@ GlobalMaxPool, ReduceMax/Min, ArgMax/Min,    input elements - output elements
 TopK
 ===========================================  ==============================
 
-``relus`` (Relu elements) is kept separately.  The budget check on an export
+``relus`` counts Relu elements and the exact ReLU equivalents the exporter
+emits for ``clamp(min=0)`` / ``clamp_min(0)`` / ``hardtanh(0, inf)`` /
+``leaky_relu(x, 0)`` / ``threshold(x, 0, 0)`` (``Max(x, 0)``, ``Clip(x, 0[, inf])``,
+``LeakyRelu(alpha=0)``, ``Where(x <= 0, 0, x)``) — the forms relucomp's
+canonicalization turns into ReLUs, which a leaf module may still hold.  The budget check on an export
 (:func:`budgeted_comparisons`) uses every comparison-bearing op except MaxPool
 unless the caller includes MaxPool; MaxPool comparisons are counted and
 reported regardless.  Ops on rank ≤ 1 tensors (shape arithmetic of a dynamic
@@ -35,12 +45,13 @@ from typing import Any
 __all__ = ["walk", "load_proto", "budgeted_comparisons", "COMPARISON_OPS", "POOL_OPS", "OTHER_NONLINEAR"]
 
 ONE_PER_ELEMENT = ("Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "ThresholdedRelu", "Abs",
-                   "Greater", "Less", "GreaterOrEqual", "LessOrEqual", "Equal")
+                   "Greater", "Less", "GreaterOrEqual", "LessOrEqual", "Equal",
+                   "Sigmoid", "Tanh", "Erf", "Softplus", "Softsign", "Mish", "Gelu", "Softmax", "LogSoftmax")
 TWO_PER_ELEMENT = ("HardSigmoid", "HardSwish", "Sign")
 REDUCING = ("ReduceMax", "ReduceMin", "ArgMax", "ArgMin", "TopK")
 POOL_OPS = ("MaxPool", "GlobalMaxPool")
 COMPARISON_OPS = ONE_PER_ELEMENT + TWO_PER_ELEMENT + REDUCING + POOL_OPS + ("Clip", "Max", "Min")
-OTHER_NONLINEAR = ("Sigmoid", "Tanh", "Softmax", "LogSoftmax", "Gelu", "Softplus", "Mish", "Erf", "Exp", "Log")
+OTHER_NONLINEAR = ("Exp", "Log", "Sqrt", "Reciprocal", "Pow")  # nonlinear but not counted (nor on the fx side)
 
 
 def load_proto(model: Any):
@@ -77,7 +88,59 @@ def _attr(node, name: str, default=None):
     return default
 
 
-def _comparisons(node, shapes: dict, inits: dict) -> int | None:
+def _constants(g) -> dict:
+    """Small constant tensors by name (initializers and Constant nodes), as numpy arrays."""
+    from onnx import numpy_helper
+
+    out = {i.name: i for i in g.initializer if math.prod(i.dims) <= 16}
+    for n in g.node:
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            out[n.output[0]] = n.attribute[0].t
+    arrays = {}
+    for k, t in out.items():
+        try:
+            arrays[k] = numpy_helper.to_array(t)
+        except Exception:  # noqa: BLE001 - an unreadable constant is just not a known constant
+            pass
+    return arrays
+
+
+def _const_is(consts: dict, name: str, pred) -> bool:
+    a = consts.get(name)
+    return a is not None and a.size > 0 and bool(pred(a.astype("float64")).all())
+
+
+def _is_zero(consts: dict, name: str) -> bool:
+    return _const_is(consts, name, lambda a: a == 0)
+
+
+def _relu_equivalent(node, consts: dict, consumers: dict) -> bool:
+    """Whether ``node`` computes exactly relu of its first input (see the module docstring)."""
+    op, ins = node.op_type, [i for i in node.input]
+    if op == "Relu":
+        return True
+    if op == "LeakyRelu":
+        return _attr(node, "alpha", 0.01) == 0.0
+    if op == "Clip":
+        lo = ins[1] if len(ins) > 1 and ins[1] else None
+        hi = ins[2] if len(ins) > 2 and ins[2] else None
+        if lo is None:  # opset < 11: attributes
+            return _attr(node, "min") == 0.0 and _attr(node, "max") in (None, float("inf"))
+        return _is_zero(consts, lo) and (hi is None or _const_is(consts, hi, lambda a: a == float("inf")))
+    if op == "Max" and len([i for i in ins if i]) == 2:
+        return _is_zero(consts, ins[1]) != _is_zero(consts, ins[0])
+    if op in ("LessOrEqual", "Less", "Greater", "GreaterOrEqual") and len(ins) == 2 and _is_zero(consts, ins[1]):
+        uses = consumers.get(node.output[0], [])
+        below = op in ("LessOrEqual", "Less")  # Where(x <= 0, 0, x) / Where(x > 0, x, 0)
+        return bool(uses) and all(
+            u.op_type == "Where" and len(u.input) == 3 and u.input[0] == node.output[0]
+            and (_is_zero(consts, u.input[1]) and u.input[2] == ins[0] if below
+                 else u.input[1] == ins[0] and _is_zero(consts, u.input[2]))
+            for u in uses)
+    return False
+
+
+def _comparisons(node, shapes: dict, consts: dict) -> int | None:
     """Comparisons per image of one node (None: shape unknown; 0: not comparison-bearing)."""
     op = node.op_type
     out = _per_image(shapes.get(node.output[0], [])) if node.output else None
@@ -89,7 +152,8 @@ def _comparisons(node, shapes: dict, inits: dict) -> int | None:
         n = out if out is not None else inp
         return None if n is None else 2 * n
     if op == "Clip":
-        bounds = sum(1 for i in (1, 2) if len(node.input) > i and node.input[i])
+        bounds = sum(1 for i in (1, 2) if len(node.input) > i and node.input[i]
+                     and not _const_is(consts, node.input[i], lambda a: abs(a) == float("inf")))
         bounds += sum(1 for a in node.attribute if a.name in ("min", "max"))  # opset < 11
         n = out if out is not None else inp
         return None if n is None else bounds * n
@@ -129,6 +193,11 @@ def walk(model: Any, *, include_maxpool: bool = False) -> dict[str, Any]:
     g = onnx.shape_inference.infer_shapes(proto).graph
     shapes = {vi.name: _dims(vi) for vi in list(g.value_info) + list(g.input) + list(g.output)}
     inits = {i.name: list(i.dims) for i in g.initializer}
+    consts = _constants(g)
+    consumers: dict[str, list] = {}
+    for node in g.node:
+        for i in node.input:
+            consumers.setdefault(i, []).append(node)
     rows: list[dict[str, Any]] = []
     relu_nodes: list[dict[str, Any]] = []
     by_op: dict[str, int] = {}
@@ -143,7 +212,7 @@ def walk(model: Any, *, include_maxpool: bool = False) -> dict[str, Any]:
         row = {"name": node.name, "op": op, "kind": op.lower(), "shape": shape, "relus": 0, "relus_kept": 0,
                "comparisons": 0, "macs": 0}
         if op in COMPARISON_OPS:
-            n = _comparisons(node, shapes, inits)
+            n = _comparisons(node, shapes, consts)
             if n is None:
                 if op == "Relu":
                     raise ValueError(f"cannot infer a static per-image shape for Relu input {node.input[0]!r}")
@@ -153,8 +222,9 @@ def walk(model: Any, *, include_maxpool: bool = False) -> dict[str, Any]:
             row["comparisons"] = n
             if n:
                 by_op[op] = by_op.get(op, 0) + n
-            if op == "Relu":
+            if n and _relu_equivalent(node, consts, consumers):
                 d = shapes.get(node.input[0], [])
+                row["kind"] = "relu"
                 row["shape"], row["relus"], row["relus_kept"] = list(d[1:]), n, n
                 relus += n
                 relu_nodes.append({"node": node.name, "input": node.input[0], "relus": n})

@@ -35,11 +35,19 @@ def analyze(model: nn.Module | fx.GraphModule, example: torch.Tensor, *, leaf_mo
     return pm.run(gm).gm
 
 
-def summary(gm: fx.GraphModule) -> dict[str, int]:
+def summary(gm: fx.GraphModule) -> dict[str, Any]:
+    """Totals per image: ReLUs (all, kept; ``hidden_relus`` inside opaque leaf modules), MACs, MaxPool
+    comparisons, ``comparisons`` no gate controls and ``nonlinearities`` ({op kind: comparisons})."""
     rows = layer_table(gm)
+    ops: dict[str, int] = {}
+    for r in rows:
+        for k, v in r.get("nonlinearities", {}).items():
+            ops[k] = ops.get(k, 0) + v
     return {"relus": sum(r["relus"] for r in rows), "relus_kept": sum(r["relus_kept"] for r in rows),
             "macs": sum(r["macs"] for r in rows),
             "maxpool_comparisons": sum(r.get("maxpool_comparisons", 0) for r in rows),
+            "hidden_relus": sum(r.get("hidden_relus", 0) for r in rows),
+            "comparisons": sum(r.get("comparisons", 0) for r in rows), "nonlinearities": ops,
             "params": int(sum(p.numel() for p in gm.parameters()))}
 
 

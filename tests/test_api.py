@@ -54,7 +54,9 @@ def test_compile_writes_verified_onnx_within_budget(compiled):
 def test_report_json_fields(compiled):
     res, root = compiled
     rep = json.loads((root / "out" / "report.json").read_text())
-    assert rep["relus"] == {"before": 20_480, "after": res.relus, "budget": 2000}
+    assert rep["relus"] == {"before": 20_480, "after": res.relus, "budget": 2000, "gate_budget": 2000,
+                            "hidden_before": 0, "hidden_after": 0}
+    assert rep["comparisons"]["ungated_before"] == 0 and rep["comparisons"]["budget_includes_maxpool"] is False
     assert rep["model"] == "tinycnn" and rep["data"]["name"] == "synthetic"
     assert rep["options"]["relu_budget"] == 2000 and rep["options"]["granularity"] == "pixel"
     assert rep["options"]["search"] == "snl" and rep["options"]["pretrain_epochs"] == 1

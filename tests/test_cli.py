@@ -51,6 +51,27 @@ def test_inspect_table():
     assert "block.relu2" in r.stdout and "total:20,480ReLUs" in squash(r.stdout)
 
 
+def test_inspect_shows_ungated_comparisons_and_budget_flag(tmp_path):
+    f = tmp_path / "act.py"
+    f.write_text("import torch\nfrom torch import nn\n\n"
+                 "def make(num_classes=10):\n"
+                 "    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU6(), nn.Conv2d(4, 4, 3, padding=1),\n"
+                 "                         nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, num_classes))\n")
+    r = invoke(["inspect", f"{f}:make", "--image-size", "8"])
+    assert r.exit_code == 0, r.output
+    text = squash(r.stdout)
+    assert "othercomparisons(notgated)" in text and "512relu6" in text  # 4x8x8 elements, 2 bounds each
+    assert "512comparisonsnogatecontrols" in text and "total:256ReLUs" in text
+    import typer
+
+    cli = typer.main.get_command(app)
+    for cmd in ("compile", "sweep"):
+        assert any("--budget-includes-maxpool" in p.opts for p in cli.commands[cmd].params), cmd
+    r = invoke(["compile", "-b", "1k", "--budget-includes-maxpool", "--print-config"])
+    assert r.exit_code == 0, r.output
+    assert "budget_includes_maxpool = true" in r.stdout
+
+
 def test_inspect_onnx_file(tmp_path):
     torch.manual_seed(0)
     path = tmp_path / "tiny.onnx"

@@ -282,7 +282,8 @@ def test_leaf_module_flag_exists_and_resolves(tmp_path, rc_cache):
     r = invoke(["compile", f"{f}:make", "-b", "100", "--leaf-module", "Nope", "--out", tmp_path / "o", *QUICK])
     one_line_error(r, "no submodule of class 'Nope'")
     r = invoke(["compile", f"{f}:make", "-b", "100", "--leaf-module", "Block", "--out", tmp_path / "o", *QUICK])
-    one_line_error(r, "no ReLUs that relucomp can see")  # the only ReLU is inside the opaque Block
+    # the only ReLUs are inside the opaque Block: counted, not gateable, and over the budget -> refused up front
+    one_line_error(r, "comparisons per image that relucomp cannot gate", "un-leaf the module")
 
 
 def test_corrupt_checkpoint_message_does_not_quote_torch_advice(tmp_path, rc_cache):

@@ -392,6 +392,25 @@ def test_csv_folder(tmp_path):
     assert "skin" in ei.value.fix and "label" in ei.value.fix
 
 
+def test_categorical_age_column_says_what_works(tmp_path):
+    root = tmp_path / "derm"
+    write_csv_folder(root, missing_rows=0)
+    csv = root / "labels.csv"
+    lines = csv.read_text().splitlines()
+    cats = ["20-29", "30-39", "more than 70"]
+    out = [lines[0]] + [",".join(line.split(",")[:3] + [cats[i % 3]]) for i, line in enumerate(lines[1:])]
+    csv.write_text("\n".join(out) + "\n")
+    for target in ("age-bin", "age>=20"):
+        with pytest.raises(DataError) as ei:
+            load_data(f"folder:{root}", target=target, cache_dir=tmp_path / "c", min_group_test=0)
+        assert "holds categories" in ei.value.cause and "'more than 70'" in ei.value.cause
+        assert "--target age" in ei.value.fix
+    with pytest.raises(DataError, match="--fair-groups 'age>=30'.*holds categories"):
+        load_data(f"folder:{root}", fair_groups="age>=30", cache_dir=tmp_path / "c", min_group_test=0)
+    b = load_data(f"folder:{root}", target="age", cache_dir=tmp_path / "c", min_group_test=0)  # what works
+    assert b.class_names == cats
+
+
 def test_csv_folder_split_column_and_file_column(tmp_path):
     root = tmp_path / "d"
     write_csv_folder(root, split_column=True, file_column="image", missing_rows=0)

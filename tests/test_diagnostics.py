@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from relucomp.diagnostics import diagnose, group_gradient_norms, group_hessian_top_eigenvalue
+from relucomp.diagnostics import (diagnose, group_gradient_norms, group_hessian_extreme_eigenvalues,
+                                  group_hessian_top_eigenvalue)
 
 
 def data(n=60, seed=0, groups=3):
@@ -51,6 +52,34 @@ def test_power_iteration_matches_exact_hessian():
         assert est == pytest.approx(exact, rel=1e-2)
 
 
+def tanh_net(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(12, 3), nn.Tanh(), nn.Linear(3, 3)).double()
+
+
+def test_lanczos_matches_eigvalsh_on_indefinite_hessian():
+    """Both ends of an indefinite Hessian to 1e-4, where power iteration would return the
+    largest-*magnitude* eigenvalue (here the negative one) as 'the top'."""
+    ds = data()
+    model = tanh_net(seed=3)
+    loader = torch.utils.data.DataLoader(ds, batch_size=16)
+    f, flat = _group_loss_fn(model, ds, 0)
+    ev = torch.linalg.eigvalsh(torch.autograd.functional.hessian(f, flat))
+    lo, hi = ev.min().item(), ev.max().item()
+    assert lo < 0 < hi  # indefinite: the test is meaningful
+    res = group_hessian_extreme_eigenvalues(model, loader, 0, tol=1e-10, seed=0)
+    assert res["converged"] is True and res["hvps"] > 0
+    assert res["max"] == pytest.approx(hi, abs=1e-4)
+    assert res["min"] == pytest.approx(lo, abs=1e-4)
+    assert group_hessian_top_eigenvalue(model, loader, 0, tol=1e-10) == pytest.approx(hi, abs=1e-4)
+
+
+def test_lanczos_reports_non_convergence():
+    ds = data()
+    res = group_hessian_extreme_eigenvalues(tanh_net(seed=3), ds, 0, tol=1e-14, maxiter=1, batch_size=64)
+    assert res["converged"] is False
+
+
 def test_hessian_empty_group_is_nan():
     ds = data(groups=2)
     assert math.isnan(group_hessian_top_eigenvalue(logistic(), ds, 2, iters=3))
@@ -86,4 +115,5 @@ def test_eval_mode_bn_and_mode_restored():
     assert d["counts"]["z"] == 0 and d["grad_norm"]["z"] is None and d["hessian_top_eig"]["z"] is None
     assert d["grad_norm"]["x"] == pytest.approx(a[0], rel=1e-5)
     assert d["hessian_top_eig"]["x"] is not None and d["loss"]["y"] > 0
+    assert d["hessian_min_eig"]["x"] <= d["hessian_top_eig"]["x"] and isinstance(d["hessian_converged"]["x"], bool)
     json.dumps(d, allow_nan=False)

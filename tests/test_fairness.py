@@ -275,3 +275,50 @@ def test_compile_fairness_path_raises_violated_multipliers():
     _compile_path(trace(tiny_net()), None, loader, phase, epochs=2, lr=0.01)
     assert len(phase.trajectory) >= 1
     assert max(phase.term.multiplier_values()) > 0  # dense 60 % vs an untrained net: violated
+
+
+def test_ceag_dense_reference_measured_like_the_replay_buffers():
+    """ψ_g compares the compiled model's replay accuracy (train mode, augmented batches) with the
+    dense reference: both must be measured the same way.  An oracle with dropout on its logits is
+    100 % right in eval mode but far less in train mode; the replay-matched reference agrees with
+    what the buffers of an unchanged copy see, the eval-mode one does not."""
+    import copy
+
+    from relucomp.data import load_data
+    from relucomp.evaluate import predict_split
+    from relucomp.fair_compile import FairPhase, group_accuracy_like_replay
+    from relucomp.loaders import BatchLoader
+
+    bundle = load_data("synthetic", limit=400, min_group_test=0)
+    ds = bundle.train
+    ds.images = (ds.labels.view(-1, 1, 1, 1).to(torch.uint8) * 20 + 10).expand(-1, 3, 32, 32).contiguous()
+    x0, y0, _ = next(iter(BatchLoader(ds, batch_size=len(ds))))
+    centres = torch.stack([x0[y0 == k, 0, 16, 16].mean() for k in range(bundle.num_classes)])
+
+    class Oracle(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.drop = nn.Dropout(0.6)
+            self.scale = nn.Parameter(torch.ones(()))
+
+        def forward(self, x):
+            z = x[:, 0, 16, 16].unsqueeze(1)
+            return self.drop(10.0 - (z - centres).abs() * self.scale)
+
+    teacher = Oracle().eval()
+    torch.manual_seed(0)
+    eval_acc = predict_split(teacher, ds).acc
+    like_groups, like_acc = group_accuracy_like_replay(teacher, ds, batch_size=64, seed=1)
+    assert eval_acc == 100.0 and not teacher.training
+    student = copy.deepcopy(teacher).train()
+    phase = FairPhase(method="ceag", num_groups=bundle.num_groups, dense_group_acc=like_groups,
+                      dense_acc=like_acc, tolerance=2.0, replay_size=2000)
+    with torch.no_grad():
+        for _ in range(3):
+            for x, y, g in BatchLoader(ds, batch_size=64, shuffle=True, augment=True, seed=5):
+                phase.term.observe(student(x), y, g)
+    replay = phase.term.replay_overall_accuracy()
+    assert abs(replay - like_acc) < 8.0
+    assert eval_acc - replay > 20.0
+    psi = phase.term.psi_estimate()
+    assert max(abs(v) for v in psi if v is not None) < 15.0

@@ -176,3 +176,28 @@ def test_predict_helper_restores_mode():
     assert np.array_equal(yp, exp) and np.array_equal(yt, y.numpy()) and np.array_equal(gr, g.numpy())
     loader = torch.utils.data.DataLoader(ds, batch_size=3)
     assert np.array_equal(predict(model, loader)[1], exp)
+
+
+def test_fairness_report_point_estimates_come_from_metricframe(monkeypatch):
+    import fairlearn.metrics as flm
+    import numpy as np
+
+    from relucomp.metrics import fairness_report
+
+    calls = []
+    real = flm.MetricFrame
+
+    class Spy(real):
+        def __init__(self, *a, **k):
+            calls.append(k.get("n_boot"))
+            super().__init__(*a, **k)
+
+    monkeypatch.setattr(flm, "MetricFrame", Spy)
+    y = np.array([0, 1, 1, 0, 1, 0, 1, 1])
+    pd_ = np.array([0, 1, 1, 0, 1, 0, 1, 0])
+    pc = np.array([0, 1, 0, 0, 1, 1, 1, 0])
+    g = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    rep = fairness_report(y, pd_, pc, g, ["a", "b"], n_boot=0)
+    assert len(calls) == 2 and rep["source"].startswith("fairlearn.MetricFrame")
+    assert rep["groups"]["a"]["acc_dense"] == 100.0 and rep["groups"]["a"]["acc_compiled"] == 75.0
+    assert rep["groups"]["b"]["acc_dense"] == 75.0 and rep["groups"]["b"]["acc_compiled"] == 50.0

@@ -36,7 +36,8 @@ def test_each_comparison_op_is_counted_per_image():
     ]
     c = walk(_model(nodes, inits=[("lo", 0.0), ("hi", 6.0), ("zero", 0.0)]))
     pooled = 4 * 4 * 4
-    assert c["relus"] == E and len(c["relu_nodes"]) == 1
+    # Relu, and the exact ReLU equivalents Clip(x, 0) and Max(x, 0) (clamp(min=0) / clamp_min(0) exported)
+    assert c["relus"] == 3 * E and [r["node"] for r in c["relu_nodes"]] == ["relu", "clamp_min", "max"]
     assert c["comparisons_by_op"] == {"Relu": E, "Clip": 3 * E, "Max": E, "LeakyRelu": E, "HardSwish": 2 * E,
                                       "MaxPool": pooled * 3, "Greater": pooled}
     assert c["maxpool_comparisons"] == pooled * 3
@@ -100,3 +101,34 @@ def test_inspect_estimate_and_verify_agree(tmp_path):
     assert a["relus"] == b["relus"] == c["relus"] == 20_480
     assert a["macs"] == b["macs"] > 0 and a["comparisons"] == b["comparisons"] == c["comparisons"]
     assert onnx.load(str(path)).metadata_props  # written with metadata
+
+
+def test_onnx_counts_agree_with_the_fx_side():
+    """The walker counts the exported ops by the fx side's convention (relucomp.ir.comparisons_of_call):
+    ReLU equivalents are ReLUs, relu6 / sign 2 per element, smooth activations 1, an infinite clip bound 0."""
+    import tempfile
+    from pathlib import Path
+
+    import torch.nn.functional as F
+
+    from relucomp.export import _torch_export
+    from relucomp.ir import NonlinearityCounter
+
+    class M(nn.Module):
+        def forward(self, x):
+            return (torch.clamp(x, min=0) + x.clamp_min(0) + F.threshold(x, 0.0, 0.0) + F.leaky_relu(x, 0.0)
+                    + F.hardtanh(x, 0.0, float("inf")) + F.relu6(x) + torch.clamp(x, min=-1) + F.leaky_relu(x, 0.1)
+                    + torch.sigmoid(x) + torch.tanh(x) + torch.sign(x) + torch.maximum(x, 2 * x) + F.gelu(x))
+
+    x = torch.randn(1, 2, 4, 4)
+    counter = NonlinearityCounter()
+    with counter:
+        M()(x)
+    fx_side: dict[str, int] = {}
+    for op, n in counter.found:
+        fx_side[op] = fx_side.get(op, 0) + n
+    with tempfile.TemporaryDirectory() as d:
+        _torch_export(M().eval(), x, str(Path(d) / "m.onnx"), 18)
+        c = walk(Path(d) / "m.onnx")
+    assert fx_side["relu"] == c["relus"] == 5 * 32
+    assert sum(fx_side.values()) == c["comparisons"] == 5 * 32 + 2 * 32 + 32 + 32 + 32 + 32 + 2 * 32 + 32 + 32

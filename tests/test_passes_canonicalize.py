@@ -233,4 +233,5 @@ def test_shape_analysis_is_idempotent_and_restores_training_flag():
     s1 = ShapeAnalysisPass(x)(gm).stats
     assert gm.training
     s2 = ShapeAnalysisPass(x)(gm).stats
-    assert s1 == s2 == {"relus": 20_480, "relus_kept": 20_480, "macs": s1["macs"], "maxpool_comparisons": 0}
+    assert s1 == s2 == {"relus": 20_480, "relus_kept": 20_480, "macs": s1["macs"], "maxpool_comparisons": 0,
+                        "hidden_relus": 0, "comparisons": 0, "nonlinearities": {}}

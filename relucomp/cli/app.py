@@ -45,6 +45,9 @@ Pretrained = Annotated[bool, typer.Option("--pretrained", help="MODEL (file.py:f
 LeafModule = Annotated[Optional[list[str]], typer.Option(
     "--leaf-module", help="keep this nn.Module class opaque to the tracer (ClassName from MODEL's file, or "
                           "module:ClassName); repeatable")]
+BudgetIncludesMaxpool = Annotated[bool, typer.Option(
+    "--budget-includes-maxpool", help="count MaxPool comparisons against the ReLU budget (the gates get what is "
+                                      "left; the export check counts them too)")]
 ConfigFile = Annotated[Optional[Path], typer.Option("--config", help="TOML config file (e.g. OUT/config.toml to "
                                                                      "replay a run); flags override its values")]
 
@@ -147,10 +150,13 @@ def layer_table(title: str, rows: list[dict], *, before_after: bool = False) -> 
         return t
     t.add_column("ReLUs", justify="right")
     t.add_column("MACs", justify="right")
+    t.add_column("other comparisons (not gated)", justify="right")
     for r in rows:
         relus = r["relus_kept"] if r["kind"] != "relu" else r["relus"]
+        cmp = 0 if r["kind"] in ("relu", "gate", "sparse_relu") else r.get("comparisons", 0) + r.get("maxpool_comparisons", 0)
+        hidden = f" ({r['hidden_relus']:,} hidden ReLUs)" if r.get("hidden_relus") else ""
         t.add_row(r["name"], r["kind"], "×".join(map(str, r["shape"])), f"{relus:,}" if relus else "",
-                  human(r["macs"]) if r["macs"] else "")
+                  human(r["macs"]) if r["macs"] else "", f"{cmp:,} {r.get('op', '')}{hidden}".strip() if cmp else "")
     return t
 
 

@@ -11,9 +11,10 @@ import typer
 from rich.table import Table
 
 from ..budget import human
-from .app import (AsJson, BatchSize, Checkpoint, ConfigFile, Device, DPBatchSize, DPDelta, DPEpsilon, DPMaxGradNorm,
-                  DPPhase, ExportWeights, ImageSize, LeafModule, Limit, Lr, NoProgress, NumClasses, Pretrained, Seed,
-                  Target, app, errors_handled, given, layer_table, log, out_console, quiet_torch_logs)
+from .app import (AsJson, BatchSize, BudgetIncludesMaxpool, Checkpoint, ConfigFile, Device, DPBatchSize, DPDelta,
+                  DPEpsilon, DPMaxGradNorm, DPPhase, ExportWeights, ImageSize, LeafModule, Limit, Lr, NoProgress,
+                  NumClasses, Pretrained, Seed, Target, app, errors_handled, given, layer_table, log, out_console,
+                  quiet_torch_logs)
 
 DEFAULT_OUT = "relucomp-out"
 
@@ -51,6 +52,7 @@ def compile(  # noqa: A001
     sparsity: Optional[float] = typer.Option(None, "--sparsity", help="unstructured weight sparsity by gradual magnitude pruning during finetuning, e.g. 0.9"),
     prune_importance: str = typer.Option("l1", "--prune-importance", help="channel importance: l1 | l2 | bn | taylor"),
     replace_maxpool: bool = typer.Option(False, "--replace-maxpool", help="MaxPool → AvgPool before the search (MaxPool comparisons cost like ReLUs in PI; the finetune recovers)"),
+    budget_includes_maxpool: BudgetIncludesMaxpool = False,
     dp_epsilon: DPEpsilon = None,
     dp_delta: DPDelta = None,
     dp_max_grad_norm: DPMaxGradNorm = None,
@@ -169,7 +171,10 @@ def inspect(
     out_console.print(f"[bold]total:[/] {tot['relus_kept']:,} ReLUs, {tot['macs']:,} MACs ({human(tot['macs'])}), "
                       f"{tot['params']:,} params" + (f", {tot['maxpool_comparisons']:,} MaxPool comparisons (PI pays for these too)"
                                                       if tot.get("maxpool_comparisons") else "")
-                      + (", other comparisons: " + ", ".join(f"{k} {v:,}" for k, v in other.items()) if other else ""))
+                      + (", other comparisons: " + ", ".join(f"{k} {v:,}" for k, v in other.items()) if other else "")
+                      + (f", {tot['comparisons']:,} comparisons no gate controls"
+                         + (f" (incl. {tot['hidden_relus']:,} ReLUs hidden in leaf modules)" if tot.get("hidden_relus") else "")
+                         if tot.get("comparisons") and "comparisons_by_op" not in tot else ""))
 
 
 @app.command()

@@ -8,9 +8,9 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from .app import (BatchSize, Checkpoint, ConfigFile, Device, DPBatchSize, DPDelta, DPEpsilon, DPMaxGradNorm, DPPhase,
-                  ExportWeights, ImageSize, Limit, Lr, NoProgress, Seed, Target, app, errors_handled, given, log,
-                  out_console, quiet_torch_logs)
+from .app import (BatchSize, BudgetIncludesMaxpool, Checkpoint, ConfigFile, Device, DPBatchSize, DPDelta, DPEpsilon,
+                  DPMaxGradNorm, DPPhase, ExportWeights, ImageSize, Limit, Lr, NoProgress, Seed, Target, app,
+                  errors_handled, given, log, out_console, quiet_torch_logs)
 
 
 # the sweep's own fairness options (several methods compared; one search shared when the constraints act in the finetune)
@@ -50,6 +50,7 @@ def sweep_cmd(
     limit: Limit = None,
     image_size: ImageSize = 32,
     seed: Seed = 0,
+    budget_includes_maxpool: BudgetIncludesMaxpool = False,
     no_export: bool = typer.Option(False, "--no-export", help="skip the ONNX export of each run"),
     keep_snapshots: bool = typer.Option(False, "--keep-snapshots", help="keep the search snapshots after the sweep"),
     report: bool = typer.Option(True, "--report/--no-report", help="render OUT/report.html at the end"),

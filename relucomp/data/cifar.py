@@ -25,12 +25,67 @@ __all__ = ["cifar_source", "find_cifar_pickles", "read_pickle"]
 _SUBDIRS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
 
 
+def _numpy_reconstruct():
+    try:
+        from numpy._core.multiarray import _reconstruct  # numpy >= 2
+    except ImportError:  # pragma: no cover - numpy 1.x
+        from numpy.core.multiarray import _reconstruct
+    return _reconstruct
+
+
+#: everything a CIFAR python batch needs (numpy arrays; lists, dicts, bytes, numbers are pickle opcodes)
+_ALLOWED = {
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("builtins", "list"), ("builtins", "dict"), ("builtins", "bytes"), ("builtins", "str"),
+    ("builtins", "int"), ("builtins", "float"),
+    ("_codecs", "encode"),  # how python 3 writes bytes in a protocol-2 pickle: encode(str, "latin1")
+    ("__builtin__", "list"), ("__builtin__", "dict"), ("__builtin__", "str"), ("__builtin__", "int"),
+    ("__builtin__", "float"),
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """An unpickler that can build numpy arrays and plain containers — and nothing else.
+
+    A pickle can name any importable callable (``os.system``...) and have it
+    called while loading; a CIFAR batch from a user path is untrusted, so every
+    global outside :data:`_ALLOWED` is refused with a :class:`DataError`.
+    """
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _ALLOWED:
+            raise DataError(f"refusing to load {module}.{name} from a CIFAR batch: the file is not a plain CIFAR "
+                            "pickle (it names code to run)",
+                            "use the official CIFAR python batches, or convert the data to a JPEG "
+                            "train/<class>/ test/<class>/ folder")
+        if name == "_reconstruct":
+            return _numpy_reconstruct()
+        if module == "numpy":
+            return getattr(np, name)
+        if module == "_codecs":
+            import codecs
+
+            def encode(obj, encoding="latin1", errors="strict"):  # only text codecs, never e.g. a "zlib" bomb
+                if codecs.lookup(encoding).name not in ("latin-1", "iso8859-1", "utf-8", "ascii"):
+                    raise DataError(f"refusing codec {encoding!r} in a CIFAR batch",
+                                    "use the official CIFAR python batches")
+                return codecs.encode(obj, encoding, errors)
+
+            return encode
+        import builtins
+
+        return getattr(builtins, name)
+
+
 def read_pickle(path: Path) -> dict[str, Any]:
-    """Load a CIFAR pickle; keys are returned as ``str`` whatever the pickle used."""
+    """Load a CIFAR pickle with a restricted unpickler; keys are returned as ``str``."""
     try:
         with open(path, "rb") as f:
-            obj = pickle.load(f, encoding="bytes")
-    except (OSError, pickle.UnpicklingError, EOFError, ValueError) as exc:
+            obj = _CifarUnpickler(f, encoding="bytes").load()
+    except DataError:
+        raise
+    except (OSError, pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as exc:
         raise DataError(f"cannot read CIFAR batch {path}: {exc}", "re-download the python version of CIFAR") from exc
     if not isinstance(obj, dict):
         raise DataError(f"{path} is not a CIFAR batch (expected a dict)", "re-download the python version of CIFAR")

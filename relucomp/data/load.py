@@ -205,6 +205,15 @@ def _fmt_num(v: float) -> str:
     return str(int(v)) if float(v).is_integer() else str(v)
 
 
+def _categorical_error(source: Source, name: str, col: Column, spec: str, flag: str, avail: str) -> DataError:
+    shown = ", ".join(repr(n) for n in (col.names or [])[:4]) + (", ..." if len(col.names or []) > 4 else "")
+    return DataError(
+        f"{flag} {spec!r}: column {name!r} of {source.name} holds categories ({shown}), not numbers, "
+        "so it cannot be thresholded or binned",
+        f"use {flag} {name} to take its categories as they are (available: {avail})",
+    )
+
+
 def resolve_column(source: Source, spec: str, flag: str) -> tuple[np.ndarray, list[str], str]:
     """``(codes with -1 for missing, names, canonical spec)`` for a target/group spec."""
     spec = spec.strip()
@@ -222,7 +231,9 @@ def resolve_column(source: Source, spec: str, flag: str) -> tuple[np.ndarray, li
     if m:
         found = _lookup(source, m["col"])
         vals = _numeric(found[1]) if found else None
-        if found is None or vals is None:
+        if found is not None and vals is None:
+            raise _categorical_error(source, found[0], found[1], spec, flag, avail)
+        if found is None:
             raise DataError(f"unknown {flag} column {m['col']!r} for {source.name}", f"choose one of: {avail}")
         thr = float(m["n"])
         codes = np.where(np.isnan(vals), -1, (vals >= thr).astype(np.int64)).astype(np.int64)
@@ -232,7 +243,9 @@ def resolve_column(source: Source, spec: str, flag: str) -> tuple[np.ndarray, li
     if m:
         found = _lookup(source, m["col"])
         vals = _numeric(found[1]) if found else None
-        if found is None or vals is None or found[0].lower() != "age":
+        if found is not None and vals is None:
+            raise _categorical_error(source, found[0], found[1], spec, flag, avail)
+        if found is None or found[0].lower() != "age":
             raise DataError(f"unknown {flag} {spec!r} for {source.name} (only age can be binned)", f"choose one of: {avail}")
         codes = np.full(len(vals), -1, dtype=np.int64)
         for i, (lo, hi, _) in enumerate(AGE_BINS):

@@ -193,7 +193,7 @@ def plaintext_jax(model: str | Path, x: np.ndarray, *, timeout: float = 600) -> 
         np.save(t / "x.npy", np.asarray(x, np.float32))
         _run_worker(py, ["plain", "--model", str(Path(model).resolve()), "--image", str(t / "x.npy"), "--out", str(t / "y.npy")],
                     t / "plain.json", timeout=timeout, log_path=t / "plain.log")
-        return np.load(t / "y.npy")
+        return np.load(t / "y.npy", allow_pickle=False)
 
 
 def _ort(model: Path, x: np.ndarray) -> np.ndarray:
@@ -283,8 +283,8 @@ def pi_bench(model: str | Path, *, protocol: str = "cheetah", batch: int = 1, re
         for f in logs:
             f.close()
         res = [_read_result(work / f"party{r}.json", work / f"party{r}.log", f"party {r}") for r in (0, 1)]
-        y = np.load(work / "y_2pc.npy")
-        y_plain = np.load(work / "plain.npy")
+        y = np.load(work / "y_2pc.npy", allow_pickle=False)
+        y_plain = np.load(work / "plain.npy", allow_pickle=False)
         y_ort = _ort(model, x)
         runs = [max(a, b) for a, b in zip(res[0]["run_s"], res[1]["run_s"])]
         bytes_runs = [a + b for a, b in zip(res[0]["run_bytes_received"], res[1]["run_bytes_received"])]

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pickle
 import platform
 import socket
 import struct
@@ -96,14 +95,61 @@ def runtime_config(protocol: str, field: str = "FM64", fxp_bits: int = 0):
     return cfg
 
 
+SHARE_MAGIC = b"RCSHARE1"
+
+
+def encode_share(meta: bytes, chunks: list[bytes]) -> bytes:
+    """A share as plain bytes: magic, then length-prefixed meta and chunks (no pickle).
+
+    What the other party sends is data, never code: this format has no
+    object references to resolve, so a hostile peer can at worst make
+    :func:`decode_share` refuse the message.
+    """
+    out = bytearray(SHARE_MAGIC)
+    out += struct.pack("<QI", len(meta), len(chunks)) + bytes(meta)
+    for c in chunks:
+        out += struct.pack("<Q", len(c)) + bytes(c)
+    return bytes(out)
+
+
+def decode_share(data: bytes) -> tuple[bytes, list[bytes]]:
+    """Inverse of :func:`encode_share`; ``ValueError`` for anything else (e.g. a pickle)."""
+    data = bytes(data)
+    if not data.startswith(SHARE_MAGIC):
+        raise ValueError("refusing a share message that is not in relucomp's share format "
+                         f"(starts with {data[:8]!r}); pickles from the other party are never loaded")
+    i = len(SHARE_MAGIC)
+    if len(data) < i + 12:
+        raise ValueError("truncated share message")
+    n_meta, n_chunks = struct.unpack_from("<QI", data, i)
+    i += 12
+    if i + n_meta > len(data):
+        raise ValueError("truncated share message")
+    meta = data[i:i + n_meta]
+    i += n_meta
+    chunks = []
+    for _ in range(n_chunks):
+        if i + 8 > len(data):
+            raise ValueError("truncated share message")
+        (ln,) = struct.unpack_from("<Q", data, i)
+        i += 8
+        if i + ln > len(data):
+            raise ValueError("truncated share message")
+        chunks.append(data[i:i + ln])
+        i += ln
+    if i != len(data):
+        raise ValueError("trailing bytes after a share message")
+    return meta, chunks
+
+
 def _pack_share(share) -> bytes:
-    return pickle.dumps((bytes(share.meta), [bytes(c) for c in share.share_chunks]), protocol=4)
+    return encode_share(bytes(share.meta), [bytes(c) for c in share.share_chunks])
 
 
 def _unpack_share(data: bytes):
     import spu.libspu as libspu
 
-    meta, chunks = pickle.loads(data)
+    meta, chunks = decode_share(data)
     s = libspu.Share()
     s.meta = meta
     s.share_chunks = chunks
@@ -227,7 +273,7 @@ def cmd_compile(a) -> dict:
 
     t0 = time.perf_counter()
     model = onnx2jax.translate(a.model)
-    x = np.load(a.image).astype(np.float32)
+    x = np.load(a.image, allow_pickle=False).astype(np.float32)
     params = model.params()
     t1 = time.perf_counter()
     if a.weights == "public":  # the model is public: weights become constants of the program
@@ -259,7 +305,7 @@ def cmd_plain(a) -> dict:
     import jax
 
     model = onnx2jax.translate(a.model)
-    x = np.load(a.image).astype(np.float32)
+    x = np.load(a.image, allow_pickle=False).astype(np.float32)
     y = np.asarray(jax.jit(lambda x, *p: model(x, *p))(x, *model.params()))
     np.save(a.out, y)
     return {"output_shape": list(y.shape), "param_names": model.param_names}
@@ -325,7 +371,7 @@ def cmd_party(a) -> dict:
     # 2. the image: the client's private input
     t0 = time.perf_counter()
     if rank == 1:
-        x = np.load(a.image).astype(np.float32)
+        x = np.load(a.image, allow_pickle=False).astype(np.float32)
         shares = io.make_shares(x, libspu.Visibility.VIS_SECRET)
         rt.set_var("x", shares[1])
         _send(lctx, 0, _pack_share(shares[0]))

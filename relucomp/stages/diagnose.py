@@ -1,4 +1,9 @@
-"""Stage ``diagnose`` (--diagnose): per-group gradient norms and Hessian eigenvalues, dense vs compiled."""
+"""Stage ``diagnose`` (--diagnose): per-group gradient norms and Hessian eigenvalues (Lanczos), dense vs compiled.
+
+Both are diagnosed in the same form: the dense model as trained and the compiled model as its hard-gated
+graph with BatchNorm separate (``LowerOut.gated``, copied before the fold), which computes what the lowered
+graph computes.
+"""
 
 from __future__ import annotations
 
@@ -37,6 +42,7 @@ def run(st: RunState) -> DiagnoseOut:
     from ..diagnostics import diagnose
 
     bundle = st["data"].bundle
-    models = (("dense", st["pretrain"].teacher), ("compiled", st["fold"].gm))
+    # same form on both sides: the dense model and the compiled model's hard-gated graph, BatchNorm unfolded
+    models = (("dense", st["pretrain"].teacher), ("compiled", st["fold"].gated))
     return DiagnoseOut(section={name: diagnose(_trainable(m), BatchLoader(bundle.val, batch_size=256), bundle.num_groups,
                                                bundle.group_names) for name, m in models})

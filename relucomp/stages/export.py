@@ -60,7 +60,7 @@ def run(st: RunState) -> ExportOut:
             meta.update(metadata(ft.dp.to_dict(), weights))
         rep.export = export_onnx(gm, out / "model.onnx", example=data.calib[:1],
                                  verify_batch=first_batch(data.test, 7), metadata=meta, max_relus=m.budget,
-                                 opset=cfg.export.opset, include_maxpool=cfg.export.include_maxpool)
+                                 opset=cfg.export.opset, include_maxpool=cfg.search.budget_includes_maxpool)
         rep.export["weights"] = weights
         onnx_path = out / "model.onnx"
     return ExportOut(onnx_path=onnx_path)

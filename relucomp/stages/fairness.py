@@ -26,7 +26,7 @@ def run(st: RunState) -> FairnessOut:
     return FairnessOut(section={
         "method": cfg.fair_method, "phase": cfg.fairness.phase, "tolerance": cfg.fairness.tolerance,
         "groups": bundle.group_names, "group_attribute": bundle.group_attribute,
-        "dense_train_group_acc": dense.train_group_acc, "dense_train_acc": dense.train.acc,
+        "dense_train_group_acc": dense.train_group_acc, "dense_train_acc": dense.train_acc,
         "multiplier_trajectory": tuned.fair.trajectory if tuned.fair is not None else [],
         "search_multiplier_trajectory": st["search"].stats.get("fair_trajectory", []),
         "results": results})

@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import fx, nn
 
-from ..budget import check_relu_budget, parse_count
+from ..budget import check_relu_budget, check_uncounted_nonlinearities, parse_count
 from ..errors import RelucompError
 from ..passes.shape_prop import layer_table
 from ..pipelines import analyze, check_io, resolve_leaf_modules, resolve_model, summary
@@ -23,8 +23,9 @@ class ModelOut:
     trained: bool           # weights given (checkpoint, object, --pretrained): no pretraining by default
     dense_gm: fx.GraphModule
     before_rows: list[dict[str, Any]]
-    before: dict[str, int]
-    budget: int
+    before: dict[str, Any]
+    budget: int             # the user's budget: final checks, export, metadata
+    gate_budget: int        # what the gates get: budget less the comparisons no gate controls
     leaf_modules: tuple
 
 
@@ -41,6 +42,9 @@ def run(st: RunState) -> ModelOut:
         raise RelucompError("the model has no ReLUs that relucomp can see",
                             "relucomp gates ReLUs; models using other activations are not supported yet")
     budget = check_relu_budget(parse_count(cfg.search.relu_budget, total=before["relus"]), before["relus"])
+    # comparisons no gate controls (ReLUs hidden in leaf modules, ReLU6, clamp, other activations [, MaxPool])
+    # are charged against the budget before any training; the gates get what is left
+    gate_budget = check_uncounted_nonlinearities(dense, budget, include_maxpool=cfg.search.budget_includes_maxpool)
     p = cfg.pruning
     if p.prune_channels is not None or p.mac_budget is not None or p.sparsity is not None:
         from ..pruning import check_options
@@ -51,6 +55,7 @@ def run(st: RunState) -> ModelOut:
         from ..config import check_dp
 
         check_dp(cfg, len(data.bundle.train))
-    st.say(f"model: {before['relus']:,} ReLUs, {before['macs']:,} MACs; budget {budget:,}")
+    st.say(f"model: {before['relus']:,} ReLUs, {before['macs']:,} MACs; budget {budget:,}"
+           + (f" ({gate_budget:,} for the gates)" if gate_budget != budget else ""))
     return ModelOut(model=model, spec=spec, trained=trained, dense_gm=dense, before_rows=layer_table(dense),
-                    before=before, budget=budget, leaf_modules=leaves)
+                    before=before, budget=budget, gate_budget=gate_budget, leaf_modules=leaves)

@@ -28,7 +28,7 @@ def run(st: RunState) -> PruneOut:
     p, resumed = st.cfg.pruning, st.resuming("finetune")
     report, gmp = compile_hook(
         st["gates"].gm, prune_channels=p.prune_channels, mac_budget=p.mac_budget, sparsity=p.sparsity,
-        importance=p.importance, calib=st["data"].train, relu_budget=st["model"].budget,
+        importance=p.importance, calib=st["data"].train, relu_budget=st["model"].gate_budget,
         finetune_steps=max(0, st.cfg.finetune.epochs) * len(st["data"].train), log=st.say,
         resume_plan=resumed.get("pruning_plan") if resumed is not None else None)
     return PruneOut(report=report, gmp=gmp, plan=pruning_plan_of(report) if report is not None else None)

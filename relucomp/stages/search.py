@@ -35,12 +35,12 @@ def fair_phase(st: RunState, phase: str, ema_model=None) -> FairPhase:
     use = method if f.phase in ("both", phase) else "nft"
     bundle, dense = st["data"].bundle, st["evaluate_dense"]
     return FairPhase(method=use, num_groups=bundle.num_groups, dense_group_acc=dense.train_group_acc,
-                     dense_acc=dense.train.acc, tolerance=f.tolerance, dual_lr=f.dual_lr, ema_model=ema_model,
+                     dense_acc=dense.train_acc, tolerance=f.tolerance, dual_lr=f.dual_lr, ema_model=ema_model,
                      ema_decay=st.cfg.finetune.ema_decay)
 
 
 def run(st: RunState) -> SearchOut:
-    cfg, gm, budget = st.cfg, st["gates"].gm, st["model"].budget
+    cfg, gm, budget = st.cfg, st["gates"].gm, st["model"].gate_budget  # the gates' share of the budget
     resumed = st.resuming("finetune")
     warm = st.hooks.search_state
     if resumed is not None:  # the search had finished before the interruption
@@ -52,11 +52,15 @@ def run(st: RunState) -> SearchOut:
         stats = dict(resumed.get("search_stats", {}))
     elif warm is not None:  # warm start (budget sweep): binarize a searched state
         gm.load_state_dict(warm)
-        stats = {"warm_start": True, "budget": budget, "total_relus": st["model"].before["relus"],
+        stats = {"warm_start": True, "budget": st["model"].budget, "total_relus": st["model"].before["relus"],
                  "soft_relus_at_start": soft_count(gates_of(gm).values()),
                  "hard_relus": binarize_to_budget(gates_of(gm), budget)}
     elif cfg.search.method == "snl":
-        s = cfg.search
+        s, ungated = cfg.search, st["model"].budget - budget
+        # a sweep names user budgets; the gates reach them at ``budget − ungated`` kept ReLUs
+        snaps = [b - ungated for b in st.hooks.search_snapshots if b > ungated]
+        hook = st.hooks.on_snapshot
+        on_snap = (lambda b, sd: hook(b + ungated, sd)) if hook is not None and ungated else hook
         sfair = fair_phase(st, "search") if cfg.fairness.phase in ("search", "both") and cfg.fair_method != "nft" else None
         sp = SNLSearchPass(budget=budget, train_loader=st["data"].train, teacher=st["pretrain"].teacher,
                            epochs=s.epochs, lr=s.lr, alpha_lr=s.alpha_lr, kd_weight=s.kd_weight, temperature=s.kd_temperature,
@@ -65,7 +69,7 @@ def run(st: RunState) -> SearchOut:
                            after_step=sfair.after_step if sfair else None,
                            checkpoint=st.ckpt.save if st.out is not None else None,
                            resume=st.resuming(NAME), device=cfg.runtime.device,
-                           snapshots=st.hooks.search_snapshots, on_snapshot=st.hooks.on_snapshot)
+                           snapshots=snaps, on_snapshot=on_snap)
         stats = PassManager([sp]).run(gm).stats["passes"][0]["stats"]
         if sfair is not None:
             stats["fair_trajectory"] = sfair.trajectory
