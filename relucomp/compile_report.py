@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 SCHEMA_VERSION = 2
-OPTIONAL = ("export", "sweep", "dp")  # present in report.json only when set
+OPTIONAL = ("export", "exports", "sweep", "dp")  # present in report.json only when set
 
 __all__ = ["CompileReport", "DPReport", "SCHEMA_VERSION"]
 
@@ -89,7 +89,8 @@ class CompileReport:
     passes: list[dict[str, Any]] = field(default_factory=list)
     pruning: dict[str, Any] | None = None
     phases_seconds: dict[str, float] = field(default_factory=dict)
-    export: dict[str, Any] | None = None
+    export: dict[str, Any] | None = None    # the pi export (OUT/model.onnx)
+    exports: dict[str, dict[str, Any]] | None = None  # every export by target: {"pi": ..., "edge": ...}
     sweep: dict[str, Any] | None = None
     dp: DPReport | None = None
     schema_version: int = SCHEMA_VERSION
@@ -175,4 +176,4 @@ class CompileReport:
     @property
     def export_weights(self) -> str:
         """The weights in model.onnx / model.pt (``last`` / ``ema``)."""
-        return (self.export or {}).get("weights") or self.options.get("export_weights") or "last"
+        return self.options.get("export_weights") or "last"

@@ -29,7 +29,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from .errors import ConfigError, DataError
 
 __all__ = ["CompileConfig", "load_config", "resolve_config", "validate", "to_toml", "KEYWORDS",
-           "check_dp", "GRANULARITIES", "SEARCH_METHODS", "FAIR_METHODS", "FAIR_PHASES", "GATE_FORMS", "MIN_LIMIT", "DEFAULT_ARCH"]
+           "check_dp", "GRANULARITIES", "SEARCH_METHODS", "FAIR_METHODS", "FAIR_PHASES", "GATE_FORMS", "EXPORT_TARGETS",
+           "MIN_LIMIT", "DEFAULT_ARCH"]
 
 DEFAULT_ARCH = "resnet8"
 GRANULARITIES = ("pixel", "channel", "layer")
@@ -37,6 +38,8 @@ SEARCH_METHODS = ("snl", "layer-drop")
 FAIR_METHODS = ("ceag", "el", "nft")
 FAIR_PHASES = ("finetune", "search", "both")
 GATE_FORMS = ("pi", "sparse", "mask")
+#: pi: OUT/model.onnx (PI-ready), edge: OUT/model.edge.onnx (plaintext-optimal), both (relucomp.export_targets)
+EXPORT_TARGETS = ("pi", "edge", "both")
 IMPORTANCES = ("l1", "l2", "bn", "taylor")
 DP_PHASES = ("finetune", "search", "both")   # only finetune is implemented (validate() says so)
 DP_ACCOUNTANTS = ("rdp", "prv")
@@ -119,6 +122,7 @@ class PruningSection(_Section):
 class ExportSection(_Section):
     enabled: bool = True
     gate_form: str = "pi"
+    target: str = "pi"                  # pi | edge | both: which ONNX files the export stage writes
     opset: int = 18
     weights: str | None = None          # last | ema; None: ema under DP, else last
 
@@ -192,7 +196,8 @@ KEYWORDS: dict[str, str] = {
     "dual_lr": "fairness.dual_lr",
     "prune_channels": "pruning.prune_channels", "mac_budget": "pruning.mac_budget", "sparsity": "pruning.sparsity",
     "prune_importance": "pruning.importance",
-    "export": "export.enabled", "gate_form": "export.gate_form", "export_weights": "export.weights",
+    "export": "export.enabled", "gate_form": "export.gate_form", "export_target": "export.target",
+    "export_weights": "export.weights",
     "dp_epsilon": "dp.epsilon", "dp_delta": "dp.delta", "dp_max_grad_norm": "dp.max_grad_norm",
     "dp_phase": "dp.phase", "dp_batch_size": "dp.batch_size", "dp_accountant": "dp.accountant",
     "seed": "runtime.seed", "batch_size": "runtime.batch_size", "device": "runtime.device",
@@ -365,6 +370,7 @@ def validate(cfg: CompileConfig, *, warm_start: bool = False, check_data: bool =
         _one_of(f.method.lower(), FAIR_METHODS, "--fair-method", "fairness method")
     _one_of(f.phase, FAIR_PHASES, "--fair-phase", "fairness phase")
     _one_of(cfg.export.gate_form, GATE_FORMS, "gate_form =", "gate form")
+    _one_of(cfg.export.target, EXPORT_TARGETS, "--export-target", "export target")
     _one_of(cfg.pruning.importance, IMPORTANCES, "--prune-importance", "pruning importance")
     if f.tolerance < 0 or not math.isfinite(f.tolerance):
         raise ConfigError(f"tolerance {f.tolerance} must be ≥ 0 (accuracy points)", "give e.g. --tolerance 2")

@@ -48,6 +48,9 @@ LeafModule = Annotated[Optional[list[str]], typer.Option(
 BudgetIncludesMaxpool = Annotated[bool, typer.Option(
     "--budget-includes-maxpool", help="count MaxPool comparisons against the ReLU budget (the gates get what is "
                                       "left; the export check counts them too)")]
+ExportTarget = Annotated[str, typer.Option(
+    "--export-target", help="pi: OUT/model.onnx (PI-ready: Relu only on kept elements) | edge: OUT/model.edge.onnx "
+                            "(plaintext runtimes: onnxruntime, mobile) | both")]
 ConfigFile = Annotated[Optional[Path], typer.Option("--config", help="TOML config file (e.g. OUT/config.toml to "
                                                                      "replay a run); flags override its values")]
 

@@ -1,4 +1,4 @@
-"""``relucomp compile``, ``relucomp inspect``, ``relucomp version``."""
+"""``relucomp compile``, ``relucomp export``, ``relucomp inspect``, ``relucomp version``."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from rich.table import Table
 
 from ..budget import human
 from .app import (AsJson, BatchSize, BudgetIncludesMaxpool, Checkpoint, ConfigFile, Device, DPBatchSize, DPDelta,
-                  DPEpsilon, DPMaxGradNorm, DPPhase, ExportWeights, ImageSize, LeafModule, Limit, Lr, NoProgress,
-                  NumClasses, Pretrained, Seed, Target, app, errors_handled, given, layer_table, log, out_console,
-                  quiet_torch_logs)
+                  DPEpsilon, DPMaxGradNorm, DPPhase, ExportTarget, ExportWeights, ImageSize, LeafModule, Limit, Lr,
+                  NoProgress, NumClasses, Pretrained, Seed, Target, app, errors_handled, given, layer_table, log,
+                  out_console, quiet_torch_logs)
 
 DEFAULT_OUT = "relucomp-out"
 
@@ -53,6 +53,7 @@ def compile(  # noqa: A001
     prune_importance: str = typer.Option("l1", "--prune-importance", help="channel importance: l1 | l2 | bn | taylor"),
     replace_maxpool: bool = typer.Option(False, "--replace-maxpool", help="MaxPool → AvgPool before the search (MaxPool comparisons cost like ReLUs in PI; the finetune recovers)"),
     budget_includes_maxpool: BudgetIncludesMaxpool = False,
+    export_target: ExportTarget = "pi",
     dp_epsilon: DPEpsilon = None,
     dp_delta: DPDelta = None,
     dp_max_grad_norm: DPMaxGradNorm = None,
@@ -64,7 +65,7 @@ def compile(  # noqa: A001
     config: ConfigFile = None,
     print_config: bool = typer.Option(False, "--print-config", help="print the resolved configuration (TOML) and exit"),
 ) -> None:
-    """Compress MODEL to a ReLU budget and write OUT/model.onnx, OUT/model.pt, OUT/report.json."""
+    """Compress MODEL to a ReLU budget and write OUT/model.onnx (and/or OUT/model.edge.onnx), OUT/model.pt, OUT/report.json."""
     from ..config import resolve_config, to_toml, validate
 
     overrides = given(ctx, skip=("model", "data", "config", "print_config"))
@@ -114,10 +115,8 @@ def print_summary(rep) -> None:
         eps = "∞ (no noise: no guarantee)" if d.epsilon_spent is None else f"{d.epsilon_spent:.3f} (target {d.epsilon_target:g})"
         t.add_row("DP-SGD finetune", "", f"ε spent {eps}, δ {d.delta:.1e}, σ {d.noise_multiplier:.3f}, "
                   f"C {d.max_grad_norm:g}, q {d.sample_rate:.4f}, {d.steps} steps")
-    if rep.export is not None:
-        e = rep.export
-        t.add_row("ONNX", "", f"{e['path']} ({e['onnx_relus']:,} ReLUs in graph, ort |diff| {e['ort_max_abs_diff']:.1e}, "
-                  f"{rep.export_weights} weights)")
+    for target, e in (rep.exports or ({"pi": rep.export} if rep.export else {})).items():
+        t.add_row(f"ONNX ({target})", "", export_line(e) + f", {rep.export_weights} weights")
     out_console.print(t)
     fair = rep.fairness or {}
     test = rep.fairness_test()
@@ -148,6 +147,25 @@ def print_summary(rep) -> None:
     out_console.print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in rep.phases_seconds.items()))
 
 
+def export_line(e: dict) -> str:
+    return f"{e['path']} ({e['onnx_relus']:,} ReLUs in graph, ort |diff| {e['ort_max_abs_diff']:.1e})"
+
+
+@app.command("export")
+def export_cmd(
+    out: Path = typer.Argument(..., help="the --out directory of a finished relucomp compile (holds model.pt)"),
+    export_target: ExportTarget = "both",
+) -> None:
+    """Export a compiled model (OUT/model.pt) for pi and/or edge without retraining."""
+    from ..export_targets import export_compiled
+
+    quiet_torch_logs()
+    with errors_handled():
+        res = export_compiled(out, export_target)
+    for target, e in res.items():
+        out_console.print(f"{target}: {export_line(e)}")
+
+
 @app.command()
 def inspect(
     target: str = typer.Argument(..., help="model name / file.py:factory / module:factory, or a .onnx file"),
@@ -175,6 +193,11 @@ def inspect(
                       + (f", {tot['comparisons']:,} comparisons no gate controls"
                          + (f" (incl. {tot['hidden_relus']:,} ReLUs hidden in leaf modules)" if tot.get("hidden_relus") else "")
                          if tot.get("comparisons") and "comparisons_by_op" not in tot else ""))
+    from ..export_targets import describe
+
+    line = describe(info.get("metadata") or {})
+    if line:
+        out_console.print(line)
 
 
 @app.command()

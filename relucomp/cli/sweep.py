@@ -9,8 +9,8 @@ import typer
 from rich.table import Table
 
 from .app import (BatchSize, BudgetIncludesMaxpool, Checkpoint, ConfigFile, Device, DPBatchSize, DPDelta, DPEpsilon,
-                  DPMaxGradNorm, DPPhase, ExportWeights, ImageSize, Limit, Lr, NoProgress, Seed, Target, app,
-                  errors_handled, given, log, out_console, quiet_torch_logs)
+                  DPMaxGradNorm, DPPhase, ExportTarget, ExportWeights, ImageSize, Limit, Lr, NoProgress, Seed, Target,
+                  app, errors_handled, given, log, out_console, quiet_torch_logs)
 
 
 # the sweep's own fairness options (several methods compared; one search shared when the constraints act in the finetune)
@@ -52,6 +52,7 @@ def sweep_cmd(
     seed: Seed = 0,
     budget_includes_maxpool: BudgetIncludesMaxpool = False,
     no_export: bool = typer.Option(False, "--no-export", help="skip the ONNX export of each run"),
+    export_target: ExportTarget = "pi",
     keep_snapshots: bool = typer.Option(False, "--keep-snapshots", help="keep the search snapshots after the sweep"),
     report: bool = typer.Option(True, "--report/--no-report", help="render OUT/report.html at the end"),
     no_progress: NoProgress = False,
