@@ -187,6 +187,10 @@ def load_compiled(path: str | Path, *, model: nn.Module | None = None, gate_form
         from .pruning import apply_plan
 
         apply_plan(gm, info["pruning_plan"])
+    if info.get("dp_compat"):  # the DP finetune folded BatchNorm (relucomp.dp): rebuild the same structure
+        from .dp import make_dp_compatible
+
+        gm, _ = make_dp_compatible(gm, example)
     gm.load_state_dict(state["state_dict"])
     gm.eval()
     form = gate_form or info.get("gate_form", "sparse")

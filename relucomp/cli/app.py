@@ -60,6 +60,18 @@ ExportTarget = Annotated[str, typer.Option(
 ConfigFile = Annotated[Optional[Path], typer.Option("--config", help="TOML config file (e.g. OUT/config.toml to "
                                                                      "replay a run); flags override its values")]
 
+# differential privacy (relucomp.dp; compile and sweep)
+DPEpsilon = Annotated[Optional[float], typer.Option(
+    "--dp-epsilon", help="finetune under DP-SGD (opacus) to this ε w.r.t. the training split; inf = clipping, no noise")]
+DPDelta = Annotated[Optional[float], typer.Option("--dp-delta", help="DP δ, < 1/n (default min(1e-5, 0.1/n))")]
+DPMaxGradNorm = Annotated[Optional[float], typer.Option("--dp-max-grad-norm",
+                                                        help="per-sample gradient clipping norm C (default 1.0)")]
+DPPhase = Annotated[Optional[str], typer.Option("--dp-phase", help="phase under DP: finetune (search | both: not implemented)")]
+DPBatchSize = Annotated[Optional[int], typer.Option("--dp-batch-size",
+                                                    help="expected (Poisson) batch under DP (default max(--batch-size, 256))")]
+ExportWeights = Annotated[Optional[str], typer.Option("--export-weights",
+                                                      help="weights in model.onnx / model.pt: last | ema (default ema under DP)")]
+
 #: CLI parameter names that differ from the library keywords
 RENAMES = {"epochs": "search_epochs", "out": "out_dir", "leaf_module": "leaf_modules"}
 

@@ -11,9 +11,10 @@ import typer
 from rich.table import Table
 
 from ..budget import human
-from .app import (AsJson, BatchSize, BudgetIncludesMaxpool, Checkpoint, ConfigFile, Device, Effort, ExportTarget,
-                  ImageSize, LeafModule, Limit, Lr, NoProgress, NumClasses, Pretrained, Replacement, Seed, Target, app,
-                  errors_handled, given, layer_table, log, out_console, quiet_torch_logs)
+from .app import (AsJson, BatchSize, BudgetIncludesMaxpool, Checkpoint, ConfigFile, Device, DPBatchSize, DPDelta,
+                  DPEpsilon, DPMaxGradNorm, DPPhase, Effort, ExportTarget, ExportWeights, ImageSize, LeafModule, Limit,
+                  Lr, NoProgress, NumClasses, Pretrained, Replacement, Seed, Target, app, errors_handled, given,
+                  layer_table, log, out_console, quiet_torch_logs)
 
 DEFAULT_OUT = "relucomp-out"
 
@@ -56,6 +57,12 @@ def compile(  # noqa: A001
     replace_maxpool: bool = typer.Option(False, "--replace-maxpool", help="MaxPool → AvgPool before the search (MaxPool comparisons cost like ReLUs in PI; the finetune recovers)"),
     budget_includes_maxpool: BudgetIncludesMaxpool = False,
     export_target: ExportTarget = "pi",
+    dp_epsilon: DPEpsilon = None,
+    dp_delta: DPDelta = None,
+    dp_max_grad_norm: DPMaxGradNorm = None,
+    dp_phase: DPPhase = None,
+    dp_batch_size: DPBatchSize = None,
+    export_weights: ExportWeights = None,
     pretrained: Pretrained = False,
     leaf_module: LeafModule = None,
     config: ConfigFile = None,
@@ -106,8 +113,13 @@ def print_summary(rep) -> None:
         b, a = ga["before"].get(gname), ga["after"].get(gname)
         n = ga.get("test_counts", {}).get(gname, 0)
         t.add_row(f"  group {gname} (n={n})", "-" if b is None else f"{b:.2f}%", "-" if a is None else f"{a:.2f}%")
+    if rep.dp is not None:
+        d = rep.dp
+        eps = "∞ (no noise: no guarantee)" if d.epsilon_spent is None else f"{d.epsilon_spent:.3f} (target {d.epsilon_target:g})"
+        t.add_row("DP-SGD finetune", "", f"ε spent {eps}, δ {d.delta:.1e}, σ {d.noise_multiplier:.3f}, "
+                  f"C {d.max_grad_norm:g}, q {d.sample_rate:.4f}, {d.steps} steps")
     for target, e in (rep.exports or ({"pi": rep.export} if rep.export else {})).items():
-        t.add_row(f"ONNX ({target})", "", export_line(e))
+        t.add_row(f"ONNX ({target})", "", export_line(e) + f", {rep.export_weights} weights")
     out_console.print(t)
     fair = rep.fairness or {}
     test = rep.fairness_test()

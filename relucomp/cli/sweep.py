@@ -8,9 +8,9 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from .app import (BatchSize, BudgetIncludesMaxpool, Checkpoint, ConfigFile, Device, Effort, ExportTarget, ImageSize,
-                  Limit, Lr, NoProgress, Replacement, Seed, Target, app, errors_handled, given, log, out_console,
-                  quiet_torch_logs)
+from .app import (BatchSize, BudgetIncludesMaxpool, Checkpoint, ConfigFile, Device, DPBatchSize, DPDelta, DPEpsilon,
+                  DPMaxGradNorm, DPPhase, Effort, ExportTarget, ExportWeights, ImageSize, Limit, Lr, NoProgress,
+                  Replacement, Seed, Target, app, errors_handled, given, log, out_console, quiet_torch_logs)
 
 
 # the sweep's own fairness options (several methods compared; one search shared when the constraints act in the finetune)
@@ -39,6 +39,12 @@ def sweep_cmd(
     fair_method: Optional[str] = FAIR_METHODS,
     tolerance: float = TOLERANCE,
     fair_phase: str = FAIR_PHASE,
+    dp_epsilon: DPEpsilon = None,
+    dp_delta: DPDelta = None,
+    dp_max_grad_norm: DPMaxGradNorm = None,
+    dp_phase: DPPhase = None,
+    dp_batch_size: DPBatchSize = None,
+    export_weights: ExportWeights = None,
     granularity: str = GRANULARITY,
     search: str = SEARCH,
     effort: Effort = None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from .. import __version__
 from ..compile_report import CompileReport
 from .base import RunState
+from .finetune import tuned as finetuned
 from .prune import PruneOut
 
 NAME = "report"
@@ -13,7 +14,7 @@ NAME = "report"
 def run(st: RunState) -> CompileReport:
     cfg, data, m = st.cfg, st["data"], st["model"]
     bundle, low, dense, comp = data.bundle, st["fold"], st["evaluate_dense"], st["evaluate_compiled"]
-    search, tuned = st["search"], st["finetune"]
+    search, tuned = st["search"], finetuned(st)
     kept = {r["name"]: r["relus_kept"] for r in low.rows if r["kind"] in ("relu", "gate", "sparse_relu")}
     per_layer = [{"site": r["name"], "shape": r["shape"], "relus_before": r["relus"], "relus_after": int(kept.get(r["name"], 0))}
                  for r in m.before_rows if r["kind"] == "relu"]
@@ -29,8 +30,8 @@ def run(st: RunState) -> CompileReport:
                  "pretrain_epochs": st["pretrain"].epochs, "batch_size": cfg.runtime.batch_size, "lr": cfg.search.lr,
                  "seed": cfg.runtime.seed, "gate_form": cfg.export.gate_form,
                  "export_target": cfg.export.target, "replace_maxpool": cfg.search.replace_maxpool,
-                 "effort": cfg.runtime.effort, "replacement": cfg.search.replacement, "warmup": cfg.search.warmup,
-                 "hysteresis": cfg.search.hysteresis, "refine": cfg.search.refine,
+                 "export_weights": tuned.weights, "effort": cfg.runtime.effort, "replacement": cfg.search.replacement,
+                 "warmup": cfg.search.warmup, "hysteresis": cfg.search.hysteresis, "refine": cfg.search.refine,
                  "ft_kd_weight": cfg.finetune.kd_weight, "ft_temperature": cfg.finetune.temperature,
                  "bn_recalibrate": cfg.finetune.bn_recalibrate},
         config=cfg.to_dict(), pretrain=st["pretrain"].info,
@@ -51,4 +52,4 @@ def run(st: RunState) -> CompileReport:
         fairness=fair.section if fair is not None else None, diagnostics=diag.section if diag is not None else None,
         search=search.light, search_history=search.stats.get("history", []),
         lambda_trace=search.stats.get("lambda_trace", []), finetune_history=tuned.stats.get("history", []),
-        passes=low.records, pruning=(st.results.get("prune") or PruneOut()).report, phases_seconds=st.phases)
+        passes=low.records, pruning=(st.results.get("prune") or PruneOut()).report, phases_seconds=st.phases, dp=tuned.dp)
