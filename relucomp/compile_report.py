@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 SCHEMA_VERSION = 2
-OPTIONAL = ("export", "sweep")  # present in report.json only when set
+OPTIONAL = ("export", "sweep", "robustness")  # present in report.json only when set
 
 __all__ = ["CompileReport", "SCHEMA_VERSION"]
 
@@ -46,6 +46,7 @@ class CompileReport:
     phases_seconds: dict[str, float] = field(default_factory=dict)
     export: dict[str, Any] | None = None
     sweep: dict[str, Any] | None = None
+    robustness: dict[str, Any] | None = None                      # relucomp.robustness.RobustnessResult.to_dict()
     schema_version: int = SCHEMA_VERSION
 
     # -- dict form -------------------------------------------------------------------
@@ -119,6 +120,13 @@ class CompileReport:
         """The fairness report of the test split for ``weights`` (``last`` / ``ema``), or {}."""
         res = (self.fairness or {}).get("results") or {}
         return (res.get(weights) or {}).get("test") or {}
+
+    @property
+    def robustness_result(self):
+        """The ``robustness`` section as a typed :class:`~relucomp.robustness.RobustnessResult` (or None)."""
+        from .robustness import RobustnessResult
+
+        return RobustnessResult.from_dict(self.robustness) if self.robustness else None
 
     @property
     def max_psi(self) -> float | None:

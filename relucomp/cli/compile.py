@@ -11,9 +11,10 @@ import typer
 from rich.table import Table
 
 from ..budget import human
-from .app import (AsJson, BatchSize, BudgetIncludesMaxpool, Checkpoint, ConfigFile, Device, ImageSize, LeafModule, Limit, Lr, NoProgress,
-                  NumClasses, Pretrained, Seed, Target, app, errors_handled, given, layer_table, log, out_console,
-                  quiet_torch_logs)
+from .app import (AsJson, BatchSize, BudgetIncludesMaxpool, Checkpoint, ConfigFile, Corruptions, Device, EvalRobustness,
+                  ImageSize, LeafModule, Limit, Lr, NoProgress, NumClasses, PgdEpsilon, PgdStep, PgdSteps, Pretrained,
+                  RobustnessSamples, Seed, Severities, Target, app, errors_handled, given, layer_table, log,
+                  out_console, quiet_torch_logs, robustness_table)
 
 DEFAULT_OUT = "relucomp-out"
 
@@ -54,6 +55,15 @@ def compile(  # noqa: A001
     budget_includes_maxpool: BudgetIncludesMaxpool = False,
     pretrained: Pretrained = False,
     leaf_module: LeafModule = None,
+    eval_robustness: EvalRobustness = False,
+    corruptions: Corruptions = None,
+    severities: Severities = None,
+    robustness_samples: RobustnessSamples = None,
+    pgd_epsilon: PgdEpsilon = None,
+    pgd_step: PgdStep = None,
+    pgd_steps: PgdSteps = None,
+    robust: bool = typer.Option(False, "--robust", help="robust compile (RLNet: adversarial teacher, three-way "
+                                                        "distillation, dual BN): not implemented yet"),
     config: ConfigFile = None,
     print_config: bool = typer.Option(False, "--print-config", help="print the resolved configuration (TOML) and exit"),
 ) -> None:
@@ -106,6 +116,8 @@ def print_summary(rep) -> None:
         e = rep.export
         t.add_row("ONNX", "", f"{e['path']} ({e['onnx_relus']:,} ReLUs in graph, ort |diff| {e['ort_max_abs_diff']:.1e})")
     out_console.print(t)
+    if rep.robustness:
+        out_console.print(robustness_table(rep.robustness_result))
     fair = rep.fairness or {}
     test = rep.fairness_test()
     f = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
@@ -170,3 +182,4 @@ def version() -> None:
     from .. import __version__
 
     out_console.print(__version__)
+

@@ -46,4 +46,5 @@ def run(st: RunState) -> CompileReport:
         fairness=st["fairness"].section, diagnostics=diag.section if diag is not None else None,
         search=search.light, search_history=search.stats.get("history", []),
         lambda_trace=search.stats.get("lambda_trace", []), finetune_history=tuned.stats.get("history", []),
-        passes=low.records, pruning=(st.results.get("prune") or PruneOut()).report, phases_seconds=st.phases)
+        passes=low.records, pruning=(st.results.get("prune") or PruneOut()).report, phases_seconds=st.phases,
+        robustness=st["robustness"].to_dict() if "robustness" in st.results else None)
