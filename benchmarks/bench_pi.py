@@ -27,7 +27,7 @@ as two processes on 127.0.0.1 (``relucomp pi-bench``), on this machine.
 ResNet18 (557k ReLUs, 0.56 GMACs) is not run: under 2PC on 2 cores one
 inference takes minutes (the cost model's estimate is recorded instead).
 
-Usage: python benchmarks/bench_pi.py [--repeat 3] [--weights private,public] [--quick]
+Usage: python benchmarks/bench_pi.py [--repeat 6] [--weights private,public] [--quick]
 """
 
 from __future__ import annotations
@@ -165,13 +165,15 @@ def _profile_coeffs(runs: list[dict]) -> dict:
 def summarize(runs_by_mode: dict, budgets: list[int]) -> dict:
     """Floor model ``T0 + B·c`` per weights setting and each run's ratio to it.
 
-    ``median``: latencies are medians over the timed runs (as pi-bench reports);
+    ``mean``: latencies are means over the timed runs (refills included; what the cost model predicts);
+    ``median``: medians over the timed runs;
     ``min``: fastest run — less sensitive to other jobs sharing the 2 cores.
     """
     summary = {}
     for mode, runs in runs_by_mode.items():
         out = {}
-        for stat, f in (("median", lambda r: float(np.median(r["latency_runs_s"]))), ("min", lambda r: min(r["latency_runs_s"]))):
+        for stat, f in (("mean", lambda r: float(np.mean(r["latency_runs_s"]))),
+                        ("median", lambda r: float(np.median(r["latency_runs_s"]))), ("min", lambda r: min(r["latency_runs_s"]))):
             t0, td = f(runs["zero"]), f(runs["dense"])
             b0, bd = runs["zero"]["bytes"], runs["dense"]["bytes"]
             c_relu, c_byte = (td - t0) / TOTAL, (bd - b0) / TOTAL
@@ -190,6 +192,7 @@ def summarize(runs_by_mode: dict, budgets: list[int]) -> dict:
                              "bytes_ratio_to_floor": round(r["bytes"] / (b0 + B * c_byte), 3),
                              "speedup_vs_dense": round(td / f(r), 2),
                              "first_run_ms": round(r["first_run_s"] * 1e3, 1),
+                             "slow_runs": sum(1 for v in r["latency_runs_s"] if v > 1.2 * float(np.median(r["latency_runs_s"]))),
                              "output_max_abs_err": r["error"]["max_abs_vs_onnxruntime"]})
             cut = [x for x in rows if x["relus_onnx"] == budgets[-1]]
             floor_cut = t0 + budgets[-1] * c_relu
@@ -210,12 +213,12 @@ def summarize(runs_by_mode: dict, budgets: list[int]) -> dict:
 def conclusions(summary: dict) -> list[str]:
     out = []
     for mode, s2 in summary.items():
-        s = s2["median"]
+        s = s2["mean"]
         rows = {r["name"]: r for r in s["rows"]}
         ch = [r["ratio_to_floor"] for r in s["rows"] if r["granularity"] == "channel"]
         px = [r["ratio_to_floor"] for n, r in rows.items() if r["granularity"] == "pixel" and n not in ("dense", "zero")]
         out.append(f"weights {mode}: floor {s['zero_relu_latency_ms']:.0f} ms + {s['per_relu_us']} µs and "
-                   f"{s['per_relu_bytes']} B per ReLU; ratio to floor (median latencies): channel masks "
+                   f"{s['per_relu_bytes']} B per ReLU; ratio to floor (mean latencies; medians in summary.median): channel masks "
                    f"{min(ch):.2f}-{max(ch):.2f}, pixel masks {min(px):.2f}-{max(px):.2f}. At the {s['relu_cut']}x ReLU "
                    f"cut latency falls {s['speedup_at_cut']} vs dense; the linear floor allows at most "
                    f"{s['speedup_floor_allows_at_cut']}x, so a 5x fall is {'possible' if s['five_x_possible'] else 'impossible'} "
@@ -231,7 +234,7 @@ def conclusions(summary: dict) -> list[str]:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=pib.DEFAULT_REPEAT)
     ap.add_argument("--weights", default="private,public")
     ap.add_argument("--quick", action="store_true", help="one budget per granularity, public weights only")
     ap.add_argument("--out", default=str(ROOT / "results" / "pi.json"))
@@ -272,7 +275,7 @@ def main() -> int:
     for mode in weights_modes:
         runs = {}
         for name, info in built.items():
-            repeat = a.repeat if mode == "private" else max(a.repeat, 5)
+            repeat = a.repeat
             t0 = time.time()
             r = pib.pi_bench(info["onnx"], protocol="cheetah", repeat=repeat, weights=mode, profile=(mode == "public"))
             r["costs"] = onnx_costs(info["onnx"])
@@ -296,7 +299,7 @@ def main() -> int:
                                                                ("select_element_s", "where_elements")) if k1 in lowering},
                  "bytes": {"gather_elements": 0.0, "where_elements": 0.0}}
         fr = [{**r, "name": n} for n, r in runs.items()]
-        cm = fit(fr, protocol="cheetah", fixed=fixed)
+        cm = fit(fr, protocol="cheetah", fixed=fixed, statistic="mean")
         cm["weights"] = mode
         configs[f"cheetah-{mode}"] = cm
     r18 = model_costs("resnet18")
@@ -306,7 +309,8 @@ def main() -> int:
     machine = pib.machine_info()
     results["machine"] = machine
     results["setup"] = {"protocol": "SPU 0.9.5 Cheetah (2PC), FM64, 2 processes on 127.0.0.1", "batch": 1,
-                        "repeat": {"private": a.repeat, "public": max(a.repeat, 5)},
+                        "repeat": {"private": a.repeat, "public": a.repeat},
+                        "statistic": "cost model fitted on means over the timed runs (slow OT-refill runs included)",
                         "masks": "random masks of exact budgets (no training: cost does not depend on weight values)",
                         "versions": next(iter(next(iter(results["runs"].values())).values()))["versions"]}
     results["wall_s"] = round(time.time() - t_start, 1)
@@ -319,7 +323,7 @@ def main() -> int:
     out.write_text(json.dumps(slim, indent=2))
     if not a.no_fit:
         cm_path = Path(a.cost_model)
-        doc = {"default": "cheetah-private" if "cheetah-private" in configs else next(iter(configs)),
+        doc = {"default": "cheetah-private" if "cheetah-private" in configs else next(iter(configs)), "statistic": "mean",
                "configs": configs, "lowering": {**{k: v for k, v in lowering.items()}},
                "machine": machine, "source": "benchmarks/bench_pi.py (pi-bench runs on this machine)",
                "created": time.strftime("%Y-%m-%d")}

@@ -34,6 +34,13 @@ them as before):
                   time); the layer becomes ``Concat(Relu(x[:, :k]), x[:, k:])``
                   (:class:`PrefixReLU`).
 
+``pixel_perm``    pixel masks with the same foldable producer/consumer convs as
+                  ``channel_perm``: the channels are reordered by kept count
+                  (fully kept first, fully linear last; folded into the
+                  weights) so fully kept / linear channels merge into single
+                  runs; then the cheapest of ``gather`` / ``runs`` / ``compact``
+                  on the reordered mask (reported as ``perm+<form>``).
+
 The cost of each applicable form is computed from the coefficients in
 ``cost_model.json["lowering"]`` (defaults below) and the cheapest wins
 (``forms`` restricts the choice, e.g. ``forms=("gather",)`` reproduces the old
@@ -53,9 +60,9 @@ from torch import fx, nn
 
 from relucomp.infra import Pass, PassResult
 from relucomp.ir import meta, module_of
-from relucomp.nn import ReLUGate, SparseReLU
+from relucomp.nn import SparseReLU, keep_mask
 
-FORMS = ("gather", "runs", "compact", "channel_perm")
+FORMS = ("gather", "runs", "compact", "channel_perm", "pixel_perm")
 
 #: seconds; calibrated by benchmarks/bench_pi.py into relucomp/pi/cost_model.json["lowering"]
 DEFAULT_COEFFS = {
@@ -328,17 +335,7 @@ def _pixel_or_channel(mod: nn.Module) -> tuple[torch.Tensor, tuple[int, ...], bo
     """(1-D keep mask, act_shape, by_channel) of a partial SparseReLU / hard gate; None otherwise."""
     if isinstance(mod, (RunsReLU, CompactReLU, PrefixReLU)):
         return None  # already lowered
-    if isinstance(mod, SparseReLU):
-        n = mod.act_shape[0] if mod.by_channel else math.prod(mod.act_shape)
-        mask = torch.zeros(n, dtype=torch.bool)
-        mask[mod.keep] = True
-        return mask, mod.act_shape, mod.by_channel
-    if isinstance(mod, ReLUGate) and bool(mod.hard):
-        m = mod.mask.detach()[0] > 0.5
-        if mod.granularity == "channel" and len(mod.act_shape) > 1:
-            return m.reshape(m.shape[0], -1)[:, 0].clone(), mod.act_shape, True
-        return m.expand(mod.act_shape).reshape(-1).clone(), mod.act_shape, False
-    return None
+    return keep_mask(mod)
 
 
 def _perm_plan(gm: fx.GraphModule, node: fx.Node, calls: Counter) -> tuple[fx.Node, list[fx.Node]] | None:
@@ -356,6 +353,30 @@ def _perm_plan(gm: fx.GraphModule, node: fx.Node, calls: Counter) -> tuple[fx.No
                 or len(u.args) != 1 or u.kwargs:
             return None
     return src, consumers
+
+
+def pixel_channel_order(mask: torch.Tensor, act_shape: Sequence[int]) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Channel order for ``pixel_perm``: by kept count, descending (stable); None if it changes nothing."""
+    per = mask.reshape(act_shape[0], -1)
+    counts = per.sum(1)
+    order = torch.sort(-counts, stable=True).indices
+    if torch.equal(order, torch.arange(order.numel())):
+        return None, mask
+    return order, per[order].reshape(-1).clone()
+
+
+def _fold_permutation(gm: fx.GraphModule, plan: tuple[fx.Node, list[fx.Node]], order: torch.Tensor) -> None:
+    """Reorder the producer conv's output channels and the consumer convs' input channels by ``order``."""
+    src, consumers = plan
+    prod = module_of(gm, src)
+    with torch.no_grad():
+        prod.weight.copy_(prod.weight[order])
+        if prod.bias is not None:
+            prod.bias.copy_(prod.bias[order])
+        for u in consumers:
+            cm = module_of(gm, u)
+            cm.weight.copy_(cm.weight[:, order])
+    meta(src)["channel_permutation"] = order.tolist()
 
 
 def _set_module(gm: fx.GraphModule, target: str, mod: nn.Module) -> None:
@@ -387,12 +408,26 @@ class PILoweringPass(Pass):
             k = int(mask.sum())
             if k == 0 or k == mask.numel():
                 continue  # LowerGatesPass handles all-linear / all-ReLU layers
-            plan = _perm_plan(gm, node, calls) if by_channel and "channel_perm" in self.forms else None
+            want_perm = "channel_perm" in self.forms if by_channel else "pixel_perm" in self.forms
+            plan = _perm_plan(gm, node, calls) if want_perm else None
             costs = form_costs(mask, act_shape, by_channel, coeffs, perm_ok=plan is not None)
             costs = {f: v for f, v in costs.items() if f in self.forms}
+            order = None
+            if plan is not None and not by_channel and len(act_shape) > 1:
+                order, pmask = pixel_channel_order(mask, act_shape)
+                if order is not None:
+                    pcosts = form_costs(pmask, act_shape, False, coeffs)
+                    costs.update({f"perm+{f}": v for f, v in pcosts.items() if f in self.forms})
             if not costs:
                 continue
             form = min(costs, key=costs.get)
+            if form.startswith("perm+"):
+                _fold_permutation(gm, plan, order)
+                mask = pmask
+                form = form[len("perm+"):]
+                record_form = f"perm+{form}"
+            else:
+                record_form = form
             keep = torch.nonzero(mask).flatten()
             if form == "gather":
                 new = SparseReLU(keep, act_shape, by_channel)
@@ -402,17 +437,8 @@ class PILoweringPass(Pass):
                 new = CompactReLU(keep, act_shape, block=best_block(mask, coeffs)[0])
             else:
                 new = PrefixReLU(k, act_shape)
-                src, consumers = plan
-                order = torch.cat([keep, torch.nonzero(~mask).flatten()])
-                prod = module_of(gm, src)
-                with torch.no_grad():
-                    prod.weight.copy_(prod.weight[order])
-                    if prod.bias is not None:
-                        prod.bias.copy_(prod.bias[order])
-                    for u in consumers:
-                        cm = module_of(gm, u)
-                        cm.weight.copy_(cm.weight[:, order])
-                meta(src)["channel_permutation"] = order.tolist()
+                _fold_permutation(gm, plan, torch.cat([keep, torch.nonzero(~mask).flatten()]))
+            form = record_form
             record = {"site": meta(node).get("site", node.name), "form": form, "kept": k, "n": int(mask.numel()),
                       "by_channel": by_channel, "costs_s": costs}
             chosen.append(record)

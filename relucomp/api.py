@@ -152,12 +152,14 @@ def inspect_onnx(path: str | Path) -> dict[str, Any]:
 # compiled model files
 # ---------------------------------------------------------------------------
 
-def load_compiled(path: str | Path, *, model: nn.Module | None = None) -> fx.GraphModule:
+def load_compiled(path: str | Path, *, model: nn.Module | None = None, gate_form: str | None = None) -> fx.GraphModule:
     """Rebuild the compiled torch model from ``model.pt`` (or its directory).
 
     The file holds the gated model's weights and masks plus the recipe; the
     graph is rebuilt by replaying the (deterministic) passes.  For a model
     that was passed as an object, pass the same architecture as ``model``.
+    ``gate_form`` overrides the recorded lowering ("pi", "edge", "sparse", "mask";
+    :mod:`relucomp.export_targets` lowers for each export target this way).
     """
     path = Path(path)
     if path.is_dir():
@@ -185,6 +187,11 @@ def load_compiled(path: str | Path, *, model: nn.Module | None = None) -> fx.Gra
         from .pruning import apply_plan
 
         apply_plan(gm, info["pruning_plan"])
+    if info.get("dp_compat"):  # the DP finetune folded BatchNorm (relucomp.dp): rebuild the same structure
+        from .dp import make_dp_compatible
+
+        gm, _ = make_dp_compatible(gm, example)
     gm.load_state_dict(state["state_dict"])
     gm.eval()
-    return PassManager(lowering_passes(example, gate_form=info.get("gate_form", "sparse")), calibration=example).run(gm).gm
+    form = gate_form or info.get("gate_form", "sparse")
+    return PassManager(lowering_passes(example, gate_form=form), calibration=example).run(gm).gm

@@ -14,9 +14,54 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 SCHEMA_VERSION = 2
-OPTIONAL = ("export", "sweep", "robustness")  # present in report.json only when set
+OPTIONAL = ("export", "exports", "sweep", "dp", "robustness")  # present in report.json only when set
 
-__all__ = ["CompileReport", "SCHEMA_VERSION"]
+__all__ = ["CompileReport", "DPReport", "SCHEMA_VERSION"]
+
+
+@dataclass
+class DPReport:
+    """The ``dp`` section: what the DP-SGD finetune (:mod:`relucomp.dp`) spent and how.
+
+    ``epsilon_target`` / ``epsilon_spent`` are ``None`` for ε = ∞ (``private``
+    false: clipping without noise); ``epsilon_spent`` is the accountant's.
+    """
+
+    private: bool = True
+    epsilon_target: float | None = None
+    epsilon_spent: float | None = None
+    delta: float = 0.0
+    noise_multiplier: float = 0.0
+    max_grad_norm: float = 1.0
+    sample_rate: float = 0.0
+    expected_batch_size: int = 0
+    steps: int = 0
+    epochs: int = 0
+    accountant: str = "rdp"
+    sampling: str = "poisson"
+    phase: str = "finetune"
+    n_train: int = 0
+    ema_decay: float | None = None
+    kd: bool = False
+    kd_weight: float = 0.0
+    conversion: list[str] = field(default_factory=list)     # BatchNorm folded / replaced, in-place ops
+    history: list[dict[str, Any]] = field(default_factory=list)
+    covers: str = ""
+    export_weights: str = "ema"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DPReport":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.to_dict()[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return getattr(self, key, default)
 
 
 @dataclass
@@ -44,8 +89,10 @@ class CompileReport:
     passes: list[dict[str, Any]] = field(default_factory=list)
     pruning: dict[str, Any] | None = None
     phases_seconds: dict[str, float] = field(default_factory=dict)
-    export: dict[str, Any] | None = None
+    export: dict[str, Any] | None = None    # the pi export (OUT/model.onnx)
+    exports: dict[str, dict[str, Any]] | None = None  # every export by target: {"pi": ..., "edge": ...}
     sweep: dict[str, Any] | None = None
+    dp: DPReport | None = None
     robustness: dict[str, Any] | None = None                      # relucomp.robustness.RobustnessResult.to_dict()
     schema_version: int = SCHEMA_VERSION
 
@@ -61,6 +108,8 @@ class CompileReport:
     def from_dict(cls, d: dict[str, Any]) -> "CompileReport":
         names = {f.name for f in fields(cls)}
         rep = cls(**{k: v for k, v in d.items() if k in names})
+        if isinstance(rep.dp, dict):
+            rep.dp = DPReport.from_dict(rep.dp)
         if "schema_version" not in d:
             rep.schema_version = 1  # written before the typed report
         return rep
@@ -131,3 +180,8 @@ class CompileReport:
     @property
     def max_psi(self) -> float | None:
         return self.fairness_test().get("max_psi")
+
+    @property
+    def export_weights(self) -> str:
+        """The weights in model.onnx / model.pt (``last`` / ``ema``)."""
+        return self.options.get("export_weights") or "last"

@@ -29,7 +29,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from .errors import ConfigError, DataError
 
 __all__ = ["CompileConfig", "load_config", "resolve_config", "validate", "to_toml", "KEYWORDS",
-           "GRANULARITIES", "SEARCH_METHODS", "FAIR_METHODS", "FAIR_PHASES", "GATE_FORMS", "MIN_LIMIT", "DEFAULT_ARCH"]
+           "check_dp", "GRANULARITIES", "SEARCH_METHODS", "FAIR_METHODS", "FAIR_PHASES", "GATE_FORMS", "EXPORT_TARGETS",
+           "MIN_LIMIT", "DEFAULT_ARCH"]
 
 DEFAULT_ARCH = "resnet8"
 GRANULARITIES = ("pixel", "channel", "layer")
@@ -37,8 +38,12 @@ SEARCH_METHODS = ("snl", "layer-drop")
 FAIR_METHODS = ("ceag", "el", "nft")
 FAIR_PHASES = ("finetune", "search", "both")
 GATE_FORMS = ("pi", "sparse", "mask")
+#: pi: OUT/model.onnx (PI-ready), edge: OUT/model.edge.onnx (plaintext-optimal), both (relucomp.export_targets)
+EXPORT_TARGETS = ("pi", "edge", "both")
 IMPORTANCES = ("l1", "l2", "bn", "taylor")
-DP_PHASES = ("finetune",)
+DP_PHASES = ("finetune", "search", "both")   # only finetune is implemented (validate() says so)
+DP_ACCOUNTANTS = ("rdp", "prv")
+EXPORT_WEIGHTS = ("last", "ema")
 #: fewest images that still give every split (train / val / test) samples of every class
 MIN_LIMIT = 100
 
@@ -105,10 +110,12 @@ class RobustnessSection(_Section):
 
 
 class DPSection(_Section):
-    epsilon: float | None = None        # None: no differential privacy
-    delta: float | None = None
-    max_grad_norm: float | None = None
-    phase: str = "finetune"
+    epsilon: float | None = None        # None: no differential privacy; inf: DP-SGD machinery without noise
+    delta: float | None = None          # None: min(1e-5, 0.1/n) for n training images; must be < 1/n
+    max_grad_norm: float | None = None  # None: 1.0 (per-sample clipping norm C)
+    phase: str = "finetune"             # which phase runs under DP-SGD (search / both: not implemented)
+    batch_size: int | None = None       # expected Poisson batch; None: max(runtime.batch_size, 256)
+    accountant: str = "rdp"             # rdp | prv (opacus accountants)
 
 
 class PruningSection(_Section):
@@ -121,7 +128,9 @@ class PruningSection(_Section):
 class ExportSection(_Section):
     enabled: bool = True
     gate_form: str = "pi"
+    target: str = "pi"                  # pi | edge | both: which ONNX files the export stage writes
     opset: int = 18
+    weights: str | None = None          # last | ema; None: ema under DP, else last
 
 
 class RuntimeSection(_Section):
@@ -162,7 +171,14 @@ class CompileConfig(_Section):
 
     @property
     def fair_method(self) -> str:
-        return (self.fairness.method or ("ceag" if self.data.fair_groups else "nft")).lower()
+        """The fairness method: explicit, else ceag with groups (nft under DP: CEAG/EL are refused there)."""
+        auto = "ceag" if self.data.fair_groups and self.dp.epsilon is None else "nft"
+        return (self.fairness.method or auto).lower()
+
+    @property
+    def export_weights(self) -> str:
+        """The weights exported (``last`` / ``ema``): explicit, else ``ema`` under DP, else ``last``."""
+        return self.export.weights or ("ema" if self.dp.epsilon is not None else "last")
 
     def to_toml(self) -> str:
         return to_toml(self)
@@ -186,7 +202,10 @@ KEYWORDS: dict[str, str] = {
     "dual_lr": "fairness.dual_lr",
     "prune_channels": "pruning.prune_channels", "mac_budget": "pruning.mac_budget", "sparsity": "pruning.sparsity",
     "prune_importance": "pruning.importance",
-    "export": "export.enabled", "gate_form": "export.gate_form",
+    "export": "export.enabled", "gate_form": "export.gate_form", "export_target": "export.target",
+    "export_weights": "export.weights",
+    "dp_epsilon": "dp.epsilon", "dp_delta": "dp.delta", "dp_max_grad_norm": "dp.max_grad_norm",
+    "dp_phase": "dp.phase", "dp_batch_size": "dp.batch_size", "dp_accountant": "dp.accountant",
     "seed": "runtime.seed", "batch_size": "runtime.batch_size", "device": "runtime.device",
     "out_dir": "runtime.out_dir", "resume": "runtime.resume", "progress": "runtime.progress",
     "diagnose": "runtime.diagnose",
@@ -282,6 +301,65 @@ def _check_data(cfg: CompileConfig) -> None:
         raise DataError(f"data path {path} does not exist", f"check the path in --data {cfg.data.spec}")
 
 
+def check_dp(cfg: CompileConfig, n_train: int | None = None) -> float | None:
+    """The differential-privacy rules; returns δ (resolved when ``n_train`` is known) or ``None`` when DP is off.
+
+    ε > 0 (``inf``: clipping without noise, no guarantee); 0 < δ < 1/n for n
+    training images (checked once n is known, still before training; default
+    ``min(1e-5, 0.1/n)``); clipping norm > 0; phase ``finetune`` only; no
+    CEAG/EL constraints (their dual updates read the private training data);
+    no GMP sparsity.
+    """
+    dp, ew = cfg.dp, cfg.export.weights
+    if ew is not None:
+        _one_of(ew, EXPORT_WEIGHTS, "--export-weights", "export weights")
+    _one_of(dp.phase, DP_PHASES, "--dp-phase", "DP phase")
+    _one_of(dp.accountant, DP_ACCOUNTANTS, "dp.accountant =", "DP accountant")
+    if not 0.0 < cfg.finetune.ema_decay < 1.0:
+        raise ConfigError(f"finetune.ema_decay {cfg.finetune.ema_decay} must lie in (0, 1)", "use e.g. 0.99")
+    eps = dp.epsilon
+    if eps is None:
+        stray = [f"--dp-{k.replace('_', '-')}" for k in ("delta", "max_grad_norm", "batch_size") if getattr(dp, k) is not None]
+        if stray or dp.phase != "finetune":
+            flag = stray[0] if stray else "--dp-phase"
+            raise ConfigError(f"{flag} is set but --dp-epsilon is not (differential privacy is off)",
+                              f"add --dp-epsilon (e.g. 8) to finetune under DP-SGD, or drop {flag}")
+        return None
+    if not eps > 0:  # also NaN
+        raise ConfigError(f"--dp-epsilon {eps} must be > 0",
+                          "give a positive ε, e.g. --dp-epsilon 8 (smaller = more private; inf = no noise)")
+    if dp.max_grad_norm is not None and not (dp.max_grad_norm > 0 and math.isfinite(dp.max_grad_norm)):
+        raise ConfigError(f"--dp-max-grad-norm {dp.max_grad_norm} must be > 0", "give a clipping norm such as 1.0")
+    if dp.batch_size is not None and dp.batch_size < 1:
+        raise ConfigError(f"--dp-batch-size {dp.batch_size} must be ≥ 1", "give e.g. --dp-batch-size 256")
+    if dp.phase != "finetune":
+        raise ConfigError(f"--dp-phase {dp.phase} (the mask search under DP-SGD) is not implemented",
+                          "use --dp-phase finetune (the default); the masks are then treated as public")
+    if cfg.fair_method in ("ceag", "el"):
+        raise ConfigError(f"--fair-method {cfg.fair_method} with --dp-epsilon: its dual updates read per-group accuracy "
+                          "of the private training data every step, which DP-SGD does not account for",
+                          "use --fair-method nft with --dp-epsilon (fairness is still measured for last and EMA "
+                          "weights), or drop --dp-epsilon")
+    if cfg.pruning.sparsity is not None:
+        raise ConfigError("--sparsity (GMP) with --dp-epsilon is not supported",
+                          "drop --sparsity, or use --prune-channels (structured pruning runs before the DP finetune)")
+    delta = dp.delta
+    if delta is not None and not 0.0 < delta < 1.0:
+        raise ConfigError(f"--dp-delta {delta:g} must lie in (0, 1/n) for n training images",
+                          "give a small δ, e.g. --dp-delta 1e-5")
+    if n_train is None:
+        return delta
+    if n_train <= 0:
+        raise ConfigError("the training split is empty: DP-SGD needs training images", "use a larger data set or --limit")
+    if delta is None:
+        return min(1e-5, 0.1 / n_train)
+    if not delta < 1.0 / n_train:
+        raise ConfigError(f"--dp-delta {delta:g} must lie in (0, 1/n) = (0, {1.0 / n_train:.3g}) for n = {n_train} "
+                          "training images (δ ≥ 1/n allows leaking a whole record)",
+                          f"give a smaller δ, e.g. --dp-delta {min(1e-5, 0.1 / n_train):.1g}")
+    return delta
+
+
 def validate(cfg: CompileConfig, *, warm_start: bool = False, check_data: bool = True) -> CompileConfig:
     """Check every option that can be checked without decoding data or building the model.
 
@@ -301,6 +379,7 @@ def validate(cfg: CompileConfig, *, warm_start: bool = False, check_data: bool =
         _one_of(f.method.lower(), FAIR_METHODS, "--fair-method", "fairness method")
     _one_of(f.phase, FAIR_PHASES, "--fair-phase", "fairness phase")
     _one_of(cfg.export.gate_form, GATE_FORMS, "gate_form =", "gate form")
+    _one_of(cfg.export.target, EXPORT_TARGETS, "--export-target", "export target")
     _one_of(cfg.pruning.importance, IMPORTANCES, "--prune-importance", "pruning importance")
     if f.tolerance < 0 or not math.isfinite(f.tolerance):
         raise ConfigError(f"tolerance {f.tolerance} must be ≥ 0 (accuracy points)", "give e.g. --tolerance 2")
@@ -331,9 +410,7 @@ def validate(cfg: CompileConfig, *, warm_start: bool = False, check_data: bool =
         raise ConfigError(f"--prune-channels {p.prune_channels} must be in [0, 1)", "give e.g. --prune-channels 0.5")
     if p.sparsity is not None and not 0.0 < p.sparsity < 1.0:
         raise ConfigError(f"--sparsity {p.sparsity} must be in (0, 1)", "give e.g. --sparsity 0.9")
-    if cfg.dp.epsilon is not None or cfg.dp.max_grad_norm is not None:  # the DP stage adds itself and lifts this
-        raise ConfigError("differential privacy (dp.epsilon / dp.max_grad_norm) is not available in this relucomp",
-                          "remove the [dp] settings")
+    check_dp(cfg)
     check_robustness(cfg)
     _check_device(r.device)
     if check_data:

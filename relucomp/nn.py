@@ -148,4 +148,23 @@ class SparseReLU(nn.Module):
         return f"kept={self.kept_relus}, act_shape={self.act_shape}, by_channel={self.by_channel}"
 
 
+def keep_mask(mod: nn.Module) -> tuple[torch.Tensor, tuple[int, ...], bool] | None:
+    """(1-D keep mask, act_shape, by_channel) of a :class:`SparseReLU` or a hard :class:`ReLUGate`; None otherwise.
+
+    The mask indexes the flattened per-sample activation (pixel) or its channels
+    (``by_channel``); the lowering passes (pi, edge) read a layer's kept ReLUs from it.
+    """
+    if isinstance(mod, SparseReLU):
+        n = mod.act_shape[0] if mod.by_channel else math.prod(mod.act_shape)
+        mask = torch.zeros(n, dtype=torch.bool)
+        mask[mod.keep] = True
+        return mask, mod.act_shape, mod.by_channel
+    if isinstance(mod, ReLUGate) and bool(mod.hard):
+        m = mod.mask.detach()[0] > 0.5
+        if mod.granularity == "channel" and len(mod.act_shape) > 1:
+            return m.reshape(m.shape[0], -1)[:, 0].clone(), mod.act_shape, True
+        return m.expand(mod.act_shape).reshape(-1).clone(), mod.act_shape, False
+    return None
+
+
 LEAF_MODULES: tuple[type[nn.Module], ...] = (ReLUGate, SparseReLU)

@@ -61,10 +61,13 @@ def build_gated(model: nn.Module, example: torch.Tensor, *, granularity: str,
 
 
 def lowering_passes(example: torch.Tensor, *, gate_form: str = "sparse", compose: str = "macs") -> list:
-    if gate_form == "pi":  # PI-ready: per layer, the cheapest data-movement form around the kept ReLUs
-        from .passes.pi_lowering import PILoweringPass
-
-        return [LowerGatesPass("sparse"), FoldBatchNormPass(), PILoweringPass(), ComposeAffinePass(compose),
+    """The lowering pipeline; ``gate_form`` "pi" / "edge" are the two export targets (see export_targets)."""
+    if gate_form in ("pi", "edge"):
+        if gate_form == "pi":  # PI-ready: per layer, the cheapest data-movement form around the kept ReLUs
+            from .passes.pi_lowering import PILoweringPass as FormPass
+        else:  # plaintext-optimal: each partial layer one Max(x, x*s) (passes/edge_lowering.py)
+            from .passes.edge_lowering import EdgeLoweringPass as FormPass
+        return [LowerGatesPass("sparse"), FoldBatchNormPass(), FormPass(), ComposeAffinePass(compose),
                 DeadCodeEliminationPass(), ShapeAnalysisPass(example[:1])]
     return [LowerGatesPass(gate_form), FoldBatchNormPass(), ComposeAffinePass(compose), DeadCodeEliminationPass(),
             ShapeAnalysisPass(example[:1])]

@@ -15,7 +15,14 @@ or embedded as base64 (``inline=True``):
 * private-inference latency vs budget (measured when a run's report holds a
   measurement, otherwise estimated),
 
-and the numbers behind every figure in tables.  ψ_g comes from the report's
+* with differentially private runs (``report.json["dp"]``; several compile
+  directories side by side, or a sweep under ``--dp-epsilon``): test accuracy
+  and max ψ_g vs ε for the last and the averaged (EMA) weights, non-private
+  runs as reference lines, and the privacy accounting per run,
+
+and the numbers behind every figure in tables.  A directory that holds
+several compile output directories (``DIR/*/report.json``) is read like a
+sweep.  ψ_g comes from the report's
 ``fairness`` section (:func:`relucomp.metrics.fairness_report`, test split,
 last weights) when present, else it is computed from the report's group
 accuracies: ``ψ_g = (acc_dense(g) − acc(g)) − (acc_dense − acc)``.
@@ -156,6 +163,9 @@ class RunData:
     onnx: Path | None
     seconds: float
     report: dict[str, Any] = field(repr=False, default_factory=dict)
+    dp: dict[str, Any] | None = None            # the report's ``dp`` section (DP-SGD finetune)
+    ema_acc: float | None = None                # test accuracy / max ψ_g of the averaged weights
+    ema_max_psi: float | None = None
 
 
 @dataclass
@@ -190,6 +200,11 @@ def _fnum(v: Any) -> float | None:
     return None if math.isnan(v) or math.isinf(v) else v
 
 
+def _eps_label(dp: dict[str, Any]) -> str:
+    eps = _fnum(dp.get("epsilon_target"))
+    return "∞" if eps is None or not dp.get("private", True) else f"{eps:g}"
+
+
 def run_from_report(rep: dict[str, Any], run_dir: Path, name: str | None = None) -> RunData:
     try:
         budget = int(rep["relus"]["budget"])
@@ -205,10 +220,16 @@ def run_from_report(rep: dict[str, Any], run_dir: Path, name: str | None = None)
     fair = rep.get("fairness") or {}
     tolerance = _fnum(fair.get("tolerance")) if fair.get("method") in ("ceag",) else None
     method = (rep.get("sweep") or {}).get("method") or fair.get("method") or "nft"
+    dp = rep.get("dp") or None
+    dp = dp.to_dict() if hasattr(dp, "to_dict") else dp  # a typed DPReport (or the dict of an older reader)
+    if dp:  # runs that differ only in ε must stay apart in every table and figure
+        method = f"{method} · DP ε={_eps_label(dp)}"
     fr = None
     res = fair.get("results") if isinstance(fair, dict) else None
+    ema = None
     if isinstance(res, dict):
         fr = ((res.get("last") or {}).get("test")) if "last" in res else None
+        ema = (res.get("ema") or {}).get("test")
     elif isinstance(fair, dict) and "groups" in fair and "psi_pw" in fair:  # a bare fairness_report
         fr = fair
     psi: dict[str, float | None] = {}
@@ -241,7 +262,8 @@ def run_from_report(rep: dict[str, Any], run_dir: Path, name: str | None = None)
         psi_ci=psi_ci, max_psi=max_psi, psi_pw=psi_pw, fairness_source=source, tolerance=tolerance,
         per_layer=list(rep.get("per_layer") or []), latency_s=lat, latency_label=lab, latency_dense_s=lat_d, latency_dense_label=lab_d,
         onnx=onnx if onnx.exists() else None, seconds=float(sum((rep.get("phases_seconds") or {}).values())),
-        report=rep,
+        report=rep, dp=dict(dp) if dp else None, ema_acc=_fnum(((ema or {}).get("overall") or {}).get("acc_compiled")),
+        ema_max_psi=_fnum((ema or {}).get("max_psi")),
     )
 
 
@@ -272,8 +294,9 @@ def collect(path: str | Path) -> ReportData:
     runs: list[RunData] = []
     if sweep_state is not None:
         dirs = [(name, root / r["dir"]) for name, r in sweep_state.get("runs", {}).items() if r.get("status") == "done"]
-    else:
-        dirs = [(d.name, d) for d in sorted((root / "runs").glob("*")) if d.is_dir()]
+    else:  # DIR/runs/* (a sweep without sweep.json), else DIR/* (several compile directories side by side)
+        base = root / "runs" if (root / "runs").is_dir() else root
+        dirs = [(d.name, d) for d in sorted(base.glob("*")) if d.is_dir()]
     for name, d in dirs:
         rp = d / "report.json"
         if rp.exists():
@@ -488,6 +511,75 @@ def fig_latency(data: ReportData, path: Path) -> Path:
     return path
 
 
+def _dp_x(runs: Sequence[RunData]) -> tuple[dict[str, float], float | None]:
+    """x position per DP run (ε target; ε = ∞ placed right of the largest finite ε) and that position."""
+    finite = [_fnum(r.dp.get("epsilon_target")) for r in runs if _eps_label(r.dp) != "∞"]
+    inf_x = max([f for f in finite if f] or [1.0]) * 3.0
+    return {r.name: (inf_x if _eps_label(r.dp) == "∞" else float(r.dp["epsilon_target"])) for r in runs}, \
+        (inf_x if any(_eps_label(r.dp) == "∞" for r in runs) else None)
+
+
+def fig_dp(data: ReportData, path: Path) -> Path:
+    """Test accuracy and max ψ_g vs ε (last and EMA weights), one colour per budget; non-private runs dashed."""
+    plt = _plt()
+    dp_runs = [r for r in data.runs if r.dp]
+    xpos, inf_x = _dp_x(dp_runs)
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    budgets = sorted({r.budget for r in dp_runs}, reverse=True)
+    for b, c in zip(budgets, _colors(len(budgets))):
+        runs = sorted([r for r in dp_runs if r.budget == b], key=lambda r: xpos[r.name])
+        xs = [xpos[r.name] for r in runs]
+        tag = f" ({b:,} ReLUs)" if len(budgets) > 1 else ""
+        nan = float("nan")
+        for ax, last, ema in ((a1, [r.acc for r in runs], [r.ema_acc for r in runs]),
+                              (a2, [r.max_psi for r in runs], [r.ema_max_psi for r in runs])):
+            ax.plot(xs, [nan if v is None else v for v in last], "-o", color=c, label="last" + tag)
+            if any(v is not None for v in ema):
+                ax.plot(xs, [nan if v is None else v for v in ema], "--s", color=c, alpha=0.75, label="EMA" + tag)
+        for r in (r for r in data.runs if not r.dp and r.budget == b):
+            a1.axhline(r.acc, color=c, ls=":", lw=1.2, label=f"non-private {r.method}" + tag)
+            if r.max_psi is not None:
+                a2.axhline(r.max_psi, color=c, ls=":", lw=1.2, label=f"non-private {r.method}" + tag)
+    ticks = sorted(set(xpos.values()))
+    for ax, title, yl in ((a1, "test accuracy vs ε", "test accuracy (%)"),
+                          (a2, "max ψ_g vs ε (test)", "max ψ_g (points)")):
+        ax.set_xscale("log")
+        ax.set_xticks(ticks)
+        ax.set_xticklabels(["∞" if t == inf_x else f"{t:g}" for t in ticks])
+        ax.minorticks_off()
+        ax.set_xlabel("ε (privacy budget of the finetune; log)")
+        ax.set_title(title)
+        ax.set_ylabel(yl)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def dp_table(data: ReportData) -> dict[str, Any] | None:
+    """The privacy accounting and the last / EMA results of every DP run (``None`` without DP runs)."""
+    dp_runs = [r for r in data.runs if r.dp]
+    if not dp_runs:
+        return None
+    xpos, _ = _dp_x(dp_runs)
+    rows = []
+    for r in sorted(dp_runs, key=lambda r: (-r.budget, xpos[r.name])):
+        d = r.dp
+        spent = _fnum(d.get("epsilon_spent"))
+        rows.append([r.name, f"{r.budget:,}", _eps_label(d), "∞ (no noise)" if spent is None else _f(spent, 3),
+                     f"{_fnum(d.get('delta')) or 0:.1e}", _f(_fnum(d.get("noise_multiplier")), 3),
+                     _f(_fnum(d.get("max_grad_norm"))), _f(_fnum(d.get("sample_rate")), 4), str(d.get("steps", "–")),
+                     _f(r.acc), _f(r.ema_acc), _f(r.max_psi, signed=True), _f(r.ema_max_psi, signed=True),
+                     d.get("export_weights") or "–", "; ".join(d.get("conversion") or []) or "–"])
+    for r in (r for r in data.runs if not r.dp):
+        rows.append([r.name, f"{r.budget:,}", "non-private", "–", "–", "–", "–", "–", "–", _f(r.acc), _f(r.ema_acc),
+                     _f(r.max_psi, signed=True), _f(r.ema_max_psi, signed=True), "–", "–"])
+    return _table(["run", "budget", "ε target", "ε spent", "δ", "noise σ", "clip C", "sample rate q", "steps",
+                   "test acc last", "test acc EMA", "max ψ_g last", "max ψ_g EMA", "exported", "DP conversion"],
+                  rows, num_from=1)
+
+
 # --------------------------------------------------------------------------- HTML
 
 _CSS = """
@@ -604,6 +696,7 @@ def render_report(path: str | Path, *, budget: int | str | None = None, inline: 
         "layers": fig_layers(data, figdir / "relus_per_layer.png"),
         "latency": fig_latency(data, figdir / "pi_latency.png"),
     }
+    dp_fig = fig_dp(data, figdir / "dp_epsilon.png") if any(r.dp for r in data.runs) else None
     r0 = data.runs[0]
     rep0 = r0.report
     groups = data.groups
@@ -701,7 +794,8 @@ def render_report(path: str | Path, *, budget: int | str | None = None, inline: 
         fallback_note=any(r.latency_label == FALLBACK_LABEL for r in data.runs), latency_floor=LATENCY_FLOOR_S,
         runs_table=_table(["report", "method", "ReLUs", "budget", "ONNX ReLUs", "ORT |diff|", "time (s)"], rrows,
                           num_from=2),
-        search_table=search_table, robustness=_robustness_tables(data))
+        search_table=search_table, dp_table=dp_table(data), robustness=_robustness_tables(data),
+        dp_fig=_img(dp_fig, root, "accuracy and max psi vs epsilon", inline) if dp_fig is not None else None)
     from .atomic import atomic_write_text
 
     atomic_write_text(html_path, doc)

@@ -127,3 +127,24 @@ def test_real_pi_bench(tmp_path):
     assert res["latency_s"] > 0 and res["bytes"] > 0 and res["first_run_s"] >= res["latency_s"] * 0.5
     assert res["error"]["max_abs_vs_onnxruntime"] < 1e-2
     assert res["machine"]["network"].startswith("loopback")
+
+
+def test_run_stats_and_fit_on_means(tmp_path):
+    """pi-bench reports mean, median and slow runs; the cost model is fitted on means and estimate says so."""
+    s = bench.run_stats([1.0, 1.1, 1.0, 3.0, 1.05, 1.0], [100, 100, 100, 220, 100, 100])
+    assert s["slow_runs"] == 1 and s["slow_run_indices"] == [3]
+    assert abs(s["latency_mean_s"] - 8.15 / 6) < 1e-9 and s["latency_median_s"] == 1.025
+    assert abs(s["bytes_mean"] - 720 / 6) < 1e-9
+    assert bench.DEFAULT_REPEAT >= 6
+    runs = [{"name": f"r{i}", "relus": r, "macs": 1e7, "gather_elements": 0, "maxpool_comparisons": 0,
+             "latency_s": 0.4 + 15e-6 * r, "latency_mean_s": 0.5 + 20e-6 * r, "bytes": 1e5 + 100 * r}
+            for i, r in enumerate([0, 20000, 40000, 70000])]
+    on_mean, on_median = fit(runs), fit(runs, statistic="median")
+    assert on_mean["statistic"] == "mean" and abs(on_mean["latency_s"]["relus"] - 20e-6) < 1e-7
+    assert abs(on_median["latency_s"]["relus"] - 15e-6) < 1e-7
+    cm = tmp_path / "cm.json"
+    cm.write_text(json.dumps({"default": "cheetah-private", "statistic": "mean",
+                              "configs": {"cheetah-private": on_mean}}))
+    path, _ = _lowered_onnx(tmp_path, "pixel")
+    assert estimate(str(path), cost_model=cm)["statistic"] == "mean"
+    assert estimate(str(path))["statistic"] in ("mean", "median")  # the shipped model says which

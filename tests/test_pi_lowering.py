@@ -106,6 +106,35 @@ def test_channel_perm_folds_into_convs():
     assert stats["forms"].get("channel_perm") == 1
 
 
+@pytest.mark.parametrize("forms", [FORMS, ("runs", "pixel_perm")])
+def test_pixel_perm_reorders_channels_into_fewer_runs(tmp_path, forms):
+    """relu1's pixel mask: alternating fully kept / fully linear channels plus two mixed ones → reordering the
+    channels (folded into conv1 and conv2) leaves far fewer runs; exact, and the ONNX ReLU count is the kept count."""
+    gm, x, _ = _gated("pixel", 4, c=8, hw=6)
+    gates = gates_of(gm)
+    g1 = next(g for name, g in gates.items() if "relu1" in name)
+    m = torch.zeros(8, 6, 6)
+    m[0::2] = 1.0  # channels 0, 2, 4, 6 fully kept
+    m[1, :3] = 1.0  # channels 1, 3 mixed
+    m[3, 2:] = 1.0
+    g1.set_mask(m[None])
+    kept = sum(g.kept_relus() for g in gates.values())
+    with torch.no_grad():
+        ref = gm(x)
+    pm = PassManager([LowerGatesPass(), FoldBatchNormPass(), PILoweringPass(forms=forms), DeadCodeEliminationPass(),
+                      ShapeAnalysisPass(x[:1])], calibration=x)
+    low = pm.run(gm).gm
+    rec = next(r for r in pm.records if r.name == "PILoweringPass").stats["layers"]
+    r1 = next(r for r in rec if "relu1" in r["site"])
+    assert r1["form"] == "perm+runs" and r1["costs_s"]["perm+runs"] < r1["costs_s"]["runs"]
+    runs_mod = [mm for mm in low.modules() if isinstance(mm, RunsReLU) and mm.keep.numel() == int(m.sum())]
+    assert runs_mod and len(runs_mod[0].runs) < 8  # unpermuted: 11 runs; permuted: 4 kept ch + 2 mixed + 2 linear
+    with torch.no_grad():
+        assert torch.allclose(low(x), ref, atol=1e-5)
+    res = export_onnx(low, tmp_path / "p.onnx", example=x[:1], max_relus=kept)
+    assert res["onnx_relus"] == kept
+
+
 def test_compaction_network_random_masks():
     g = torch.Generator().manual_seed(0)
     for n in (1, 2, 7, 64, 300, 1024):

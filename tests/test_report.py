@@ -409,3 +409,58 @@ def test_pi_latency_sources(monkeypatch, tmp_path):
     # no cost model at all: 0.29 s + 16 µs per ReLU
     monkeypatch.setitem(sys.modules, "relucomp.pi.estimate", None)
     assert pi_latency(12_288) == pytest.approx((0.29 + 16e-6 * 12_288, FALLBACK_LABEL))
+
+
+# --------------------------------------------------------------------------- differential privacy
+
+def fake_dp_report(eps: float | None, seed: int) -> dict:
+    """A compile report at 4,000 ReLUs; ``eps`` None: non-private; inf: DP-SGD without noise."""
+    rep = fake_report(4000, "nft", seed=seed)
+    y, pd_, pc, g = _predictions(3000, "nft", seed + 1)  # the averaged weights: other predictions
+    rep["fairness"]["results"]["ema"] = {"test": fairness_report(y, pd_, pc, g, GROUPS, n_boot=0, seed=seed)}
+    if eps is not None:
+        private = eps != float("inf")
+        rep["dp"] = {"private": private, "epsilon_target": eps if private else None,
+                     "epsilon_spent": 0.998 * eps if private else None, "delta": 1e-5,
+                     "noise_multiplier": 0.5 + 1.0 / eps, "max_grad_norm": 1.0, "sample_rate": 0.0457, "steps": 44,
+                     "conversion": ["folded 2 BatchNorm layer(s) into the preceding conv/linear (exact)"],
+                     "export_weights": "ema"}
+    return rep
+
+
+def test_report_dp_runs_accuracy_and_psi_vs_epsilon(tmp_path):
+    """Several compile directories side by side (non-private, ε = 1, 8, ∞): the DP figure and table."""
+    root = tmp_path / "dp"
+    reps = {}
+    for i, (name, eps) in enumerate([("non-private", None), ("eps1", 1.0), ("eps8", 8.0), ("epsinf", float("inf"))]):
+        d = root / name
+        d.mkdir(parents=True)
+        reps[name] = fake_dp_report(eps, seed=11 + i)
+        (d / "report.json").write_text(json.dumps(reps[name]))
+    data = collect(root)
+    assert sorted(r.name for r in data.runs) == sorted(reps) and sum(r.dp is not None for r in data.runs) == 3
+    assert len(set(r.method for r in data.runs)) == 4  # runs differing only in ε stay apart
+    html = render_report(root)
+    page = parse(html)
+    figs = sorted(p.name for p in (root / "figures").glob("*.png"))
+    assert "dp_epsilon.png" in figs and len(figs) == 6 and sorted(Path(s).name for s in page.imgs) == figs
+    check_png(root / "figures" / "dp_epsilon.png")
+    cells = page.cells
+    text = html.read_text(encoding="utf-8")
+    assert "accuracy and max ψ_g vs ε" in text
+    for name in ("eps1", "eps8", "epsinf"):
+        rep = reps[name]
+        row = cells[cells.index(name) - 0: cells.index(name) + 15]
+        res = rep["fairness"]["results"]
+        assert f"{rep['dp']['epsilon_spent']:.3f}" in row if rep["dp"]["private"] else "∞ (no noise)" in row
+        assert f"{rep['dp']['noise_multiplier']:.3f}" in row and "0.0457" in row and "44" in row
+        assert f"{res['last']['test']['overall']['acc_compiled']:.2f}" in row
+        assert f"{res['ema']['test']['overall']['acc_compiled']:.2f}" in row
+        assert f"{res['ema']['test']['max_psi']:+.2f}" in row and "ema" in row
+    assert "non-private" in cells
+    # a single DP compile directory renders its DP section too
+    one = tmp_path / "one"
+    one.mkdir()
+    (one / "report.json").write_text(json.dumps(reps["eps8"]))
+    page1 = parse(render_report(one))
+    assert "dp_epsilon.png" in {Path(s).name for s in page1.imgs} and "7.984" in page1.cells

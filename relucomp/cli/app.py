@@ -61,8 +61,23 @@ RobustnessSamples = Annotated[Optional[int], typer.Option(
 PgdEpsilon = Annotated[Optional[str], typer.Option("--pgd-epsilon", help="PGD L∞ radius in pixel units, e.g. 8/255")]
 PgdStep = Annotated[Optional[str], typer.Option("--pgd-step", help="PGD step, e.g. 2/255")]
 PgdSteps = Annotated[Optional[int], typer.Option("--pgd-steps", help="PGD iterations (default 10)")]
+ExportTarget = Annotated[str, typer.Option(
+    "--export-target", help="pi: OUT/model.onnx (PI-ready: Relu only on kept elements) | edge: OUT/model.edge.onnx "
+                            "(plaintext runtimes: onnxruntime, mobile) | both")]
 ConfigFile = Annotated[Optional[Path], typer.Option("--config", help="TOML config file (e.g. OUT/config.toml to "
                                                                      "replay a run); flags override its values")]
+
+# differential privacy (relucomp.dp; compile and sweep)
+DPEpsilon = Annotated[Optional[float], typer.Option(
+    "--dp-epsilon", help="finetune under DP-SGD (opacus) to this ε w.r.t. the training split; inf = clipping, no noise")]
+DPDelta = Annotated[Optional[float], typer.Option("--dp-delta", help="DP δ, < 1/n (default min(1e-5, 0.1/n))")]
+DPMaxGradNorm = Annotated[Optional[float], typer.Option("--dp-max-grad-norm",
+                                                        help="per-sample gradient clipping norm C (default 1.0)")]
+DPPhase = Annotated[Optional[str], typer.Option("--dp-phase", help="phase under DP: finetune (search | both: not implemented)")]
+DPBatchSize = Annotated[Optional[int], typer.Option("--dp-batch-size",
+                                                    help="expected (Poisson) batch under DP (default max(--batch-size, 256))")]
+ExportWeights = Annotated[Optional[str], typer.Option("--export-weights",
+                                                      help="weights in model.onnx / model.pt: last | ema (default ema under DP)")]
 
 #: CLI parameter names that differ from the library keywords
 RENAMES = {"epochs": "search_epochs", "out": "out_dir", "leaf_module": "leaf_modules"}

@@ -1,4 +1,4 @@
-"""``relucomp compile``, ``relucomp inspect``, ``relucomp version``."""
+"""``relucomp compile``, ``relucomp export``, ``relucomp inspect``, ``relucomp version``."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import typer
 from rich.table import Table
 
 from ..budget import human
-from .app import (AsJson, BatchSize, BudgetIncludesMaxpool, Checkpoint, ConfigFile, Corruptions, Device, EvalRobustness,
-                  ImageSize, LeafModule, Limit, Lr, NoProgress, NumClasses, PgdEpsilon, PgdStep, PgdSteps, Pretrained,
+from .app import (AsJson, BatchSize, BudgetIncludesMaxpool, Checkpoint, ConfigFile, Corruptions, Device, DPBatchSize,
+                  DPDelta, DPEpsilon, DPMaxGradNorm, DPPhase, EvalRobustness, ExportTarget, ExportWeights, ImageSize,
+                  LeafModule, Limit, Lr, NoProgress, NumClasses, PgdEpsilon, PgdStep, PgdSteps, Pretrained,
                   RobustnessSamples, Seed, Severities, Target, app, errors_handled, given, layer_table, log,
                   out_console, quiet_torch_logs, robustness_table)
 
@@ -53,6 +54,13 @@ def compile(  # noqa: A001
     prune_importance: str = typer.Option("l1", "--prune-importance", help="channel importance: l1 | l2 | bn | taylor"),
     replace_maxpool: bool = typer.Option(False, "--replace-maxpool", help="MaxPool → AvgPool before the search (MaxPool comparisons cost like ReLUs in PI; the finetune recovers)"),
     budget_includes_maxpool: BudgetIncludesMaxpool = False,
+    export_target: ExportTarget = "pi",
+    dp_epsilon: DPEpsilon = None,
+    dp_delta: DPDelta = None,
+    dp_max_grad_norm: DPMaxGradNorm = None,
+    dp_phase: DPPhase = None,
+    dp_batch_size: DPBatchSize = None,
+    export_weights: ExportWeights = None,
     pretrained: Pretrained = False,
     leaf_module: LeafModule = None,
     eval_robustness: EvalRobustness = False,
@@ -67,7 +75,7 @@ def compile(  # noqa: A001
     config: ConfigFile = None,
     print_config: bool = typer.Option(False, "--print-config", help="print the resolved configuration (TOML) and exit"),
 ) -> None:
-    """Compress MODEL to a ReLU budget and write OUT/model.onnx, OUT/model.pt, OUT/report.json."""
+    """Compress MODEL to a ReLU budget and write OUT/model.onnx (and/or OUT/model.edge.onnx), OUT/model.pt, OUT/report.json."""
     from ..config import resolve_config, to_toml, validate
 
     overrides = given(ctx, skip=("model", "data", "config", "print_config"))
@@ -112,9 +120,13 @@ def print_summary(rep) -> None:
         b, a = ga["before"].get(gname), ga["after"].get(gname)
         n = ga.get("test_counts", {}).get(gname, 0)
         t.add_row(f"  group {gname} (n={n})", "-" if b is None else f"{b:.2f}%", "-" if a is None else f"{a:.2f}%")
-    if rep.export is not None:
-        e = rep.export
-        t.add_row("ONNX", "", f"{e['path']} ({e['onnx_relus']:,} ReLUs in graph, ort |diff| {e['ort_max_abs_diff']:.1e})")
+    if rep.dp is not None:
+        d = rep.dp
+        eps = "∞ (no noise: no guarantee)" if d.epsilon_spent is None else f"{d.epsilon_spent:.3f} (target {d.epsilon_target:g})"
+        t.add_row("DP-SGD finetune", "", f"ε spent {eps}, δ {d.delta:.1e}, σ {d.noise_multiplier:.3f}, "
+                  f"C {d.max_grad_norm:g}, q {d.sample_rate:.4f}, {d.steps} steps")
+    for target, e in (rep.exports or ({"pi": rep.export} if rep.export else {})).items():
+        t.add_row(f"ONNX ({target})", "", export_line(e) + f", {rep.export_weights} weights")
     out_console.print(t)
     if rep.robustness:
         out_console.print(robustness_table(rep.robustness_result))
@@ -147,6 +159,25 @@ def print_summary(rep) -> None:
     out_console.print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in rep.phases_seconds.items()))
 
 
+def export_line(e: dict) -> str:
+    return f"{e['path']} ({e['onnx_relus']:,} ReLUs in graph, ort |diff| {e['ort_max_abs_diff']:.1e})"
+
+
+@app.command("export")
+def export_cmd(
+    out: Path = typer.Argument(..., help="the --out directory of a finished relucomp compile (holds model.pt)"),
+    export_target: ExportTarget = "both",
+) -> None:
+    """Export a compiled model (OUT/model.pt) for pi and/or edge without retraining."""
+    from ..export_targets import export_compiled
+
+    quiet_torch_logs()
+    with errors_handled():
+        res = export_compiled(out, export_target)
+    for target, e in res.items():
+        out_console.print(f"{target}: {export_line(e)}")
+
+
 @app.command()
 def inspect(
     target: str = typer.Argument(..., help="model name / file.py:factory / module:factory, or a .onnx file"),
@@ -174,6 +205,11 @@ def inspect(
                       + (f", {tot['comparisons']:,} comparisons no gate controls"
                          + (f" (incl. {tot['hidden_relus']:,} ReLUs hidden in leaf modules)" if tot.get("hidden_relus") else "")
                          if tot.get("comparisons") and "comparisons_by_op" not in tot else ""))
+    from ..export_targets import describe
+
+    line = describe(info.get("metadata") or {})
+    if line:
+        out_console.print(line)
 
 
 @app.command()

@@ -24,7 +24,8 @@ def pi_bench_cmd(
     model: Optional[Path] = typer.Argument(None, help="ONNX file to run under 2PC (e.g. OUT/model.onnx)"),
     protocol: str = typer.Option("cheetah", "--protocol", help="cheetah | semi2k (SPU 2PC protocols)"),
     batch: int = typer.Option(1, "--batch", help="images per inference"),
-    repeat: int = typer.Option(3, "--repeat", "-n", help="timed runs after one warm-up run (median reported)"),
+    repeat: int = typer.Option(6, "--repeat", "-n", help="timed runs after one warm-up run (mean, median and slow runs "
+                                                          "reported; ≥ 6 includes Cheetah's periodic OT refill)"),
     weights: str = typer.Option("private", "--weights",
                                 help="private: weights stay on the server (HE linear layers); secret: secret-shared "
                                      "with the client; public: the client knows the model"),
@@ -62,7 +63,8 @@ def pi_bench_cmd(
     if res["maxpool_comparisons"]:
         t.add_row("MaxPool comparisons / image", f"{res['maxpool_comparisons']:,} (PI pays for these too)")
     t.add_row("MACs / image", human(res["macs"]))
-    t.add_row("latency (median)", f"{res['latency_s'] * 1e3:,.0f} ms  (runs: "
+    t.add_row("latency mean / median", f"{res['latency_mean_s'] * 1e3:,.0f} / {res['latency_median_s'] * 1e3:,.0f} ms, "
+              f"{res['slow_runs']} slow run(s) > {res['slow_factor']}× median  (runs: "
               + ", ".join(f"{v * 1e3:,.0f}" for v in res["latency_runs_s"]) + ")")
     t.add_row("communication / inference", mb(res["bytes"]) + f"  (server→client {mb(res['bytes_by_party']['server_sent'])}, "
               f"client→server {mb(res['bytes_by_party']['client_sent'])})")
@@ -113,7 +115,9 @@ def estimate_cmd(
     t.add_row("MACs / image", human(c["macs"]))
     if c.get("gather_elements"):
         t.add_row("gathered elements / image", f"{c['gather_elements']:,}")
-    t.add_row("estimated latency", f"{p['latency_s'] * 1e3:,.0f} ms (linear floor {f['latency_s'] * 1e3:,.0f} ms)")
+    t.add_row(f"estimated latency ({res['statistic']})", f"{p['latency_s'] * 1e3:,.0f} ms (linear floor "
+              f"{f['latency_s'] * 1e3:,.0f} ms)")
+    t.add_row("predicts", res["statistic_note"])
     t.add_row("estimated communication", f"{mb(p['bytes'])} (linear floor {mb(f['bytes'])})")
     co = res["coefficients"]
     t.add_row("cost model", f"{co['latency_s']['relus'] * 1e6:.1f} µs + {co['bytes']['relus']:.0f} B per ReLU, "

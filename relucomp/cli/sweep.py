@@ -8,8 +8,9 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from .app import (BatchSize, BudgetIncludesMaxpool, Checkpoint, ConfigFile, Device, ImageSize, Limit, Lr, NoProgress, Seed, Target, app,
-                  errors_handled, given, log, out_console, quiet_torch_logs)
+from .app import (BatchSize, BudgetIncludesMaxpool, Checkpoint, ConfigFile, Device, DPBatchSize, DPDelta, DPEpsilon,
+                  DPMaxGradNorm, DPPhase, ExportTarget, ExportWeights, ImageSize, Limit, Lr, NoProgress, Seed, Target,
+                  app, errors_handled, given, log, out_console, quiet_torch_logs)
 
 
 # the sweep's own fairness options (several methods compared; one search shared when the constraints act in the finetune)
@@ -38,6 +39,12 @@ def sweep_cmd(
     fair_method: Optional[str] = FAIR_METHODS,
     tolerance: float = TOLERANCE,
     fair_phase: str = FAIR_PHASE,
+    dp_epsilon: DPEpsilon = None,
+    dp_delta: DPDelta = None,
+    dp_max_grad_norm: DPMaxGradNorm = None,
+    dp_phase: DPPhase = None,
+    dp_batch_size: DPBatchSize = None,
+    export_weights: ExportWeights = None,
     granularity: str = GRANULARITY,
     search: str = SEARCH,
     epochs: int = EPOCHS,
@@ -51,6 +58,7 @@ def sweep_cmd(
     seed: Seed = 0,
     budget_includes_maxpool: BudgetIncludesMaxpool = False,
     no_export: bool = typer.Option(False, "--no-export", help="skip the ONNX export of each run"),
+    export_target: ExportTarget = "pi",
     keep_snapshots: bool = typer.Option(False, "--keep-snapshots", help="keep the search snapshots after the sweep"),
     report: bool = typer.Option(True, "--report/--no-report", help="render OUT/report.html at the end"),
     no_progress: NoProgress = False,

@@ -12,6 +12,12 @@ every measurement they were fitted on and the model's error on each, so
 costed as one ReLU (``max(a, b) = b + relu(a − b)``: one comparison and one
 multiplexer, the same protocol as a ReLU).
 
+The model predicts the **mean** latency / bytes per inference over timed runs
+(``statistic`` in ``cost_model.json``; pi-bench runs include Cheetah's periodic
+OT-pool refill, which a median hides).  A cost model fitted before this was
+recorded predicts the median (``statistic: "median"``), and :func:`estimate`
+says so.
+
 Counting is done from the ONNX graph itself (shape inference; no torch), or,
 for a model spec, from relucomp's own analysis of the traced model.
 """
@@ -24,6 +30,7 @@ from typing import Any, Sequence
 
 COST_MODEL = Path(__file__).with_name("cost_model.json")
 FEATURES = ("const", "relus", "macs", "gather_elements", "where_elements")
+STATISTICS = ("mean", "median")
 
 #: used when no cost_model.json is present: 2-core machine, loopback, SPU 0.9.5 Cheetah
 #: (0.44 s floor and ~15.7 µs / ~100 B per ReLU for resnet8, per the reference measurements)
@@ -84,19 +91,29 @@ def predict(costs: dict[str, Any], model: dict[str, Any] | None = None) -> dict[
 
 
 def fit(runs: Sequence[dict[str, Any]], *, protocol: str = "cheetah", machine: dict | None = None,
-        lowering: dict | None = None, fixed: dict[str, dict[str, float]] | None = None) -> dict[str, Any]:
+        lowering: dict | None = None, fixed: dict[str, dict[str, float]] | None = None,
+        statistic: str = "mean") -> dict[str, Any]:
     """Fit the coefficients (non-negative least squares on relative error) to pi-bench results.
 
     Each run needs ``relus``, ``maxpool_comparisons``, ``macs``, ``gather_elements``,
     ``latency_s`` and ``bytes`` (a :func:`relucomp.pi.bench.pi_bench` result) and a ``name``.
+    ``statistic="mean"`` (default) fits ``latency_mean_s`` / ``bytes_mean`` where a run has
+    them (the per-inference expectation, refills included), ``"median"`` the medians.
     ``fixed`` (``{"latency_s": {"gather_elements": 1.7e-6}, ...}``) pins coefficients measured
     elsewhere (the data-movement terms, from SPU's per-op profile); the rest are fitted.
     """
     import numpy as np
     from scipy.optimize import nnls
 
+    if statistic not in STATISTICS:
+        raise ValueError(f"statistic must be one of {STATISTICS}")
+    if statistic == "mean":
+        runs = [{**r, "latency_s": r.get("latency_mean_s", r["latency_s"]), "bytes": r.get("bytes_mean", r["bytes"])}
+                for r in runs]
+    else:
+        runs = [{**r, "latency_s": r.get("latency_median_s", r["latency_s"])} for r in runs]
     X = np.array([[features(r)[k] for k in FEATURES] for r in runs], dtype=np.float64)
-    model: dict[str, Any] = {"protocol": protocol}
+    model: dict[str, Any] = {"protocol": protocol, "statistic": statistic}
     for target in ("latency_s", "bytes"):
         pinned = (fixed or {}).get(target, {})
         y_all = np.array([float(r[target]) for r in runs])
@@ -170,7 +187,12 @@ def estimate(target: str | Path, *, relus: int | str | None = None, cost_model: 
     m = load_cost_model(cost_model, config)
     p = predict(costs, m)
     floor = predict({**costs, "relus": 0, "maxpool_comparisons": 0, "gather_elements": 0, "where_elements": 0}, m)
+    stat = m.get("statistic", "median")  # cost models fitted before the statistic was recorded used medians
+    note = ("mean latency per inference over timed runs, Cheetah's periodic OT-pool refill included" if stat == "mean"
+            else "median latency over timed runs (hides the periodic OT-pool refill: refit on means with "
+                 "benchmarks/bench_pi.py)")
     return {"target": t, "kind": kind, "costs": costs, "predicted": p, "linear_floor": floor,
+            "statistic": stat, "statistic_note": note,
             "coefficients": {"latency_s": m["latency_s"], "bytes": m["bytes"]},
             "model_error": m.get("error"), "fit": m.get("fit", []), "protocol": m.get("protocol", "cheetah"),
             "config": m.get("config", "default"), "weights": m.get("weights"), "configs": m.get("configs", []),

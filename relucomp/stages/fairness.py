@@ -7,6 +7,7 @@ from typing import Any
 
 from ..fair_compile import fairness_section
 from .base import RunState
+from .finetune import tuned as finetuned
 
 NAME = "fairness"
 
@@ -17,7 +18,7 @@ class FairnessOut:
 
 
 def run(st: RunState) -> FairnessOut:
-    cfg, bundle, dense, tuned = st.cfg, st["data"].bundle, st["evaluate_dense"], st["finetune"]
+    cfg, bundle, dense, tuned = st.cfg, st["data"].bundle, st["evaluate_dense"], finetuned(st)
     low = st["fold"]
     variants = {"last": low.gm, **({"ema": low.ema} if low.ema is not None else {})}
     preds = {"train": dense.train, "val": dense.val, "test": dense.test}  # dense predictions: computed once

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import fx
 
+from ..compile_report import DPReport
 from ..fair_compile import FairPhase, ema_model
 from ..infra import PassManager
 from ..passes.finetune import FinetunePass
@@ -27,8 +28,28 @@ NAME = "finetune"
 class FinetuneOut:
     stats: dict[str, Any] = field(default_factory=dict)
     fair: FairPhase | None = None
-    gated_state: dict[str, torch.Tensor] = field(default_factory=dict)   # what model.pt stores
+    gated_state: dict[str, torch.Tensor] = field(default_factory=dict)   # what model.pt stores (``weights``)
     ema: fx.GraphModule | None = None                                      # EMA weights, BN re-estimated
+    gm: fx.GraphModule | None = None                                       # the finetuned gated model (last)
+    dp: DPReport | None = None                                             # set by the dp_finetune stage
+    weights: str = "last"                                                  # exported: last | ema
+
+
+def output(st: RunState, gm: fx.GraphModule, ema: fx.GraphModule | None, **kw: Any) -> FinetuneOut:
+    """A finetune stage's output; ``gated_state`` holds the exported weights (``export.weights``, if an EMA exists)."""
+    weights = st.cfg.export_weights if ema is not None else "last"
+    src = ema if weights == "ema" else gm
+    return FinetuneOut(gated_state={k: v.clone() for k, v in src.state_dict().items()}, ema=ema, gm=gm,
+                       weights=weights, **kw)
+
+
+def when(st: RunState) -> bool:
+    return st.cfg.dp.epsilon is None  # under DP the dp_finetune stage runs instead
+
+
+def tuned(st: RunState) -> FinetuneOut:
+    """The finetune's output: this stage's, or the ``dp_finetune`` stage's when that ran instead."""
+    return st.results[NAME] if NAME in st.results else st["dp_finetune"]
 
 
 def run(st: RunState) -> FinetuneOut:
@@ -59,8 +80,7 @@ def run(st: RunState) -> FinetuneOut:
     gm.cpu().eval()
     if prune.gmp is not None:  # GMP: reach the final sparsity and bake the masks into the weights
         prune.report["sparsity"] = prune.gmp.bake()
-    gated_state = {k: v.clone() for k, v in gm.state_dict().items()}
     ema = ema_model(gm, ffair, st["data"].train_eval) if cfg.finetune.epochs > 0 else None
     if prune.gmp is not None and ema is not None:
         prune.gmp.apply_to(ema)
-    return FinetuneOut(stats=stats, fair=ffair, gated_state=gated_state, ema=ema)
+    return output(st, gm, ema, stats=stats, fair=ffair)

@@ -13,6 +13,7 @@ from ..ir import copy_gm
 from ..passes.shape_prop import layer_table
 from ..pipelines import lowering_passes, summary
 from .base import RunState
+from .finetune import tuned
 
 NAME = "fold"
 
@@ -31,10 +32,13 @@ def run(st: RunState) -> LowerOut:
     calib, form = st["data"].calib, st.cfg.export.gate_form
     # diagnostics compare like with like: a copy of the hard-gated graph (BN separate, as in the dense model),
     # which computes exactly what the lowered one does
-    gated = copy_gm(st["gates"].gm) if st.cfg.runtime.diagnose else None
+    # (under DP the finetuned graph is the DP-compatible one: BatchNorm already folded by relucomp.dp)
+    ft = tuned(st)
+    src = ft.gm if ft.gm is not None else st["gates"].gm
+    gated = copy_gm(src) if st.cfg.runtime.diagnose else None
     pm = PassManager(lowering_passes(calib, gate_form=form), calibration=calib)
-    gm = pm.run(st["gates"].gm).gm
-    ema = st["finetune"].ema
+    gm = pm.run(src).gm
+    ema = ft.ema
     if ema is not None:
         ema = PassManager(lowering_passes(calib, gate_form=form), calibration=calib).run(ema.eval()).gm
     after, budget = summary(gm), st["model"].budget

@@ -51,6 +51,10 @@ def run(st: RunState) -> ModelOut:
 
         check_options(dense, prune_channels=p.prune_channels, mac_budget=p.mac_budget, sparsity=p.sparsity,
                       importance=p.importance)
+    if cfg.dp.epsilon is not None:  # δ < 1/n needs the training split's size: checked here, before any training
+        from ..config import check_dp
+
+        check_dp(cfg, len(data.bundle.train))
     st.say(f"model: {before['relus']:,} ReLUs, {before['macs']:,} MACs; budget {budget:,}"
            + (f" ({gate_budget:,} for the gates)" if gate_budget != budget else ""))
     return ModelOut(model=model, spec=spec, trained=trained, dense_gm=dense, before_rows=layer_table(dense),

@@ -5,6 +5,7 @@ from __future__ import annotations
 from .. import __version__
 from ..compile_report import CompileReport
 from .base import RunState
+from .finetune import tuned as finetuned
 from .prune import PruneOut
 
 NAME = "report"
@@ -13,7 +14,7 @@ NAME = "report"
 def run(st: RunState) -> CompileReport:
     cfg, data, m = st.cfg, st["data"], st["model"]
     bundle, low, dense, comp = data.bundle, st["fold"], st["evaluate_dense"], st["evaluate_compiled"]
-    search, tuned = st["search"], st["finetune"]
+    search, tuned = st["search"], finetuned(st)
     kept = {r["name"]: r["relus_kept"] for r in low.rows if r["kind"] in ("relu", "gate", "sparse_relu")}
     per_layer = [{"site": r["name"], "shape": r["shape"], "relus_before": r["relus"], "relus_after": int(kept.get(r["name"], 0))}
                  for r in m.before_rows if r["kind"] == "relu"]
@@ -27,7 +28,9 @@ def run(st: RunState) -> CompileReport:
         options={"relu_budget": m.budget, "granularity": cfg.search.granularity, "search": cfg.search.method,
                  "search_epochs": cfg.search.epochs, "finetune_epochs": cfg.finetune.epochs,
                  "pretrain_epochs": st["pretrain"].epochs, "batch_size": cfg.runtime.batch_size, "lr": cfg.search.lr,
-                 "seed": cfg.runtime.seed, "gate_form": cfg.export.gate_form, "replace_maxpool": cfg.search.replace_maxpool},
+                 "seed": cfg.runtime.seed, "gate_form": cfg.export.gate_form,
+                 "export_target": cfg.export.target, "replace_maxpool": cfg.search.replace_maxpool,
+                 "export_weights": tuned.weights},
         config=cfg.to_dict(), pretrain=st["pretrain"].info,
         relus={"before": before["relus"], "after": after["relus_kept"], "budget": m.budget,
                "gate_budget": m.gate_budget, "hidden_before": before["hidden_relus"],
@@ -46,5 +49,5 @@ def run(st: RunState) -> CompileReport:
         fairness=st["fairness"].section, diagnostics=diag.section if diag is not None else None,
         search=search.light, search_history=search.stats.get("history", []),
         lambda_trace=search.stats.get("lambda_trace", []), finetune_history=tuned.stats.get("history", []),
-        passes=low.records, pruning=(st.results.get("prune") or PruneOut()).report, phases_seconds=st.phases,
+        passes=low.records, pruning=(st.results.get("prune") or PruneOut()).report, phases_seconds=st.phases, dp=tuned.dp,
         robustness=st["robustness"].to_dict() if "robustness" in st.results else None)

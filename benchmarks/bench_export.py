@@ -1,0 +1,276 @@
+"""Export targets in plain onnxruntime (issue 15) → benchmarks/results/export.json.
+
+resnet8 (73,728 ReLUs, 32×32) with **random masks of exact budgets** (36,864 /
+18,432 / 7,360 ReLUs; pixel and channel gates; latency does not depend on the
+weights' values), plus whole-layer masks keeping 28,672 (four of the seven ReLU
+layers fully linearized), exported three ways:
+
+* ``dense`` — every ReLU kept (the model you started from, BN folded);
+* ``edge``  — ``gate_form="edge"`` (passes/edge_lowering.py): one ``Max(x, x·s)``
+  per partial layer, fully linear layers folded;
+* ``pi``    — ``gate_form="pi"`` (passes/pi_lowering.py): ``Relu`` only on the kept
+  elements (Gather / Slice / compaction networks around them).
+
+Latency: onnxruntime CPU, 1 and 2 intra-op threads, batch 1 and 64; every repeat
+runs **all variants once, in a fresh random order** (interleaved, so load from
+other jobs hits them equally); ≥ 30 repeats; median and IQR per variant; a batch-1
+sample is the mean of ``--inner`` back-to-back runs (timer resolution).  The
+machine is shared with other jobs: ``os.getloadavg()`` is recorded before and
+after each setting, and timings under load are upper bounds.
+
+Also measured (``elementwise_forms``): the candidate single-layer forms of a
+partial ReLU after a 3×3 conv at resnet8's three activation shapes (PRelu,
+Where, Max(x, x·s), x − m·min(x, 0)), which chose the edge form.
+
+Usage: python benchmarks/bench_export.py [--repeats 30] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+warnings.filterwarnings("ignore")
+logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+
+from relucomp.pipelines import build_gated, lowering_passes  # noqa: E402
+from relucomp.export_targets import export_model  # noqa: E402
+from relucomp.infra import PassManager  # noqa: E402
+from relucomp.models import load_model  # noqa: E402
+from relucomp.passes.insert_gates import gates_of  # noqa: E402
+from relucomp.pi.bench import machine_info  # noqa: E402
+from relucomp.verify import onnx_relu_count  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+from bench_pi import exact_masks  # noqa: E402
+
+BUDGETS = [36_864, 18_432, 7_360]
+
+
+def _gated(granularity: str, budget: int | None, seed: int = 0, layers_off: tuple[int, ...] = ()):
+    torch.manual_seed(seed)
+    model = load_model("resnet8", num_classes=10).eval()
+    x = torch.randn(8, 3, 32, 32)
+    gm, _ = build_gated(model, x, granularity=granularity)
+    gates = list(gates_of(gm).values())
+    if budget is None:
+        for i, g in enumerate(gates):
+            g.set_mask(torch.zeros_like(g.mask) if i in layers_off else torch.ones_like(g.mask))
+    else:
+        exact_masks(gm, budget, granularity, seed)
+    return gm.eval(), x
+
+
+def build(out: Path, name: str, target: str, granularity: str, budget: int | None, layers_off=()) -> dict:
+    gm, x = _gated(granularity, budget, layers_off=layers_off)
+    kept = sum(g.kept_relus() for g in gates_of(gm).values())
+    with torch.no_grad():
+        ref = gm(x)
+    pm = PassManager(lowering_passes(x, gate_form=target), calibration=x)
+    low = pm.run(gm).gm
+    with torch.no_grad():
+        diff = float((low(x) - ref).abs().max())
+    assert diff < 1e-4, (name, diff)
+    path = out / f"{name}.onnx"
+    t0 = time.perf_counter()
+    if target == "pi":
+        # TorchScript exporter with a dynamic batch: the dynamo exporter takes minutes on compaction networks
+        torch.onnx.export(low, (x[:1],), str(path), dynamo=False, input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=18)
+        from relucomp.export import ort_run
+
+        got = ort_run(path, x.numpy())
+        assert np.abs(got - ref.numpy()).max() < 1e-3
+        counted = onnx_relu_count(str(path))["relus"]
+        assert counted == kept, (name, counted, kept)
+    else:
+        export_model(low, path, target, example=x[:1], verify_batch=x)
+        counted = onnx_relu_count(str(path))["relus"]
+    forms = next((r.stats.get("forms") for r in pm.records if r.name == "PILoweringPass"), None)
+    import onnx
+
+    ops: dict[str, int] = {}
+    for n in onnx.load(str(path)).graph.node:
+        ops[n.op_type] = ops.get(n.op_type, 0) + 1
+    return {"onnx": str(path), "target": target, "granularity": granularity, "relus_kept": kept,
+            "relu_elements_in_graph": counted, "torch_max_abs_diff": diff, "export_s": round(time.perf_counter() - t0, 1),
+            "pi_forms": forms, "ops": ops}
+
+
+def _session(path, threads: int):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def _stats(v: list[float]) -> dict:
+    q1, med, q3 = np.percentile(v, [25, 50, 75])
+    return {"median_ms": round(med * 1e3, 4), "iqr_ms": [round(q1 * 1e3, 4), round(q3 * 1e3, 4)], "n": len(v)}
+
+
+def interleaved(paths: dict[str, str], threads: int, batch: int, repeats: int, inner: int, seed: int = 0,
+                shape: tuple[int, ...] = (3, 32, 32)) -> dict:
+    """Per repeat: every variant once in a fresh random order; a sample = mean of ``inner`` runs."""
+    sess = {k: _session(p, threads) for k, p in paths.items()}
+    x = np.random.default_rng(seed).standard_normal((batch, *shape)).astype(np.float32)
+    feeds = {k: {s.get_inputs()[0].name: x} for k, s in sess.items()}
+    for k, s in sess.items():  # warm-up
+        for _ in range(3):
+            s.run(None, feeds[k])
+    t = {k: [] for k in sess}
+    rng = random.Random(seed)
+    order = list(sess)
+    load0 = os.getloadavg()
+    for _ in range(repeats):
+        rng.shuffle(order)
+        for k in order:
+            s, f = sess[k], feeds[k]
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                s.run(None, f)
+            t[k].append((time.perf_counter() - t0) / inner)
+    return {"variants": {k: _stats(v) for k, v in t.items()}, "loadavg_before": load0, "loadavg_after": os.getloadavg()}
+
+
+def elementwise_forms(repeats: int) -> dict:
+    """The candidate forms of one partial layer after a 3×3 conv (what chose the edge form)."""
+    import onnx
+    from onnx import TensorProto as T
+    from onnx import helper as h
+    from onnx import numpy_helper as nh
+
+    rng = np.random.default_rng(0)
+    forms = ["relu (dense, fused)", "prelu", "where", "max_x_xs", "x_minus_m_min"]
+
+    def graph(C, H, form):
+        W = rng.standard_normal((C, C, 3, 3)).astype(np.float32) * 0.1
+        m = rng.random((C, H, H)) < 0.5
+        inits = [nh.from_array(W, "W1"), nh.from_array(W, "W2")]
+        nodes = [h.make_node("Conv", ["x", "W1"], ["a"], pads=[1, 1, 1, 1])]
+        if form.startswith("relu"):
+            nodes.append(h.make_node("Relu", ["a"], ["b"]))
+        elif form == "prelu":
+            inits.append(nh.from_array((~m).astype(np.float32), "s"))
+            nodes.append(h.make_node("PRelu", ["a", "s"], ["b"]))
+        elif form == "where":
+            inits.append(nh.from_array(m, "m"))
+            nodes += [h.make_node("Relu", ["a"], ["r"]), h.make_node("Where", ["m", "r", "a"], ["b"])]
+        elif form == "max_x_xs":
+            inits.append(nh.from_array((~m).astype(np.float32), "s"))
+            nodes += [h.make_node("Mul", ["a", "s"], ["t"]), h.make_node("Max", ["a", "t"], ["b"])]
+        else:
+            inits += [nh.from_array(m.astype(np.float32), "s"), nh.from_array(np.zeros((), np.float32), "z")]
+            nodes += [h.make_node("Min", ["a", "z"], ["t"]), h.make_node("Mul", ["t", "s"], ["u"]),
+                      h.make_node("Sub", ["a", "u"], ["b"])]
+        nodes.append(h.make_node("Conv", ["b", "W2"], ["y"], pads=[1, 1, 1, 1]))
+        g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, ["N", C, H, H])],
+                         [h.make_tensor_value_info("y", T.FLOAT, ["N", C, H, H])], inits)
+        return h.make_model(g, opset_imports=[h.make_opsetid("", 18)])
+
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for C, H in ((16, 32), (32, 16), (64, 8)):
+            paths = {}
+            for f in forms:
+                p = Path(tmp) / f"{C}-{f.split()[0]}.onnx"
+                onnx.save(graph(C, H, f), str(p))
+                paths[f] = str(p)
+            for threads in (1, 2):
+                for batch in (1, 64):
+                    r = interleaved(paths, threads, batch, repeats, inner=10 if batch == 1 else 1, shape=(C, H, H))
+                    key = f"{C}x{H}x{H}-t{threads}-b{batch}"
+                    out[key] = r
+                    med = {k: v["median_ms"] for k, v in r["variants"].items()}
+                    print(f"forms {key}: " + ", ".join(f"{k} {v:.3f}" for k, v in med.items()), flush=True)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--inner", type=int, default=10, help="batch-1 runs per sample")
+    ap.add_argument("--quick", action="store_true", help="one budget, 10 repeats")
+    ap.add_argument("--no-forms", action="store_true")
+    ap.add_argument("--out", default=str(ROOT / "results" / "export.json"))
+    a = ap.parse_args()
+    torch.set_num_threads(2)
+    repeats = 10 if a.quick else a.repeats
+    budgets = BUDGETS[1:2] if a.quick else BUDGETS
+    t_start = time.time()
+    work = Path(tempfile.mkdtemp(prefix="relucomp-bench-export-"))
+    built = {"dense": build(work, "dense", "edge", "pixel", None)}  # every ReLU kept: same exporter as edge
+    specs = [(f"{g}-{b}", g, b, ()) for b in budgets for g in ("pixel", "channel")]
+    # 4 of 7 layers fully linear (16384×2 + 8192 + 4096 removed): 28,672 ReLUs kept, no partial layer
+    specs.append(("layers-28672", "layer", None, (0, 1, 3, 5)))
+    for name, gran, budget, off in specs:
+        for target in ("edge", "pi"):
+            t0 = time.time()
+            built[f"{name}-{target}"] = build(work, f"{name}-{target}", target, gran, budget, off)
+            b = built[f"{name}-{target}"]
+            print(f"built {name}-{target}: {b['relus_kept']:,} ReLUs kept, ops {b['ops']} ({time.time() - t0:.0f}s)",
+                  flush=True)
+    paths = {k: v["onnx"] for k, v in built.items()}
+    lat = {}
+    for threads in (1, 2):
+        for batch in (1, 64):
+            key = f"t{threads}-b{batch}"
+            lat[key] = interleaved(paths, threads, batch, repeats, inner=a.inner if batch == 1 else 1)
+            v = lat[key]["variants"]
+            d = v["dense"]["median_ms"]
+            lat[key]["ratio_to_dense"] = {k: round(s["median_ms"] / d, 3) for k, s in v.items()}
+            print(f"[{key}] dense {d:.3f} ms; " + ", ".join(f"{k} {r:.2f}x" for k, r in lat[key]["ratio_to_dense"].items()
+                                                            if k != "dense") + f"  load {lat[key]['loadavg_after']}",
+                  flush=True)
+    edge_r = {key: {k: r for k, r in l["ratio_to_dense"].items() if k.endswith("-edge")} for key, l in lat.items()}
+    pi_r = {key: {k: r for k, r in l["ratio_to_dense"].items() if k.endswith("-pi")} for key, l in lat.items()}
+    summary = {"edge_max_ratio_to_dense": max(max(v.values()) for v in edge_r.values()),
+               "edge_ratio_range": {key: [min(v.values()), max(v.values())] for key, v in edge_r.items()},
+               "pi_ratio_range": {key: [min(v.values()), max(v.values())] for key, v in pi_r.items()},
+               "edge_le_dense_everywhere": all(r <= 1.0 for v in edge_r.values() for r in v.values()),
+               "edge_faster_than_pi_everywhere": all(lat[key]["ratio_to_dense"][k] <= lat[key]["ratio_to_dense"][k[:-5] + "-pi"]
+                                                     for key in lat for k in edge_r[key])}
+    res = {"setup": {"model": "resnet8 (73,728 ReLUs, 32x32), random masks of exact budgets; 'layers-28672': layers "
+                              "0,1,3,5 fully linear, the rest fully kept", "runtime": "onnxruntime CPUExecutionProvider",
+                     "repeats": repeats, "inner_runs_batch1": a.inner,
+                     "method": "interleaved: every repeat runs all variants once in a fresh random order; median and "
+                               "IQR over repeats", "load_note": "shared machine: other jobs ran during the measurement "
+                                                                "(see loadavg); timings are upper bounds"},
+           "builds": built, "latency": lat, "summary": summary}
+    import onnxruntime
+
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def write():
+        res["machine"] = {**machine_info(), "onnxruntime": onnxruntime.__version__, "torch": torch.__version__,
+                          "loadavg_end": os.getloadavg()}
+        res["wall_s"] = round(time.time() - t_start, 1)
+        out.write_text(json.dumps(res, indent=2, default=str))
+
+    write()  # the main result first; the forms study is added when it finishes
+    if not a.no_forms:
+        res["elementwise_forms"] = elementwise_forms(max(10, repeats // 2) if not a.quick else 5)
+        write()
+    print(json.dumps(summary, indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

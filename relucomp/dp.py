@@ -1,0 +1,410 @@
+"""Differentially private finetuning (DP-SGD through opacus; Berrada et al.).
+
+What is private.  The guarantee is (ε, δ)-DP *of the finetune* with respect to
+the training split (``bundle.train``): one image added or removed changes the
+distribution of the finetuned weights by at most (ε, δ).  Everything the
+finetune starts from — the dense model (its weights are the starting point and,
+for KD, the teacher) and the ReLU masks of the mask search — is treated as
+**public**.  If the dense model was trained on the same images, or the masks
+were searched on them without DP (``phase="finetune"``), the final model is
+*not* end-to-end private for those images: only the finetune's use of them is
+covered.  Validation/test splits are only read for reporting.
+
+Pieces (all logic here; the ``dp_finetune`` stage only calls them):
+
+* :func:`options` / :func:`check_dp_options` — the validated options for n
+  training images (the rules: :func:`relucomp.config.check_dp`, also run by
+  ``validate`` before anything is loaded).
+* :func:`make_dp_compatible` — BatchNorm is not per-sample: each BN that
+  follows a conv/linear is folded into it (``FoldBatchNormPass``, numerically
+  identical, verified on a calibration batch, keeps the trained statistics);
+  BN that cannot be folded is replaced by GroupNorm with opacus's
+  ``ModuleValidator.fix`` (changes the function; reported); in-place ops on
+  graph values become out-of-place when that is exact.  ReLU gates stay (their
+  ``alpha`` is frozen, so opacus needs no per-sample gradient for them).
+* :func:`dp_finetune` — opacus ``GradSampleModule`` + ``DPOptimizer``
+  (per-sample clipping to ``max_grad_norm``, Gaussian noise), Poisson sampling
+  (opacus ``UniformWithReplacementSampler``), noise multiplier calibrated with
+  ``get_noise_multiplier`` to reach ε after the planned steps, spent ε read
+  back from the accountant (RDP by default, PRV optional), and an EMA of the
+  weights (post-processing: free in privacy) with ``AveragedModel``.
+
+CEAG / EL with DP is refused: their dual updates read per-group accuracy of
+the training data every step and their primal term is a batch-level group
+mean (not a per-sample loss), neither of which DP-SGD accounts for.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from .config import CompileConfig, check_dp, load_config
+from .errors import RelucompError
+from .nn import ReLUGate
+
+@dataclass
+class DPOptions:
+    """Validated DP options (see :func:`options`)."""
+
+    epsilon: float
+    delta: float
+    max_grad_norm: float = 1.0
+    phase: str = "finetune"
+    accountant: str = "rdp"
+    ema_decay: float = 0.99
+    n_train: int = 0
+
+
+def options(cfg: CompileConfig, n_train: int) -> DPOptions | None:
+    """The DP options of a validated config for ``n_train`` training images (``None``: DP off).
+
+    The rules live in :func:`relucomp.config.check_dp` (run by ``validate``
+    without n, and here, before any training, with it).
+    """
+    delta = check_dp(cfg, n_train)
+    dp = cfg.dp
+    if dp.epsilon is None:
+        return None
+    return DPOptions(epsilon=float(dp.epsilon), delta=float(delta),
+                     max_grad_norm=float(dp.max_grad_norm if dp.max_grad_norm is not None else 1.0), phase=dp.phase,
+                     accountant=dp.accountant, ema_decay=float(cfg.finetune.ema_decay), n_train=int(n_train))
+
+
+def check_dp_options(*, epsilon: float | None, delta: float | None = None, max_grad_norm: float | None = None,
+                     phase: str = "finetune", export_weights: str | None = None, n_train: int,
+                     fair_method: str | None = "nft", accountant: str = "rdp", sparsity: float | None = None,
+                     ema_decay: float = 0.99) -> DPOptions | None:
+    """Keyword form of :func:`options` (library use without a CompileConfig); ``None`` when DP is off."""
+    cfg = load_config({"dp": {"epsilon": epsilon, "delta": delta, "max_grad_norm": max_grad_norm, "phase": phase,
+                              "accountant": accountant},
+                       "fairness": {"method": fair_method}, "pruning": {"sparsity": sparsity},
+                       "export": {"weights": export_weights}, "finetune": {"ema_decay": ema_decay}})
+    return options(cfg, n_train)
+
+
+# ---------------------------------------------------------------------------
+# model conversion
+# ---------------------------------------------------------------------------
+
+_INPLACE_FN = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
+               operator.itruediv: operator.truediv, torch.relu_: torch.relu}
+_INPLACE_METHODS = {"add_", "sub_", "mul_", "div_", "clamp_", "relu_", "sigmoid_", "tanh_", "neg_", "abs_",
+                    "clamp_min_", "clamp_max_"}
+
+
+def _opacus_errors(gm: nn.Module) -> list[tuple[str, str]]:
+    """(layer name, first sentence of opacus's reason) for every trainable module opacus refuses."""
+    from opacus.utils.module_utils import trainable_modules
+    from opacus.validators import ModuleValidator
+
+    out = []
+    for name, m in trainable_modules(gm):
+        if isinstance(m, ReLUGate):
+            continue
+        check = ModuleValidator.VALIDATORS.get(type(m))
+        for err in (check(m) if check is not None else []):
+            msg = str(err).strip().splitlines()[0].split(". ")[0].rstrip(".")
+            out.append((name, f"{type(m).__name__}: {msg}"))
+    return out
+
+
+def _replace_inplace(gm: fx.GraphModule) -> list[str]:
+    """In-place graph ops → out-of-place when the mutated value has no later reader."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    changes = []
+    for node in list(gm.graph.nodes):
+        is_fn = node.op == "call_function" and node.target in _INPLACE_FN
+        is_m = node.op == "call_method" and node.target in _INPLACE_METHODS
+        if not (is_fn or is_m):
+            continue
+        src = node.args[0] if node.args else None
+        if isinstance(src, fx.Node):
+            later = [u for u in src.users if u is not node and order[u] > order[node]]
+            if later or src.op == "placeholder":
+                raise RelucompError(
+                    f"in-place op {node.name} ({node.target if is_m else node.target.__name__}) mutates a value that "
+                    "is read again later; opacus's per-sample hooks cannot handle it",
+                    "write that operation out of place in the model (e.g. `out = out + x` instead of `out += x`)")
+        if is_fn:
+            node.target = _INPLACE_FN[node.target]
+        else:
+            node.target = node.target[:-1]
+        changes.append(f"in-place {node.name} → out-of-place")
+    if changes:
+        gm.graph.lint()
+        gm.recompile()
+    for name, m in gm.named_modules():
+        if getattr(m, "inplace", False) and isinstance(getattr(m, "inplace"), bool):
+            m.inplace = False
+            changes.append(f"{name}: inplace=False")
+    return changes
+
+
+def make_dp_compatible(gm: fx.GraphModule, calib: torch.Tensor) -> tuple[fx.GraphModule, list[str]]:
+    """Make the gated graph trainable by opacus; returns ``(gm, changes)``.
+
+    BatchNorm after a conv/linear is folded (exact, verified on ``calib``); other
+    BatchNorm → GroupNorm (``ModuleValidator.fix``, changes the function);
+    in-place ops → out-of-place.  Anything opacus still refuses is a
+    :class:`RelucompError` naming the layer.
+    """
+    from opacus.validators import ModuleValidator
+
+    from .infra import PassManager
+    from .passes.fold_bn import FoldBatchNormPass
+
+    changes: list[str] = []
+    gm.eval()
+    n_bn = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in gm.modules())
+    if n_bn:
+        pm = PassManager([FoldBatchNormPass()], calibration=calib)
+        res = pm.run(gm)
+        gm = res.gm
+        folded = res.stats["passes"][0]["stats"].get("folded", 0)
+        if folded:
+            changes.append(f"folded {folded} BatchNorm layer(s) into the preceding conv/linear (exact)")
+    with torch.no_grad():
+        ref = gm(calib)
+    changes += _replace_inplace(gm)
+    left = [n for n, m in gm.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if left:
+        fixed = ModuleValidator.fix(gm)
+        for n in left:
+            parent, _, attr = n.rpartition(".")
+            setattr(gm.get_submodule(parent) if parent else gm, attr, fixed.get_submodule(n))
+        changes.append(f"replaced {len(left)} BatchNorm layer(s) that could not be folded by GroupNorm "
+                       f"({', '.join(left[:4])}{'...' if len(left) > 4 else ''}); trained statistics are lost")
+    else:
+        with torch.no_grad():
+            out = gm(calib)
+        if not torch.allclose(out, ref, rtol=1e-4, atol=1e-4):
+            raise RuntimeError("relucomp bug: DP conversion changed the model's outputs")
+    errs = _opacus_errors(gm)
+    if errs:
+        layer, msg = errs[0]
+        raise RelucompError(f"opacus cannot train layer {layer!r} with per-sample gradients: {msg}",
+                            "replace that layer with a supported one (conv/linear/norm layers without running "
+                            "statistics), freeze its parameters, or drop --dp-epsilon")
+    return gm, changes
+
+
+# ---------------------------------------------------------------------------
+# training
+# ---------------------------------------------------------------------------
+
+class PoissonLoader:
+    """Poisson-sampled batches ``(x, y, g)`` cut from a GroupedDataset's tensors.
+
+    Each step every training image is included independently with probability
+    ``sample_rate`` (opacus's ``UniformWithReplacementSampler``), as the
+    accountant assumes; batches are augmented per batch like
+    :class:`relucomp.loaders.BatchLoader`.  Empty batches are yielded (shape 0).
+    """
+
+    def __init__(self, dataset, *, sample_rate: float, steps: int, augment: bool = True, seed: int = 0):
+        from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
+        self.dataset = dataset
+        self.generator = torch.Generator().manual_seed(seed)
+        self.sampler = UniformWithReplacementSampler(num_samples=len(dataset), sample_rate=sample_rate,
+                                                     generator=self.generator, steps=steps)
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        from .data.transforms import normalize, random_crop_flip_batch
+
+        ds = self.dataset
+        for idx in self.sampler:
+            idx = torch.as_tensor(idx, dtype=torch.long)
+            x = ds.images[idx].to(torch.float32).div_(255.0)
+            if self.augment and idx.numel():
+                x = random_crop_flip_batch(x, ds.padding, generator=self.generator)
+            yield normalize(x, ds.mean, ds.std), ds.labels[idx], ds.groups[idx]
+
+
+def per_sample_loss(logits, y, teacher_logits=None, *, kd_weight: float = 0.5, temperature: float = 4.0):
+    """Sum over the batch of ``(1-w)·CE_i + w·T²·KL_i`` (each term is one sample's)."""
+    ce = F.cross_entropy(logits, y, reduction="none")
+    if teacher_logits is None or kd_weight <= 0:
+        return ce.sum()
+    t = temperature
+    kl = F.kl_div(F.log_softmax(logits / t, 1), F.log_softmax(teacher_logits / t, 1), reduction="none",
+                  log_target=True).sum(1) * t * t
+    return ((1 - kd_weight) * ce + kd_weight * kl).sum()
+
+
+def _ema_fn(decay: float):
+    """multi_avg_fn for AveragedModel: EMA with warm-up ``min(decay, (1+n)/(10+n))``."""
+
+    @torch.no_grad()
+    def fn(avg: list[torch.Tensor], cur: list[torch.Tensor], n):
+        n = int(n)
+        d = min(decay, (1.0 + n) / (10.0 + n))
+        torch._foreach_lerp_(avg, cur, 1.0 - d)
+
+    return fn
+
+
+@dataclass
+class DPResult:
+    model: fx.GraphModule          # last iterate
+    ema: fx.GraphModule | None     # averaged weights
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def noise_for(opts: DPOptions, sample_rate: float, steps: int) -> float:
+    """Noise multiplier reaching ``opts.epsilon`` after ``steps`` at ``sample_rate`` (0 for ε = ∞)."""
+    if math.isinf(opts.epsilon):
+        return 0.0
+    from opacus.accountants.utils import get_noise_multiplier
+
+    return float(get_noise_multiplier(target_epsilon=opts.epsilon, target_delta=opts.delta, sample_rate=sample_rate,
+                                      steps=steps, accountant=opts.accountant, epsilon_tolerance=0.01))
+
+
+def dp_finetune(*args, **kwargs) -> DPResult:
+    """DP-SGD finetune of the gated graph ``gm`` (masks fixed) on ``train_ds``; see :func:`_dp_finetune`."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")  # inputs need no grad: expected
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")  # RDP bound is just looser
+        return _dp_finetune(*args, **kwargs)
+
+
+def _dp_finetune(gm: fx.GraphModule, train_ds, opts: DPOptions, *, calib: torch.Tensor,
+                teacher: nn.Module | None = None, epochs: int = 3, batch_size: int = 256, lr: float = 0.01,
+                momentum: float = 0.9, kd_weight: float = 0.5, temperature: float = 4.0, seed: int = 0,
+                ema: bool = True, augment: bool = True, progress: Any | None = None, log: Callable[[str], None] | None = None,
+                device: str = "cpu", convert: bool = True) -> DPResult:
+    """DP-SGD finetune of the gated graph ``gm`` (masks fixed) on ``train_ds``.
+
+    Returns the last iterate, the EMA model and the privacy report
+    (ε spent from the accountant, δ, noise multiplier, clipping norm, sampling
+    rate, expected batch size, steps, conversion changes).
+    """
+    from opacus import GradSampleModule
+    from opacus.accountants import PRVAccountant, RDPAccountant
+    from opacus.optimizers import DPOptimizer
+    from torch.optim.swa_utils import AveragedModel
+
+    say = log or (lambda s: None)
+    changes: list[str] = []
+    if convert:
+        gm, changes = make_dp_compatible(gm, calib)
+    for m in gm.modules():
+        if isinstance(m, ReLUGate):
+            m.alpha.requires_grad_(False)
+    n = len(train_ds)
+    batch_size = max(1, min(int(batch_size), n))
+    q = batch_size / n
+    steps_per_epoch = max(1, round(1 / q))
+    steps = max(0, int(epochs)) * steps_per_epoch
+    sigma = noise_for(opts, q, steps) if steps else 0.0
+    ema = ema and steps > 0
+    say(f"DP-SGD: ε={opts.epsilon:g}, δ={opts.delta:.2g}, C={opts.max_grad_norm:g}, q={q:.4f}, "
+        f"{steps} steps, noise multiplier σ={sigma:.3f}")
+
+    gm.to(device).train()
+    avg = AveragedModel(gm, multi_avg_fn=_ema_fn(opts.ema_decay), use_buffers=False) if ema else None
+    params = [p for p in gm.parameters() if p.requires_grad]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gsm = GradSampleModule(gm, batch_first=True, loss_reduction="sum", strict=True)
+        base = torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=momentum > 0)
+        # per-sample grads of a *summed* loss (GradSampleModule "sum"); the optimizer's "mean" divides
+        # sum_i clip(g_i) + noise by the expected batch size (Poisson batches vary in size)
+        opt = DPOptimizer(base, noise_multiplier=sigma, max_grad_norm=opts.max_grad_norm,
+                          expected_batch_size=batch_size, loss_reduction="mean",
+                          generator=torch.Generator(device=device).manual_seed(seed + 1))
+    accountant = RDPAccountant() if opts.accountant == "rdp" else PRVAccountant()
+    opt.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=q))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(base, T_max=steps)
+    loader = PoissonLoader(train_ds, sample_rate=q, steps=steps, augment=augment, seed=seed) if steps else []
+
+    prog = progress
+    task = prog.add_task("dp-finetune", total=steps, info="") if prog is not None else None
+    history = []
+    t0 = time.perf_counter()
+    tot = correct = seen = 0.0
+    for step, (x, y, _g) in enumerate(loader, 1):
+        x, y = x.to(device), y.to(device)
+        t_logits = None
+        if teacher is not None and kd_weight > 0 and y.numel():
+            with torch.no_grad():
+                t_logits = teacher(x)
+        logits = gsm(x)
+        loss = per_sample_loss(logits, y, t_logits, kd_weight=kd_weight, temperature=temperature)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if avg is not None:
+            avg.update_parameters(gm)
+        tot += float(loss.detach())
+        correct += int((logits.detach().argmax(1) == y).sum())
+        seen += int(y.numel())
+        if prog is not None:
+            prog.update(task, advance=1, info=f"loss {tot / max(seen, 1):.3f} acc {100 * correct / max(seen, 1):.1f}%")
+        if step % steps_per_epoch == 0 or step == steps:
+            eps_now = _spent(accountant, opts.delta, sigma)
+            history.append({"step": step, "loss": tot / max(seen, 1), "train_acc": 100.0 * correct / max(seen, 1),
+                            "epsilon": None if math.isinf(eps_now) else eps_now,
+                            "seconds": round(time.perf_counter() - t0, 2)})
+            tot = correct = seen = 0.0
+    gsm._close()
+    for p in gm.parameters():
+        for attr in ("grad_sample", "summed_grad", "_forward_counter"):
+            if hasattr(p, attr):
+                delattr(p, attr)
+        p.grad = None
+    gm.cpu().eval()
+    gm_ema = None
+    if avg is not None:
+        from .ir import copy_gm
+
+        gm_ema = copy_gm(gm)
+        gm_ema.load_state_dict(avg.module.state_dict())
+        gm_ema.eval()
+    spent = _spent(accountant, opts.delta, sigma) if steps else 0.0
+    private = not math.isinf(opts.epsilon)
+    report = {"private": private, "epsilon_target": opts.epsilon if private else None,
+              "epsilon_spent": spent if private else None, "delta": opts.delta,
+              "noise_multiplier": sigma, "max_grad_norm": opts.max_grad_norm, "sample_rate": q,
+              "expected_batch_size": batch_size, "steps": steps, "epochs": int(epochs),
+              "accountant": opts.accountant, "sampling": "poisson", "phase": opts.phase,
+              "n_train": n, "ema_decay": opts.ema_decay if ema else None,
+              "kd": bool(teacher is not None and kd_weight > 0), "kd_weight": kd_weight,
+              "conversion": changes, "history": history,
+              "covers": "the finetune's use of the training split; the dense model, teacher and masks are "
+                        "treated as public inputs"}
+    return DPResult(model=gm, ema=gm_ema, report=report)
+
+
+def _spent(accountant, delta: float, sigma: float) -> float | None:
+    if sigma == 0:
+        return math.inf
+    if len(accountant) == 0:
+        return 0.0
+    return float(accountant.get_epsilon(delta))
+
+
+def metadata(report: dict[str, Any], export_weights: str) -> dict[str, Any]:
+    """The DP fields for the ONNX metadata."""
+    eps = report.get("epsilon_spent")
+    return {"dp_epsilon_spent": None if eps is None else round(eps, 4),
+            "dp_epsilon_target": report.get("epsilon_target"), "dp_delta": report.get("delta"),
+            "dp_noise_multiplier": round(report.get("noise_multiplier", 0.0), 5),
+            "dp_max_grad_norm": report.get("max_grad_norm"), "dp_sample_rate": round(report.get("sample_rate", 0), 6),
+            "dp_steps": report.get("steps"), "dp_accountant": report.get("accountant"),
+            "export_weights": export_weights}

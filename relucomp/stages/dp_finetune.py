@@ -1,0 +1,35 @@
+"""Stage ``dp_finetune`` (with ``dp.epsilon``): the finetune under DP-SGD, instead of ``finetune``.
+
+Masks fixed, per-sample clipping + Gaussian noise + Poisson sampling through
+opacus, an accountant, and an EMA of the weights (:mod:`relucomp.dp`).  The
+gated model is made DP-compatible first (BatchNorm folded, else GroupNorm),
+so the later stages lower, evaluate and export the converted model; its
+output has the shape of the ``finetune`` stage's (``finetune.tuned(st)``).
+"""
+
+from __future__ import annotations
+
+from ..compile_report import DPReport
+from .base import RunState
+from .finetune import FinetuneOut, output
+
+NAME = "dp_finetune"
+
+
+def when(st: RunState) -> bool:
+    return st.cfg.dp.epsilon is not None
+
+
+def run(st: RunState) -> FinetuneOut:
+    from ..dp import dp_finetune, options
+
+    cfg, data = st.cfg, st["data"]
+    opts = options(cfg, len(data.bundle.train))
+    res = dp_finetune(st["gates"].gm, data.bundle.train, opts, calib=data.calib, teacher=st["pretrain"].teacher,
+                      epochs=cfg.finetune.epochs, batch_size=cfg.dp.batch_size or max(cfg.runtime.batch_size, 256),
+                      lr=cfg.finetune.lr if cfg.finetune.lr is not None else cfg.search.lr * 0.5,
+                      kd_weight=cfg.search.kd_weight, temperature=cfg.search.kd_temperature, seed=cfg.runtime.seed,
+                      ema=cfg.finetune.ema, progress=st.progress, log=st.say, device=cfg.runtime.device)
+    out = output(st, res.model, res.ema, stats={"history": res.report["history"]})
+    out.dp = DPReport.from_dict({**res.report, "export_weights": out.weights})
+    return out

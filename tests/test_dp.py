@@ -1,0 +1,254 @@
+"""Differentially private finetuning (relucomp.dp, opacus): accounting, clipping, BN conversion, export weights."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+pytest.importorskip("opacus")
+
+import relucomp.api as api  # noqa: E402
+from relucomp import dp  # noqa: E402
+from relucomp.data import GroupedDataset  # noqa: E402
+from relucomp.data.transforms import normalize  # noqa: E402
+from relucomp.errors import RelucompError  # noqa: E402
+from relucomp.export import ort_run, read_metadata  # noqa: E402
+from relucomp.nn import ReLUGate  # noqa: E402
+from relucomp.passes.insert_gates import gates_of  # noqa: E402
+from relucomp.verify import onnx_relu_count  # noqa: E402
+
+
+class BNNet(nn.Module):
+    """conv-BN-ReLU ×2 + linear head on 8×8 images (BN must be folded for opacus)."""
+
+    def __init__(self, classes: int = 3):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(4)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.fc = nn.Linear(4 * 8 * 8, classes)
+
+    def forward(self, x):
+        x = self.relu1(self.bn1(self.conv1(x)))
+        x = self.relu2(self.bn2(self.conv2(x)))
+        return self.fc(torch.flatten(x, 1))
+
+
+def _dataset(n: int = 64, size: int = 8, seed: int = 0) -> GroupedDataset:
+    g = torch.Generator().manual_seed(seed)
+    imgs = torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8)
+    labels = torch.randint(0, 3, (n,), generator=g)
+    groups = torch.randint(0, 2, (n,), generator=g)
+    return GroupedDataset(imgs, labels, groups, group_names=["a", "b"], class_names=["0", "1", "2"], train=True)
+
+
+def _gated(make_gated, budget_frac: float = 0.5):
+    gm, x = make_gated(BNNet(), "pixel", size=8)
+    for gate in gates_of(gm).values():  # fix half of each gate's entries to ReLU (masks are fixed under DP)
+        m = (torch.rand_like(gate.alpha) < budget_frac).float()
+        gate.set_mask(m)
+    return gm, x
+
+
+def test_bad_options_are_one_line_errors_naming_the_fix():
+    ok = dict(n_train=1000)
+    assert dp.check_dp_options(epsilon=None, **ok) is None
+    for kw, match in [({"epsilon": 0}, "must be > 0"), ({"epsilon": -1}, "must be > 0"),
+                      ({"epsilon": 8, "delta": 1e-3}, "must lie in"), ({"epsilon": 8, "delta": 0.0}, "must lie in"),
+                      ({"epsilon": 8, "max_grad_norm": 0}, "must be > 0"),
+                      ({"epsilon": 8, "phase": "search"}, "not implemented"),
+                      ({"epsilon": 8, "phase": "nope"}, "unknown DP phase"),
+                      ({"epsilon": 8, "fair_method": "ceag"}, "dual updates"),
+                      ({"epsilon": 8, "sparsity": 0.9}, "sparsity"),
+                      ({"epsilon": 8, "export_weights": "best"}, "unknown export weights")]:
+        with pytest.raises(RelucompError, match=match) as ei:
+            dp.check_dp_options(**kw, **ok)
+        assert ei.value.fix and "\n" not in ei.value.cause
+    o = dp.check_dp_options(epsilon=8, **ok)
+    assert o.delta == pytest.approx(1e-5) and o.max_grad_norm == 1.0
+    assert dp.check_dp_options(epsilon=8, n_train=10**6).delta == pytest.approx(1e-7)  # default min(1e-5, 0.1/n)
+    assert dp.check_dp_options(epsilon=math.inf, **ok).epsilon == math.inf
+
+
+def test_compile_refuses_bad_dp_input_before_training(rc_cache, monkeypatch):
+    from relucomp.stages import pretrain as pretrain_stage
+
+    def boom(*a, **k):
+        raise AssertionError("trained before validating")
+
+    monkeypatch.setattr(pretrain_stage, "pretrain", boom)
+    monkeypatch.setattr(pretrain_stage, "train_loop", boom)
+    for kw, match in [({"dp_epsilon": 0}, "must be > 0"), ({"dp_epsilon": float("nan")}, "must be > 0"),
+                      ({"dp_epsilon": 8, "dp_delta": 0.5}, "1/n"),  # δ < 1, but ≥ 1/n for n = 140 training images
+                      ({"dp_epsilon": 8, "dp_delta": 2.0}, "1/n"),
+                      ({"dp_epsilon": 8, "dp_max_grad_norm": -1}, "must be > 0"),
+                      ({"dp_epsilon": 8, "dp_batch_size": 0}, "must be ≥ 1"),
+                      ({"dp_epsilon": 8, "dp_phase": "both"}, "not implemented"),
+                      ({"dp_epsilon": 8, "fair_groups": "group", "fair_method": "ceag"}, "dual updates"),
+                      ({"dp_epsilon": 8, "sparsity": 0.5}, "sparsity"),
+                      ({"dp_max_grad_norm": 2.0}, "differential privacy is off"),
+                      ({"export_weights": "mean"}, "unknown export weights")]:
+        with pytest.raises(RelucompError, match=match) as ei:
+            api.compile("tinycnn", "synthetic", relu_budget="2k", limit=200, progress=False, **kw)
+        assert ei.value.fix and "\n" not in ei.value.cause
+
+
+def test_unsupported_layer_is_named(make_gated):
+    class LSTMish(nn.Module):  # a trainable module opacus has no grad sampler / validator support for
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 1)
+            self.norm = nn.InstanceNorm2d(3, affine=True, track_running_stats=True)
+            self.fc = nn.Linear(3 * 8 * 8, 3)
+
+        def forward(self, x):
+            return self.fc(torch.flatten(torch.relu(self.norm(self.conv(x))), 1))
+
+    gm, x = make_gated(LSTMish(), "pixel", size=8)
+    with pytest.raises(RelucompError, match="'norm'") as ei:
+        dp.make_dp_compatible(gm, x)
+    assert "drop --dp-epsilon" in ei.value.fix
+
+
+def test_bn_folded_exactly_gates_kept(make_gated):
+    gm, x = _gated(make_gated)
+    with torch.no_grad():
+        ref = gm(x)
+    conv, changes = dp.make_dp_compatible(gm, x)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in conv.modules())
+    assert len(gates_of(conv)) == 2 and all(bool(g.hard) for g in gates_of(conv).values())
+    assert any("folded 2 BatchNorm" in c for c in changes)
+    with torch.no_grad():
+        torch.testing.assert_close(conv(x), ref, atol=1e-5, rtol=1e-4)
+
+
+def test_per_sample_gradients_are_clipped(make_gated):
+    """q = 1, σ = 0, no momentum: one DP-SGD step equals −lr · mean_i clip_C(∇ℓ_i), computed by hand."""
+    gm, _ = _gated(make_gated)
+    ds = _dataset(n=12)
+    x = normalize(ds.images.float() / 255.0, ds.mean, ds.std)
+    conv, _ = dp.make_dp_compatible(gm, x[:4])
+    start = {k: v.clone() for k, v in conv.state_dict().items()}
+    names = [n for n, p in conv.named_parameters() if p.requires_grad]
+    assert not any("alpha" in n for n in names)
+    C, lr = 0.05, 1.0
+    expected = {n: torch.zeros_like(p) for n, p in conv.named_parameters() if n in names}
+    norms = []
+    conv.train()
+    for i in range(len(ds)):
+        conv.zero_grad()
+        F.cross_entropy(conv(x[i:i + 1]), ds.labels[i:i + 1], reduction="sum").backward()
+        grads = {n: p.grad.clone() for n, p in conv.named_parameters() if n in names}
+        norm = torch.sqrt(sum((g ** 2).sum() for g in grads.values()))
+        norms.append(float(norm))
+        for n in names:
+            expected[n] += grads[n] * min(1.0, C / (float(norm) + 1e-6))
+    assert min(norms) > 5 * C  # clipping really changes every gradient
+    opts = dp.DPOptions(epsilon=math.inf, delta=1e-5, max_grad_norm=C)
+    res = dp.dp_finetune(conv, ds, opts, calib=x[:4], epochs=1, batch_size=len(ds), lr=lr, momentum=0.0,
+                         augment=False, ema=False, convert=False)
+    assert res.report["steps"] == 1 and res.report["noise_multiplier"] == 0.0
+    after = dict(res.model.named_parameters())
+    total = 0.0
+    for n in names:
+        step = start[n] - after[n].detach()
+        torch.testing.assert_close(step, lr * expected[n] / len(ds), atol=2e-6, rtol=1e-4)
+        total += float((step ** 2).sum())
+    assert math.sqrt(total) <= lr * C + 1e-6  # the averaged clipped step is within the clipping norm
+
+
+def test_accountant_spent_epsilon_within_target_and_ema(make_gated):
+    gm, _ = _gated(make_gated)
+    ds = _dataset(n=200)
+    x = normalize(ds.images[:8].float() / 255.0, ds.mean, ds.std)
+    opts = dp.check_dp_options(epsilon=2.0, n_train=len(ds))
+    res = dp.dp_finetune(gm, ds, opts, calib=x, epochs=2, batch_size=50, lr=0.05, seed=0)
+    r = res.report
+    assert r["steps"] == 8 and r["sample_rate"] == pytest.approx(0.25)
+    assert r["noise_multiplier"] > 0.5
+    assert 0.9 * 2.0 <= r["epsilon_spent"] <= 2.0  # calibrated: reaches, never exceeds, the target
+    assert r["history"][-1]["epsilon"] == pytest.approx(r["epsilon_spent"])
+    assert r["delta"] < 1 / len(ds)
+    # the EMA differs from the last iterate and keeps the gates
+    assert res.ema is not None and any(isinstance(m, ReLUGate) for m in res.ema.modules())
+    diff = sum(float((a - b).detach().abs().sum()) for a, b in zip(res.model.parameters(), res.ema.parameters()))
+    assert diff > 1e-4
+    assert not any(hasattr(p, "grad_sample") for p in res.model.parameters())  # opacus state removed
+
+
+@pytest.mark.e2e
+def test_dp_compile_bn_model_to_budget_with_ema_export(tmp_path, rc_cache):
+    """tinycnn (BatchNorm) → gates → search → DP finetune (folded BN) → PI lowering → verified ONNX ≤ budget,
+    exported with the averaged weights, DP numbers in report.json and the ONNX metadata."""
+    out = tmp_path / "out"
+    res = api.compile("tinycnn", "synthetic", relu_budget="2k", limit=300, pretrain_epochs=1, search_epochs=1,
+                      finetune_epochs=2, progress=False, out_dir=out, fair_groups="group",
+                      lr=0.2, dp_epsilon=8.0, dp_batch_size=64)
+    rep = res.report
+    d = rep["dp"]
+    assert d["epsilon_spent"] <= 8.0 and d["noise_multiplier"] > 0 and d["max_grad_norm"] == 1.0
+    assert any("BatchNorm" in c for c in d["conversion"])
+    assert rep["fairness"]["method"] == "nft"  # measured, not constrained, under DP
+    res_f = rep["fairness"]["results"]
+    assert set(res_f) == {"last", "ema"}
+    for w in ("last", "ema"):
+        for k in ("max_psi", "psi_pw"):
+            assert res_f[w]["test"][k] is not None
+        assert "worst_group_error_ratio" in res_f[w]["test"]
+    # exported ONNX: within budget (counted on the graph), averaged weights
+    onnx_path = out / "model.onnx"
+    assert onnx_relu_count(onnx_path)["relus"] <= 2000
+    meta = read_metadata(onnx_path)
+    assert meta["export_weights"] == "ema" and float(meta["dp_epsilon_spent"]) <= 8.0
+    assert float(meta["dp_max_grad_norm"]) == 1.0 and float(meta["dp_delta"]) > 0
+    x = torch.randn(6, 3, 32, 32)
+    ema = api.load_compiled(out)  # model.pt holds the exported (averaged) weights
+    with torch.no_grad():
+        ema_out, last_out = ema(x), res.model.eval()(x)
+    onnx_out = ort_run(onnx_path, x.numpy())
+    np.testing.assert_allclose(onnx_out, ema_out.numpy(), atol=1e-4, rtol=1e-3)
+    to_ema, to_last = np.abs(onnx_out - ema_out.numpy()).max(), np.abs(onnx_out - last_out.numpy()).max()
+    assert to_last > 1e-3 and to_last > 20 * to_ema  # not the last iterate
+    assert api._summary(ema)["relus_kept"] <= 2000
+
+
+def test_cli_dp_flags_reach_compile(rc_cache, tmp_path):
+    from typer.testing import CliRunner
+
+    from relucomp.cli import app
+
+    runner = CliRunner()
+    for args, match in [(["--dp-epsilon", "0"], "must be > 0"), (["--dp-epsilon", "-3"], "must be > 0"),
+                        (["--dp-epsilon", "8", "--dp-delta", "0.5"], "1/n"),
+                        (["--dp-epsilon", "8", "--dp-max-grad-norm", "0"], "must be > 0"),
+                        (["--dp-epsilon", "8", "--dp-phase", "both"], "not implemented"),
+                        (["--export-weights", "best"], "unknown export weights")]:
+        r = runner.invoke(app, ["compile", "tinycnn", "--relu-budget", "2k", "--limit", "200", "--no-progress",
+                                "--out", str(tmp_path / "o"), *args])
+        assert r.exit_code == 2, r.output
+        text = "".join(r.output.split())  # rich wraps long lines
+        assert "".join(match.split()) in text and "fix:" in text and "Traceback" not in r.output
+    # the sweep takes the same flags (validated before any search)
+    r = runner.invoke(app, ["sweep", "tinycnn", "--budgets", "1k,2k", "--limit", "200", "--no-progress",
+                            "--out", str(tmp_path / "sw"), "--dp-epsilon", "8", "--fair-method", "ceag"])
+    assert r.exit_code == 2 and "dualupdates" in "".join(r.output.split()), r.output
+
+
+def test_zero_epochs_converts_without_training(make_gated):
+    gm, _ = _gated(make_gated)
+    ds = _dataset(n=40)
+    x = normalize(ds.images[:4].float() / 255.0, ds.mean, ds.std)
+    with torch.no_grad():
+        ref = gm(x)
+    res = dp.dp_finetune(gm, ds, dp.check_dp_options(epsilon=1.0, n_train=40), calib=x, epochs=0)
+    assert res.report["steps"] == 0 and res.report["epsilon_spent"] == 0.0 and res.ema is None
+    with torch.no_grad():
+        torch.testing.assert_close(res.model(x), ref, atol=1e-5, rtol=1e-4)
