@@ -6,7 +6,7 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "compile", "inspect", "load_compiled", "CompileResult", "RelucompError"]
+__all__ = ["__version__", "compile", "inspect", "load_compiled", "evaluate_compiled", "CompileResult", "RelucompError"]
 
 
 def __getattr__(name):  # lazy: `import relucomp` stays cheap, `relucomp.compile` pulls torch in
@@ -14,6 +14,10 @@ def __getattr__(name):  # lazy: `import relucomp` stays cheap, `relucomp.compile
         from . import api
 
         return getattr(api, name)
+    if name == "evaluate_compiled":
+        from .reevaluate import evaluate_compiled
+
+        return evaluate_compiled
     if name == "RelucompError":
         from .errors import RelucompError
 

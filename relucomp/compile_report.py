@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 SCHEMA_VERSION = 2
-OPTIONAL = ("export", "exports", "sweep", "dp")  # present in report.json only when set
+OPTIONAL = ("export", "exports", "sweep", "dp", "robustness")  # present in report.json only when set
 
 __all__ = ["CompileReport", "DPReport", "SCHEMA_VERSION"]
 
@@ -93,6 +93,7 @@ class CompileReport:
     exports: dict[str, dict[str, Any]] | None = None  # every export by target: {"pi": ..., "edge": ...}
     sweep: dict[str, Any] | None = None
     dp: DPReport | None = None
+    robustness: dict[str, Any] | None = None                      # relucomp.robustness.RobustnessResult.to_dict()
     schema_version: int = SCHEMA_VERSION
 
     # -- dict form -------------------------------------------------------------------
@@ -168,6 +169,13 @@ class CompileReport:
         """The fairness report of the test split for ``weights`` (``last`` / ``ema``), or {}."""
         res = (self.fairness or {}).get("results") or {}
         return (res.get(weights) or {}).get("test") or {}
+
+    @property
+    def robustness_result(self):
+        """The ``robustness`` section as a typed :class:`~relucomp.robustness.RobustnessResult` (or None)."""
+        from .robustness import RobustnessResult
+
+        return RobustnessResult.from_dict(self.robustness) if self.robustness else None
 
     @property
     def max_psi(self) -> float | None:

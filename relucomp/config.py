@@ -107,8 +107,14 @@ class FairnessSection(_Section):
 
 
 class RobustnessSection(_Section):
-    eval: bool = False                  # evaluate on corrupted / attacked test images (a later stage)
-    robust: bool = False                # robust (adversarial) finetuning (a later stage)
+    eval: bool = False                  # CA / NPA / AdvA of dense and compiled (stage robustness; relucomp.robustness)
+    robust: bool = False                # robust compile (adversarial teacher, 3-way KD, dual BN): not implemented yet
+    corruptions: Union[list[str], str] = "all"  # "all" (the 15 CIFAR-10-C ones), families or names
+    severities: Union[list[int], str] = [1, 2, 3, 4, 5]  # or "1,3,5"
+    samples: int | None = 1000          # seeded test subset evaluated (None: the whole test split)
+    pgd_epsilon: Union[float, str] = "8/255"  # L-inf radius in pixel units [0, 1]
+    pgd_step: Union[float, str] = "2/255"
+    pgd_steps: int = 10
 
 
 class DPSection(_Section):
@@ -220,6 +226,9 @@ KEYWORDS: dict[str, str] = {
     "seed": "runtime.seed", "batch_size": "runtime.batch_size", "device": "runtime.device",
     "out_dir": "runtime.out_dir", "resume": "runtime.resume", "progress": "runtime.progress",
     "diagnose": "runtime.diagnose",
+    "eval_robustness": "robustness.eval", "robust": "robustness.robust", "corruptions": "robustness.corruptions",
+    "severities": "robustness.severities", "robustness_samples": "robustness.samples",
+    "pgd_epsilon": "robustness.pgd_epsilon", "pgd_step": "robustness.pgd_step", "pgd_steps": "robustness.pgd_steps",
 }
 
 
@@ -468,13 +477,51 @@ def validate(cfg: CompileConfig, *, warm_start: bool = False, check_data: bool =
     if p.sparsity is not None and not 0.0 < p.sparsity < 1.0:
         raise ConfigError(f"--sparsity {p.sparsity} must be in (0, 1)", "give e.g. --sparsity 0.9")
     check_dp(cfg)
-    if cfg.robustness.eval or cfg.robustness.robust:  # the robustness stage adds itself and lifts this
-        raise ConfigError("robustness evaluation / training is not available in this relucomp",
-                          "remove the [robustness] settings")
+    check_robustness(cfg)
     _check_device(r.device)
     if check_data:
         _check_data(cfg)
+        if cfg.robustness.eval:
+            _check_rgb(cfg)
     return cfg
+
+
+def robustness_settings(cfg: CompileConfig):
+    """The validated :class:`relucomp.robustness.RobustnessSettings` of ``cfg`` (ConfigError with the fix)."""
+    from .robustness import RobustnessSettings
+
+    rb = cfg.robustness
+    return RobustnessSettings.make(corruptions=rb.corruptions, severities=rb.severities, samples=rb.samples,
+                                   pgd_epsilon=rb.pgd_epsilon, pgd_step=rb.pgd_step, pgd_steps=rb.pgd_steps,
+                                   seed=cfg.runtime.seed)
+
+
+def check_robustness(cfg: CompileConfig) -> None:
+    if cfg.robustness.robust:
+        raise ConfigError("the robust compile (robustness.robust / --robust: adversarial teacher, three-way "
+                          "distillation, dual BatchNorm) is not implemented yet",
+                          "drop --robust; --eval-robustness measures CA / NPA / AdvA of a plain compile")
+    if cfg.robustness != RobustnessSection():  # every field set is checked, even with eval off
+        robustness_settings(cfg)
+    if cfg.robustness.eval:
+        if cfg.data.image_size < 32:
+            raise ConfigError(f"--eval-robustness needs images of at least 32×32 pixels (the corruptions' minimum), "
+                              f"not --image-size {cfg.data.image_size}", "use --image-size 32 or more")
+        import importlib.util
+
+        if importlib.util.find_spec("imagecorruptions") is None:
+            raise ConfigError("--eval-robustness needs the imagecorruptions package",
+                              "pip install 'relucomp[robust]' (imagecorruptions-imaug, the maintained fork)")
+
+
+def _check_rgb(cfg: CompileConfig) -> None:
+    """Refuse greyscale image folders for --eval-robustness (file headers only, nothing decoded)."""
+    from .data.load import parse_data_spec
+    from .robustness import check_rgb_files
+
+    kind, path = parse_data_spec(cfg.data.spec)
+    if kind in ("folder", "utkface") and path is not None and path.exists():
+        check_rgb_files(path.parent if path.is_file() else path)
 
 
 # --------------------------------------------------------------------------- TOML

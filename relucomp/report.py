@@ -633,6 +633,32 @@ def _rel(p: Path | None, root: Path):
     return Markup('<a href="{0}">{0}</a>').format(escape(r))
 
 
+def _robustness_tables(data: ReportData) -> dict[str, Any] | None:
+    """CA / NPA / AdvA vs budget and NPA per corruption, for the runs whose report has a robustness section."""
+    runs = [(r, r.report.get("robustness")) for r in data.runs]
+    runs = [(r, rb) for r, rb in runs if rb]
+    if not runs:
+        return None
+    first = runs[0][1]
+    corr = list(first["settings"]["corruptions"])
+    rows, crows = [], []
+    dense = first["models"].get("dense")
+    if dense:
+        rows.append(["dense", "–", f"{runs[0][0].relus_total:,}", _f(dense["ca"]), _f(dense["npa"]), _f(dense["adva"])])
+        crows.append(["dense", "–"] + [_f(dense["npa_by_corruption"].get(c)) for c in corr])
+    for r, rb in runs:
+        m = rb["models"]["compiled"]
+        rows.append([f"{r.budget:,}", r.method, f"{r.relus:,}", _f(m["ca"]), _f(m["npa"]), _f(m["adva"])])
+        crows.append([f"{r.budget:,}", r.method] + [_f(m["npa_by_corruption"].get(c)) for c in corr])
+    st = first["settings"]
+    note = (f"{first['samples']} test images (seeded subset); NPA: mean accuracy over {len(corr)} corruptions "
+            f"(imagecorruptions) × severities {', '.join(map(str, st['severities']))}; AdvA: PGD L∞ "
+            f"ε = {st['pgd_epsilon'] * 255:.3g}/255, step {st['pgd_step'] * 255:.3g}/255, {st['pgd_steps']} steps, "
+            "random start, in pixel space.")
+    return {"summary": _table(["budget", "method", "ReLUs", "CA (%)", "NPA (%)", "AdvA (%)"], rows, num_from=2),
+            "corruptions": _table(["budget", "method"] + corr, crows, num_from=2), "note": note}
+
+
 def _environment():
     import jinja2
 
@@ -768,7 +794,7 @@ def render_report(path: str | Path, *, budget: int | str | None = None, inline: 
         fallback_note=any(r.latency_label == FALLBACK_LABEL for r in data.runs), latency_floor=LATENCY_FLOOR_S,
         runs_table=_table(["report", "method", "ReLUs", "budget", "ONNX ReLUs", "ORT |diff|", "time (s)"], rrows,
                           num_from=2),
-        search_table=search_table, dp_table=dp_table(data),
+        search_table=search_table, dp_table=dp_table(data), robustness=_robustness_tables(data),
         dp_fig=_img(dp_fig, root, "accuracy and max psi vs epsilon", inline) if dp_fig is not None else None)
     from .atomic import atomic_write_text
 

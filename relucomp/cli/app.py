@@ -35,6 +35,12 @@ BatchSize = Annotated[Optional[int], typer.Option("--batch-size", help="default:
 Effort = Annotated[Optional[str], typer.Option(
     "--effort", help="schedule preset: quick (default; CPU demo, 15/3/3 pretrain/search/finetune epochs) | standard "
                      "(30/10/10) | paper (SNL's 200/100/100, for a GPU); explicit epochs / --batch-size override it")]
+SearchEpochs = Annotated[Optional[int], typer.Option("--epochs", help="mask-search epochs (default: from --effort)")]
+FinetuneEpochs = Annotated[Optional[int], typer.Option(
+    "--finetune-epochs", help="finetune epochs with fixed masks (default: from --effort)")]
+PretrainEpochs = Annotated[Optional[int], typer.Option(
+    "--pretrain-epochs", help="train an untrained model first (default: from --effort; cached; the default model on "
+                              "the default data ships trained)")]
 Replacement = Annotated[str, typer.Option(
     "--replacement", help="removed ReLUs become: affine (learned per-channel s·x+b, no comparison; default) | "
                           "identity (SNL)")]
@@ -54,6 +60,19 @@ LeafModule = Annotated[Optional[list[str]], typer.Option(
 BudgetIncludesMaxpool = Annotated[bool, typer.Option(
     "--budget-includes-maxpool", help="count MaxPool comparisons against the ReLU budget (the gates get what is "
                                       "left; the export check counts them too)")]
+# robustness evaluation (relucomp.robustness): compile --eval-robustness and relucomp evaluate
+EvalRobustness = Annotated[bool, typer.Option(
+    "--eval-robustness", help="measure clean (CA), corrupted (NPA, CIFAR-10-C) and PGD (AdvA) accuracy of the dense "
+                              "and compiled model, overall and per group")]
+Corruptions = Annotated[Optional[str], typer.Option(
+    "--corruptions", help="all (the 15 CIFAR-10-C corruptions), families (noise, blur, weather, digital, extra) or "
+                          "names, comma-separated")]
+Severities = Annotated[Optional[str], typer.Option("--severities", help="corruption severities, e.g. 1,3,5 (default 1-5)")]
+RobustnessSamples = Annotated[Optional[int], typer.Option(
+    "--robustness-samples", help="evaluate robustness on this many test images (seeded subset; default 1000)")]
+PgdEpsilon = Annotated[Optional[str], typer.Option("--pgd-epsilon", help="PGD L∞ radius in pixel units, e.g. 8/255")]
+PgdStep = Annotated[Optional[str], typer.Option("--pgd-step", help="PGD step, e.g. 2/255")]
+PgdSteps = Annotated[Optional[int], typer.Option("--pgd-steps", help="PGD iterations (default 10)")]
 ExportTarget = Annotated[str, typer.Option(
     "--export-target", help="pi: OUT/model.onnx (PI-ready: Relu only on kept elements) | edge: OUT/model.edge.onnx "
                             "(plaintext runtimes: onnxruntime, mobile) | both")]
@@ -180,3 +199,20 @@ def value_table(title: str, rows: list[tuple[str, str]]) -> Table:
 
 def mb(b: float) -> str:
     return f"{b / 1e6:.2f} MB"
+
+
+def robustness_table(res) -> Table:
+    """CA / NPA / AdvA per model (and group), from the report's typed robustness section."""
+    s = res.settings
+    t = Table(title=f"robustness ({res.samples} test images; NPA: {len(s['corruptions'])} corruptions × "
+                    f"severities {','.join(map(str, s['severities']))}; AdvA: PGD L∞ ε={s['pgd_epsilon'] * 255:.3g}/255, "
+                    f"{s['pgd_steps']} steps)")
+    for c in ("model", "CA", "NPA", "AdvA"):
+        t.add_column(c, justify="left" if c == "model" else "right")
+    f = lambda v: "-" if v is None else f"{v:.2f}%"  # noqa: E731
+    for name, m in res.models.items():
+        t.add_row(name, f(m.ca), f(m.npa), f(m.adva))
+        if len(m.groups) > 1:
+            for g, v in m.groups.items():
+                t.add_row(f"  group {g} (n={res.group_counts.get(g, 0)})", f(v["ca"]), f(v["npa"]), f(v["adva"]))
+    return t

@@ -11,10 +11,11 @@ import typer
 from rich.table import Table
 
 from ..budget import human
-from .app import (AsJson, BatchSize, BudgetIncludesMaxpool, Checkpoint, ConfigFile, Device, DPBatchSize, DPDelta,
-                  DPEpsilon, DPMaxGradNorm, DPPhase, Effort, ExportTarget, ExportWeights, ImageSize, LeafModule, Limit,
-                  Lr, NoProgress, NumClasses, Pretrained, Replacement, Seed, Target, app, errors_handled, given,
-                  layer_table, log, out_console, quiet_torch_logs)
+from .app import (AsJson, BatchSize, BudgetIncludesMaxpool, Checkpoint, ConfigFile, Corruptions, Device, DPBatchSize,
+                  DPDelta, DPEpsilon, DPMaxGradNorm, DPPhase, Effort, EvalRobustness, ExportTarget, ExportWeights,
+                  FinetuneEpochs, ImageSize, LeafModule, Limit, Lr, NoProgress, NumClasses, PgdEpsilon, PgdStep, PgdSteps,
+                  Pretrained, PretrainEpochs, Replacement, RobustnessSamples, SearchEpochs, Seed, Severities, Target, app,
+                  errors_handled, given, layer_table, log, out_console, quiet_torch_logs, robustness_table)
 
 DEFAULT_OUT = "relucomp-out"
 
@@ -32,10 +33,9 @@ def compile(  # noqa: A001
     granularity: str = typer.Option("pixel", "--granularity", help="gate granularity: pixel | channel | layer"),
     search: str = typer.Option("snl", "--search", help="snl (learned masks) | layer-drop (DeepReDuce-style baseline)"),
     effort: Effort = None,
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="mask-search epochs (default: from --effort)"),
-    finetune_epochs: Optional[int] = typer.Option(None, "--finetune-epochs", help="finetune epochs with fixed masks (default: from --effort)"),
-    pretrain_epochs: Optional[int] = typer.Option(None, "--pretrain-epochs", help="train an untrained model first (default: from --effort; cached; "
-                                                                                  "the default model on the default data ships trained)"),
+    epochs: SearchEpochs = None,
+    finetune_epochs: FinetuneEpochs = None,
+    pretrain_epochs: PretrainEpochs = None,
     replacement: Replacement = "affine",
     checkpoint: Checkpoint = None,
     batch_size: BatchSize = None,
@@ -65,6 +65,15 @@ def compile(  # noqa: A001
     export_weights: ExportWeights = None,
     pretrained: Pretrained = False,
     leaf_module: LeafModule = None,
+    eval_robustness: EvalRobustness = False,
+    corruptions: Corruptions = None,
+    severities: Severities = None,
+    robustness_samples: RobustnessSamples = None,
+    pgd_epsilon: PgdEpsilon = None,
+    pgd_step: PgdStep = None,
+    pgd_steps: PgdSteps = None,
+    robust: bool = typer.Option(False, "--robust", help="robust compile (RLNet: adversarial teacher, three-way "
+                                                        "distillation, dual BN): not implemented yet"),
     config: ConfigFile = None,
     print_config: bool = typer.Option(False, "--print-config", help="print the resolved configuration (TOML) and exit"),
 ) -> None:
@@ -121,6 +130,8 @@ def print_summary(rep) -> None:
     for target, e in (rep.exports or ({"pi": rep.export} if rep.export else {})).items():
         t.add_row(f"ONNX ({target})", "", export_line(e) + f", {rep.export_weights} weights")
     out_console.print(t)
+    if rep.robustness:
+        out_console.print(robustness_table(rep.robustness_result))
     fair = rep.fairness or {}
     test = rep.fairness_test()
     f = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
@@ -209,3 +220,4 @@ def version() -> None:
     from .. import __version__
 
     out_console.print(__version__)
+

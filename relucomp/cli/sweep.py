@@ -9,8 +9,9 @@ import typer
 from rich.table import Table
 
 from .app import (BatchSize, BudgetIncludesMaxpool, Checkpoint, ConfigFile, Device, DPBatchSize, DPDelta, DPEpsilon,
-                  DPMaxGradNorm, DPPhase, Effort, ExportTarget, ExportWeights, ImageSize, Limit, Lr, NoProgress,
-                  Replacement, Seed, Target, app, errors_handled, given, log, out_console, quiet_torch_logs)
+                  DPMaxGradNorm, DPPhase, Effort, ExportTarget, ExportWeights, FinetuneEpochs, ImageSize, Limit, Lr,
+                  NoProgress, PretrainEpochs, Replacement, SearchEpochs, Seed, Target, app, errors_handled, given, log,
+                  out_console, quiet_torch_logs)
 
 
 # the sweep's own fairness options (several methods compared; one search shared when the constraints act in the finetune)
@@ -21,9 +22,6 @@ FAIR_PHASE = typer.Option("finetune", "--fair-phase",
 
 GRANULARITY = typer.Option("pixel", "--granularity", help="pixel | channel | layer")
 SEARCH = typer.Option("snl", "--search", help="snl (one shared search) | layer-drop")
-EPOCHS = typer.Option(None, "--epochs", help="mask-search epochs (one search for all budgets; default: from --effort)")
-FINETUNE_EPOCHS = typer.Option(None, "--finetune-epochs", help="finetune epochs per budget (default: from --effort)")
-PRETRAIN_EPOCHS = typer.Option(None, "--pretrain-epochs", help="train an untrained model first (default: from --effort; cached)")
 
 
 @app.command("sweep")
@@ -47,17 +45,17 @@ def sweep_cmd(
     export_weights: ExportWeights = None,
     granularity: str = GRANULARITY,
     search: str = SEARCH,
-    effort: Effort = None,
-    epochs: Optional[int] = EPOCHS,
-    finetune_epochs: Optional[int] = FINETUNE_EPOCHS,
-    pretrain_epochs: Optional[int] = PRETRAIN_EPOCHS,
-    replacement: Replacement = "affine",
+    epochs: SearchEpochs = None,
+    finetune_epochs: FinetuneEpochs = None,
+    pretrain_epochs: PretrainEpochs = None,
     checkpoint: Checkpoint = None,
     batch_size: BatchSize = None,
     lr: Lr = 0.01,
     limit: Limit = None,
     image_size: ImageSize = 32,
     seed: Seed = 0,
+    effort: Effort = None,
+    replacement: Replacement = "affine",
     budget_includes_maxpool: BudgetIncludesMaxpool = False,
     no_export: bool = typer.Option(False, "--no-export", help="skip the ONNX export of each run"),
     export_target: ExportTarget = "pi",

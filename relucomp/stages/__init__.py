@@ -18,6 +18,7 @@ from ..errors import AlreadyFinished, ConfigError, Interrupted, RelucompError
 from ..train import Checkpointer, progress_bar
 from . import (data, dense, diagnose, dp_finetune, evaluate, export, fairness, finetune, gate, lower, model, pretrain,
                prune, report, save, search)
+from . import robustness
 from .base import Hooks, RunState, Stage
 
 __all__ = ["STAGES", "Hooks", "RunState", "Stage", "run", "prepare_out"]
@@ -28,8 +29,8 @@ def _stage(mod) -> Stage:
 
 
 STAGES: list[Stage] = [_stage(m) for m in (
-    data, model, pretrain, dense, gate, search, prune, finetune, dp_finetune, lower, evaluate, fairness, diagnose,
-    report, export, save)]
+    data, model, pretrain, dense, gate, search, prune, finetune, dp_finetune, lower, evaluate, robustness, fairness,
+    diagnose, report, export, save)]
 
 
 def prepare_out(out_dir) -> tuple[Path | None, bool]:

@@ -37,6 +37,10 @@ def run(st: RunState) -> DataOut:
     elif not isinstance(bundle, DataBundle):
         raise RelucompError(f"unsupported data object {type(bundle).__name__}",
                             "pass a data spec string (e.g. 'synthetic', 'utkface:PATH') or a relucomp.data.DataBundle")
+    if st.cfg.robustness.eval:  # before any training
+        from ..robustness import check_rgb_images
+
+        check_rgb_images(bundle.test.images, "the test split")
     n_cls = d.num_classes or bundle.num_classes
     if n_cls != bundle.num_classes:
         raise RelucompError(f"--num-classes {n_cls} disagrees with the data's {bundle.num_classes} classes",

@@ -52,4 +52,5 @@ def run(st: RunState) -> CompileReport:
         fairness=fair.section if fair is not None else None, diagnostics=diag.section if diag is not None else None,
         search=search.light, search_history=search.stats.get("history", []),
         lambda_trace=search.stats.get("lambda_trace", []), finetune_history=tuned.stats.get("history", []),
-        passes=low.records, pruning=(st.results.get("prune") or PruneOut()).report, phases_seconds=st.phases, dp=tuned.dp)
+        passes=low.records, pruning=(st.results.get("prune") or PruneOut()).report, phases_seconds=st.phases, dp=tuned.dp,
+        robustness=st["robustness"].to_dict() if "robustness" in st.results else None)

@@ -1,0 +1,97 @@
+"""Robustness benchmark (issue 12) → benchmarks/results/robust.json.
+
+resnet8 on a subset of the CIFAR-10 JPEG folders (/work/shared/data/cifar10-jpeg, ``--limit`` images drawn
+stratified from the official train/test split; quality-75 JPEG re-encodes, so accuracies are not the published
+CIFAR-10 figures), compiled (plain compile: SNL search + finetune) at 2 ReLU budgets with
+``eval_robustness=True``: clean (CA), natural-perturbation (NPA, mean over a subset of the CIFAR-10-C
+corruptions at the chosen severities) and PGD L∞ (AdvA, ε = 8/255, step 2/255, 10 steps, random start)
+accuracy of the dense and the compiled model, on a seeded subset of the test split.  The robust compile
+(``--robust``) is not implemented yet: its column is absent.
+
+Small on purpose (the machine is a shared 2-core CPU): few images, short schedules, 5 corruptions (one or two
+per family) at severities 1, 3, 5.  Times measured under load are upper bounds.
+
+Usage: python benchmarks/bench_robust.py [--data PATH] [--limit 3000] [--budgets 10%,30%] [--samples 500]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+warnings.filterwarnings("ignore")
+
+from relucomp.api import compile as rc_compile  # noqa: E402
+from relucomp.atomic import atomic_write_json  # noqa: E402
+
+OUT = Path(__file__).parent / "results" / "robust.json"
+DATA = Path("/work/shared/data/cifar10-jpeg")
+CORRUPTIONS = "gaussian_noise,defocus_blur,fog,contrast,jpeg_compression"
+
+
+def machine() -> dict:
+    return {"description": f"{os.cpu_count()}-core CPU (shared with other jobs; no GPU)", "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+            "load_average_at_start": os.getloadavg(), "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(), "python": sys.version.split()[0]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", default=str(DATA))
+    ap.add_argument("--limit", type=int, default=3000)
+    ap.add_argument("--budgets", default="10%,30%")
+    ap.add_argument("--samples", type=int, default=500)
+    ap.add_argument("--corruptions", default=CORRUPTIONS)
+    ap.add_argument("--severities", default="1,3,5")
+    ap.add_argument("--pretrain-epochs", type=int, default=10)
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--finetune-epochs", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=str(OUT))
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    if not Path(a.data).is_dir():
+        sys.exit(f"no CIFAR-10 folders at {a.data} (pass --data)")
+    info = machine()
+    runs, t_all = [], time.perf_counter()
+    for budget in a.budgets.split(","):
+        t0 = time.perf_counter()
+        res = rc_compile("resnet8", f"cifar10:{a.data}", relu_budget=budget, limit=a.limit,
+                         pretrain_epochs=a.pretrain_epochs, search_epochs=a.epochs, finetune_epochs=a.finetune_epochs,
+                         export=False, progress=False, eval_robustness=True, corruptions=a.corruptions,
+                         severities=a.severities, robustness_samples=a.samples)
+        rep = res.report
+        rb = rep.robustness
+        row = {"budget": budget, "relus": rep.relus_after, "relus_dense": rep.relus_before,
+               "test_acc_full_split": {"dense": rep.test_accuracy[0], "compiled": rep.test_accuracy[1]}}
+        for model in ("dense", "compiled"):
+            m = rb["models"][model]
+            row[model] = {k: round(m[k], 2) for k in ("ca", "npa", "adva")} | {
+                "npa_by_corruption": {c: round(v, 2) for c, v in m["npa_by_corruption"].items()},
+                "npa_by_severity": {c: round(v, 2) for c, v in m["npa_by_severity"].items()}}
+        row["robust_compile"] = None  # --robust is not implemented yet
+        row["seconds"] = {"total": round(time.perf_counter() - t0, 1), "robustness": rep.phases_seconds.get("robustness")}
+        runs.append(row)
+        print(json.dumps({k: row[k] for k in ("budget", "relus", "dense", "compiled")}, default=str)[:600], flush=True)
+    doc = {"benchmark": "robust", "machine": info, "load_average_at_end": os.getloadavg(),
+           "data": {"spec": f"cifar10:{a.data}", "limit": a.limit, "splits": rep.data.get("summary", {}).get("splits"),
+                    "note": "CIFAR-10 as quality-75 JPEG folders; a stratified --limit subset of the official split"},
+           "settings": {**rb["settings"], "samples_evaluated": rb["samples"], "pretrain_epochs": a.pretrain_epochs,
+                        "search_epochs": a.epochs, "finetune_epochs": a.finetune_epochs, "model": "resnet8"},
+           "runs": runs, "robust_compile": "not implemented yet (issue 12, second half)",
+           "seconds_total": round(time.perf_counter() - t_all, 1)}
+    atomic_write_json(Path(a.out), doc)
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()

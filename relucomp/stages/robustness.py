@@ -1,0 +1,36 @@
+"""Stage ``robustness`` (with ``robustness.eval`` / ``--eval-robustness``): CA, NPA and AdvA of the dense and
+the compiled model, overall and per group (:mod:`relucomp.robustness`); the report's ``robustness`` section."""
+
+from __future__ import annotations
+
+from ..config import robustness_settings
+from ..robustness import RobustnessResult, evaluate_robustness
+from .base import RunState
+
+NAME = "robustness"
+
+
+def when(st: RunState) -> bool:
+    return st.cfg.robustness.eval
+
+
+def run(st: RunState) -> RobustnessResult:
+    settings = robustness_settings(st.cfg)
+    models = {"dense": st["pretrain"].teacher, "compiled": st["fold"].gm}
+    return evaluate_models(models, st["data"].bundle.test, settings, progress=st.progress, say=st.say)
+
+
+def evaluate_models(models, dataset, settings, *, progress=None, say=None) -> RobustnessResult:
+    """:func:`~relucomp.robustness.evaluate_robustness` with a rich progress bar (``progress``: a rich Progress)."""
+    n = len(dataset) if settings.samples is None else min(settings.samples, len(dataset))
+    if say is not None:
+        say(f"robustness: {n} test images, {len(settings.corruptions)} corruptions × {len(settings.severities)} "
+            f"severities, PGD {settings.pgd_steps} steps")
+    task = progress.add_task("robustness", total=len(settings.corruptions) * len(settings.severities) + 2,
+                             info="") if progress is not None else None
+
+    def tick(what: str, done: int, total: int) -> None:
+        if task is not None:
+            progress.update(task, completed=done, info=what)
+
+    return evaluate_robustness(models, dataset, settings, progress=tick)
