@@ -174,7 +174,7 @@ class RunsReLU(SparseReLU):
             else:
                 parts.append(flat[:, a:b])
         out = torch.cat(parts, 1)
-        return out if self.by_channel else out.reshape(x.shape)
+        return out if self.by_channel else out.reshape((-1,) + self.act_shape)  # constant shape: exports static
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", form=runs, runs={len(self.runs)}"
@@ -233,7 +233,7 @@ class CompactReLU(SparseReLU):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = self.block
         flat = torch.flatten(x, 1)
-        n = flat.shape[1]
+        n = math.prod(self.act_shape)
         rows = n // b
         cur = flat.reshape(-1, rows, b)
         for i, s in enumerate(self.comp_shifts):
@@ -258,7 +258,7 @@ class CompactReLU(SparseReLU):
         for i, s in enumerate(self.exp_shifts):
             shifted = torch.cat([cur[:, :, b - s:], cur[:, :, :b - s]], 2)  # shifted[q] = cur[q − s]
             cur = torch.where(getattr(self, f"exp_cond{i}"), shifted, cur)
-        return torch.where(self.keep_mask, cur.reshape(-1, n), flat).reshape(x.shape)
+        return torch.where(self.keep_mask, cur.reshape(-1, n), flat).reshape((-1,) + self.act_shape)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", form=compact, block={self.block}, stages={self.stages}"

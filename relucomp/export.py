@@ -41,18 +41,30 @@ __all__ = ["export_onnx", "ort_run", "read_metadata", "ExportError", "ExportChec
 
 
 def _torch_export(model: nn.Module, example: torch.Tensor, path: str, opset: int) -> None:
-    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    """Write ``model`` as ONNX with a dynamic batch axis.
+
+    The TorchScript exporter first (≈1–2 s for these graphs), its output cleaned by onnxscript's optimizer
+    (constant folding, dead code); the dynamo exporter (``torch.export``) only when TorchScript cannot
+    trace the model — its first call in a process costs 15–60 s of set-up on 2 CPU cores, most of a
+    short compile's export stage.  Either output is checked the same way by :func:`export_onnx`.
+    """
     sink = io.StringIO()
-    with warnings.catch_warnings(), contextlib.redirect_stdout(sink):
+    with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
         warnings.simplefilter("ignore")
         try:
-            torch.onnx.export(model, (example,), path, dynamo=True, external_data=False, optimize=True,
-                              input_names=["input"], output_names=["logits"],
-                              dynamic_shapes=({0: batch},), opset_version=opset, verbose=False)
-        except Exception:  # noqa: BLE001 - fall back to the TorchScript exporter
             torch.onnx.export(model, (example,), path, dynamo=False, input_names=["input"],
                               output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
                               opset_version=opset)
+        except Exception:  # noqa: BLE001 - fall back to the dynamo exporter
+            batch = torch.export.Dim("batch", min=1, max=1 << 16)
+            torch.onnx.export(model, (example,), path, dynamo=True, external_data=False, optimize=True,
+                              input_names=["input"], output_names=["logits"],
+                              dynamic_shapes=({0: batch},), opset_version=opset, verbose=False)
+            return
+        import onnx
+        from onnxscript import optimizer
+
+        onnx.save(optimizer.optimize(onnx.load(path)), path)
 
 
 def ort_run(path: str | Path, x: np.ndarray) -> np.ndarray:

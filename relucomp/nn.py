@@ -233,7 +233,7 @@ class SparseReLU(nn.Module):
         kept = torch.relu(torch.index_select(flat, 1, self.keep))
         rest = torch.index_select(flat, 1, self.drop)
         out = torch.index_select(torch.cat([kept, rest], 1), 1, self.inverse)
-        return out.reshape(x.shape)
+        return out.reshape((-1,) + self.act_shape)  # a constant shape: the export's per-image shape is static
 
     def extra_repr(self) -> str:
         return f"kept={self.kept_relus}, act_shape={self.act_shape}, by_channel={self.by_channel}"

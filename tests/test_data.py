@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -81,11 +80,9 @@ def test_synthetic_default_shapes_and_groups(syn):
             assert abs(s["splits"]["val"]["group_classes"][gname][cname] - 0.1 * tot) <= 1.0
 
 
-def test_synthetic_generation_fast_and_deterministic():
-    t0 = time.perf_counter()
+def test_synthetic_generation_deterministic():
+    # (its speed is benchmarks/bench_data.py's business, not a timed unit test's)
     a = make_synthetic(6000)
-    elapsed = time.perf_counter() - t0
-    assert elapsed < 6.0, f"generation took {elapsed:.2f}s (budget 3 s on an idle machine)"
     small1, small2 = make_synthetic(300), make_synthetic(300)
     for u, v in zip(small1, small2):
         assert np.array_equal(u, v)

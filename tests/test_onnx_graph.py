@@ -116,9 +116,12 @@ def test_onnx_counts_agree_with_the_fx_side():
 
     class M(nn.Module):
         def forward(self, x):
-            return (torch.clamp(x, min=0) + x.clamp_min(0) + F.threshold(x, 0.0, 0.0) + F.leaky_relu(x, 0.0)
-                    + F.hardtanh(x, 0.0, float("inf")) + F.relu6(x) + torch.clamp(x, min=-1) + F.leaky_relu(x, 0.1)
-                    + torch.sigmoid(x) + torch.tanh(x) + torch.sign(x) + torch.maximum(x, 2 * x) + F.gelu(x))
+            # distinct inputs: the exporter merges identical ops (common subexpressions), which the fx side
+            # (conservatively) counts once per call
+            return (torch.clamp(x, min=0) + (x + 1).clamp_min(0) + F.threshold(x + 2, 0.0, 0.0)
+                    + F.leaky_relu(x + 3, 0.0) + F.hardtanh(x + 4, 0.0, float("inf")) + F.relu6(x) + torch.clamp(x, min=-1)
+                    + F.leaky_relu(x, 0.1) + torch.sigmoid(x) + torch.tanh(x) + torch.sign(x) + torch.maximum(x, 2 * x)
+                    + F.gelu(x))
 
     x = torch.randn(1, 2, 4, 4)
     counter = NonlinearityCounter()

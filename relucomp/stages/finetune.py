@@ -23,6 +23,7 @@ from ..compile_report import DPReport
 from ..fair_compile import FairPhase, ema_model
 from ..infra import PassManager
 from ..passes.finetune import FinetunePass
+from ..recipe import FINETUNE_DEFAULTS
 from .base import RunState
 from .prune import PruneOut
 from .search import fair_phase
@@ -80,7 +81,7 @@ def run(st: RunState) -> FinetuneOut:
 
     after = chain_steps(prune.gmp, ffair.after_step) if prune.gmp is not None else ffair.after_step
     fp = FinetunePass(train_loader=st["data"].train, teacher=st["pretrain"].teacher, epochs=cfg.finetune.epochs,
-                      lr=cfg.finetune.lr if cfg.finetune.lr is not None else cfg.search.lr * 0.5,
+                      lr=cfg.finetune.lr if cfg.finetune.lr is not None else FINETUNE_DEFAULTS["lr"],
                       kd_weight=cfg.finetune.kd_weight, bn_recalibrate=cfg.finetune.bn_recalibrate,
                       temperature=cfg.finetune.temperature or cfg.search.kd_temperature, progress=st.progress,
                       checkpoint=save if st.out is not None else None, extra_loss=ffair.extra_loss,
