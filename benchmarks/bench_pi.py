@@ -115,7 +115,8 @@ def build_onnx(out: Path, budget: int, granularity: str, gate_form: str, seed: i
     forms = next((r.stats for r in pm.records if r.name == "PILoweringPass"), {}).get("forms", {})
     with torch.no_grad():
         diff = float((low(x) - ref).abs().max())
-    assert diff < 1e-4, diff
+    # relative: with every ReLU removed the logits grow large (resnet20 at 0 ReLUs), float rounding with them
+    assert diff < 1e-4 * max(1.0, float(ref.abs().max())), diff
     # TorchScript exporter: the dynamo exporter takes minutes on the compaction networks' ~10^3 nodes
     t0 = time.perf_counter()
     # (static batch 1, what pi-bench runs; the verified dynamic-batch export is tested in tests/)
@@ -131,7 +132,7 @@ def build_onnx(out: Path, budget: int, granularity: str, gate_form: str, seed: i
         want = low(xv).numpy()
     got = ort_run(out, xv.numpy())
     ort_diff = float(np.abs(got - want).max())
-    assert ort_diff < 1e-3, ort_diff
+    assert ort_diff < 1e-3 * max(1.0, float(np.abs(want).max())), ort_diff
     return {"onnx": str(out), "relus_onnx": counted, "forms": forms, "mask_vs_lowered_max_abs": diff,
             "ort_vs_torch_max_abs": ort_diff, "export_s": round(export_s, 1), "granularity": granularity,
             "gate_form": gate_form, "total_relus": total}
