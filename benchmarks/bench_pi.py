@@ -357,6 +357,9 @@ def finish(a, results: dict, budgets: list[int], models: list[str], t_start: flo
     results["setup"]["loadavg_1min"] = {"mean": round(float(np.mean(loads)), 2), "max": round(max(loads), 2),
                                         "note": "2 cores shared with other jobs: latencies are upper bounds"}
     results["setup"]["models"] = models
+    if t_start is None:
+        results["setup"]["note"] = ("finished from an interrupted run (--from-partial): only the runs listed under "
+                                    "'runs' completed, per weights setting")
     slim = json.loads(json.dumps(results, default=str))
     for runs in slim["runs"].values():
         for r in runs.values():
