@@ -29,8 +29,8 @@ fully kept layers are plain ``relu`` (which onnxruntime fuses into the conv).
 Channel gates of a conv feature map get :class:`ChannelMaskedReLU` instead,
 ``x + Relu(DepthwiseConv1×1(x; −m))`` (m = 1 kept / 0 removed): onnxruntime's
 NCHWc transformer handles a depthwise conv (Relu fused) and ``Add``, so no layout
-reorders are inserted; measured 1.1–1.2× the dense model where ``Max(x, x·s)`` was
-1.3–1.7× (b64).  Pixel gates have no such form: NCHWc ``Mul``/``Add`` need both
+reorders are inserted; measured 1.07–1.32× the dense model at b64 where ``Max(x, x·s)``
+had measured 1.46–1.70× (``benchmarks/results/export.json``; both under load).  Pixel gates have no such form: NCHWc ``Mul``/``Add`` need both
 operands produced in NCHWc, and a per-element constant mask is not, so the pixel
 form keeps the reorders (``edge ≤ 1.0× dense`` is out of reach for pixel masks
 in default onnxruntime: no fused conv activation takes a per-element parameter).
