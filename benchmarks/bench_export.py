@@ -119,6 +119,23 @@ def _session(path, threads: int):
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
+def _optimized_ops(path, out) -> dict:
+    """Op counts of the graph onnxruntime actually runs (default ORT_ENABLE_ALL: fusions, NCHWc layout)."""
+    import onnx
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.optimized_model_filepath = str(out)
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    ops: dict[str, int] = {}
+    for n in onnx.load(str(out)).graph.node:
+        act = next((a.s.decode() for a in n.attribute if a.name == "activation"), None)
+        k = n.op_type + (f"+{act}" if act else "")
+        ops[k] = ops.get(k, 0) + 1
+    return ops
+
+
 def _stats(v: list[float]) -> dict:
     q1, med, q3 = np.percentile(v, [25, 50, 75])
     return {"median_ms": round(med * 1e3, 4), "iqr_ms": [round(q1 * 1e3, 4), round(q3 * 1e3, 4)], "n": len(v)}
@@ -156,11 +173,15 @@ def elementwise_forms(repeats: int) -> dict:
     from onnx import numpy_helper as nh
 
     rng = np.random.default_rng(0)
-    forms = ["relu (dense, fused)", "prelu", "where", "max_x_xs", "x_minus_m_min"]
+    forms = ["relu (dense, fused)", "prelu", "where", "max_x_xs", "x_minus_m_min", "channel max_x_xs",
+             "channel dw_relu_add"]
 
     def graph(C, H, form):
         W = rng.standard_normal((C, C, 3, 3)).astype(np.float32) * 0.1
         m = rng.random((C, H, H)) < 0.5
+        if form.startswith("channel"):  # a channel mask: kept channels first half (any mask costs the same)
+            m = np.zeros((C, 1, 1), bool)
+            m[: C // 2] = True
         inits = [nh.from_array(W, "W1"), nh.from_array(W, "W2")]
         nodes = [h.make_node("Conv", ["x", "W1"], ["a"], pads=[1, 1, 1, 1])]
         if form.startswith("relu"):
@@ -171,7 +192,11 @@ def elementwise_forms(repeats: int) -> dict:
         elif form == "where":
             inits.append(nh.from_array(m, "m"))
             nodes += [h.make_node("Relu", ["a"], ["r"]), h.make_node("Where", ["m", "r", "a"], ["b"])]
-        elif form == "max_x_xs":
+        elif form == "channel dw_relu_add":  # x + Relu(depthwise 1x1 conv(x; -m))
+            inits.append(nh.from_array(-m.astype(np.float32).reshape(C, 1, 1, 1), "w"))
+            nodes += [h.make_node("Conv", ["a", "w"], ["t"], group=C), h.make_node("Relu", ["t"], ["u"]),
+                      h.make_node("Add", ["a", "u"], ["b"])]
+        elif form.endswith("max_x_xs"):
             inits.append(nh.from_array((~m).astype(np.float32), "s"))
             nodes += [h.make_node("Mul", ["a", "s"], ["t"]), h.make_node("Max", ["a", "t"], ["b"])]
         else:
@@ -188,7 +213,7 @@ def elementwise_forms(repeats: int) -> dict:
         for C, H in ((16, 32), (32, 16), (64, 8)):
             paths = {}
             for f in forms:
-                p = Path(tmp) / f"{C}-{f.split()[0]}.onnx"
+                p = Path(tmp) / f"{C}-{f.split()[0]}-{f.split()[-1]}.onnx"
                 onnx.save(graph(C, H, f), str(p))
                 paths[f] = str(p)
             for threads in (1, 2):
@@ -209,7 +234,7 @@ def main() -> int:
     ap.add_argument("--no-forms", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "results" / "export.json"))
     a = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     repeats = 10 if a.quick else a.repeats
     budgets = BUDGETS[1:2] if a.quick else BUDGETS
     t_start = time.time()
@@ -226,6 +251,8 @@ def main() -> int:
             print(f"built {name}-{target}: {b['relus_kept']:,} ReLUs kept, ops {b['ops']} ({time.time() - t0:.0f}s)",
                   flush=True)
     paths = {k: v["onnx"] for k, v in built.items()}
+    for k, v in built.items():  # what onnxruntime runs: its optimized graph (NCHWc layout reorders included)
+        v["ort_optimized_ops"] = _optimized_ops(v["onnx"], work / f"{k}.opt.onnx")
     lat = {}
     for threads in (1, 2):
         for batch in (1, 64):
@@ -239,14 +266,17 @@ def main() -> int:
                   flush=True)
     edge_r = {key: {k: r for k, r in l["ratio_to_dense"].items() if k.endswith("-edge")} for key, l in lat.items()}
     pi_r = {key: {k: r for k, r in l["ratio_to_dense"].items() if k.endswith("-pi")} for key, l in lat.items()}
+    by_gran = {g: [r for v in edge_r.values() for k, r in v.items() if k.startswith(g)] for g in ("pixel", "channel", "layers")}
     summary = {"edge_max_ratio_to_dense": max(max(v.values()) for v in edge_r.values()),
+               "edge_ratio_range_by_granularity": {g: [min(v), max(v)] for g, v in by_gran.items() if v},
                "edge_ratio_range": {key: [min(v.values()), max(v.values())] for key, v in edge_r.items()},
                "pi_ratio_range": {key: [min(v.values()), max(v.values())] for key, v in pi_r.items()},
                "edge_le_dense_everywhere": all(r <= 1.0 for v in edge_r.values() for r in v.values()),
                "edge_faster_than_pi_everywhere": all(lat[key]["ratio_to_dense"][k] <= lat[key]["ratio_to_dense"][k[:-5] + "-pi"]
                                                      for key in lat for k in edge_r[key])}
     res = {"setup": {"model": "resnet8 (73,728 ReLUs, 32x32), random masks of exact budgets; 'layers-28672': layers "
-                              "0,1,3,5 fully linear, the rest fully kept", "runtime": "onnxruntime CPUExecutionProvider",
+                              "0,1,3,5 fully linear, the rest fully kept", "runtime":
+                         "onnxruntime CPUExecutionProvider, default session options (ORT_ENABLE_ALL: fusions + NCHWc layout)",
                      "repeats": repeats, "inner_runs_batch1": a.inner,
                      "method": "interleaved: every repeat runs all variants once in a fresh random order; median and "
                                "IQR over repeats", "load_note": "shared machine: other jobs ran during the measurement "

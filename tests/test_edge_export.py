@@ -16,7 +16,7 @@ from relucomp.errors import RelucompError
 from relucomp.export import ort_run, read_metadata
 from relucomp.export_targets import describe, export_compiled, export_model, parse_target
 from relucomp.infra import PassManager
-from relucomp.passes.edge_lowering import EdgeLoweringPass, MaskedReLU
+from relucomp.passes.edge_lowering import ChannelMaskedReLU, EdgeLoweringPass, MaskedReLU
 from relucomp.passes.insert_gates import gates_of
 from relucomp.verify import onnx_relu_count
 
@@ -49,9 +49,14 @@ def test_edge_and_pi_exports_equal_torch(tmp_path, granularity):
         assert np.allclose(outs[target], ref_v, atol=1e-4, rtol=1e-3), target
         ops = _ops(path)
         if target == "edge":
-            assert ops.count("Max") == ops.count("Mul") == partial > 0  # Max(x, x·s) per partial layer, nothing else
             assert not {"Gather", "GatherElements", "Concat", "Slice", "Where"} & set(ops)
-            assert sum(isinstance(m, MaskedReLU) for m in low.modules()) == partial
+            assert sum(isinstance(m, MaskedReLU) for m in low.modules()) == partial > 0
+            chan = sum(isinstance(m, ChannelMaskedReLU) for m in low.modules())
+            # channel gates of a conv feature map: x + Relu(depthwise 1×1 conv(x; −m)); the rest Max(x, x·s)
+            assert ops.count("Max") == ops.count("Mul") == partial - chan
+            groups = [a.i for n in onnx.load(str(path)).graph.node if n.op_type == "Conv" for a in n.attribute
+                      if a.name == "group" and a.i > 1]
+            assert len(groups) == chan and (chan > 0) == (granularity == "channel")
         else:
             assert res["onnx_relus"] == kept == onnx_relu_count(str(path))["relus"]
             assert "Max" not in ops
