@@ -72,7 +72,7 @@ def main() -> None:
     def one(budget: str, robust: bool) -> dict:
         t0 = time.perf_counter()
         extra = dict(robust=True, robust_teacher_epochs=a.teacher_epochs,
-                     train_attack_steps=a.train_attack_steps) if robust else {}
+                     train_attack_steps=a.train_attack_steps, compare_branches=True) if robust else {}
         res = rc_compile("resnet8", f"cifar10:{a.data}", relu_budget=budget, limit=a.limit,
                          pretrain_epochs=a.pretrain_epochs, search_epochs=a.epochs, finetune_epochs=a.finetune_epochs,
                          export=False, progress=False, eval_robustness=True, corruptions=a.corruptions,
@@ -81,7 +81,7 @@ def main() -> None:
         rb = rep.robustness
         row = {"relus": rep.relus_after, "relus_dense": rep.relus_before,
                "test_acc_full_split": {"dense": rep.test_accuracy[0], "compiled": rep.test_accuracy[1]}}
-        for model in ("dense", "compiled"):
+        for model in rb["models"]:
             m = rb["models"][model]
             row[model] = {k: round(m[k], 2) for k in ("ca", "npa", "adva")} | {
                 "npa_by_corruption": {c: round(v, 2) for c, v in m["npa_by_corruption"].items()},

@@ -129,6 +129,7 @@ class RobustnessSection(_Section):
     kd_adv: float = 1.0
     dual_bn: bool = True                # separate BN for clean / perturbed batches while training
     export_branch: str = "clean"        # the DualBN branch folded into the exported model: clean | perturbed
+    compare_branches: bool = False      # also evaluate the other branch folded (model "compiled_<branch>_bn")
 
 
 class DPSection(_Section):
@@ -248,7 +249,7 @@ KEYWORDS: dict[str, str] = {
     "train_epsilon": "robustness.train_epsilon", "trades_beta": "robustness.trades_beta",
     "augmix": "robustness.augmix", "jsd_weight": "robustness.jsd_weight", "kd_clean": "robustness.kd_clean",
     "kd_natural": "robustness.kd_natural", "kd_adv": "robustness.kd_adv", "dual_bn": "robustness.dual_bn",
-    "export_branch": "robustness.export_branch",
+    "export_branch": "robustness.export_branch", "compare_branches": "robustness.compare_branches",
 }
 
 
@@ -518,7 +519,7 @@ def robustness_settings(cfg: CompileConfig):
 
 ROBUST_TRAIN_FIELDS = ("teacher_robust", "teacher_epochs", "train_attack", "train_attack_steps", "train_epsilon",
                        "trades_beta", "augmix", "jsd_weight", "kd_clean", "kd_natural", "kd_adv", "dual_bn",
-                       "export_branch")
+                       "export_branch", "compare_branches")
 
 
 def check_robust_compile(cfg: CompileConfig) -> None:

@@ -128,7 +128,9 @@ def test_robust_compile_end_to_end_onnx_budget_and_section(tmp_path):
     import onnx
 
     out = tmp_path / "o"
+    (tmp_path / "c.toml").write_text("[robustness]\ncompare_branches = true\n")
     r = runner.invoke(app, ["compile", "tinycnn", "-b", "50%", "--out", str(out), "--limit", "200",
+                            "--config", str(tmp_path / "c.toml"),
                             "--pretrain-epochs", "1", "--epochs", "1", "--finetune-epochs", "1", "--no-progress",
                             "--robust", "--robust-teacher-epochs", "1", "--train-attack-steps", "1",
                             "--corruptions", "contrast", "--severities", "3", "--robustness-samples", "20",
@@ -140,8 +142,9 @@ def test_robust_compile_end_to_end_onnx_budget_and_section(tmp_path):
     assert rc["teacher"]["adversarial_finetune"] and rc["teacher"]["train_attack_steps"] == 1
     assert rc["dual_bn_layers"] >= 1 and rc["exported_branch"] == "clean"
     assert len(rc["teacher_history"]) == 1
-    for model in ("dense", "compiled"):
-        assert all(0.0 <= rb["models"][model][k] <= 100.0 for k in ("ca", "npa", "adva"))
+    assert set(rb["models"]) == {"dense", "compiled", "compiled_perturbed_bn"}   # compare_branches
+    for m in rb["models"].values():
+        assert all(0.0 <= m[k] <= 100.0 for k in ("ca", "npa", "adva"))
     g = onnx.load(str(out / "model.onnx")).graph
     ops = [n.op_type for n in g.node]
     assert "BatchNormalization" not in ops and ops.count("Relu") >= 1

@@ -13,6 +13,7 @@ clean training batches (``finetune.bn_recalibrate``).  ``model.pt`` stores the c
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from ..passes.finetune import recalibrate_bn
 from ..robust_train import collapse, dualize
@@ -27,6 +28,7 @@ EXPORT_NAME = "dual_bn_export"
 class DualBNOut:
     layers: int
     branch: str = ""
+    other: Any = None        # robustness.compare_branches: the gated graph with the other branch (not exported)
 
 
 def when(st: RunState) -> bool:
@@ -40,7 +42,15 @@ def run(st: RunState) -> DualBNOut:
 def run_export(st: RunState) -> DualBNOut:
     cfg, ft = st.cfg, tuned(st)
     branch = cfg.robustness.export_branch
-    n = 0
+    n, other = 0, None
+    if cfg.robustness.compare_branches and ft.gm is not None:
+        import copy
+
+        other = copy.deepcopy(ft.gm)
+        collapse(other, "perturbed" if branch == "clean" else "clean")
+        if branch == "perturbed" and cfg.finetune.bn_recalibrate and cfg.finetune.epochs:
+            recalibrate_bn(other, st["data"].train, 20, cfg.runtime.device)
+        other.cpu().eval()
     for gm in {id(g): g for g in (ft.gm, st["gates"].gm) if g is not None}.values():
         n = max(n, collapse(gm, branch))
     if ft.gm is not None and branch == "clean" and cfg.finetune.bn_recalibrate and cfg.finetune.epochs:
@@ -50,4 +60,4 @@ def run_export(st: RunState) -> DualBNOut:
         collapse(ft.ema, branch)
     src = ft.ema if ft.weights == "ema" and ft.ema is not None else (ft.gm or st["gates"].gm)
     ft.gated_state = {k: v.clone() for k, v in src.state_dict().items()}
-    return DualBNOut(layers=n, branch=branch)
+    return DualBNOut(layers=n, branch=branch, other=other)

@@ -18,9 +18,17 @@ def run(st: RunState) -> RobustnessResult:
     settings = robustness_settings(st.cfg)
     # under --robust "dense" is the robust teacher (robust_compile.teacher says how it was made)
     models = {"dense": st["pretrain"].teacher, "compiled": st["fold"].gm}
+    dual = st.results.get("dual_bn_export")
+    if dual is not None and dual.other is not None:  # robustness.compare_branches: the branch not exported, folded
+        from ..infra import PassManager
+        from ..pipelines import lowering_passes
+
+        calib = st["data"].calib
+        alt = PassManager(lowering_passes(calib, gate_form=st.cfg.export.gate_form), calibration=calib).run(dual.other)
+        models["compiled_" + ("perturbed" if dual.branch == "clean" else "clean") + "_bn"] = alt.gm
     res = evaluate_models(models, st["data"].bundle.test, settings, progress=st.progress, say=st.say)
     if "robust_teacher" in st.results:
-        rt, dual = st["robust_teacher"], st.results.get("dual_bn_export")
+        rt = st["robust_teacher"]
         res.robust_compile = {"teacher": {k: v for k, v in rt.info.items() if k != "history"},
                               "teacher_history": rt.info.get("history", []),
                               "dual_bn_layers": dual.layers if dual is not None else 0,
