@@ -155,3 +155,22 @@ def test_robust_compile_end_to_end_onnx_budget_and_section(tmp_path):
 
     gm = load_compiled(out)
     assert not any(isinstance(m, DualBatchNorm2d) for m in gm.modules())
+
+
+def test_per_group_table_gains_npa_and_adva_columns():
+    from types import SimpleNamespace
+
+    from relucomp.report import _group_robustness_columns
+
+    sec = {"models": {"dense": {"groups": {"a": {"ca": 90.0, "npa": 70.0, "adva": 10.0},
+                                           "b": {"ca": 80.0, "npa": 60.0, "adva": 5.0}}},
+                      "compiled": {"groups": {"a": {"ca": 85.0, "npa": 65.5, "adva": 20.25},
+                                              "b": {"ca": 75.0, "npa": 55.0, "adva": 15.0}}}}}
+    data = SimpleNamespace(runs=[SimpleNamespace(report={"robustness": sec})])
+    hdr, rows = ["budget", "a", "b"], [["dense", "1", "2"], ["100", "3", "4"]]
+    _group_robustness_columns(data, ["a", "b"], hdr, rows)
+    assert hdr[3:] == ["a NPA", "b NPA", "a AdvA", "b AdvA"]
+    assert rows[0][3:] == ["70.00", "60.00", "10.00", "5.00"] and rows[1][3:] == ["65.50", "55.00", "20.25", "15.00"]
+    hdr2, rows2 = ["budget", "a"], [["dense", "1"]]
+    _group_robustness_columns(SimpleNamespace(runs=[SimpleNamespace(report={})]), ["a", "b"], hdr2, rows2)
+    assert hdr2 == ["budget", "a"]                         # no robustness section: the table is unchanged

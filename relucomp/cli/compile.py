@@ -151,10 +151,14 @@ def print_summary(rep) -> None:
     f = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
     if test:
         ft = Table(title=f"fairness ({fair.get('method')}, ε = {fair.get('tolerance')} pts; test set)")
-        for col in ("group", "n", "acc dense", "acc compiled", "Δ_g", "ψ_g"):
+        rg = (rep.robustness or {}).get("models", {}).get("compiled", {}).get("groups", {})
+        rob = ("NPA compiled", "AdvA compiled") if rg else ()   # --eval-robustness / --robust: per-group columns
+        for col in ("group", "n", "acc dense", "acc compiled", "Δ_g", "ψ_g") + rob:
             ft.add_column(col, justify="right" if col != "group" else "left")
         for gname, r in test["groups"].items():
-            ft.add_row(gname, str(r["count"]), f(r["acc_dense"]), f(r["acc_compiled"]), f(r["delta"]), f(r["psi"]))
+            extra = [f((rg.get(gname) or {}).get(k)) for k in ("npa", "adva")] if rob else []
+            ft.add_row(gname, str(r["count"]), f(r["acc_dense"]), f(r["acc_compiled"]), f(r["delta"]), f(r["psi"]),
+                       *extra)
         out_console.print(ft)
         for w, wres in (fair.get("results") or {}).items():
             for split in ("train", "test"):
