@@ -155,6 +155,13 @@ def test_robust_compile_end_to_end_onnx_budget_and_section(tmp_path):
 
     gm = load_compiled(out)
     assert not any(isinstance(m, DualBatchNorm2d) for m in gm.modules())
+    # relucomp evaluate OUT on a --robust output: the same robust teacher (cache) and compiled model
+    r = runner.invoke(app, ["evaluate", str(out), "--corruptions", "contrast", "--severities", "3",
+                            "--robustness-samples", "20", "--pgd-steps", "1", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    rb2 = json.loads((out / "report.json").read_text())["robustness"]
+    for model in ("dense", "compiled"):
+        assert rb2["models"][model]["ca"] == pytest.approx(rb["models"][model]["ca"])
 
 
 def test_per_group_table_gains_npa_and_adva_columns():
