@@ -76,7 +76,8 @@ def main() -> None:
         res = rc_compile("resnet8", f"cifar10:{a.data}", relu_budget=budget, limit=a.limit,
                          pretrain_epochs=a.pretrain_epochs, search_epochs=a.epochs, finetune_epochs=a.finetune_epochs,
                          export=False, progress=False, eval_robustness=True, corruptions=a.corruptions,
-                         severities=a.severities, robustness_samples=a.samples, **extra)
+                         severities=a.severities, robustness_samples=a.samples,
+                         log=lambda m: print(f"[{time.strftime('%H:%M:%S')}] {m}", flush=True), **extra)
         rep = res.report
         rb = rep.robustness
         row = {"relus": rep.relus_after, "relus_dense": rep.relus_before,
@@ -96,12 +97,33 @@ def main() -> None:
         print(json.dumps({k: row.get(k) for k in ("relus", "dense", "compiled")}, default=str)[:400], flush=True)
         return row, rep
 
+    def write(runs: list, done: bool) -> None:
+        doc = {"benchmark": "robust", "machine": info, "load_average_at_end": os.getloadavg(), "complete": done,
+               "data": {"spec": f"cifar10:{a.data}", "limit": a.limit, "splits": splits,
+                        "note": "CIFAR-10 as quality-75 JPEG folders; a stratified --limit subset of the official "
+                                "split, 32x32"},
+               "settings": {**settings, "pretrain_epochs": a.pretrain_epochs, "search_epochs": a.epochs,
+                            "finetune_epochs": a.finetune_epochs, "model": "resnet8",
+                            "robust": {"teacher_epochs": a.teacher_epochs, "train_attack": "trades",
+                                       "train_attack_steps": a.train_attack_steps, "train_epsilon": "8/255",
+                                       "augmix": True, "dual_bn": True, "exported_branch": "clean",
+                                       "note": f"training attack PGD-{a.train_attack_steps} with random start "
+                                               "(CPU budget); evaluation PGD-10"}},
+               "goal": "RLNet: robust − plain ≥ +10 AdvA, ≥ +3 NPA, ≥ −2 CA at the same budget",
+               "runs": runs, "seconds_total": round(time.perf_counter() - t_all, 1)}
+        atomic_write_json(Path(a.out), doc)
+        print(f"wrote {a.out}", flush=True)
+
+    settings: dict = {}
+    splits: dict = {}
     modes = a.modes.split(",")
     for budget in a.budgets.split(","):
         row: dict = {"budget": budget}
         for mode in modes:
             row[mode], rep = one(budget, mode == "robust")
-            rb = rep.robustness
+            settings.update(rep.robustness["settings"], samples_evaluated=rep.robustness["samples"])
+            splits.update({k: v["n"] for k, v in (rep.data.get("summary", {}).get("splits") or {}).items()})
+            write(runs + [row], done=False)
         if "plain" in row and "robust" in row:
             p, r = row["plain"]["compiled"], row["robust"]["compiled"]
             d = {k: round(r[k] - p[k], 2) for k in ("ca", "npa", "adva")}
@@ -110,20 +132,8 @@ def main() -> None:
                            "ca_loss_le_2": d["ca"] >= -2}
             row["goal_met"] = all(row["goal"].values())
         runs.append(row)
-    doc = {"benchmark": "robust", "machine": info, "load_average_at_end": os.getloadavg(),
-           "data": {"spec": f"cifar10:{a.data}", "limit": a.limit, "splits": rep.data.get("summary", {}).get("splits"),
-                    "note": "CIFAR-10 as quality-75 JPEG folders; a stratified --limit subset of the official split"},
-           "settings": {**rb["settings"], "samples_evaluated": rb["samples"], "pretrain_epochs": a.pretrain_epochs,
-                        "search_epochs": a.epochs, "finetune_epochs": a.finetune_epochs, "model": "resnet8",
-                        "robust": {"teacher_epochs": a.teacher_epochs, "train_attack": "trades",
-                                   "train_attack_steps": a.train_attack_steps, "train_epsilon": "8/255",
-                                   "augmix": True, "dual_bn": True, "exported_branch": "clean",
-                                   "note": "training attack is PGD-%d (CPU budget), evaluation PGD-10" % a.train_attack_steps}},
-           "goal": "RLNet: robust − plain ≥ +10 AdvA, ≥ +3 NPA, ≥ −2 CA at the same budget",
-           "runs": runs,
-           "seconds_total": round(time.perf_counter() - t_all, 1)}
-    atomic_write_json(Path(a.out), doc)
-    print(f"wrote {a.out}")
+        write(runs, done=False)     # after every budget: a partial result survives a stopped run
+    write(runs, done=True)
 
 
 if __name__ == "__main__":
