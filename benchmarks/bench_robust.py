@@ -5,8 +5,11 @@ stratified from the official train/test split; quality-75 JPEG re-encodes, so ac
 CIFAR-10 figures), compiled (plain compile: SNL search + finetune) at 2 ReLU budgets with
 ``eval_robustness=True``: clean (CA), natural-perturbation (NPA, mean over a subset of the CIFAR-10-C
 corruptions at the chosen severities) and PGD L∞ (AdvA, ε = 8/255, step 2/255, 10 steps, random start)
-accuracy of the dense and the compiled model, on a seeded subset of the test split.  The robust compile
-(``--robust``) is not implemented yet: its column is absent.
+accuracy of the dense and the compiled model, on a seeded subset of the test split — for the plain compile and
+the robust compile (``robust=True``: TRADES + AugMix teacher with few-step PGD, robust mask search and
+three-way distillation with dual BN, clean branch exported) at the same budget, same data, same dense model.
+The goal (RLNet): robust − plain ≥ +10 AdvA and ≥ +3 NPA, CA within −2, at each budget; ``goal`` says
+per budget whether it is met.
 
 Small on purpose (the machine is a shared 2-core CPU): few images, short schedules, 5 corruptions (one or two
 per family) at severities 1, 3, 5.  Times measured under load are upper bounds.
@@ -56,6 +59,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--finetune-epochs", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--teacher-epochs", type=int, default=3)
+    ap.add_argument("--train-attack-steps", type=int, default=2)
+    ap.add_argument("--modes", default="plain,robust")
     ap.add_argument("--out", default=str(OUT))
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -63,34 +69,71 @@ def main() -> None:
         sys.exit(f"no CIFAR-10 folders at {a.data} (pass --data)")
     info = machine()
     runs, t_all = [], time.perf_counter()
-    for budget in a.budgets.split(","):
+    def one(budget: str, robust: bool) -> dict:
         t0 = time.perf_counter()
+        extra = dict(robust=True, robust_teacher_epochs=a.teacher_epochs,
+                     train_attack_steps=a.train_attack_steps, compare_branches=True) if robust else {}
         res = rc_compile("resnet8", f"cifar10:{a.data}", relu_budget=budget, limit=a.limit,
                          pretrain_epochs=a.pretrain_epochs, search_epochs=a.epochs, finetune_epochs=a.finetune_epochs,
                          export=False, progress=False, eval_robustness=True, corruptions=a.corruptions,
-                         severities=a.severities, robustness_samples=a.samples)
+                         severities=a.severities, robustness_samples=a.samples,
+                         log=lambda m: print(f"[{time.strftime('%H:%M:%S')}] {m}", flush=True), **extra)
         rep = res.report
         rb = rep.robustness
-        row = {"budget": budget, "relus": rep.relus_after, "relus_dense": rep.relus_before,
+        row = {"relus": rep.relus_after, "relus_dense": rep.relus_before,
                "test_acc_full_split": {"dense": rep.test_accuracy[0], "compiled": rep.test_accuracy[1]}}
-        for model in ("dense", "compiled"):
+        for model in rb["models"]:
             m = rb["models"][model]
             row[model] = {k: round(m[k], 2) for k in ("ca", "npa", "adva")} | {
                 "npa_by_corruption": {c: round(v, 2) for c, v in m["npa_by_corruption"].items()},
                 "npa_by_severity": {c: round(v, 2) for c, v in m["npa_by_severity"].items()}}
-        row["robust_compile"] = None  # --robust is not implemented yet
-        row["seconds"] = {"total": round(time.perf_counter() - t0, 1), "robustness": rep.phases_seconds.get("robustness")}
+        if robust:
+            rc = rb.get("robust_compile") or {}
+            row["robust_compile"] = rc.get("teacher")
+            row["teacher_history"] = rc.get("teacher_history")
+            row["dense_is"] = "the robust teacher (adversarially finetuned dense model)"
+        row["seconds"] = {"total": round(time.perf_counter() - t0, 1), **{k: rep.phases_seconds.get(k) for k in (
+            "pretrain", "robust_teacher", "search", "finetune", "robustness") if rep.phases_seconds.get(k)}}
+        print(json.dumps({k: row.get(k) for k in ("relus", "dense", "compiled")}, default=str)[:400], flush=True)
+        return row, rep
+
+    def write(runs: list, done: bool) -> None:
+        doc = {"benchmark": "robust", "machine": info, "load_average_at_end": os.getloadavg(), "complete": done,
+               "data": {"spec": f"cifar10:{a.data}", "limit": a.limit, "splits": splits,
+                        "note": "CIFAR-10 as quality-75 JPEG folders; a stratified --limit subset of the official "
+                                "split, 32x32"},
+               "settings": {**settings, "pretrain_epochs": a.pretrain_epochs, "search_epochs": a.epochs,
+                            "finetune_epochs": a.finetune_epochs, "model": "resnet8",
+                            "robust": {"teacher_epochs": a.teacher_epochs, "train_attack": "trades",
+                                       "train_attack_steps": a.train_attack_steps, "train_epsilon": "8/255",
+                                       "augmix": True, "dual_bn": True, "exported_branch": "clean",
+                                       "note": f"training attack PGD-{a.train_attack_steps} with random start "
+                                               "(CPU budget); evaluation PGD-10"}},
+               "goal": "RLNet: robust − plain ≥ +10 AdvA, ≥ +3 NPA, ≥ −2 CA at the same budget",
+               "runs": runs, "seconds_total": round(time.perf_counter() - t_all, 1)}
+        atomic_write_json(Path(a.out), doc)
+        print(f"wrote {a.out}", flush=True)
+
+    settings: dict = {}
+    splits: dict = {}
+    modes = a.modes.split(",")
+    for budget in a.budgets.split(","):
+        row: dict = {"budget": budget}
+        for mode in modes:
+            row[mode], rep = one(budget, mode == "robust")
+            settings.update(rep.robustness["settings"], samples_evaluated=rep.robustness["samples"])
+            splits.update({k: v["n"] for k, v in (rep.data.get("summary", {}).get("splits") or {}).items()})
+            write(runs + [row], done=False)
+        if "plain" in row and "robust" in row:
+            p, r = row["plain"]["compiled"], row["robust"]["compiled"]
+            d = {k: round(r[k] - p[k], 2) for k in ("ca", "npa", "adva")}
+            row["robust_minus_plain"] = d
+            row["goal"] = {"adva_gain_ge_10": d["adva"] >= 10, "npa_gain_ge_3": d["npa"] >= 3,
+                           "ca_loss_le_2": d["ca"] >= -2}
+            row["goal_met"] = all(row["goal"].values())
         runs.append(row)
-        print(json.dumps({k: row[k] for k in ("budget", "relus", "dense", "compiled")}, default=str)[:600], flush=True)
-    doc = {"benchmark": "robust", "machine": info, "load_average_at_end": os.getloadavg(),
-           "data": {"spec": f"cifar10:{a.data}", "limit": a.limit, "splits": rep.data.get("summary", {}).get("splits"),
-                    "note": "CIFAR-10 as quality-75 JPEG folders; a stratified --limit subset of the official split"},
-           "settings": {**rb["settings"], "samples_evaluated": rb["samples"], "pretrain_epochs": a.pretrain_epochs,
-                        "search_epochs": a.epochs, "finetune_epochs": a.finetune_epochs, "model": "resnet8"},
-           "runs": runs, "robust_compile": "not implemented yet (issue 12, second half)",
-           "seconds_total": round(time.perf_counter() - t_all, 1)}
-    atomic_write_json(Path(a.out), doc)
-    print(f"wrote {a.out}")
+        write(runs, done=False)     # after every budget: a partial result survives a stopped run
+    write(runs, done=True)
 
 
 if __name__ == "__main__":

@@ -81,6 +81,7 @@ class FinetunePass(Pass):
         resume: dict | None = None,
         phase: str = "finetune",
         device: str = "cpu",
+        loss_step: Callable | None = None,
     ):
         if lr_schedule not in ("cosine", "constant"):
             raise ValueError("lr_schedule must be 'cosine' or 'constant'")
@@ -99,6 +100,7 @@ class FinetunePass(Pass):
         self.resume = resume
         self.phase = phase
         self.device = device
+        self.loss_step = loss_step   # a train_loop StepFn replacing CE + KD (the robust compile's objective)
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         if self.epochs <= 0:
@@ -146,7 +148,7 @@ class FinetunePass(Pass):
                 self.after_step(step)
 
         gm.to(self.device)
-        step = ce_kd_step(self.teacher, kd_weight=self.kd_weight, temperature=self.temperature, extra=self.extra_loss)
+        step = self.loss_step or ce_kd_step(self.teacher, kd_weight=self.kd_weight, temperature=self.temperature, extra=self.extra_loss)
         history = train_loop(gm, self.loader, epochs=self.epochs, optimizer=opt, step_fn=step,
                              desc=self.phase, progress=self.progress, after_step=after,
                              on_epoch_end=self.on_epoch_end, save=save, device=self.device, loop_state=loop)

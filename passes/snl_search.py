@@ -310,6 +310,7 @@ class SNLSearchPass(Pass):
         on_snapshot: Callable[[int, dict], None] | None = None,
         schedule: str = "gradual",
         seed: int = 0,
+        loss_step: Callable | None = None,
     ):
         if schedule not in ("gradual", "lambda"):
             raise ValueError("schedule must be 'gradual' or 'lambda'")
@@ -341,6 +342,7 @@ class SNLSearchPass(Pass):
         self.resume = resume
         self.device = device
         self.seed = seed
+        self.loss_step = loss_step   # a train_loop StepFn replacing CE + KD (the robust compile's objective)
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         gates = gates_of(gm)
@@ -381,8 +383,8 @@ class SNLSearchPass(Pass):
             state["snapshots"] = {int(k): v for k, v in (self.resume.get("snapshots") or {}).items()}
             loop = LoopState(self.resume.get("loop") or {"epoch": int(self.resume["epoch"])})
 
-        base_step = ce_kd_step(self.teacher, kd_weight=self.kd_weight, temperature=self.temperature,
-                               extra=self.extra_loss)
+        base_step = self.loss_step or ce_kd_step(self.teacher, kd_weight=self.kd_weight,
+                                                 temperature=self.temperature, extra=self.extra_loss)
         cost = {id(g): g.elements_per_gate / total for g in soft}
         costs = _costs(soft)
         # a fixed per-entry jitter far below any learned difference: exact ties never fall back to graph order

@@ -108,13 +108,28 @@ class FairnessSection(_Section):
 
 class RobustnessSection(_Section):
     eval: bool = False                  # CA / NPA / AdvA of dense and compiled (stage robustness; relucomp.robustness)
-    robust: bool = False                # robust compile (adversarial teacher, 3-way KD, dual BN): not implemented yet
+    robust: bool = False                # robust compile (RLNet: adversarial teacher, 3-way KD, dual BN; implies eval)
     corruptions: Union[list[str], str] = "all"  # "all" (the 15 CIFAR-10-C ones), families or names
     severities: Union[list[int], str] = [1, 2, 3, 4, 5]  # or "1,3,5"
     samples: int | None = 1000          # seeded test subset evaluated (None: the whole test split)
     pgd_epsilon: Union[float, str] = "8/255"  # L-inf radius in pixel units [0, 1]
     pgd_step: Union[float, str] = "2/255"
     pgd_steps: int = 10
+    # the robust compile (relucomp.robust_train; only with robust = true)
+    teacher_robust: bool = False        # the given model is already robust: no adversarial finetune of the teacher
+    teacher_epochs: int | None = None   # adversarial finetune of the dense teacher; None: the effort's
+    train_attack: str = "trades"        # the teacher's objective: trades | pgd
+    train_attack_steps: int | None = None  # PGD steps when training (None: the effort's; 2 on quick)
+    train_epsilon: Union[float, str] = "8/255"
+    trades_beta: float = 6.0
+    augmix: bool = True                 # AugMix views (natural-perturbation term) + JSD for the teacher
+    jsd_weight: float = 12.0
+    kd_clean: float = 1.0               # weights of the three KD terms (student vs robust teacher)
+    kd_natural: float = 1.0
+    kd_adv: float = 1.0
+    dual_bn: bool = True                # separate BN for clean / perturbed batches while training
+    export_branch: str = "clean"        # the DualBN branch folded into the exported model: clean | perturbed
+    compare_branches: bool = False      # also evaluate the other branch folded (model "compiled_<branch>_bn")
 
 
 class DPSection(_Section):
@@ -229,6 +244,12 @@ KEYWORDS: dict[str, str] = {
     "eval_robustness": "robustness.eval", "robust": "robustness.robust", "corruptions": "robustness.corruptions",
     "severities": "robustness.severities", "robustness_samples": "robustness.samples",
     "pgd_epsilon": "robustness.pgd_epsilon", "pgd_step": "robustness.pgd_step", "pgd_steps": "robustness.pgd_steps",
+    "teacher_robust": "robustness.teacher_robust", "robust_teacher_epochs": "robustness.teacher_epochs",
+    "train_attack": "robustness.train_attack", "train_attack_steps": "robustness.train_attack_steps",
+    "train_epsilon": "robustness.train_epsilon", "trades_beta": "robustness.trades_beta",
+    "augmix": "robustness.augmix", "jsd_weight": "robustness.jsd_weight", "kd_clean": "robustness.kd_clean",
+    "kd_natural": "robustness.kd_natural", "kd_adv": "robustness.kd_adv", "dual_bn": "robustness.dual_bn",
+    "export_branch": "robustness.export_branch", "compare_branches": "robustness.compare_branches",
 }
 
 
@@ -481,7 +502,7 @@ def validate(cfg: CompileConfig, *, warm_start: bool = False, check_data: bool =
     _check_device(r.device)
     if check_data:
         _check_data(cfg)
-        if cfg.robustness.eval:
+        if cfg.robustness.eval or cfg.robustness.robust:
             _check_rgb(cfg)
     return cfg
 
@@ -496,14 +517,56 @@ def robustness_settings(cfg: CompileConfig):
                                    seed=cfg.runtime.seed)
 
 
+ROBUST_TRAIN_FIELDS = ("teacher_robust", "teacher_epochs", "train_attack", "train_attack_steps", "train_epsilon",
+                       "trades_beta", "augmix", "jsd_weight", "kd_clean", "kd_natural", "kd_adv", "dual_bn",
+                       "export_branch", "compare_branches")
+
+
+def check_robust_compile(cfg: CompileConfig) -> None:
+    """The robust compile's options (``robustness.robust`` / ``--robust``) and the combinations it refuses."""
+    rb, default = cfg.robustness, RobustnessSection()
+    if not rb.robust:
+        stray = [f for f in ROBUST_TRAIN_FIELDS if getattr(rb, f) != getattr(default, f)]
+        if stray:
+            raise ConfigError(f"robustness.{stray[0]} is set but --robust is not (it configures the robust compile)",
+                              f"add --robust, or drop robustness.{stray[0]}")
+        return
+    from .robustness import parse_epsilon
+
+    _one_of(rb.train_attack, ("trades", "pgd"), "--train-attack", "training attack")
+    _one_of(rb.export_branch, ("clean", "perturbed"), "--export-branch", "exported BatchNorm branch")
+    parse_epsilon(rb.train_epsilon, "--train-epsilon")
+    for name, v, ok, fix in (
+            ("--train-attack-steps", rb.train_attack_steps, rb.train_attack_steps is None or rb.train_attack_steps >= 1,
+             "give --train-attack-steps 2 (or more)"),
+            ("--robust-teacher-epochs", rb.teacher_epochs, rb.teacher_epochs is None or rb.teacher_epochs >= 0,
+             "give --robust-teacher-epochs 2 (0: keep the dense teacher as it is)"),
+            ("--trades-beta", rb.trades_beta, rb.trades_beta >= 0 and math.isfinite(rb.trades_beta), "give e.g. --trades-beta 6"),
+            ("robustness.jsd_weight", rb.jsd_weight, rb.jsd_weight >= 0 and math.isfinite(rb.jsd_weight),
+             "give e.g. robustness.jsd_weight = 12")):
+        if not ok:
+            raise ConfigError(f"{name} {v} is out of range", fix)
+    kds = (rb.kd_clean, rb.kd_natural, rb.kd_adv)
+    if any(not (k >= 0 and math.isfinite(k)) for k in kds) or sum(kds) <= 0:
+        raise ConfigError(f"the three-way KD weights (clean, natural, adversarial) = {kds} must be ≥ 0, not all 0",
+                          "give e.g. kd_clean = kd_natural = kd_adv = 1 in [robustness] (or as keywords)")
+    for bad, what, fix in (
+            (cfg.search.method != "snl", f"--search {cfg.search.method}",
+             "use --search snl (the robust objective trains the ReLU masks)"),
+            (cfg.dp.epsilon is not None, "--dp-epsilon", "drop --dp-epsilon or --robust (DP-SGD and adversarial "
+                                                          "training are not combined)"),
+            (cfg.pruning.prune_channels is not None or cfg.pruning.mac_budget is not None or cfg.pruning.sparsity
+             is not None, "channel pruning / sparsity", "drop --prune-channels / --mac-budget / --sparsity, or --robust"),
+            (cfg.data.image_size < 32, f"--image-size {cfg.data.image_size}", "use --image-size 32 or more")):
+        if bad:
+            raise ConfigError(f"--robust with {what} is not supported", fix)
+
+
 def check_robustness(cfg: CompileConfig) -> None:
-    if cfg.robustness.robust:
-        raise ConfigError("the robust compile (robustness.robust / --robust: adversarial teacher, three-way "
-                          "distillation, dual BatchNorm) is not implemented yet",
-                          "drop --robust; --eval-robustness measures CA / NPA / AdvA of a plain compile")
+    check_robust_compile(cfg)
     if cfg.robustness != RobustnessSection():  # every field set is checked, even with eval off
         robustness_settings(cfg)
-    if cfg.robustness.eval:
+    if cfg.robustness.eval or cfg.robustness.robust:  # the robust compile reports its robustness too
         if cfg.data.image_size < 32:
             raise ConfigError(f"--eval-robustness needs images of at least 32×32 pixels (the corruptions' minimum), "
                               f"not --image-size {cfg.data.image_size}", "use --image-size 32 or more")

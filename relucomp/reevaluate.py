@@ -4,7 +4,7 @@
 :func:`relucomp.load_compiled`, the data and the dense model from
 ``OUT/config.toml`` (the resolved config of the run: the same splits; the
 dense model from the pretraining cache, or pretrained again the same seeded
-way), computes the robustness section (:mod:`relucomp.robustness`) and adds
+way; for a ``--robust`` output the robust teacher, likewise from its cache), computes the robustness section (:mod:`relucomp.robustness`) and adds
 it to ``OUT/report.json`` (atomic write).  The compile's own numbers are not
 touched.
 """
@@ -53,7 +53,7 @@ def evaluate_compiled(out_dir: str | os.PathLike, *, model: Any = None, data: An
 
     out = Path(out_dir)
     rep_dict, cfg_path = _read(out)
-    hooks, values = split_arguments(model, data, {**overrides, "robustness.eval": True, "robustness.robust": False,
+    hooks, values = split_arguments(model, data, {**overrides, "robustness.eval": True,
                                                   "runtime.out_dir": None, "runtime.resume": False,
                                                   "runtime.progress": progress})
     hooks.log = log
@@ -63,7 +63,8 @@ def evaluate_compiled(out_dir: str | os.PathLike, *, model: Any = None, data: An
     if ("model" in needs and hooks.model is None) or ("data" in needs and hooks.data is None):
         raise RelucompError(f"{out} was compiled from Python objects (see its config.toml)",
                             "call relucomp.evaluate_compiled(OUT, model=..., data=...) with the same objects")
-    wanted = ("data", "model", "pretrain") if dense else ("data",)
+    # a --robust output: "dense" is the robust teacher (from its cache, or finetuned again the same seeded way)
+    wanted = ("data", "model", "pretrain", "robust_teacher") if dense else ("data",)
     st = run_stages(cfg, hooks, stages=[s for s in STAGES if s.name in wanted])
     models = {"dense": st["pretrain"].teacher} if dense else {}
     models["compiled"] = load_compiled(out, model=hooks.model)

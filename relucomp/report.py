@@ -633,6 +633,20 @@ def _rel(p: Path | None, root: Path):
     return Markup('<a href="{0}">{0}</a>').format(escape(r))
 
 
+def _group_robustness_columns(data: ReportData, groups: list[str], hdr: list, rows: list) -> None:
+    """Per-group NPA / AdvA columns of the per-group table (runs with a robustness section, > 1 group)."""
+    secs = [r.report.get("robustness") for r in data.runs]
+    if len(groups) < 2 or not any(secs):
+        return
+    hdr += [f"{g} {k}" for k in ("NPA", "AdvA") for g in groups]
+    first = next(s for s in secs if s)
+    dense = (first["models"].get("dense") or {}).get("groups", {})
+    rows[0] += [_f((dense.get(g) or {}).get(k)) for k in ("npa", "adva") for g in groups]
+    for row, sec in zip(rows[1:], secs):
+        mg = ((sec or {}).get("models", {}).get("compiled") or {}).get("groups", {})
+        row += [_f((mg.get(g) or {}).get(k)) for k in ("npa", "adva") for g in groups]
+
+
 def _robustness_tables(data: ReportData) -> dict[str, Any] | None:
     """CA / NPA / AdvA vs budget and NPA per corruption, for the runs whose report has a robustness section."""
     runs = [(r, r.report.get("robustness")) for r in data.runs]
@@ -655,6 +669,13 @@ def _robustness_tables(data: ReportData) -> dict[str, Any] | None:
             f"(imagecorruptions) × severities {', '.join(map(str, st['severities']))}; AdvA: PGD L∞ "
             f"ε = {st['pgd_epsilon'] * 255:.3g}/255, step {st['pgd_step'] * 255:.3g}/255, {st['pgd_steps']} steps, "
             "random start, in pixel space.")
+    rc = first.get("robust_compile")
+    if rc:
+        t = rc.get("teacher", {})
+        note += (f" Robust compile (--robust): dense = the robust teacher ("
+                 + (f"{t.get('teacher_epochs')} epochs {str(t.get('train_attack')).upper()} PGD-"
+                    f"{t.get('train_attack_steps')} + AugMix" if t.get("adversarial_finetune") else "given as robust")
+                 + f"); dual BN, exported branch: {rc.get('exported_branch')}.")
     return {"summary": _table(["budget", "method", "ReLUs", "CA (%)", "NPA (%)", "AdvA (%)"], rows, num_from=2),
             "corruptions": _table(["budget", "method"] + corr, crows, num_from=2), "note": note}
 
@@ -731,6 +752,7 @@ def render_report(path: str | Path, *, budget: int | str | None = None, inline: 
     grows = [["dense", "–", f"{r0.relus_total:,}"] + [_f(r0.group_dense.get(g)) for g in groups] + [_f(r0.acc_dense)]]
     for r in data.runs:
         grows.append([f"{r.budget:,}", r.method, f"{r.relus:,}"] + [_f(r.group_acc.get(g)) for g in groups] + [_f(r.acc)])
+    _group_robustness_columns(data, groups, ghdr, grows)
 
     sel = [r for r in data.runs if r.budget == b_sel]
     phdr = ["group", "n"] + [f"ψ_g {r.method}" for r in sel] + [f"95% CI {r.method}" for r in sel]

@@ -248,12 +248,15 @@ class Normalized(nn.Module):
 
 
 def pgd_attack(model: nn.Module, x: Tensor, y: Tensor, *, epsilon: float = 8 / 255, step: float = 2 / 255,
-               steps: int = 10, random_start: bool = True, generator: torch.Generator | None = None) -> Tensor:
+               steps: int = 10, random_start: bool = True, generator: torch.Generator | None = None,
+               loss: Callable[[Tensor, Tensor], Tensor] | None = None,
+               on_step: Callable[[int, float], None] | None = None) -> Tensor:
     """PGD L∞ (untargeted, cross-entropy) on pixel-space inputs ``x`` in [0, 1].
 
     ``model`` takes pixel-space inputs (wrap a normalised model in
     :class:`Normalized`).  Returns ``x_adv`` with ``‖x_adv − x‖∞ ≤ epsilon``
-    and ``0 ≤ x_adv ≤ 1``.  The model's mode and parameters' ``requires_grad``
+    and ``0 ≤ x_adv ≤ 1``.  ``loss(logits, y)`` replaces the cross-entropy (e.g. TRADES' KL);
+    ``on_step(i, loss)`` reports progress.  The model's mode and parameters' ``requires_grad``
     are restored.
     """
     was = model.training
@@ -269,12 +272,15 @@ def pgd_attack(model: nn.Module, x: Tensor, y: Tensor, *, epsilon: float = 8 / 2
         else:
             adv = x.clone()
         lo, hi = (x - epsilon).clamp(min=0), (x + epsilon).clamp(max=1)
-        for _ in range(steps):
+        for i in range(steps):
             adv.requires_grad_(True)
             with torch.enable_grad():
-                loss = F.cross_entropy(model(adv), y)
-                (grad,) = torch.autograd.grad(loss, adv)
+                out = model(adv)
+                obj = F.cross_entropy(out, y) if loss is None else loss(out, y)
+                (grad,) = torch.autograd.grad(obj, adv)
             adv = torch.max(torch.min(adv.detach() + step * grad.sign(), hi), lo)
+            if on_step is not None:
+                on_step(i + 1, float(obj.detach()))
         return adv.detach()
     finally:
         for p, f in zip(model.parameters(), flags):
@@ -306,6 +312,7 @@ class RobustnessResult:
     group_counts: dict[str, int]
     models: dict[str, ModelRobustness]
     seconds: float = 0.0
+    robust_compile: dict[str, Any] | None = None   # --robust: teacher, schedule, dual BN (stage robustness)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -140,13 +140,14 @@ def load_config_text(text: str, tmp_path: Path) -> CompileConfig:
     return load_config(p)
 
 
-def test_robust_compile_is_refused_until_its_stage_exists_dp_is_validated():
+def test_robust_compile_validates_and_dp_is_validated():
     cfg = validate(resolve_config(None, {"relu_budget": 100, "dp.epsilon": 8.0, "fair_groups": "group"}))
     assert cfg.fair_method == "nft" and cfg.export_weights == "ema"  # DP: fairness measured, EMA exported
     with pytest.raises(ConfigError, match="differential privacy is off"):
         validate(resolve_config(None, {"relu_budget": 100, "dp.delta": 1e-6}))
-    with pytest.raises(ConfigError, match="robust compile .* not implemented yet"):
-        validate(resolve_config(None, {"relu_budget": 100, "robustness.robust": True}))
+    assert validate(resolve_config(None, {"relu_budget": 100, "robustness.robust": True})).robustness.robust
+    with pytest.raises(ConfigError, match="--robust with --dp-epsilon"):
+        validate(resolve_config(None, {"relu_budget": 100, "robustness.robust": True, "dp.epsilon": 8.0}))
     validate(resolve_config(None, {"relu_budget": 100, "robustness.eval": True}))  # the evaluation exists
 
 

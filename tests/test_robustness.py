@@ -141,7 +141,7 @@ def test_bad_inputs_are_one_line_config_errors():
     (["--pgd-epsilon", "8"], ["--pgd-epsilon '8' is in 0-255 units", "use --pgd-epsilon 8/255"]),
     (["--corruptions", "fogg"], ["unknown corruption 'fogg'", "gaussian_noise"]),
     (["--severities", "0,9"], ["severities [0, 9] must be among 1-5"]),
-    (["--robust"], ["robust compile", "not implemented yet"]),
+    (["--robust", "--train-attack", "fgsm"], ["unknown training attack 'fgsm'", "trades | pgd"]),
 ])
 def test_cli_refuses_bad_robustness_options_before_any_data(args, fragments, tmp_path, monkeypatch):
     import relucomp.data.load as load

@@ -72,8 +72,22 @@ def compile(  # noqa: A001
     pgd_epsilon: PgdEpsilon = None,
     pgd_step: PgdStep = None,
     pgd_steps: PgdSteps = None,
-    robust: bool = typer.Option(False, "--robust", help="robust compile (RLNet: adversarial teacher, three-way "
-                                                        "distillation, dual BN): not implemented yet"),
+    robust: bool = typer.Option(False, "--robust", help="robust compile (RLNet): adversarially finetuned teacher "
+                                                        "with AugMix, mask search and finetune on three-way (clean / "
+                                                        "corrupted / adversarial) distillation, dual BatchNorm; "
+                                                        "reports CA / NPA / AdvA"),
+    teacher_robust: bool = typer.Option(False, "--teacher-robust", help="with --robust: MODEL is already robust "
+                                                                        "(no adversarial finetune of the teacher)"),
+    robust_teacher_epochs: Optional[int] = typer.Option(None, "--robust-teacher-epochs", help="with --robust: "
+                                                        "epochs of adversarial finetuning of the teacher (default: "
+                                                        "the effort's)"),
+    train_attack: Optional[str] = typer.Option(None, "--train-attack", help="with --robust: the teacher's "
+                                               "objective, trades (default) | pgd"),
+    train_attack_steps: Optional[int] = typer.Option(None, "--train-attack-steps", help="with --robust: PGD steps of "
+                                                     "the training attack (default: the effort's; 2 on quick)"),
+    trades_beta: Optional[float] = typer.Option(None, "--trades-beta", help="with --robust: TRADES β (default 6)"),
+    export_branch: Optional[str] = typer.Option(None, "--export-branch", help="with --robust: the dual-BN branch "
+                                                "folded into the export, clean (default) | perturbed"),
     config: ConfigFile = None,
     print_config: bool = typer.Option(False, "--print-config", help="print the resolved configuration (TOML) and exit"),
 ) -> None:
@@ -137,10 +151,14 @@ def print_summary(rep) -> None:
     f = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
     if test:
         ft = Table(title=f"fairness ({fair.get('method')}, ε = {fair.get('tolerance')} pts; test set)")
-        for col in ("group", "n", "acc dense", "acc compiled", "Δ_g", "ψ_g"):
+        rg = (rep.robustness or {}).get("models", {}).get("compiled", {}).get("groups", {})
+        rob = ("NPA compiled", "AdvA compiled") if rg else ()   # --eval-robustness / --robust: per-group columns
+        for col in ("group", "n", "acc dense", "acc compiled", "Δ_g", "ψ_g") + rob:
             ft.add_column(col, justify="right" if col != "group" else "left")
         for gname, r in test["groups"].items():
-            ft.add_row(gname, str(r["count"]), f(r["acc_dense"]), f(r["acc_compiled"]), f(r["delta"]), f(r["psi"]))
+            extra = [f((rg.get(gname) or {}).get(k)) for k in ("npa", "adva")] if rob else []
+            ft.add_row(gname, str(r["count"]), f(r["acc_dense"]), f(r["acc_compiled"]), f(r["delta"]), f(r["psi"]),
+                       *extra)
         out_console.print(ft)
         for w, wres in (fair.get("results") or {}).items():
             for split in ("train", "test"):

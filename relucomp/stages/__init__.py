@@ -18,7 +18,7 @@ from ..errors import AlreadyFinished, ConfigError, Interrupted, RelucompError
 from ..train import Checkpointer, progress_bar
 from . import (data, dense, diagnose, dp_finetune, evaluate, export, fairness, finetune, gate, lower, model, pretrain,
                prune, report, save, search)
-from . import robustness
+from . import robust_bn, robust_teacher, robustness
 from .base import Hooks, RunState, Stage
 
 __all__ = ["STAGES", "Hooks", "RunState", "Stage", "run", "prepare_out"]
@@ -28,9 +28,11 @@ def _stage(mod) -> Stage:
     return Stage(mod.NAME, mod.run, getattr(mod, "when", lambda st: True))
 
 
+_DUAL_BN_EXPORT = Stage(robust_bn.EXPORT_NAME, robust_bn.run_export, robust_bn.when)
+
 STAGES: list[Stage] = [_stage(m) for m in (
-    data, model, pretrain, dense, gate, search, prune, finetune, dp_finetune, lower, evaluate, robustness, fairness,
-    diagnose, report, export, save)]
+    data, model, pretrain, robust_teacher, dense, gate, robust_bn, search, prune, finetune, dp_finetune)] + [
+    _DUAL_BN_EXPORT] + [_stage(m) for m in (lower, evaluate, robustness, fairness, diagnose, report, export, save)]
 
 
 def prepare_out(out_dir) -> tuple[Path | None, bool]:

@@ -26,7 +26,7 @@ from ..passes.finetune import FinetunePass
 from ..recipe import FINETUNE_DEFAULTS
 from .base import RunState
 from .prune import PruneOut
-from .search import fair_phase
+from .search import fair_phase, robust_step
 
 NAME = "finetune"
 
@@ -82,10 +82,14 @@ def run(st: RunState) -> FinetuneOut:
     after = chain_steps(prune.gmp, ffair.after_step) if prune.gmp is not None else ffair.after_step
     fp = FinetunePass(train_loader=st["data"].train, teacher=st["pretrain"].teacher, epochs=cfg.finetune.epochs,
                       lr=cfg.finetune.lr if cfg.finetune.lr is not None else FINETUNE_DEFAULTS["lr"],
-                      kd_weight=cfg.finetune.kd_weight, bn_recalibrate=cfg.finetune.bn_recalibrate,
+                      kd_weight=cfg.finetune.kd_weight,
+                      # dual BN: the exported branch is recalibrated once collapsed (stage dual_bn_export)
+                      bn_recalibrate=cfg.finetune.bn_recalibrate and not (cfg.robustness.robust and cfg.robustness.dual_bn),
                       temperature=cfg.finetune.temperature or cfg.search.kd_temperature, progress=st.progress,
                       checkpoint=save if st.out is not None else None, extra_loss=ffair.extra_loss,
-                      on_epoch_end=epoch_end, after_step=after, resume=resumed, device=cfg.runtime.device)
+                      on_epoch_end=epoch_end, after_step=after, resume=resumed, device=cfg.runtime.device,
+                      loss_step=robust_step(st, cfg.finetune.kd_weight,
+                                            cfg.finetune.temperature or cfg.search.kd_temperature, ffair, NAME))
     stats = PassManager([fp]).run(gm).stats["passes"][0]["stats"]
     gm.cpu().eval()
     if prune.gmp is not None:  # GMP: reach the final sparsity and bake the masks into the weights

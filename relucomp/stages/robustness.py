@@ -11,13 +11,30 @@ NAME = "robustness"
 
 
 def when(st: RunState) -> bool:
-    return st.cfg.robustness.eval
+    return st.cfg.robustness.eval or st.cfg.robustness.robust   # the robust compile always reports robustness
 
 
 def run(st: RunState) -> RobustnessResult:
     settings = robustness_settings(st.cfg)
+    # under --robust "dense" is the robust teacher (robust_compile.teacher says how it was made)
     models = {"dense": st["pretrain"].teacher, "compiled": st["fold"].gm}
-    return evaluate_models(models, st["data"].bundle.test, settings, progress=st.progress, say=st.say)
+    dual = st.results.get("dual_bn_export")
+    if dual is not None and dual.other is not None:  # robustness.compare_branches: the branch not exported, folded
+        from ..infra import PassManager
+        from ..pipelines import lowering_passes
+
+        calib = st["data"].calib
+        alt = PassManager(lowering_passes(calib, gate_form=st.cfg.export.gate_form), calibration=calib).run(dual.other)
+        models["compiled_" + ("perturbed" if dual.branch == "clean" else "clean") + "_bn"] = alt.gm
+    res = evaluate_models(models, st["data"].bundle.test, settings, progress=st.progress, say=st.say)
+    if "robust_teacher" in st.results:
+        rt = st["robust_teacher"]
+        res.robust_compile = {"teacher": {k: v for k, v in rt.info.items() if k != "history"},
+                              "teacher_history": rt.info.get("history", []),
+                              "dual_bn_layers": dual.layers if dual is not None else 0,
+                              "exported_branch": dual.branch if dual is not None else None,
+                              "dense_is": "the robust teacher"}
+    return res
 
 
 def evaluate_models(models, dataset, settings, *, progress=None, say=None) -> RobustnessResult:

@@ -39,6 +39,17 @@ def fair_phase(st: RunState, phase: str, ema_model=None) -> FairPhase:
                      ema_decay=st.cfg.finetune.ema_decay)
 
 
+def robust_step(st: RunState, kd_weight: float, temperature: float, fair, desc: str):
+    """The robust compile's three-way distillation step (``--robust``), else None (CE + KD)."""
+    if not st.cfg.robustness.robust:
+        return None
+    from ..robust_train import robust_kd_step
+    from .robust_teacher import train_settings
+
+    return robust_kd_step(st["pretrain"].teacher, train_settings(st), kd_weight=kd_weight, temperature=temperature,
+                          extra=fair.extra_loss if fair is not None else None, progress=st.progress, desc=desc)
+
+
 def run(st: RunState) -> SearchOut:
     cfg, gm, budget = st.cfg, st["gates"].gm, st["model"].gate_budget  # the gates' share of the budget
     resumed = st.resuming("finetune")
@@ -70,7 +81,8 @@ def run(st: RunState) -> SearchOut:
                            checkpoint=st.ckpt.save if st.out is not None else None,
                            resume=st.resuming(NAME), device=cfg.runtime.device,
                            snapshots=snaps, on_snapshot=on_snap,
-                           warmup=s.warmup, hysteresis=s.hysteresis, refine=s.refine, seed=cfg.runtime.seed)
+                           warmup=s.warmup, hysteresis=s.hysteresis, refine=s.refine, seed=cfg.runtime.seed,
+                           loss_step=robust_step(st, s.kd_weight, s.kd_temperature, sfair, NAME))
         stats = PassManager([sp]).run(gm).stats["passes"][0]["stats"]
         if sfair is not None:
             stats["fair_trajectory"] = sfair.trajectory

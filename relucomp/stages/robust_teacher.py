@@ -1,0 +1,124 @@
+"""Stage ``robust_teacher`` (``--robust``): make the dense teacher robust — adversarial finetune (TRADES or PGD,
+few attack steps) with AugMix + JSD (:func:`relucomp.robust_train.teacher_step`) — unless the given model is
+already robust (``robustness.teacher_robust``).  The student (the model the gates are inserted into) starts
+from the robust teacher's weights.  The result is cached next to the pretrained models (key: the pretraining
+key + the robust settings), so a budget sweep trains it once; an interrupted teacher finetune starts again.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..cache import cache_dir
+from ..config import CompileConfig
+from ..errors import RelucompError
+from ..robust_train import ROBUST_PRESETS, RobustTrainSettings, teacher_step
+from ..robustness import parse_epsilon
+from ..train import Checkpointer, load_state, make_optimizer, train_loop
+from .base import RunState
+
+NAME = "robust_teacher"
+
+
+@dataclass
+class RobustTeacherOut:
+    info: dict[str, Any] = field(default_factory=dict)
+    plain: nn.Module | None = None          # the dense teacher before the adversarial finetune
+
+
+def when(st: RunState) -> bool:
+    return st.cfg.robustness.robust
+
+
+def schedule(cfg: CompileConfig) -> tuple[int, int]:
+    """(teacher adversarial-finetune epochs, training attack steps): explicit, else the effort preset's."""
+    from ..recipe import DEFAULT_EFFORT
+
+    ep, steps = ROBUST_PRESETS[(cfg.runtime.effort or DEFAULT_EFFORT).lower()]
+    rb = cfg.robustness
+    return (ep if rb.teacher_epochs is None else rb.teacher_epochs,
+            steps if rb.train_attack_steps is None else rb.train_attack_steps)
+
+
+def train_settings(st: RunState) -> RobustTrainSettings:
+    rb, bundle = st.cfg.robustness, st["data"].bundle
+    return RobustTrainSettings(mean=tuple(bundle.train.mean), std=tuple(bundle.train.std),
+                               epsilon=parse_epsilon(rb.train_epsilon, "--train-epsilon"),
+                               attack_steps=schedule(st.cfg)[1], attack=rb.train_attack, trades_beta=rb.trades_beta,
+                               augmix=rb.augmix, jsd_weight=rb.jsd_weight, kd_clean=rb.kd_clean,
+                               kd_natural=rb.kd_natural, kd_adv=rb.kd_adv)
+
+
+def _frozen(model: nn.Module) -> nn.Module:
+    model = model.cpu().eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def run(st: RunState) -> RobustTeacherOut:
+    from . import pretrain
+
+    cfg, pre = st.cfg, st["pretrain"]
+    epochs, steps = schedule(cfg)
+    s = train_settings(st)
+    info: dict[str, Any] = {"teacher_epochs": epochs, "train_attack": cfg.robustness.train_attack,
+                            "train_attack_steps": steps, "train_epsilon": s.epsilon, "train_step": s.step_size,
+                            "trades_beta": s.trades_beta, "augmix": s.augmix, "jsd_weight": s.jsd_weight,
+                            "kd_weights": {"clean": s.kd_clean, "natural": s.kd_natural, "adversarial": s.kd_adv},
+                            "dual_bn": cfg.robustness.dual_bn, "export_branch": cfg.robustness.export_branch}
+    if cfg.robustness.teacher_robust or epochs == 0:
+        info["adversarial_finetune"] = False
+        info["why"] = "the given model is declared robust" if cfg.robustness.teacher_robust else "teacher_epochs = 0"
+        return RobustTeacherOut(info=info, plain=pre.teacher)
+    model = copy.deepcopy(pre.teacher)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    key = pretrain.cache_key(st, pre.epochs)
+    models = cache_dir("models")
+    path = None
+    if key is not None and models is not None:
+        material = json.dumps([key, epochs, {k: v for k, v in info.items() if k not in ("dual_bn", "export_branch")},
+                               cfg.runtime.seed], sort_keys=True, default=str)
+        path = models / f"{key}-robust-{hashlib.sha1(material.encode()).hexdigest()[:10]}.pt"
+    loaded = False
+    if path is not None and path.exists():
+        try:
+            state = load_state(path)
+            model.load_state_dict(state["state_dict"])
+            info.update(state.get("info", {}), cached=str(path))
+            loaded = True
+        except (RelucompError, KeyError, RuntimeError):
+            path.unlink(missing_ok=True)
+    if not loaded:
+        st.say(f"robust teacher: {epochs} epochs of {cfg.robustness.train_attack.upper()} adversarial finetuning "
+               f"(PGD-{steps}, ε = {s.epsilon:.4f}) + AugMix/JSD")
+        torch.manual_seed(cfg.runtime.seed)
+        loader = st["data"].train
+        lr = cfg.model.pretrain_lr * 0.2
+        opt = make_optimizer(model.parameters(), lr=lr)
+        total = max(1, epochs * len(loader))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 * (1 + math.cos(math.pi * min(1.0, k / total))))
+        step = teacher_step(s, progress=st.progress)
+        hist = train_loop(model, loader, epochs=epochs, optimizer=opt, step_fn=step, desc="robust teacher",
+                          progress=st.progress, after_step=lambda k: sched.step(), device=cfg.runtime.device)
+        step.bar.close()
+        model.cpu()
+        info.update(lr=lr, history=[{k: (round(v, 4) if isinstance(v, float) else v) for k, v in h.items()}
+                                    for h in hist])
+        if path is not None:
+            Checkpointer(path).save({"state_dict": model.state_dict(),
+                                     "info": {"lr": lr, "history": info["history"]}})
+    info["adversarial_finetune"] = True
+    st["model"].model.load_state_dict(model.state_dict())   # the student starts from the robust teacher
+    plain = pre.teacher
+    pre.teacher = _frozen(model)
+    return RobustTeacherOut(info=info, plain=plain)

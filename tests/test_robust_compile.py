@@ -1,0 +1,183 @@
+"""The robust compile (--robust): dual BatchNorm folding, AugMix, the robust steps, the end-to-end compile, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import fx, nn
+from typer.testing import CliRunner
+
+from relucomp.cli import app
+from relucomp.config import resolve_config, validate
+from relucomp.errors import ConfigError
+from relucomp.robust_train import (DualBatchNorm2d, RobustTrainSettings, augmix, collapse, dualize, jsd_loss,
+                                   robust_kd_step, route, teacher_step)
+
+runner = CliRunner()
+needs_ic = pytest.mark.skipif(__import__("importlib").util.find_spec("imagecorruptions") is None,
+                              reason="imagecorruptions not installed (pip install 'relucomp[robust]')")
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+
+
+def test_dual_bn_branches_differ_and_clean_branch_folds_exactly():
+    from relucomp.infra import PassManager
+    from relucomp.passes.fold_bn import FoldBatchNormPass
+
+    gm = fx.symbolic_trace(_net())
+    assert dualize(gm) == 2 and dualize(gm) == 0          # idempotent
+    x = torch.randn(16, 3, 12, 12)
+    gm.train()
+    with route(gm, "perturbed"):                          # perturbed batches move only the perturbed statistics
+        gm(x * 3 + 1)
+    gm(x)
+    duals = [m for m in gm.modules() if isinstance(m, DualBatchNorm2d)]
+    assert not torch.allclose(duals[0].clean.running_mean, duals[0].perturbed.running_mean)
+    with torch.no_grad():
+        for d in duals:                                    # distinct affine parameters too
+            d.perturbed.weight.mul_(2.0)
+    gm.eval()
+    with torch.no_grad():
+        clean, pert = gm(x), None
+        with route(gm, "perturbed"):
+            pert = gm(x)
+    assert not torch.allclose(clean, pert)
+    assert collapse(gm, "clean") == 2 and not any(isinstance(m, DualBatchNorm2d) for m in gm.modules())
+    folded = PassManager([FoldBatchNormPass()]).run(gm).gm
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), clean, rtol=1e-5, atol=1e-5)
+
+
+def test_augmix_range_shape_mixing_and_jsd():
+    torch.manual_seed(0)
+    x = torch.rand(32, 3, 32, 32)
+    a = augmix(x)
+    assert a.shape == x.shape and a.min() >= 0 and a.max() <= 1
+    assert (a - x).abs().mean() > 0.01                     # it changes the images ...
+    assert torch.corrcoef(torch.stack([a.flatten(), x.flatten()]))[0, 1] > 0.3   # ... but keeps them related
+    torch.manual_seed(1)
+    b = augmix(x)
+    assert not torch.equal(a, b)
+    z = torch.randn(8, 5)
+    assert float(jsd_loss(z, z, z)) == pytest.approx(0.0, abs=1e-6)
+    assert float(jsd_loss(z, -z, z * 3)) > 0.05
+
+
+def test_robust_steps_train_and_show_the_attack():
+    from relucomp.train import _NullProgress
+
+    class Prog(_NullProgress):
+        def __init__(self):
+            self.updates = []
+
+        def add_task(self, desc, **k):
+            self.desc = desc
+            return 7
+
+        def update(self, task, **k):
+            self.updates.append(k)
+
+    s = RobustTrainSettings(mean=(0.5,) * 3, std=(0.25,) * 3, attack_steps=2)
+    torch.manual_seed(0)
+    student, teacher = fx.symbolic_trace(_net()), _net().eval()
+    dualize(student)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 3, (8,))
+    prog = Prog()
+    step = robust_kd_step(teacher, s, kd_weight=0.5, temperature=4.0, progress=prog)
+    loss, logits = step(student.train(), x, y, None)
+    loss.backward()
+    assert torch.isfinite(loss) and logits.shape == (8, 3)
+    assert "PGD-2" in prog.desc and [u["completed"] for u in prog.updates] == [1, 2]
+    # the perturbed forwards went through the perturbed BN branch (its statistics moved), the clean one too
+    d = next(m for m in student.modules() if isinstance(m, DualBatchNorm2d))
+    assert int(d.perturbed.num_batches_tracked) == 2 and int(d.clean.num_batches_tracked) == 1
+    for attack in ("trades", "pgd"):
+        s2 = RobustTrainSettings(mean=(0.5,) * 3, std=(0.25,) * 3, attack_steps=1, attack=attack)
+        loss, _ = teacher_step(s2)(_net().train(), x, y, None)
+        assert torch.isfinite(loss) and float(loss.detach()) > 0
+
+
+def test_robust_bad_combinations_are_one_line_errors():
+    base = {"relu_budget": 100}
+    for extra, frag in (({"robust": True, "search": "layer-drop"}, "--search snl"),
+                        ({"robust": True, "dp_epsilon": 8.0}, "--dp-epsilon"),
+                        ({"robust": True, "prune_channels": 0.5}, "--prune-channels"),
+                        ({"robust": True, "train_attack": "fgsm"}, "trades | pgd"),
+                        ({"robust": True, "train_epsilon": 8}, "8/255"),
+                        ({"robust": True, "train_attack_steps": 0}, "--train-attack-steps 2"),
+                        ({"robust": True, "kd_clean": 0, "kd_natural": 0, "kd_adv": 0}, "kd_clean"),
+                        ({"robust": True, "export_branch": "both"}, "clean | perturbed"),
+                        ({"trades_beta": 3.0}, "add --robust")):
+        with pytest.raises(ConfigError) as e:
+            validate(resolve_config(None, {**base, **extra}), check_data=False)
+        assert frag in f"{e.value.cause} {e.value.fix}", (extra, str(e.value))
+    r = runner.invoke(app, ["compile", "tinycnn", "-b", "2k", "--robust", "--search", "layer-drop", "--out", "x"])
+    assert r.exit_code == 2 and "error:" in r.output and "fix:" in r.output and "Traceback" not in r.output
+
+
+@needs_ic
+def test_robust_compile_end_to_end_onnx_budget_and_section(tmp_path):
+    import onnx
+
+    out = tmp_path / "o"
+    (tmp_path / "c.toml").write_text("[robustness]\ncompare_branches = true\n")
+    r = runner.invoke(app, ["compile", "tinycnn", "-b", "50%", "--out", str(out), "--limit", "200",
+                            "--config", str(tmp_path / "c.toml"),
+                            "--pretrain-epochs", "1", "--epochs", "1", "--finetune-epochs", "1", "--no-progress",
+                            "--robust", "--robust-teacher-epochs", "1", "--train-attack-steps", "1",
+                            "--corruptions", "contrast", "--severities", "3", "--robustness-samples", "20",
+                            "--pgd-steps", "1"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((out / "report.json").read_text())
+    rb = rep["robustness"]
+    rc = rb["robust_compile"]
+    assert rc["teacher"]["adversarial_finetune"] and rc["teacher"]["train_attack_steps"] == 1
+    assert rc["dual_bn_layers"] >= 1 and rc["exported_branch"] == "clean"
+    assert len(rc["teacher_history"]) == 1
+    assert set(rb["models"]) == {"dense", "compiled", "compiled_perturbed_bn"}   # compare_branches
+    for m in rb["models"].values():
+        assert all(0.0 <= m[k] <= 100.0 for k in ("ca", "npa", "adva"))
+    g = onnx.load(str(out / "model.onnx")).graph
+    ops = [n.op_type for n in g.node]
+    assert "BatchNormalization" not in ops and ops.count("Relu") >= 1
+    assert rep["relus"]["after"] <= rep["relus"]["budget"]
+    assert {"robust_teacher", "dual_bn", "dual_bn_export"} <= set(rep["phases_seconds"])
+    # model.pt holds plain (collapsed) BN weights: it reloads into the plain gated graph
+    from relucomp.api import load_compiled
+
+    gm = load_compiled(out)
+    assert not any(isinstance(m, DualBatchNorm2d) for m in gm.modules())
+    # relucomp evaluate OUT on a --robust output: the same robust teacher (cache) and compiled model
+    r = runner.invoke(app, ["evaluate", str(out), "--corruptions", "contrast", "--severities", "3",
+                            "--robustness-samples", "20", "--pgd-steps", "1", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    rb2 = json.loads((out / "report.json").read_text())["robustness"]
+    for model in ("dense", "compiled"):
+        assert rb2["models"][model]["ca"] == pytest.approx(rb["models"][model]["ca"])
+
+
+def test_per_group_table_gains_npa_and_adva_columns():
+    from types import SimpleNamespace
+
+    from relucomp.report import _group_robustness_columns
+
+    sec = {"models": {"dense": {"groups": {"a": {"ca": 90.0, "npa": 70.0, "adva": 10.0},
+                                           "b": {"ca": 80.0, "npa": 60.0, "adva": 5.0}}},
+                      "compiled": {"groups": {"a": {"ca": 85.0, "npa": 65.5, "adva": 20.25},
+                                              "b": {"ca": 75.0, "npa": 55.0, "adva": 15.0}}}}}
+    data = SimpleNamespace(runs=[SimpleNamespace(report={"robustness": sec})])
+    hdr, rows = ["budget", "a", "b"], [["dense", "1", "2"], ["100", "3", "4"]]
+    _group_robustness_columns(data, ["a", "b"], hdr, rows)
+    assert hdr[3:] == ["a NPA", "b NPA", "a AdvA", "b AdvA"]
+    assert rows[0][3:] == ["70.00", "60.00", "10.00", "5.00"] and rows[1][3:] == ["65.50", "55.00", "20.25", "15.00"]
+    hdr2, rows2 = ["budget", "a"], [["dense", "1"]]
+    _group_robustness_columns(SimpleNamespace(runs=[SimpleNamespace(report={})]), ["a", "b"], hdr2, rows2)
+    assert hdr2 == ["budget", "a"]                         # no robustness section: the table is unchanged
