@@ -84,10 +84,28 @@ class FairPhase:
     def extra_loss(self, logits, y, g):
         if g is None:
             return torch.zeros((), dtype=logits.dtype)
-        return self.term.loss(logits, y, g)
+        from . import distributed
+
+        if not distributed.active():
+            return self.term.loss(logits, y, g)
+        # multi-process: the replay buffers see the whole global batch, in the single-process order (ranks hold
+        # contiguous slices), so every rank holds the same per-group statistics and ψ estimates
+        t = self.term
+        if logits.device != t.device:
+            t.to(logits.device)
+        ok = (logits.detach().argmax(1) == y.reshape(-1).to(logits.device)).to(torch.uint8)
+        t.observe_correct(distributed.all_gather_cat(ok).bool(), distributed.all_gather_cat(g.reshape(-1).to(ok.device)))
+        t._state = t.constraint_state(logits, y, g, update_replay=False)
+        term = t.lagrangian_term(t._state)
+        return torch.zeros((), device=logits.device, dtype=logits.dtype) if term is None else term
 
     def after_step(self, step: int) -> None:
+        from . import distributed
+
         self.term.dual_step()
+        if distributed.active() and self.term.multiplier is not None:  # every rank takes rank 0's dual step
+            with torch.no_grad():
+                distributed.broadcast_(self.term.multiplier.weight.data)
         if self.ema is not None:
             self.ema.update_parameters(self.model)
         if step == 1 or step % self.record_every == 0:
