@@ -308,7 +308,45 @@ def wrap(model: nn.Module, device: str | torch.device = "cpu") -> nn.Module:
     dev = torch.device(device)
     ids = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else None
     with collective("wrapping the model in DistributedDataParallel"):
-        return DDP(model, device_ids=ids, broadcast_buffers=True, find_unused_parameters=False)
+        import inspect
+
+        sync = ({"forward_sync_buffers": True} if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
+                else {"broadcast_buffers": True})
+        return DDP(model, device_ids=ids, find_unused_parameters=False, **sync)
+
+
+def _make_all_reduce_fn():
+    """Autograd-aware all-reduce (sum): the gradient of a sum over ranks is the sum of the ranks' gradients."""
+    import torch
+    import torch.distributed as dist
+
+    class AllReduceSum(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t):
+            out = t.clone()
+            dist.all_reduce(out)
+            return out
+
+        @staticmethod
+        def backward(ctx, grad):
+            g = grad.clone()
+            dist.all_reduce(g)
+            return g
+
+    return AllReduceSum
+
+
+class _Lazy:
+    fn = None
+
+    @property
+    def apply(self):
+        if _Lazy.fn is None:
+            _Lazy.fn = _make_all_reduce_fn()
+        return _Lazy.fn.apply
+
+
+_AllReduceSum = _Lazy()
 
 
 def _global_bn_forward(bn: nn.modules.batchnorm._BatchNorm, orig):
@@ -316,7 +354,7 @@ def _global_bn_forward(bn: nn.modules.batchnorm._BatchNorm, orig):
     import torch
     from torch import nn  # noqa: F401
 
-    from torch.distributed.nn.functional import all_reduce as all_reduce_autograd
+    all_reduce_autograd = _AllReduceSum.apply
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         if not bn.training or not active():

@@ -23,8 +23,11 @@ from relucomp.errors import ConfigError, RelucompError
 from relucomp.loaders import BatchLoader
 
 BUDGET = 2000
-ARGS = ["tinycnn", "--data", "synthetic", "--limit", "400", "--relu-budget", str(BUDGET), "--pretrain-epochs", "1",
-        "--epochs", "2", "--finetune-epochs", "2", "--batch-size", "32", "--seed", "0", "--no-progress"]
+# channel gates: with pixel gates on this 18-step schedule ~1 % of the 20,480 entries flip between process counts
+# (the gates' Adam takes sign-like steps, so float summation order decides near-zero gradients); see README
+ARGS = ["tinycnn", "--data", "synthetic", "--limit", "400", "--relu-budget", str(BUDGET), "--granularity", "channel",
+        "--pretrain-epochs", "1", "--epochs", "2", "--finetune-epochs", "2", "--batch-size", "32", "--seed", "0",
+        "--no-progress"]
 
 
 def _env(**extra) -> dict:
@@ -37,8 +40,13 @@ def _run(cmd: list[str], **env) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=_env(**env), capture_output=True, text=True, timeout=300)
 
 
-def _compile(out: Path, *extra: str, **env) -> subprocess.CompletedProcess:
-    return _run([sys.executable, "-m", "relucomp", "compile", *ARGS, "--out", str(out), *extra], **env)
+def _compile(out: Path, *extra: str, export: bool = True, **env) -> subprocess.CompletedProcess:
+    cfg = []
+    if not export:  # model.pt only (faster): the reference and the resumed run
+        path = out.parent / f"{out.name}-noexport.toml"
+        path.write_text("[export]\nenabled = false\n")
+        cfg = ["--config", str(path)]
+    return _run([sys.executable, "-m", "relucomp", "compile", *ARGS, "--out", str(out), *cfg, *extra], **env)
 
 
 def _masks(out: Path) -> dict[str, torch.Tensor]:
@@ -57,7 +65,7 @@ def _test_acc(out: Path) -> float:
 @pytest.fixture(scope="module")
 def single(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("dist") / "one"
-    r = _compile(out)
+    r = _compile(out, export=False)
     assert r.returncode == 0, r.stderr[-3000:]
     return out
 
@@ -92,7 +100,7 @@ def test_killed_rank_then_resume_on_one_process(single, tmp_path):
     ck = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ck["phase"] == "finetune" and ck["epoch"] == 1  # the last epoch-end checkpoint, written by rank 0
     assert not (out / "report.json").exists()
-    r = _compile(out, "--resume")  # one process
+    r = _compile(out, "--resume", export=False)  # one process
     assert r.returncode == 0, r.stderr[-3000:]
     m1, m2 = _masks(single), _masks(out)
     assert all(torch.equal(m1[k], m2[k]) for k in m1)

@@ -108,6 +108,10 @@ def compile(  # noqa: A001
         from ..api import compile as compile_api
 
         main_rank = os.environ.get("RANK", "0") in ("", "0")
+        if not main_rank:  # multi-process: warnings and logs from rank 0 only
+            import warnings
+
+            warnings.simplefilter("ignore")
         res = compile_api(config=cfg, log=log)
     if main_rank:  # multi-process: rank 0 reports
         print_summary(res.report)
