@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 OUT = Path(__file__).parent / "results" / "scale.json"
-BATCH = {"resnet8": 128, "resnet18": 64}
+BATCH = {"resnet8": 128, "resnet18": 32}
 
 
 def worker(model_name: str, batch: int, steps: int, result: Path) -> None:

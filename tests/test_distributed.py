@@ -168,3 +168,28 @@ def test_loader_shards_partition_each_global_batch(monkeypatch):
         assert abs(x0.shape[0] - x1.shape[0]) <= 1
         assert torch.equal(torch.cat([x0, x1]), x) and torch.equal(torch.cat([y0, y1]), y)
         assert torch.equal(torch.cat([g0, g1]), g)
+
+
+def test_bf16_autocast_keeps_gates_and_losses_fp32(make_gated):
+    """``amp = bf16`` (CPU autocast): the step runs in bf16, parameters (gates too) and the KD term stay fp32."""
+    from relucomp.models import build_model
+    from relucomp.train import RuntimeOptions, ce_kd_step, kd_loss, make_optimizer, runtime_options, train_loop
+
+    torch.manual_seed(0)
+    gm, _ = make_gated(build_model("tinycnn"), "channel")
+    before = {k: v.clone() for k, v in gm.state_dict().items()}
+    x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    seen = []
+
+    def step(model, xb, yb, g):
+        loss, logits = ce_kd_step(None)(model, xb, yb, g)
+        seen.append((logits.dtype, kd_loss(logits, logits.detach() + 1).dtype))
+        return loss, logits
+
+    with runtime_options(RuntimeOptions(amp="bf16")):
+        hist = train_loop(gm, [(x, y)] * 2, epochs=1, optimizer=make_optimizer(gm.parameters(), lr=0.01), step_fn=step)
+    assert seen == [(torch.bfloat16, torch.float32)] * 2
+    assert all(p.dtype == torch.float32 for p in gm.parameters())
+    assert torch.isfinite(torch.tensor(hist[0]["loss"]))
+    changed = [k for k, v in gm.state_dict().items() if v.is_floating_point() and not torch.equal(v, before[k])]
+    assert any(k.endswith("alpha") for k in changed) and any(k.endswith("conv1.weight") for k in changed)
