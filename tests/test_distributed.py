@@ -193,3 +193,23 @@ def test_bf16_autocast_keeps_gates_and_losses_fp32(make_gated):
     assert torch.isfinite(torch.tensor(hist[0]["loss"]))
     changed = [k for k, v in gm.state_dict().items() if v.is_floating_point() and not torch.equal(v, before[k])]
     assert any(k.endswith("alpha") for k in changed) and any(k.endswith("conv1.weight") for k in changed)
+
+
+def test_lost_peer_is_a_clear_error(monkeypatch):
+    """A collective that fails because a peer died becomes one error line with the fix; other errors pass through."""
+    monkeypatch.setattr(distributed, "active", lambda: True)
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    with pytest.raises(distributed.DistributedError, match="rank 1: another process stopped answering during finetune") as e:
+        with distributed.collective("finetune"):
+            raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer")
+    assert "--resume" in e.value.fix
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        with distributed.collective("finetune"):
+            raise RuntimeError("shape mismatch")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    with pytest.raises(ConfigError, match="--nproc given inside a torchrun launch"):
+        distributed.launch(2, ["compile"])
