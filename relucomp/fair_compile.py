@@ -93,10 +93,17 @@ class FairPhase:
         t = self.term
         if logits.device != t.device:
             t.to(logits.device)
-        ok = (logits.detach().argmax(1) == y.reshape(-1).to(logits.device)).to(torch.uint8)
-        t.observe_correct(distributed.all_gather_cat(ok).bool(), distributed.all_gather_cat(g.reshape(-1).to(ok.device)))
-        t._state = t.constraint_state(logits, y, g, update_replay=False)
-        term = t.lagrangian_term(t._state)
+        y, g = y.reshape(-1).to(logits.device), g.reshape(-1).to(logits.device)
+        ok = (logits.detach().argmax(1) == y).to(torch.uint8)
+        g_all = distributed.all_gather_cat(g)
+        t.observe_correct(distributed.all_gather_cat(ok).bool(), g_all)
+        # primal: this rank's slice (DDP averages the gradients); dual: the global batch's groups and per-group
+        # losses (gathered, detached), so the dual step is the single-process one on every rank
+        term = t.lagrangian_term(t.constraint_state(logits, y, g, update_replay=False))
+        loss_all = distributed.all_gather_cat(torch.nn.functional.cross_entropy(logits.detach().float(), y,
+                                                                                reduction="none"))
+        t._state = t.constraint_state(logits, distributed.all_gather_cat(y), g_all, per_sample_loss=loss_all,
+                                      update_replay=False)
         return torch.zeros((), device=logits.device, dtype=logits.dtype) if term is None else term
 
     def after_step(self, step: int) -> None:

@@ -27,7 +27,7 @@ BUDGET = 2000
 # (the gates' Adam takes sign-like steps, so float summation order decides near-zero gradients); see README
 ARGS = ["tinycnn", "--data", "synthetic", "--limit", "400", "--relu-budget", str(BUDGET), "--granularity", "channel",
         "--pretrain-epochs", "1", "--epochs", "2", "--finetune-epochs", "2", "--batch-size", "32", "--seed", "0",
-        "--no-progress"]
+        "--fair-groups", "group", "--no-progress"]  # CEAG constraints in the finetune
 
 
 def _env(**extra) -> dict:
@@ -84,6 +84,13 @@ def test_two_processes_equal_one(single, tmp_path):
     assert walk(out / "model.onnx")["relus"] <= BUDGET
     rep = _report(out)
     assert rep["config"]["runtime"]["nproc"] == 2
+    # CEAG: the same replay statistics and dual steps as one process (global batch gathered on every rank)
+    t1, t2 = _report(single)["fairness"]["multiplier_trajectory"], rep["fairness"]["multiplier_trajectory"]
+    assert len(t1) == len(t2) >= 2 and any(any(m > 0 for m in r["multipliers"]) for r in t1)
+    for a, b in zip(t1, t2):
+        assert a["step"] == b["step"]
+        assert a["multipliers"] == pytest.approx(b["multipliers"], abs=1e-6)
+        assert a["psi_replay"] == pytest.approx(b["psi_replay"], abs=1e-4)
     assert not (out / "checkpoint.pt").exists()
 
 
