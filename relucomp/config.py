@@ -165,6 +165,11 @@ class RuntimeSection(_Section):
     resume: bool = False
     progress: bool = True
     diagnose: bool = False
+    nproc: int = 1                      # processes (torch.distributed, DDP); > 1: relucomp compile starts torchrun
+    amp: str = "none"                   # mixed precision: none | bf16 | fp16 (fp16: CUDA only)
+    workers: int = 0                    # DataLoader worker processes for training (0: the in-memory loader)
+    pin_memory: bool | None = None      # pinned host memory for batches (None: on with --device cuda)
+    cudnn_benchmark: bool = True        # torch.backends.cudnn.benchmark on --device cuda (False: reproducible)
 
 
 class CompileConfig(_Section):
@@ -240,7 +245,8 @@ KEYWORDS: dict[str, str] = {
     "dp_phase": "dp.phase", "dp_batch_size": "dp.batch_size", "dp_accountant": "dp.accountant",
     "seed": "runtime.seed", "batch_size": "runtime.batch_size", "device": "runtime.device",
     "out_dir": "runtime.out_dir", "resume": "runtime.resume", "progress": "runtime.progress",
-    "diagnose": "runtime.diagnose",
+    "diagnose": "runtime.diagnose", "nproc": "runtime.nproc", "amp": "runtime.amp", "workers": "runtime.workers",
+    "pin_memory": "runtime.pin_memory", "cudnn_benchmark": "runtime.cudnn_benchmark",
     "eval_robustness": "robustness.eval", "robust": "robustness.robust", "corruptions": "robustness.corruptions",
     "severities": "robustness.severities", "robustness_samples": "robustness.samples",
     "pgd_epsilon": "robustness.pgd_epsilon", "pgd_step": "robustness.pgd_step", "pgd_steps": "robustness.pgd_steps",
@@ -500,11 +506,54 @@ def validate(cfg: CompileConfig, *, warm_start: bool = False, check_data: bool =
     check_dp(cfg)
     check_robustness(cfg)
     _check_device(r.device)
+    check_runtime(cfg)
     if check_data:
         _check_data(cfg)
         if cfg.robustness.eval or cfg.robustness.robust:
             _check_rgb(cfg)
     return cfg
+
+
+AMP_KINDS = ("none", "bf16", "fp16")
+
+
+def process_count(cfg: CompileConfig) -> int:
+    """Processes the run will train on: torchrun's ``WORLD_SIZE`` when launched by it, else ``runtime.nproc``."""
+    from .distributed import torchrun_env
+
+    env = torchrun_env()
+    return int(env["WORLD_SIZE"]) if env is not None else cfg.runtime.nproc
+
+
+def check_runtime(cfg: CompileConfig) -> None:
+    """``runtime.nproc`` / ``amp`` / ``workers``, the torchrun variables and the batch split, before any work."""
+    from .distributed import check_batch, torchrun_env
+
+    r = cfg.runtime
+    _one_of((r.amp or "none").lower(), AMP_KINDS, "--amp", "mixed precision")
+    if r.amp.lower() == "fp16" and not r.device.startswith("cuda"):
+        raise ConfigError(f"--amp fp16 on --device {r.device}: float16 autocast with a gradient scaler is for CUDA",
+                          "use --amp bf16 on the CPU (or --amp none), or --device cuda")
+    if r.nproc < 1:
+        raise ConfigError(f"--nproc {r.nproc} must be ≥ 1", "give --nproc 2 (processes on this machine) or drop it")
+    if r.workers < 0:
+        raise ConfigError(f"--workers {r.workers} must be ≥ 0", "give --workers 0 (in-memory loader) or e.g. 4")
+    env = torchrun_env()  # half-set variables: a one-line error here
+    world = process_count(cfg)
+    if env is not None and r.nproc > 1 and world != r.nproc:
+        raise ConfigError(f"--nproc {r.nproc} but torchrun started {world} processes",
+                          f"drop --nproc under torchrun (or give --nproc {world})")
+    if world > 1:
+        check_batch(r.batch_size, world)
+        if cfg.dp.epsilon is not None:
+            raise ConfigError(f"--dp-epsilon with {world} processes: the DP-SGD finetune (opacus) runs on one process",
+                              "drop --nproc / torchrun for DP runs")
+        if cfg.search.method == "layer-drop":
+            raise ConfigError("--search layer-drop with more than one process (it does not train: nothing to scale)",
+                              "drop --nproc / torchrun, or use --search snl")
+        if cfg.robustness.robust:
+            raise ConfigError(f"--robust with {world} processes: the robust teacher, dual BN and three-way "
+                              "distillation run on one process", "drop --nproc / torchrun for --robust runs")
 
 
 def robustness_settings(cfg: CompileConfig):

@@ -84,10 +84,35 @@ class FairPhase:
     def extra_loss(self, logits, y, g):
         if g is None:
             return torch.zeros((), dtype=logits.dtype)
-        return self.term.loss(logits, y, g)
+        from . import distributed
+
+        if not distributed.active():
+            return self.term.loss(logits, y, g)
+        # multi-process: the replay buffers see the whole global batch, in the single-process order (ranks hold
+        # contiguous slices), so every rank holds the same per-group statistics and ψ estimates
+        t = self.term
+        if logits.device != t.device:
+            t.to(logits.device)
+        y, g = y.reshape(-1).to(logits.device), g.reshape(-1).to(logits.device)
+        ok = (logits.detach().argmax(1) == y).to(torch.uint8)
+        g_all = distributed.all_gather_cat(g)
+        t.observe_correct(distributed.all_gather_cat(ok).bool(), g_all)
+        # primal: this rank's slice (DDP averages the gradients); dual: the global batch's groups and per-group
+        # losses (gathered, detached), so the dual step is the single-process one on every rank
+        term = t.lagrangian_term(t.constraint_state(logits, y, g, update_replay=False))
+        loss_all = distributed.all_gather_cat(torch.nn.functional.cross_entropy(logits.detach().float(), y,
+                                                                                reduction="none"))
+        t._state = t.constraint_state(logits, distributed.all_gather_cat(y), g_all, per_sample_loss=loss_all,
+                                      update_replay=False)
+        return torch.zeros((), device=logits.device, dtype=logits.dtype) if term is None else term
 
     def after_step(self, step: int) -> None:
+        from . import distributed
+
         self.term.dual_step()
+        if distributed.active() and self.term.multiplier is not None:  # every rank takes rank 0's dual step
+            with torch.no_grad():
+                distributed.broadcast_(self.term.multiplier.weight.data)
         if self.ema is not None:
             self.ema.update_parameters(self.model)
         if step == 1 or step % self.record_every == 0:

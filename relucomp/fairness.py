@@ -395,6 +395,12 @@ class FairConstraintTerm:
         self.replay.push(logits.detach().argmax(1) == y, g)
 
     @torch.no_grad()
+    def observe_correct(self, correct: torch.Tensor, g: torch.Tensor) -> None:
+        """Push precomputed correctness indicators (e.g. gathered from every rank of a multi-process run)."""
+        self._check_groups(g)
+        self.replay.push(correct, g)
+
+    @torch.no_grad()
     def psi_estimate_frac(self) -> torch.Tensor:
         """(G,) replay estimate of ψ_g = (d_g − a_g) − (d − a), in fractions; NaN where unknown."""
         a_g = self.replay.group_accuracy()

@@ -4,11 +4,23 @@ Checkpoints are plain dicts of tensors and JSON-like values saved atomically
 (``tmp`` + ``os.replace``) and loaded with ``torch.load(weights_only=True)``.
 A ``KeyboardInterrupt`` during training saves the current state first and
 re-raises as :class:`Interrupted`, which tells the user how to resume.
+
+Runtime (``runtime`` config section, set for a run with :func:`runtime_options`):
+on a multi-process run (:mod:`relucomp.distributed`) :func:`train_loop` wraps
+the model in DistributedDataParallel, makes BatchNorm use global-batch
+statistics, gives each rank its slice of every global batch, writes
+checkpoints from rank 0 only and shows progress on rank 0 only; ``amp``
+(``bf16`` / ``fp16``) runs the step under ``torch.autocast`` (parameters —
+gates included — stay fp32, the KD and L1 terms are computed in fp32, fp16
+uses a gradient scaler).
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import dataclasses
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -21,7 +33,30 @@ from .atomic import atomic_torch_save
 from .errors import Interrupted, ModelLoadError
 
 __all__ = ["Interrupted", "Checkpointer", "load_state", "train_loop", "ce_kd_step", "kd_loss", "evaluate",
-           "make_optimizer", "progress_bar"]
+           "make_optimizer", "progress_bar", "RuntimeOptions", "runtime_options", "current_runtime"]
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeOptions:
+    """How training runs (not what it computes): mixed precision; set per run by the stages driver."""
+
+    amp: str = "none"          # none | bf16 | fp16 (fp16: CUDA only)
+
+
+_RUNTIME: contextvars.ContextVar[RuntimeOptions] = contextvars.ContextVar("relucomp_runtime", default=RuntimeOptions())
+
+
+def current_runtime() -> RuntimeOptions:
+    return _RUNTIME.get()
+
+
+@contextlib.contextmanager
+def runtime_options(opts: RuntimeOptions) -> Iterator[RuntimeOptions]:
+    token = _RUNTIME.set(opts)
+    try:
+        yield opts
+    finally:
+        _RUNTIME.reset(token)
 
 
 # ---------------------------------------------------------------------------
@@ -41,8 +76,10 @@ class _NullProgress:
 
 @contextlib.contextmanager
 def progress_bar(enabled: bool = True) -> Iterator[Any]:
-    """A rich Progress (or a no-op stand-in) for training loops."""
-    if not enabled:
+    """A rich Progress (or a no-op stand-in) for training loops; rank 0 only on a multi-process run."""
+    from .distributed import is_main
+
+    if not enabled or not is_main():
         yield _NullProgress()
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -66,6 +103,7 @@ def progress_bar(enabled: bool = True) -> Iterator[Any]:
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0) -> torch.Tensor:
     """Hinton KD: ``T^2 * KL(softmax(t/T) || softmax(s/T))``."""
     t = temperature
+    student_logits, teacher_logits = student_logits.float(), teacher_logits.float()  # fp32 under autocast too
     return F.kl_div(F.log_softmax(student_logits / t, 1), F.log_softmax(teacher_logits.detach() / t, 1),
                     reduction="batchmean", log_target=True) * t * t
 
@@ -96,7 +134,9 @@ class Checkpointer:
         self.path = Path(path) if path is not None else None
 
     def save(self, state: dict[str, Any]) -> None:
-        if self.path is None:
+        from .distributed import is_main
+
+        if self.path is None or not is_main():  # multi-process: rank 0 writes (every rank holds the same state)
             return
         atomic_torch_save(self.path, state)
 
@@ -106,7 +146,9 @@ class Checkpointer:
         return load_state(self.path)
 
     def clear(self) -> None:
-        if self.path is not None and self.path.exists():
+        from .distributed import is_main
+
+        if self.path is not None and is_main() and self.path.exists():
             self.path.unlink()
 
 
@@ -218,6 +260,8 @@ def train_loop(
     batches already trained (replaying their random draws) and continues.
     Without it, the loop restarts at ``start_epoch``.
     """
+    from . import distributed
+
     history: list[dict[str, Any]] = []
     n_batches = len(loader) if hasattr(loader, "__len__") else None
     prog = progress or _NullProgress()
@@ -235,44 +279,69 @@ def train_loop(
     step = start_epoch * (n_batches or 0) + skip
     epoch = start_epoch
     flag: dict[str, bool] = {}
+    multi = distributed.active()
+    world = distributed.world_size()
+    amp = _Amp(current_runtime().amp, device, optimizer, model)
+    fault = _fault_point(desc)
+    net = distributed.wrap(model, device) if multi else model
+    shard = loader.sharded() if multi and hasattr(loader, "sharded") else contextlib.nullcontext()
     try:
-        with _deferred_sigint(flag) if loop_state is not None else contextlib.nullcontext():
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(_deferred_sigint(flag) if loop_state is not None else contextlib.nullcontext())
+            stack.enter_context(shard)
+            stack.enter_context(distributed.sync_batchnorm(model))
+            stack.enter_context(distributed.collective(desc))
             for epoch in range(start_epoch, epochs):
                 if loop_state is not None:
                     loop_state.epoch = epoch
                     if skip == 0:
                         loop_state.batch = 0
                         loop_state.loader_rng = gen.get_state() if gen is not None else None
-                model.train()
+                net.train()
                 t0 = time.perf_counter()
-                tot_loss = 0.0
-                correct = seen = 0
+                tot = torch.zeros(3, dtype=torch.float64)  # loss·n, correct, seen (this rank)
                 for i, batch in enumerate(loader):
                     if i < skip:  # resumed mid-epoch: these batches were trained before the interrupt
                         continue
                     x, y, g = unpack(batch)
-                    x, y = x.to(device), y.to(device)
-                    g = g.to(device) if g is not None else None
-                    loss, logits = step_fn(model, x, y, g)
+                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                    g = g.to(device, non_blocking=True) if g is not None else None
+                    with amp.autocast():
+                        loss, logits = step_fn(net, x, y, g)
                     optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
+                    if multi and getattr(loader, "global_batch", 0):
+                        # DDP averages the ranks' gradients; weigh each rank's mean by its share of the global
+                        # batch so an uneven last batch gives the single-process gradient too
+                        amp.backward(loss * (y.numel() * world / loader.global_batch))
+                    else:
+                        amp.backward(loss)
+                    amp.step(optimizer)
                     step += 1
                     if after_step is not None:
                         after_step(step)
                     if loop_state is not None:
                         loop_state.batch = i + 1
-                    tot_loss += float(loss.detach()) * y.numel()
-                    correct += int((logits.detach().argmax(1) == y).sum())
-                    seen += int(y.numel())
-                    prog.update(task, advance=1, info=f"ep {epoch + 1}/{epochs} loss {tot_loss / seen:.3f} acc {100 * correct / seen:.1f}%")
+                    tot += torch.tensor([float(loss.detach()) * y.numel(),
+                                         int((logits.detach().argmax(1) == y).sum()), int(y.numel())],
+                                        dtype=torch.float64)
+                    seen = max(tot[2].item(), 1)
+                    prog.update(task, advance=1, info=f"ep {epoch + 1}/{epochs} loss {tot[0].item() / seen:.3f} "
+                                                      f"acc {100 * tot[1].item() / seen:.1f}%")
+                    if fault is not None and step == fault:
+                        _die(desc, step)
+                    if multi:  # Ctrl-C on any rank stops every rank at the same step boundary
+                        stop = torch.tensor([1.0 if flag.get("stop") else 0.0])
+                        if distributed.all_reduce_(stop, "max").item() > 0:
+                            flag["stop"] = True
                     if flag.get("stop"):
                         raise KeyboardInterrupt
                 skip = 0
                 if scheduler is not None:
                     scheduler.step()
-                rec: dict[str, Any] = {"epoch": epoch + 1, "loss": tot_loss / max(seen, 1),
-                                       "train_acc": 100.0 * correct / max(seen, 1),
+                distributed.all_reduce_(tot)  # the epoch's figures over the global batches
+                seen = max(tot[2].item(), 1)
+                rec: dict[str, Any] = {"epoch": epoch + 1, "loss": tot[0].item() / seen,
+                                       "train_acc": 100.0 * tot[1].item() / seen,
                                        "seconds": time.perf_counter() - t0}
                 if on_epoch_end is not None:
                     rec.update(on_epoch_end(epoch, rec) or {})
@@ -293,7 +362,73 @@ def train_loop(
             f"interrupted during {desc} epoch {epoch + 1}; state saved",
             "run the same command again with --resume to continue from the checkpoint",
         ) from None
+    finally:
+        if net is not model:  # drop DDP (and its gradient hooks) before the model is used on its own again
+            del net
+            import gc
+
+            gc.collect()
     return history
+
+
+class _Amp:
+    """Mixed precision for one training loop: autocast + (fp16) a gradient scaler; a no-op for ``none``."""
+
+    def __init__(self, kind: str, device, optimizer, model: nn.Module):
+        self.kind = kind or "none"
+        self.device_type = torch.device(device).type
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.kind)
+        self.scaler = torch.amp.GradScaler(self.device_type) if self.kind == "fp16" else None
+        if self.scaler is not None:  # parameters stepped by other optimizers (the gates' Adam): unscaled by hand
+            mine = {id(p) for grp in optimizer.param_groups for p in grp["params"]}
+            self.others = [p for p in model.parameters() if id(p) not in mine and p.requires_grad]
+
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if self.scaler is None:
+            loss.backward()
+            return
+        self.scaler.scale(loss.float()).backward()
+        inv = 1.0 / float(self.scaler.get_scale())
+        for p in self.others:
+            if p.grad is not None:
+                p.grad.mul_(inv)
+                if not bool(torch.isfinite(p.grad).all()):  # an overflow step: skip it for these too
+                    p.grad.zero_()
+
+    def step(self, optimizer) -> None:
+        if self.scaler is None:
+            optimizer.step()
+            return
+        self.scaler.step(optimizer)
+        self.scaler.update()
+
+
+def _fault_point(desc: str) -> int | None:
+    """Test hook (fault injection): ``RELUCOMP_FAULT="<desc>:<rank>:<step>"`` kills that rank at that step."""
+    spec = os.environ.get("RELUCOMP_FAULT")
+    if not spec:
+        return None
+    from .distributed import rank
+
+    what, _, rest = spec.partition(":")
+    r, _, st = rest.partition(":")
+    if what == desc and r.isdigit() and st.isdigit() and int(r) == rank():
+        return int(st)
+    return None
+
+
+def _die(desc: str, step: int) -> None:  # pragma: no cover - the process ends here
+    import signal
+    import sys
+
+    sys.stderr.write(f"RELUCOMP_FAULT: killing this process during {desc} at step {step}\n")
+    sys.stderr.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def ce_kd_step(teacher: nn.Module | None, *, kd_weight: float = 0.5, temperature: float = 4.0,

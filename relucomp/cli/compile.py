@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -11,6 +12,7 @@ import typer
 from rich.table import Table
 
 from ..budget import human
+from ..distributed import torchrun_env
 from .app import (AsJson, BatchSize, BudgetIncludesMaxpool, Checkpoint, ConfigFile, Corruptions, Device, DPBatchSize,
                   DPDelta, DPEpsilon, DPMaxGradNorm, DPPhase, Effort, EvalRobustness, ExportTarget, ExportWeights,
                   FinetuneEpochs, ImageSize, LeafModule, Limit, Lr, NoProgress, NumClasses, PgdEpsilon, PgdStep, PgdSteps,
@@ -88,6 +90,12 @@ def compile(  # noqa: A001
     trades_beta: Optional[float] = typer.Option(None, "--trades-beta", help="with --robust: TRADES β (default 6)"),
     export_branch: Optional[str] = typer.Option(None, "--export-branch", help="with --robust: the dual-BN branch "
                                                 "folded into the export, clean (default) | perturbed"),
+    nproc: int = typer.Option(1, "--nproc", help="training processes on this machine (torch.distributed, DDP; starts "
+                                                 "torchrun itself); the global --batch-size is split over them"),
+    amp: str = typer.Option("none", "--amp", help="mixed precision: none | bf16 | fp16 (CUDA only); gates, L1 and KD "
+                                                  "terms stay fp32"),
+    workers: int = typer.Option(0, "--workers", help="DataLoader worker processes for the training data (0: the "
+                                                     "in-memory loader, fastest on CPU)"),
     config: ConfigFile = None,
     print_config: bool = typer.Option(False, "--print-config", help="print the resolved configuration (TOML) and exit"),
 ) -> None:
@@ -108,11 +116,32 @@ def compile(  # noqa: A001
             sys.stdout.write(to_toml(cfg))
             return
         validate(cfg)  # every option, before torch is even imported for the run
+        if cfg.runtime.nproc > 1 and torchrun_env() is None:  # start the processes: torchrun runs this same config
+            raise typer.Exit(launch_config(cfg))
         quiet_torch_logs()
         from ..api import compile as compile_api
 
+        main_rank = os.environ.get("RANK", "0") in ("", "0")
+        if not main_rank:  # multi-process: warnings and logs from rank 0 only
+            import warnings
+
+            warnings.simplefilter("ignore")
         res = compile_api(config=cfg, log=log)
-    print_summary(res.report)
+    if main_rank:  # multi-process: rank 0 reports
+        print_summary(res.report)
+
+
+def launch_config(cfg) -> int:
+    """``relucomp compile --nproc N``: run the resolved config under ``torchrun`` (N processes); its exit status."""
+    import tempfile
+
+    from ..config import to_toml
+    from ..distributed import launch
+
+    with tempfile.TemporaryDirectory(prefix="relucomp-launch-") as tmp:
+        path = Path(tmp) / "config.toml"
+        path.write_text(to_toml(cfg), encoding="utf-8")
+        return launch(cfg.runtime.nproc, ["compile", "--config", str(path)])
 
 
 def print_summary(rep) -> None:

@@ -10,6 +10,8 @@ what a failed run created.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import time
 from pathlib import Path
@@ -43,7 +45,7 @@ def prepare_out(out_dir) -> tuple[Path | None, bool]:
     created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".relucomp-write-test"
+        probe = out / f".relucomp-write-test-{os.getpid()}"  # one per process (torchrun ranks share OUT)
         probe.write_text("")
         probe.unlink()
     except OSError as exc:
@@ -57,6 +59,41 @@ def run(cfg, hooks: Hooks, stages: list[Stage] | None = None) -> RunState:
     r = cfg.runtime
     if r.resume and r.out_dir is None:
         raise ConfigError("--resume needs --out (the checkpoint lives there)", "pass the same --out as before")
+    with runtime(cfg):
+        return _run(cfg, hooks, stages)
+
+
+@contextlib.contextmanager
+def runtime(cfg):
+    """The run's runtime: the process group under torchrun, mixed precision, cuDNN settings; torn down after."""
+    from .. import distributed
+    from ..config import process_count
+    from ..train import RuntimeOptions, runtime_options
+
+    r = cfg.runtime
+    if process_count(cfg) > 1 and distributed.torchrun_env() is None:
+        raise ConfigError(f"runtime.nproc = {r.nproc} outside torchrun: the library runs in the processes it is given",
+                          f"run `relucomp compile --nproc {r.nproc} ...` (it starts torchrun) or "
+                          f"`torchrun --nproc_per_node {r.nproc} -m relucomp compile ...`, or set nproc = 1")
+    if r.device.startswith("cuda"):
+        import torch
+
+        torch.backends.cudnn.benchmark = bool(r.cudnn_benchmark)
+    ctx = distributed.setup(r.device, batch_size=r.batch_size)
+    try:
+        with runtime_options(RuntimeOptions(amp=(r.amp or "none").lower())):
+            yield ctx
+        if ctx is not None:
+            distributed.barrier("the end of the run")  # rank 0 has written its files
+    finally:
+        if ctx is not None:
+            distributed.teardown()
+
+
+def _run(cfg, hooks: Hooks, stages: list[Stage] | None = None) -> RunState:
+    from ..distributed import is_main
+
+    r = cfg.runtime
     out, created = prepare_out(r.out_dir)
     st = RunState(cfg=cfg, hooks=hooks, out=out, ckpt=Checkpointer(out / "checkpoint.pt" if out else None))
     if r.resume:
@@ -77,7 +114,7 @@ def run(cfg, hooks: Hooks, stages: list[Stage] | None = None) -> RunState:
     except Interrupted:
         raise  # the checkpoint stays for --resume
     except BaseException:
-        if created and out is not None and not st.ckpt.path.exists():
+        if created and out is not None and is_main() and not st.ckpt.path.exists():
             shutil.rmtree(out, ignore_errors=True)
         raise
     return st

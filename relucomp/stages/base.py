@@ -48,7 +48,9 @@ class RunState:
         return self.results[name]
 
     def say(self, msg: str) -> None:
-        if self.hooks.log is not None:
+        from ..distributed import is_main
+
+        if self.hooks.log is not None and is_main():  # multi-process: rank 0 logs
             self.hooks.log(msg)
 
     def resuming(self, phase: str) -> dict[str, Any] | None:

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from ..errors import RelucompError
-from ..loaders import BatchLoader, first_batch
+from ..loaders import BatchLoader, first_batch, train_loader
 from .base import RunState
 
 NAME = "data"
@@ -45,9 +45,10 @@ def run(st: RunState) -> DataOut:
     if n_cls != bundle.num_classes:
         raise RelucompError(f"--num-classes {n_cls} disagrees with the data's {bundle.num_classes} classes",
                             "drop --num-classes or pick the matching target")
-    bs = st.cfg.runtime.batch_size
+    r = st.cfg.runtime
+    bs, pin = r.batch_size, r.pin_memory if r.pin_memory is not None else r.device.startswith("cuda")
     return DataOut(bundle=bundle, num_classes=n_cls,
-                   train=BatchLoader(bundle.train, batch_size=bs, shuffle=True, augment=True, seed=seed),
+                   train=train_loader(bundle.train, batch_size=bs, seed=seed, workers=r.workers, pin_memory=pin),
                    train_eval=BatchLoader(bundle.train, batch_size=512),
                    val=BatchLoader(bundle.val, batch_size=512), test=BatchLoader(bundle.test, batch_size=512),
                    calib=first_batch(BatchLoader(bundle.val, batch_size=64), 32))

@@ -30,7 +30,9 @@ class ExportOut:
 
 
 def when(st: RunState) -> bool:
-    return st.out is not None
+    from ..distributed import is_main
+
+    return st.out is not None and is_main()  # multi-process: rank 0 writes
 
 
 def save_compiled(path: Path, gated_state: dict, **info) -> None:

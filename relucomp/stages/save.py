@@ -18,7 +18,9 @@ NAME = "save"
 
 
 def when(st: RunState) -> bool:
-    return st.out is not None
+    from ..distributed import is_main
+
+    return st.out is not None and is_main()  # multi-process: rank 0 writes
 
 
 def run(st: RunState) -> Path:

@@ -89,6 +89,9 @@ def run(st: RunState) -> SearchOut:
     else:
         sp = LayerDropSearchPass(budget=budget, calib_loader=st["data"].val, device=cfg.runtime.device)
         stats = PassManager([sp]).run(gm).stats["passes"][0]["stats"]
+    from ..distributed import broadcast_module_
+
+    broadcast_module_(gm)  # multi-process: every rank continues from rank 0's masks and weights (identical already)
     if hard_count(gates_of(gm).values()) > budget:  # never above budget
         raise InternalError(f"search produced {hard_count(gates_of(gm).values())} ReLUs, above the budget {budget}")
     return SearchOut(stats=stats)
