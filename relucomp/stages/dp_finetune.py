@@ -12,12 +12,13 @@ from __future__ import annotations
 from ..compile_report import DPReport
 from .base import RunState
 from .finetune import FinetuneOut, output
+from .search import dp_batch_size
 
 NAME = "dp_finetune"
 
 
 def when(st: RunState) -> bool:
-    return st.cfg.dp.epsilon is not None
+    return st.cfg.dp.epsilon is not None and st.cfg.dp.phase in ("finetune", "both")
 
 
 def run(st: RunState) -> FinetuneOut:
@@ -26,7 +27,7 @@ def run(st: RunState) -> FinetuneOut:
     cfg, data = st.cfg, st["data"]
     opts = options(cfg, len(data.bundle.train))
     res = dp_finetune(st["gates"].gm, data.bundle.train, opts, calib=data.calib, teacher=st["pretrain"].teacher,
-                      epochs=cfg.finetune.epochs, batch_size=cfg.dp.batch_size or max(cfg.runtime.batch_size, 256),
+                      epochs=cfg.finetune.epochs, batch_size=dp_batch_size(cfg), dplan=st["search"].dp_plan,
                       lr=cfg.finetune.lr if cfg.finetune.lr is not None else cfg.search.lr * 0.5,
                       kd_weight=cfg.search.kd_weight, temperature=cfg.search.kd_temperature, seed=cfg.runtime.seed,
                       ema=cfg.finetune.ema, progress=st.progress, log=st.say, device=cfg.runtime.device)

@@ -50,7 +50,8 @@ def output(st: RunState, gm: fx.GraphModule, ema: fx.GraphModule | None, **kw: A
 
 
 def when(st: RunState) -> bool:
-    return st.cfg.dp.epsilon is None  # under DP the dp_finetune stage runs instead
+    # under DP the dp_finetune stage runs instead (with --dp-phase search only the search is private)
+    return st.cfg.dp.epsilon is None or st.cfg.dp.phase == "search"
 
 
 def tuned(st: RunState) -> FinetuneOut:
@@ -92,4 +93,10 @@ def run(st: RunState) -> FinetuneOut:
     ema = ema_model(gm, ffair, st["data"].train_eval) if keep_ema else None
     if prune.gmp is not None and ema is not None:
         prune.gmp.apply_to(ema)
-    return output(st, gm, ema, stats=stats, fair=ffair)
+    out = output(st, gm, ema, stats=stats, fair=ffair)
+    dplan = st["search"].dp_plan
+    if dplan is not None:  # --dp-phase search: the masks are DP, this finetune is not (report says so)
+        from ..dp import search_report
+
+        out.dp = DPReport.from_dict({**search_report(st.cfg, dplan), "export_weights": out.weights})
+    return out

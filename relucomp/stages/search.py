@@ -23,6 +23,7 @@ NAME = "search"
 @dataclass
 class SearchOut:
     stats: dict[str, Any] = field(default_factory=dict)   # the pass's stats (with history / lambda trace)
+    dp_plan: Any = None   # relucomp.dp.DPPlan when the search ran under DP-SGD (its accountant goes on)
 
     @property
     def light(self) -> dict[str, Any]:
@@ -55,6 +56,8 @@ def run(st: RunState) -> SearchOut:
         stats = {"warm_start": True, "budget": st["model"].budget, "total_relus": st["model"].before["relus"],
                  "soft_relus_at_start": soft_count(gates_of(gm).values()),
                  "hard_relus": binarize_to_budget(gates_of(gm), budget)}
+    elif cfg.dp.epsilon is not None and cfg.dp.phase in ("search", "both"):
+        return _dp_search(st, gm, budget)
     elif cfg.search.method == "snl":
         s, ungated = cfg.search, st["model"].budget - budget
         # a sweep names user budgets; the gates reach them at ``budget − ungated`` kept ReLUs
@@ -80,3 +83,29 @@ def run(st: RunState) -> SearchOut:
     if hard_count(gates_of(gm).values()) > budget:  # never above budget
         raise InternalError(f"search produced {hard_count(gates_of(gm).values())} ReLUs, above the budget {budget}")
     return SearchOut(stats=stats)
+
+
+def dp_batch_size(cfg) -> int:
+    """The expected Poisson batch under DP: ``dp.batch_size`` or max(``runtime.batch_size``, 256)."""
+    return cfg.dp.batch_size or max(cfg.runtime.batch_size, 256)
+
+
+def _dp_search(st: RunState, gm, budget: int) -> SearchOut:
+    """The mask search under DP-SGD (``dp.phase`` search / both): one privacy plan for search + finetune."""
+    from ..dp import dp_search, make_dp_compatible, options, plan
+
+    cfg, data = st.cfg, st["data"]
+    opts = options(cfg, len(data.bundle.train))
+    gm, changes = make_dp_compatible(gm, data.calib)  # BatchNorm folded before the search (per-sample clipping)
+    st["gates"].gm = gm
+    dplan = plan(opts, len(data.bundle.train), batch_size=dp_batch_size(cfg), search_epochs=cfg.search.epochs,
+                 finetune_epochs=cfg.finetune.epochs)
+    dplan.conversion = changes
+    s = cfg.search
+    stats = dp_search(gm, data.bundle.train, opts, dplan, budget=budget, teacher=st["pretrain"].teacher, lr=s.lr,
+                      alpha_lr=s.alpha_lr, kd_weight=s.kd_weight, temperature=s.kd_temperature, warmup=s.warmup,
+                      hysteresis=s.hysteresis, seed=cfg.runtime.seed, progress=st.progress, log=st.say,
+                      device=cfg.runtime.device)
+    if hard_count(gates_of(gm).values()) > budget:
+        raise InternalError(f"DP search produced {hard_count(gates_of(gm).values())} ReLUs, above the budget {budget}")
+    return SearchOut(stats=stats, dp_plan=dplan)
