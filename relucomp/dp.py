@@ -270,6 +270,23 @@ class DPPlan:
         return self.search_steps + self.finetune_steps
 
 
+def plan_state(dplan: DPPlan) -> dict[str, Any]:
+    """The plan as plain data (checkpoints; the accountant's history is saved with the loop)."""
+    return {"sample_rate": dplan.sample_rate, "batch_size": dplan.batch_size, "search_steps": dplan.search_steps,
+            "finetune_steps": dplan.finetune_steps, "sigma": dplan.sigma, "phases": dict(dplan.phases),
+            "conversion": list(dplan.conversion)}
+
+
+def plan_from_state(d: dict[str, Any], opts: DPOptions, accountant_history: list | None = None) -> DPPlan:
+    """Rebuild a :class:`DPPlan` saved with :func:`plan_state` (and its accountant's history)."""
+    acc = make_accountant(opts.accountant)
+    acc.history = [tuple(h) for h in (accountant_history or [])]
+    return DPPlan(sample_rate=float(d["sample_rate"]), batch_size=int(d["batch_size"]),
+                  search_steps=int(d["search_steps"]), finetune_steps=int(d["finetune_steps"]),
+                  sigma=float(d["sigma"]), accountant=acc, phases=dict(d.get("phases") or {}),
+                  conversion=list(d.get("conversion") or []))
+
+
 def make_accountant(kind: str):
     from opacus.accountants import PRVAccountant, RDPAccountant
 
@@ -501,7 +518,8 @@ def noise_for(opts: DPOptions, sample_rate: float, steps: int) -> float:
     from opacus.accountants.utils import get_noise_multiplier
 
     return float(get_noise_multiplier(target_epsilon=opts.epsilon, target_delta=opts.delta, sample_rate=sample_rate,
-                                      steps=steps, accountant=opts.accountant, epsilon_tolerance=0.01))
+                                      steps=steps, accountant=opts.accountant, epsilon_tolerance=0.01,
+                                      **_eps_kwargs(opts.accountant)))
 
 
 def dp_finetune(*args, **kwargs) -> DPResult:
@@ -516,8 +534,16 @@ def _dp_finetune(gm: fx.GraphModule, train_ds, opts: DPOptions, *, calib: torch.
                 teacher: nn.Module | None = None, epochs: int = 3, batch_size: int = 256, lr: float = 0.01,
                 momentum: float = 0.9, kd_weight: float = 0.5, temperature: float = 4.0, seed: int = 0,
                 ema: bool = True, augment: bool = True, progress: Any | None = None, log: Callable[[str], None] | None = None,
-                device: str = "cpu", convert: bool = True, dplan: DPPlan | None = None) -> DPResult:
+                device: str = "cpu", convert: bool = True, dplan: DPPlan | None = None,
+                checkpoint: Callable[[dict], None] | None = None, resume: dict | None = None) -> DPResult:
     """DP-SGD finetune of the gated graph ``gm`` (masks fixed) on ``train_ds``.
+
+    ``checkpoint(state)`` is called after every epoch with the whole loop state (weights, optimizer
+    momentum, LR schedule, EMA, the accountant's history, the Poisson-sampling and noise generators,
+    the step, the plan); ``resume=state`` continues from it and repeats the uninterrupted run step for
+    step (same batches, same noise), and the accountant continues from the saved history, so no step
+    is counted twice or lost.  Steps after the last checkpoint of an interrupted run are redone with the
+    same randomness: the released model is the uninterrupted run's.
 
     Returns the last iterate, the EMA model and the privacy report
     (ε spent from the accountant, δ, noise multiplier, clipping norm, sampling
@@ -531,8 +557,6 @@ def _dp_finetune(gm: fx.GraphModule, train_ds, opts: DPOptions, *, calib: torch.
     changes: list[str] = []
     if convert:
         gm, changes = make_dp_compatible(gm, calib)
-    if dplan is not None:
-        changes = list(dplan.conversion) + changes
     for m in gm.modules():
         if isinstance(m, ReLUGate):  # the gates (and their learned linear replacements) stay as the search left them
             for p in (m.alpha, getattr(m, "rep_scale", None), getattr(m, "rep_shift", None)):
@@ -542,6 +566,8 @@ def _dp_finetune(gm: fx.GraphModule, train_ds, opts: DPOptions, *, calib: torch.
     if dplan is None:  # finetune-only DP: the plan covers this phase alone
         dplan = plan(opts, n, batch_size=batch_size, finetune_epochs=epochs)
     batch_size, q, sigma = dplan.batch_size, dplan.sample_rate, dplan.sigma
+    dplan.conversion = list(dplan.conversion) + [c for c in changes if c not in dplan.conversion]
+    changes = list(dplan.conversion)  # conversions of an earlier DP phase (or a resumed run) included
     steps_per_epoch = max(1, round(1 / q))
     steps = dplan.finetune_steps
     ema = ema and steps > 0
@@ -564,37 +590,47 @@ def _dp_finetune(gm: fx.GraphModule, train_ds, opts: DPOptions, *, calib: torch.
     opt.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=q))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(base, T_max=steps)
     loader = PoissonLoader(train_ds, sample_rate=q, steps=steps, augment=augment, seed=seed) if steps else []
+    history: list[dict] = []
+    start = 0
+    if resume is not None:
+        gm.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        sched.load_state_dict(resume["scheduler"])
+        if avg is not None and resume.get("ema") is not None:
+            avg.load_state_dict(resume["ema"])
+        accountant.history = [tuple(h) for h in resume["accountant"]]
+        start = int(resume["step"])
+        if steps:
+            loader.generator.set_state(resume["sampler"])
+            loader.sampler.steps = steps - start
+        opt.generator.set_state(resume["noise"])
+        history = list(resume.get("history", []))
+        say(f"DP-SGD: resumed at step {start}/{steps} (ε so far {_spent(accountant, opts.delta, sigma):.3f})")
+
+    def save(step: int) -> None:
+        if checkpoint is None:
+            return
+        checkpoint({"phase": "dp_finetune", "step": step, "model": gm.state_dict(), "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(), "ema": avg.state_dict() if avg is not None else None,
+                    "accountant": [list(h) for h in accountant.history], "sampler": loader.generator.get_state(),
+                    "noise": opt.generator.get_state(), "history": history, "plan": plan_state(dplan)})
 
     prog = progress
-    task = prog.add_task("dp-finetune", total=steps, info="") if prog is not None else None
-    history = []
+    task = prog.add_task("dp-finetune", total=steps, completed=start, info="") if prog is not None else None
     t0 = time.perf_counter()
-    tot = correct = seen = 0.0
-    for step, (x, y, _g) in enumerate(loader, 1):
-        x, y = x.to(device), y.to(device)
-        t_logits = None
-        if teacher is not None and kd_weight > 0 and y.numel():
-            with torch.no_grad():
-                t_logits = teacher(x)
-        logits = gsm(x)
-        loss = per_sample_loss(logits, y, t_logits, kd_weight=kd_weight, temperature=temperature)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if avg is not None:
-            avg.update_parameters(gm)
-        tot += float(loss.detach())
-        correct += int((logits.detach().argmax(1) == y).sum())
-        seen += int(y.numel())
-        if prog is not None:
-            prog.update(task, advance=1, info=f"loss {tot / max(seen, 1):.3f} acc {100 * correct / max(seen, 1):.1f}%")
-        if step % steps_per_epoch == 0 or step == steps:
-            eps_now = _spent(accountant, opts.delta, sigma)
-            history.append({"step": step, "loss": tot / max(seen, 1), "train_acc": 100.0 * correct / max(seen, 1),
-                            "epsilon": None if math.isinf(eps_now) else eps_now,
-                            "seconds": round(time.perf_counter() - t0, 2)})
-            tot = correct = seen = 0.0
+    try:
+        _dp_steps(loader, start, steps, steps_per_epoch, gsm, gm, opt, sched, avg, teacher, kd_weight, temperature,
+                  device, prog, task, history, accountant, opts, sigma, t0, save)
+    except KeyboardInterrupt:
+        gsm._close()
+        from .errors import Interrupted
+
+        last = history[-1]["step"] if history else start
+        if checkpoint is None:
+            raise Interrupted("interrupted during the DP finetune; nothing saved (no output directory)",
+                              "run again with --out DIR to be able to resume") from None
+        raise Interrupted(f"interrupted during the DP finetune; state saved at step {last}/{steps} (accountant "
+                          "history included)", "run the same command again with --resume to continue") from None
     gsm._close()
     for p in gm.parameters():
         for attr in ("grad_sample", "summed_grad", "_forward_counter"):
@@ -651,12 +687,55 @@ def covers(phase: str) -> str:
     return what[phase]
 
 
+def _dp_steps(loader, start, steps, steps_per_epoch, gsm, gm, opt, sched, avg, teacher, kd_weight, temperature,
+              device, prog, task, history, accountant, opts, sigma, t0, save) -> None:
+    """The DP-SGD steps ``start+1 .. steps`` (history appended and ``save`` called at every epoch end)."""
+    tot = correct = seen = 0.0
+    for step, (x, y, _g) in enumerate(loader, start + 1):
+        x, y = x.to(device), y.to(device)
+        t_logits = None
+        if teacher is not None and kd_weight > 0 and y.numel():
+            with torch.no_grad():
+                t_logits = teacher(x)
+        logits = gsm(x)
+        loss = per_sample_loss(logits, y, t_logits, kd_weight=kd_weight, temperature=temperature)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if avg is not None:
+            avg.update_parameters(gm)
+        tot += float(loss.detach())
+        correct += int((logits.detach().argmax(1) == y).sum())
+        seen += int(y.numel())
+        if prog is not None:
+            prog.update(task, advance=1, info=f"loss {tot / max(seen, 1):.3f} acc {100 * correct / max(seen, 1):.1f}%")
+        if step % steps_per_epoch == 0 or step == steps:
+            eps_now = _spent(accountant, opts.delta, sigma)
+            history.append({"step": step, "loss": tot / max(seen, 1), "train_acc": 100.0 * correct / max(seen, 1),
+                            "epsilon": None if math.isinf(eps_now) else eps_now,
+                            "seconds": round(time.perf_counter() - t0, 2)})
+            tot = correct = seen = 0.0
+            if step < steps:
+                save(step)
+
+
+#: RDP orders: integers only.  opacus's default list adds fractional orders 1.1–10.9, whose RDP takes
+#: ~50 ms each to compute (seconds per ε read-out on a loaded CPU); the bound from integer orders is
+#: marginally looser (conservative), and σ is calibrated with the same orders, so spent ε ≤ target holds.
+RDP_ALPHAS = [float(a) for a in (*range(2, 65), 80, 96, 128, 192, 256)]
+
+
+def _eps_kwargs(kind: str) -> dict:
+    return {"alphas": RDP_ALPHAS} if kind == "rdp" else {}
+
+
 def _spent(accountant, delta: float, sigma: float) -> float | None:
     if sigma == 0:
         return math.inf
     if len(accountant) == 0:
         return 0.0
-    return float(accountant.get_epsilon(delta))
+    return float(accountant.get_epsilon(delta, **_eps_kwargs(accountant.mechanism())))
 
 
 def metadata(report: dict[str, Any], export_weights: str) -> dict[str, Any]:

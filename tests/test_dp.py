@@ -319,3 +319,39 @@ def test_dp_search_one_budget_over_both_phases(make_gated):
     assert r["phases"]["finetune"]["epsilon_after"] == pytest.approx(r["epsilon_spent"])
     assert any("BatchNorm" in c for c in r["conversion"])  # the search's conversion is reported
     assert hard_count(gates_of(res.model).values()) == budget  # masks fixed in the finetune
+
+
+def test_dp_finetune_resume_after_an_epoch_repeats_the_run(make_gated):
+    """Interrupted after epoch 1 (checkpoint written, then Ctrl-C), resumed from the checkpoint: same last
+    and EMA weights, same ε, and the accountant holds each step once (nothing double-counted or lost)."""
+    import io
+
+    from relucomp.errors import Interrupted
+    from relucomp.ir import copy_gm
+
+    gm0, _ = _gated(make_gated)
+    ds = _dataset(n=120)
+    x = normalize(ds.images[:8].float() / 255.0, ds.mean, ds.std)
+    opts = dp.check_dp_options(epsilon=3.0, n_train=len(ds))
+    kw = dict(calib=x, epochs=3, batch_size=40, lr=0.1, seed=3)
+    full = dp.dp_finetune(copy_gm(gm0), ds, opts, **kw)
+    saved = []
+
+    def stop_after_first_epoch(state):
+        buf = io.BytesIO()
+        torch.save(state, buf)  # as the stage's checkpoint file: plain data, loadable with weights_only
+        saved.append(torch.load(io.BytesIO(buf.getvalue()), weights_only=True))
+        raise KeyboardInterrupt
+
+    with pytest.raises(Interrupted, match="step 3/9"):
+        dp.dp_finetune(copy_gm(gm0), ds, opts, checkpoint=stop_after_first_epoch, **kw)
+    assert saved[0]["step"] == 3 and saved[0]["accountant"] == [[pytest.approx(full.report["noise_multiplier"]),
+                                                                   pytest.approx(1 / 3), 3]]
+    res = dp.dp_finetune(copy_gm(gm0), ds, opts, resume=saved[0], **kw)
+    for a, b in ((res.model, full.model), (res.ema, full.ema)):
+        for (n, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+            torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=n)
+    r, f = res.report, full.report
+    assert r["epsilon_spent"] == pytest.approx(f["epsilon_spent"]) and r["epsilon_spent"] <= 3.0
+    assert [h["epsilon"] for h in r["history"]] == pytest.approx([h["epsilon"] for h in f["history"]])
+    assert [h["step"] for h in r["history"]] == [3, 6, 9]

@@ -72,8 +72,14 @@ def run(st: RunState) -> FinetuneOut:
         ffair.load_state_dict(resumed["fair"])
     light = st["search"].light
 
+    dplan = st["search"].dp_plan
+
     def save(s):
         s.update(search_stats=light, pruning_plan=prune.plan, fair=ffair.state_dict())
+        if dplan is not None:  # --dp-phase search: a resume rebuilds the DP-converted model and the accountant
+            from ..dp import plan_state
+
+            s.update(plan=plan_state(dplan), accountant=[list(h) for h in dplan.accountant.history])
         st.ckpt.save(s)
 
     def epoch_end(epoch, rec):
@@ -94,7 +100,6 @@ def run(st: RunState) -> FinetuneOut:
     if prune.gmp is not None and ema is not None:
         prune.gmp.apply_to(ema)
     out = output(st, gm, ema, stats=stats, fair=ffair)
-    dplan = st["search"].dp_plan
     if dplan is not None:  # --dp-phase search: the masks are DP, this finetune is not (report says so)
         from ..dp import search_report
 

@@ -45,6 +45,10 @@ def run(st: RunState) -> SearchOut:
     resumed = st.resuming("finetune")
     warm = st.hooks.search_state
     if resumed is not None:  # the search had finished before the interruption
+        if resumed.get("plan") is not None:  # --dp-phase search: the masks came from the DP search
+            out = _dp_resume(st, gm, resumed)
+            out.stats = dict(resumed.get("search_stats", {}))
+            return out
         if resumed.get("pruning_plan"):  # the checkpoint holds the pruned (smaller) weights
             from ..pruning import apply_plan
 
@@ -56,6 +60,8 @@ def run(st: RunState) -> SearchOut:
         stats = {"warm_start": True, "budget": st["model"].budget, "total_relus": st["model"].before["relus"],
                  "soft_relus_at_start": soft_count(gates_of(gm).values()),
                  "hard_relus": binarize_to_budget(gates_of(gm), budget)}
+    elif st.resuming("dp_finetune") is not None:  # interrupted in the DP finetune: its checkpoint holds the masks
+        return _dp_resume(st, gm, st.resuming("dp_finetune"))
     elif cfg.dp.epsilon is not None and cfg.dp.phase in ("search", "both"):
         return _dp_search(st, gm, budget)
     elif cfg.search.method == "snl":
@@ -109,3 +115,17 @@ def _dp_search(st: RunState, gm, budget: int) -> SearchOut:
     if hard_count(gates_of(gm).values()) > budget:
         raise InternalError(f"DP search produced {hard_count(gates_of(gm).values())} ReLUs, above the budget {budget}")
     return SearchOut(stats=stats, dp_plan=dplan)
+
+
+def _dp_resume(st: RunState, gm, state: dict) -> SearchOut:
+    """Rebuild the searched, DP-converted model and the privacy plan (with the accountant's history) from the
+    DP finetune's checkpoint; the dp_finetune stage then continues its loop from the same state."""
+    from ..dp import make_dp_compatible, options, plan_from_state
+
+    gm, _ = make_dp_compatible(gm, st["data"].calib)
+    st["gates"].gm = gm
+    gm.load_state_dict(state["model"])
+    opts = options(st.cfg, len(st["data"].bundle.train))
+    st.say("resuming: the DP-converted model and the accountant's history come from the checkpoint")
+    dplan = plan_from_state(state["plan"], opts, state["accountant"]) if state.get("plan") else None
+    return SearchOut(stats=dict(state.get("search_stats", {})), dp_plan=dplan)
