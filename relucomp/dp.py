@@ -1,14 +1,15 @@
 """Differentially private finetuning (DP-SGD through opacus; Berrada et al.).
 
-What is private.  The guarantee is (ε, δ)-DP *of the finetune* with respect to
-the training split (``bundle.train``): one image added or removed changes the
-distribution of the finetuned weights by at most (ε, δ).  Everything the
-finetune starts from — the dense model (its weights are the starting point and,
-for KD, the teacher) and the ReLU masks of the mask search — is treated as
+What is private.  The guarantee is (ε, δ)-DP *of the DP phases* with respect to
+the training split (``bundle.train``): the finetune (``phase="finetune"``), the
+mask search (``"search"``) or both (``"both"``: one accountant, σ calibrated for
+the steps of both phases, so the composed ε ≤ target).  One image added or
+removed changes the distribution of their output by at most (ε, δ).  What they
+start from — the dense model (its weights are the starting point and, for KD,
+the teacher) and, with ``phase="finetune"``, the ReLU masks — is treated as
 **public**.  If the dense model was trained on the same images, or the masks
-were searched on them without DP (``phase="finetune"``), the final model is
-*not* end-to-end private for those images: only the finetune's use of them is
-covered.  Validation/test splits are only read for reporting.
+were searched on them without DP, the final model is *not* end-to-end private
+for those images.  Validation/test splits are only read for reporting.
 
 Pieces (all logic here; the ``dp_finetune`` stage only calls them):
 
@@ -22,6 +23,8 @@ Pieces (all logic here; the ``dp_finetune`` stage only calls them):
   ``ModuleValidator.fix`` (changes the function; reported); in-place ops on
   graph values become out-of-place when that is exact.  ReLU gates stay (their
   ``alpha`` and learned linear replacements are frozen, so opacus needs no per-sample gradient for them).
+* :func:`plan` / :class:`DPPlan` — one privacy budget for every DP phase (q, steps, σ, accountant).
+* :func:`dp_search` — the SNL gradual search under DP-SGD (a grad sampler for ``ReLUGate``).
 * :func:`dp_finetune` — opacus ``GradSampleModule`` + ``DPOptimizer``
   (per-sample clipping to ``max_grad_norm``, Gaussian noise), Poisson sampling
   (opacus ``UniformWithReplacementSampler``), noise multiplier calibrated with
