@@ -45,6 +45,7 @@ class DPReport:
     kd: bool = False
     kd_weight: float = 0.0
     conversion: list[str] = field(default_factory=list)     # BatchNorm folded / replaced, in-place ops
+    phases: dict[str, Any] = field(default_factory=dict)    # DP phases: steps and ε after each (search, finetune)
     history: list[dict[str, Any]] = field(default_factory=list)
     covers: str = ""
     export_weights: str = "ema"

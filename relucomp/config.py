@@ -42,7 +42,7 @@ GATE_FORMS = ("pi", "sparse", "mask")
 EXPORT_TARGETS = ("pi", "edge", "both")
 IMPORTANCES = ("l1", "l2", "bn", "taylor")
 REPLACEMENTS = ("affine", "identity")
-DP_PHASES = ("finetune", "search", "both")   # only finetune is implemented (validate() says so)
+DP_PHASES = ("finetune", "search", "both")   # which phases run under DP-SGD (one accountant, one ε)
 DP_ACCOUNTANTS = ("rdp", "prv")
 EXPORT_WEIGHTS = ("last", "ema")
 #: fewest images that still give every split (train / val / test) samples of every class
@@ -136,7 +136,7 @@ class DPSection(_Section):
     epsilon: float | None = None        # None: no differential privacy; inf: DP-SGD machinery without noise
     delta: float | None = None          # None: min(1e-5, 0.1/n) for n training images; must be < 1/n
     max_grad_norm: float | None = None  # None: 1.0 (per-sample clipping norm C)
-    phase: str = "finetune"             # which phase runs under DP-SGD (search / both: not implemented)
+    phase: str = "finetune"             # which phases run under DP-SGD: finetune | search | both (one ε for all)
     batch_size: int | None = None       # expected Poisson batch; None: max(runtime.batch_size, 256)
     accountant: str = "rdp"             # rdp | prv (opacus accountants)
 
@@ -396,7 +396,7 @@ def check_dp(cfg: CompileConfig, n_train: int | None = None) -> float | None:
 
     ε > 0 (``inf``: clipping without noise, no guarantee); 0 < δ < 1/n for n
     training images (checked once n is known, still before training; default
-    ``min(1e-5, 0.1/n)``); clipping norm > 0; phase ``finetune`` only; no
+    ``min(1e-5, 0.1/n)``); clipping norm > 0; phase ``search``/``both`` need the SNL search; no
     CEAG/EL constraints (their dual updates read the private training data);
     no GMP sparsity.
     """
@@ -422,9 +422,10 @@ def check_dp(cfg: CompileConfig, n_train: int | None = None) -> float | None:
         raise ConfigError(f"--dp-max-grad-norm {dp.max_grad_norm} must be > 0", "give a clipping norm such as 1.0")
     if dp.batch_size is not None and dp.batch_size < 1:
         raise ConfigError(f"--dp-batch-size {dp.batch_size} must be ≥ 1", "give e.g. --dp-batch-size 256")
-    if dp.phase != "finetune":
-        raise ConfigError(f"--dp-phase {dp.phase} (the mask search under DP-SGD) is not implemented",
-                          "use --dp-phase finetune (the default); the masks are then treated as public")
+    if dp.phase != "finetune" and cfg.search.method != "snl":
+        raise ConfigError(f"--dp-phase {dp.phase} runs the SNL mask search under DP-SGD, but --search is "
+                          f"{cfg.search.method} (it scores layers on the data without DP)",
+                          "use --search snl with --dp-phase search|both, or --dp-phase finetune")
     if cfg.fair_method in ("ceag", "el"):
         raise ConfigError(f"--fair-method {cfg.fair_method} with --dp-epsilon: its dual updates read per-group accuracy "
                           "of the private training data every step, which DP-SGD does not account for",
@@ -487,6 +488,10 @@ def validate(cfg: CompileConfig, *, warm_start: bool = False, check_data: bool =
                         ("--image-size", d.image_size, 4)):
         if v is not None and v < lo:
             raise ConfigError(f"{name} {v} must be ≥ {lo}", f"give {name} {max(lo, 1)} or more")
+    if warm_start and cfg.dp.epsilon is not None and cfg.dp.phase != "finetune":
+        raise ConfigError(f"--dp-phase {cfg.dp.phase} with a warm-started search (budget sweep): the shared search "
+                          "state was not searched under DP-SGD", "use --dp-phase finetune in sweeps, or compile "
+                          "each budget separately")
     if s.method == "snl" and s.epochs == 0 and not warm_start:
         raise ConfigError("--epochs 0 with --search snl trains no ReLU masks (the result would be arbitrary)",
                           "give --epochs 1 or more, or use --search layer-drop (no training)")

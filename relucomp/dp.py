@@ -1,14 +1,15 @@
 """Differentially private finetuning (DP-SGD through opacus; Berrada et al.).
 
-What is private.  The guarantee is (ε, δ)-DP *of the finetune* with respect to
-the training split (``bundle.train``): one image added or removed changes the
-distribution of the finetuned weights by at most (ε, δ).  Everything the
-finetune starts from — the dense model (its weights are the starting point and,
-for KD, the teacher) and the ReLU masks of the mask search — is treated as
+What is private.  The guarantee is (ε, δ)-DP *of the DP phases* with respect to
+the training split (``bundle.train``): the finetune (``phase="finetune"``), the
+mask search (``"search"``) or both (``"both"``: one accountant, σ calibrated for
+the steps of both phases, so the composed ε ≤ target).  One image added or
+removed changes the distribution of their output by at most (ε, δ).  What they
+start from — the dense model (its weights are the starting point and, for KD,
+the teacher) and, with ``phase="finetune"``, the ReLU masks — is treated as
 **public**.  If the dense model was trained on the same images, or the masks
-were searched on them without DP (``phase="finetune"``), the final model is
-*not* end-to-end private for those images: only the finetune's use of them is
-covered.  Validation/test splits are only read for reporting.
+were searched on them without DP, the final model is *not* end-to-end private
+for those images.  Validation/test splits are only read for reporting.
 
 Pieces (all logic here; the ``dp_finetune`` stage only calls them):
 
@@ -22,6 +23,8 @@ Pieces (all logic here; the ``dp_finetune`` stage only calls them):
   ``ModuleValidator.fix`` (changes the function; reported); in-place ops on
   graph values become out-of-place when that is exact.  ReLU gates stay (their
   ``alpha`` and learned linear replacements are frozen, so opacus needs no per-sample gradient for them).
+* :func:`plan` / :class:`DPPlan` — one privacy budget for every DP phase (q, steps, σ, accountant).
+* :func:`dp_search` — the SNL gradual search under DP-SGD (a grad sampler for ``ReLUGate``).
 * :func:`dp_finetune` — opacus ``GradSampleModule`` + ``DPOptimizer``
   (per-sample clipping to ``max_grad_norm``, Gaussian noise), Poisson sampling
   (opacus ``UniformWithReplacementSampler``), noise multiplier calibrated with
@@ -201,6 +204,253 @@ def make_dp_compatible(gm: fx.GraphModule, calib: torch.Tensor) -> tuple[fx.Grap
 # training
 # ---------------------------------------------------------------------------
 
+def _per_sample(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """(N, *act) → (N, *shape): sum one sample's gradient over the dims a gate parameter broadcasts over."""
+    return t.unsqueeze(1).sum_to_size(t.shape[0], *shape)
+
+
+def _gate_grad_sample(layer: ReLUGate, activations, backprops: torch.Tensor) -> dict:
+    """Per-sample gradients of a ReLU gate's trainable parameters (``alpha``; ``rep_scale``/``rep_shift``).
+
+    The forward (see :class:`relucomp.nn.ReLUGate`) is ``y = lin + a·(relu(x) − lin)`` with
+    ``lin = s·x + b`` (``lin = x`` for the identity replacement) and ``a`` the effective gate value
+    (straight-through: ``∂a/∂alpha = 1``); hard gates ``y = where(mask, relu(x), lin)``.
+    """
+    x = activations[0]
+    go = backprops
+    affine = layer.rep_scale.requires_grad or layer.has_replacement()
+    s, b = layer.rep_scale, layer.rep_shift
+    if x.dim() != s.dim():
+        s, b = s.reshape(1, -1), b.reshape(1, -1)
+    lin = torch.addcmul(b, s, x) if affine else x
+    if bool(layer.hard) or not layer.alpha.requires_grad:
+        a = layer.mask if bool(layer.hard) else layer.alpha.detach().clamp(0.0, 1.0) * layer.mask
+    else:
+        a = layer.mask if layer.straight else layer.alpha.detach().clamp(0.0, 1.0) * layer.mask
+    out = {}
+    if layer.alpha.requires_grad and not bool(layer.hard):
+        out[layer.alpha] = _per_sample(go * (torch.relu(x) - lin), layer.alpha.shape)
+    if layer.rep_scale.requires_grad:
+        w = go * (1.0 - a)
+        out[layer.rep_scale] = _per_sample(w * x, layer.rep_scale.shape)
+        out[layer.rep_shift] = _per_sample(w, layer.rep_shift.shape)
+    return out
+
+
+_SAMPLER_REGISTERED = False
+
+
+def register_gate_sampler() -> None:
+    """Teach opacus the per-sample gradient of :class:`ReLUGate` (needed when its parameters train under DP)."""
+    global _SAMPLER_REGISTERED
+    if not _SAMPLER_REGISTERED:
+        from opacus.grad_sample.utils import register_grad_sampler
+
+        register_grad_sampler(ReLUGate)(_gate_grad_sample)
+        _SAMPLER_REGISTERED = True
+
+
+@dataclass
+class DPPlan:
+    """One privacy budget for every DP phase: a shared sampling rate, step counts, noise multiplier and accountant.
+
+    σ is calibrated (``get_noise_multiplier``) so that the accountant reaches ε
+    after ``search_steps + finetune_steps`` steps at rate ``sample_rate``; both
+    phases feed the same accountant, so the ε it reports covers both.
+    """
+
+    sample_rate: float
+    batch_size: int
+    search_steps: int
+    finetune_steps: int
+    sigma: float
+    accountant: Any = None
+    phases: dict[str, Any] = field(default_factory=dict)   # per-phase report (steps, ε after the phase)
+    conversion: list[str] = field(default_factory=list)    # make_dp_compatible's changes before the first phase
+
+    @property
+    def steps(self) -> int:
+        return self.search_steps + self.finetune_steps
+
+
+def plan_state(dplan: DPPlan) -> dict[str, Any]:
+    """The plan as plain data (checkpoints; the accountant's history is saved with the loop)."""
+    return {"sample_rate": dplan.sample_rate, "batch_size": dplan.batch_size, "search_steps": dplan.search_steps,
+            "finetune_steps": dplan.finetune_steps, "sigma": dplan.sigma, "phases": dict(dplan.phases),
+            "conversion": list(dplan.conversion)}
+
+
+def plan_from_state(d: dict[str, Any], opts: DPOptions, accountant_history: list | None = None) -> DPPlan:
+    """Rebuild a :class:`DPPlan` saved with :func:`plan_state` (and its accountant's history)."""
+    acc = make_accountant(opts.accountant)
+    acc.history = [tuple(h) for h in (accountant_history or [])]
+    return DPPlan(sample_rate=float(d["sample_rate"]), batch_size=int(d["batch_size"]),
+                  search_steps=int(d["search_steps"]), finetune_steps=int(d["finetune_steps"]),
+                  sigma=float(d["sigma"]), accountant=acc, phases=dict(d.get("phases") or {}),
+                  conversion=list(d.get("conversion") or []))
+
+
+def make_accountant(kind: str):
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
+    return RDPAccountant() if kind == "rdp" else PRVAccountant()
+
+
+def plan(opts: DPOptions, n: int, *, batch_size: int, search_epochs: int = 0, finetune_epochs: int = 0) -> DPPlan:
+    """The privacy plan for ``n`` training images: Poisson rate q = batch/n, steps per phase, σ for ε over all steps.
+
+    ``search_epochs`` counts only with ``opts.phase`` in (search, both), ``finetune_epochs`` with (finetune, both).
+    """
+    batch_size = max(1, min(int(batch_size), n))
+    q = batch_size / n
+    per_epoch = max(1, round(1 / q))
+    s_steps = max(0, int(search_epochs)) * per_epoch if opts.phase in ("search", "both") else 0
+    f_steps = max(0, int(finetune_epochs)) * per_epoch if opts.phase in ("finetune", "both") else 0
+    total = s_steps + f_steps
+    sigma = noise_for(opts, q, total) if total else 0.0
+    return DPPlan(sample_rate=q, batch_size=batch_size, search_steps=s_steps, finetune_steps=f_steps, sigma=sigma,
+                  accountant=make_accountant(opts.accountant), phases={"delta": opts.delta, "n_train": n})
+
+
+def dp_search(*args, **kwargs) -> dict:
+    """SNL mask search under DP-SGD; see :func:`_dp_search`."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        return _dp_search(*args, **kwargs)
+
+
+def _dp_search(gm: fx.GraphModule, train_ds, opts: DPOptions, dplan: DPPlan, *, budget: int,
+               teacher: nn.Module | None = None, lr: float = 0.01, alpha_lr: float = 0.02, lam: float = 1.0,
+               kd_weight: float = 0.5, temperature: float = 4.0, warmup: float = 0.15, reach: float = 0.6,
+               hysteresis: float = 0.05, seed: int = 0, augment: bool = True, progress: Any | None = None,
+               log: Callable[[str], None] | None = None, device: str = "cpu") -> dict:
+    """The SNL gradual search (:class:`relucomp.passes.snl_search.SNLSearchPass`'s schedule) under DP-SGD.
+
+    ``gm`` must already be DP-compatible (:func:`make_dp_compatible`).  Weights, gate scores ``alpha``
+    and (affine) linear replacements train on the per-sample loss ``(1−w)·CE + w·KD`` with opacus:
+    per-sample gradients (a grad sampler for :class:`ReLUGate`), joint clipping to C, Gaussian noise σ
+    of ``dplan``, Poisson batches at ``dplan.sample_rate``, ``dplan.search_steps`` steps, every step
+    recorded in ``dplan.accountant``.  Everything else only post-processes DP outputs: the L1 pull on
+    ``alpha`` (data-independent, applied as a separate step after the noisy update), pinning to the
+    geometric schedule by the scores ``alpha``, the recovery plateau, and the final exact top-k
+    binarization to ``budget`` (never above).  The pass's discrete refinement is **not** run under DP
+    (it measures the loss on training batches without noise).  Returns the search stats.
+    """
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    from .passes.insert_gates import gates_of
+    from .passes.snl_search import _costs, _flat, _scatter_mask, binarize_to_budget, select_live, soft_count
+
+    say = log or (lambda s: None)
+    register_gate_sampler()
+    gates = gates_of(gm)
+    soft = [g for g in gates.values() if not bool(g.hard)]
+    total = sum(g.total_relus for g in gates.values())
+    steps = dplan.search_steps
+    q, sigma = dplan.sample_rate, dplan.sigma
+    say(f"DP-SGD mask search: {steps} steps, q={q:.4f}, σ={sigma:.3f}, C={opts.max_grad_norm:g}")
+    for g in soft:
+        g.alpha.requires_grad_(True)
+    gate_params = [g.alpha for g in soft]
+    gate_ids = {id(p) for p in gate_params}
+    weights = [p for p in gm.parameters() if p.requires_grad and id(p) not in gate_ids]
+    gm.to(device).train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # strict=False: opacus refuses any trainable layer with buffers (for BatchNorm's running statistics);
+        # a gate's buffers (mask, hard) are never written by its forward — only by pinning, post-processing.
+        # Every other layer was checked by make_dp_compatible (_opacus_errors).
+        gsm = GradSampleModule(gm, batch_first=True, loss_reduction="sum", strict=False)
+        # one optimizer, two groups: every sample's gradient is clipped jointly (weights + gate scores)
+        # (the gate group has lr 0 here: its privatized gradient, left in .grad by DPOptimizer, drives an
+        # Adam step as in the non-private search — post-processing, no extra privacy cost)
+        base = torch.optim.SGD([{"params": weights, "lr": lr, "momentum": 0.9, "nesterov": True},
+                                {"params": gate_params, "lr": 0.0}])
+        opt = DPOptimizer(base, noise_multiplier=sigma, max_grad_norm=opts.max_grad_norm,
+                          expected_batch_size=dplan.batch_size, loss_reduction="mean",
+                          generator=torch.Generator(device=device).manual_seed(seed + 11))
+    opt_a = torch.optim.Adam(gate_params, lr=alpha_lr) if gate_params else None
+    opt.attach_step_hook(dplan.accountant.get_optimizer_hook_fn(sample_rate=q))
+    loader = PoissonLoader(train_ds, sample_rate=q, steps=steps, augment=augment, seed=seed + 7) if steps else []
+    warm_steps = int(round(warmup * steps))
+    reach_steps = max(warm_steps + 1, int(round(reach * steps)))
+    costs = _costs(soft) if soft else torch.zeros(0)
+    tie = torch.rand(costs.numel(), generator=torch.Generator().manual_seed(seed)) * 1e-6
+    cost = {id(g): g.elements_per_gate / total for g in soft}
+
+    def target(step: int) -> float:
+        if step <= warm_steps:
+            return float(total)
+        frac = min(1.0, (step - warm_steps) / max(1, reach_steps - warm_steps))
+        return total * (max(budget, 1) / total) ** frac
+
+    task = progress.add_task("dp-search", total=steps, info="") if progress is not None else None
+    trace, history, reopened = [], [], 0
+    tot = seen = 0.0
+    for step, (x, y, _g) in enumerate(loader, 1):
+        x, y = x.to(device), y.to(device)
+        t_logits = None
+        if teacher is not None and kd_weight > 0 and y.numel():
+            with torch.no_grad():
+                t_logits = teacher(x)
+        logits = gsm(x)
+        loss = per_sample_loss(logits, y, t_logits, kd_weight=kd_weight, temperature=temperature)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if opt_a is not None:
+            opt_a.step()
+        with torch.no_grad():  # the L1 pull on the scores: no data, no privacy cost
+            for g in soft:
+                g.alpha.sub_(alpha_lr * lam * cost[id(g)])
+            plateau = step >= reach_steps
+            for g in soft:
+                g.straight = plateau
+                g.clamp_()
+            live_now = _flat(soft, lambda g: g.mask) > 0.5
+            k = target(step)
+            if k < total:
+                scores = _flat(soft, lambda g: g.alpha.detach()) + hysteresis * live_now.float() + tie
+                live = select_live(scores, costs, k)
+                reopened += int((live & ~live_now).sum())
+                _scatter_mask(soft, live, hard=False)
+        cnt = soft_count(soft)
+        trace.append([step, cnt, round(k)])
+        tot += float(loss.detach())
+        seen += int(y.numel())
+        if progress is not None:
+            progress.update(task, advance=1, info=f"loss {tot / max(seen, 1):.3f} relus {cnt:,}")
+    gsm._close()
+    for p in gm.parameters():
+        for attr in ("grad_sample", "summed_grad", "_forward_counter"):
+            if hasattr(p, attr):
+                delattr(p, attr)
+        p.grad = None
+    for g in soft:
+        g.straight = False
+    gm.cpu()
+    soft_final = soft_count(soft)
+    gen = torch.Generator().manual_seed(seed)
+    scores = {}
+    for name, g in gates.items():
+        a = g.alpha.detach().float()
+        scores[name] = (g.mask * 10.0 + a + torch.rand(a.shape, generator=gen) * 1e-6) if not bool(g.hard) \
+            else g.mask.float()
+    kept = binarize_to_budget(gates, budget, scores=scores)
+    eps = _spent(dplan.accountant, opts.delta, sigma) if steps else 0.0
+    history.append({"step": steps, "loss": tot / max(seen, 1) if seen else None, "soft_relus": soft_final,
+                    "epsilon": None if math.isinf(eps) else eps})
+    dplan.phases["search"] = {"steps": steps, "epsilon_after": None if math.isinf(eps) else eps,
+                              "loss": tot / max(seen, 1) if seen else None, "history": history}
+    return {"budget": budget, "total_relus": total, "soft_relus_at_end": soft_final, "hard_relus": kept,
+            "reached_budget_softly": soft_final <= budget, "warmup_steps": warm_steps, "reach_steps": reach_steps,
+            "total_steps": steps, "reopened": reopened, "refine": {"rounds": 0, "swaps": 0, "skipped": "DP"},
+            "kept_per_layer": {n: g.kept_relus() for n, g in gates.items()}, "warnings": [],
+            "dp": True, "history": history, "lambda_trace": trace[-200:]}
+
+
 class PoissonLoader:
     """Poisson-sampled batches ``(x, y, g)`` cut from a GroupedDataset's tensors.
 
@@ -271,7 +521,8 @@ def noise_for(opts: DPOptions, sample_rate: float, steps: int) -> float:
     from opacus.accountants.utils import get_noise_multiplier
 
     return float(get_noise_multiplier(target_epsilon=opts.epsilon, target_delta=opts.delta, sample_rate=sample_rate,
-                                      steps=steps, accountant=opts.accountant, epsilon_tolerance=0.01))
+                                      steps=steps, accountant=opts.accountant, epsilon_tolerance=0.01,
+                                      **_eps_kwargs(opts.accountant)))
 
 
 def dp_finetune(*args, **kwargs) -> DPResult:
@@ -286,15 +537,22 @@ def _dp_finetune(gm: fx.GraphModule, train_ds, opts: DPOptions, *, calib: torch.
                 teacher: nn.Module | None = None, epochs: int = 3, batch_size: int = 256, lr: float = 0.01,
                 momentum: float = 0.9, kd_weight: float = 0.5, temperature: float = 4.0, seed: int = 0,
                 ema: bool = True, augment: bool = True, progress: Any | None = None, log: Callable[[str], None] | None = None,
-                device: str = "cpu", convert: bool = True) -> DPResult:
+                device: str = "cpu", convert: bool = True, dplan: DPPlan | None = None,
+                checkpoint: Callable[[dict], None] | None = None, resume: dict | None = None) -> DPResult:
     """DP-SGD finetune of the gated graph ``gm`` (masks fixed) on ``train_ds``.
+
+    ``checkpoint(state)`` is called after every epoch with the whole loop state (weights, optimizer
+    momentum, LR schedule, EMA, the accountant's history, the Poisson-sampling and noise generators,
+    the step, the plan); ``resume=state`` continues from it and repeats the uninterrupted run step for
+    step (same batches, same noise), and the accountant continues from the saved history, so no step
+    is counted twice or lost.  Steps after the last checkpoint of an interrupted run are redone with the
+    same randomness: the released model is the uninterrupted run's.
 
     Returns the last iterate, the EMA model and the privacy report
     (ε spent from the accountant, δ, noise multiplier, clipping norm, sampling
     rate, expected batch size, steps, conversion changes).
     """
     from opacus import GradSampleModule
-    from opacus.accountants import PRVAccountant, RDPAccountant
     from opacus.optimizers import DPOptimizer
     from torch.optim.swa_utils import AveragedModel
 
@@ -308,11 +566,13 @@ def _dp_finetune(gm: fx.GraphModule, train_ds, opts: DPOptions, *, calib: torch.
                 if p is not None:
                     p.requires_grad_(False)
     n = len(train_ds)
-    batch_size = max(1, min(int(batch_size), n))
-    q = batch_size / n
+    if dplan is None:  # finetune-only DP: the plan covers this phase alone
+        dplan = plan(opts, n, batch_size=batch_size, finetune_epochs=epochs)
+    batch_size, q, sigma = dplan.batch_size, dplan.sample_rate, dplan.sigma
+    dplan.conversion = list(dplan.conversion) + [c for c in changes if c not in dplan.conversion]
+    changes = list(dplan.conversion)  # conversions of an earlier DP phase (or a resumed run) included
     steps_per_epoch = max(1, round(1 / q))
-    steps = max(0, int(epochs)) * steps_per_epoch
-    sigma = noise_for(opts, q, steps) if steps else 0.0
+    steps = dplan.finetune_steps
     ema = ema and steps > 0
     say(f"DP-SGD: ε={opts.epsilon:g}, δ={opts.delta:.2g}, C={opts.max_grad_norm:g}, q={q:.4f}, "
         f"{steps} steps, noise multiplier σ={sigma:.3f}")
@@ -329,17 +589,112 @@ def _dp_finetune(gm: fx.GraphModule, train_ds, opts: DPOptions, *, calib: torch.
         opt = DPOptimizer(base, noise_multiplier=sigma, max_grad_norm=opts.max_grad_norm,
                           expected_batch_size=batch_size, loss_reduction="mean",
                           generator=torch.Generator(device=device).manual_seed(seed + 1))
-    accountant = RDPAccountant() if opts.accountant == "rdp" else PRVAccountant()
+    accountant = dplan.accountant  # shared with a DP mask search before this phase (one budget)
     opt.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=q))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(base, T_max=steps)
     loader = PoissonLoader(train_ds, sample_rate=q, steps=steps, augment=augment, seed=seed) if steps else []
+    history: list[dict] = []
+    start = 0
+    if resume is not None:
+        gm.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        sched.load_state_dict(resume["scheduler"])
+        if avg is not None and resume.get("ema") is not None:
+            avg.load_state_dict(resume["ema"])
+        accountant.history = [tuple(h) for h in resume["accountant"]]
+        start = int(resume["step"])
+        if steps:
+            loader.generator.set_state(resume["sampler"])
+            loader.sampler.steps = steps - start
+        opt.generator.set_state(resume["noise"])
+        history = list(resume.get("history", []))
+        say(f"DP-SGD: resumed at step {start}/{steps} (ε so far {_spent(accountant, opts.delta, sigma):.3f})")
+
+    def save(step: int) -> None:
+        if checkpoint is None:
+            return
+        checkpoint({"phase": "dp_finetune", "step": step, "model": gm.state_dict(), "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(), "ema": avg.state_dict() if avg is not None else None,
+                    "accountant": [list(h) for h in accountant.history], "sampler": loader.generator.get_state(),
+                    "noise": opt.generator.get_state(), "history": history, "plan": plan_state(dplan)})
 
     prog = progress
-    task = prog.add_task("dp-finetune", total=steps, info="") if prog is not None else None
-    history = []
+    task = prog.add_task("dp-finetune", total=steps, completed=start, info="") if prog is not None else None
     t0 = time.perf_counter()
+    try:
+        _dp_steps(loader, start, steps, steps_per_epoch, gsm, gm, opt, sched, avg, teacher, kd_weight, temperature,
+                  device, prog, task, history, accountant, opts, sigma, t0, save)
+    except KeyboardInterrupt:
+        gsm._close()
+        from .errors import Interrupted
+
+        last = history[-1]["step"] if history else start
+        if checkpoint is None:
+            raise Interrupted("interrupted during the DP finetune; nothing saved (no output directory)",
+                              "run again with --out DIR to be able to resume") from None
+        raise Interrupted(f"interrupted during the DP finetune; state saved at step {last}/{steps} (accountant "
+                          "history included)", "run the same command again with --resume to continue") from None
+    gsm._close()
+    for p in gm.parameters():
+        for attr in ("grad_sample", "summed_grad", "_forward_counter"):
+            if hasattr(p, attr):
+                delattr(p, attr)
+        p.grad = None
+    gm.cpu().eval()
+    gm_ema = None
+    if avg is not None:
+        from .ir import copy_gm
+
+        gm_ema = copy_gm(gm)
+        gm_ema.load_state_dict(avg.module.state_dict())
+        gm_ema.eval()
+    spent = _spent(accountant, opts.delta, sigma) if dplan.steps else 0.0
+    dplan.phases["finetune"] = {"steps": steps, "epsilon_after": None if math.isinf(spent) else spent}
+    private = not math.isinf(opts.epsilon)
+    report = {"private": private, "epsilon_target": opts.epsilon if private else None,
+              "epsilon_spent": spent if private else None, "delta": opts.delta,
+              "noise_multiplier": sigma, "max_grad_norm": opts.max_grad_norm, "sample_rate": q,
+              "expected_batch_size": batch_size, "steps": dplan.steps, "epochs": int(epochs),
+              "phases": {k: v for k, v in dplan.phases.items() if k in ("search", "finetune")},
+              "accountant": opts.accountant, "sampling": "poisson", "phase": opts.phase,
+              "n_train": n, "ema_decay": opts.ema_decay if ema else None,
+              "kd": bool(teacher is not None and kd_weight > 0), "kd_weight": kd_weight,
+              "conversion": changes, "history": history,
+              "covers": covers(opts.phase)}
+    return DPResult(model=gm, ema=gm_ema, report=report)
+
+
+def search_report(cfg: CompileConfig, dplan: DPPlan) -> dict[str, Any]:
+    """The DP report when only the mask search ran under DP-SGD (``dp.phase = "search"``)."""
+    spent = _spent(dplan.accountant, dplan.phases["delta"], dplan.sigma) if dplan.steps else 0.0
+    eps = cfg.dp.epsilon
+    private = not math.isinf(eps)
+    return {"private": private, "epsilon_target": eps if private else None, "epsilon_spent": spent if private else None,
+            "delta": dplan.phases["delta"], "noise_multiplier": dplan.sigma,
+            "max_grad_norm": float(cfg.dp.max_grad_norm or 1.0), "sample_rate": dplan.sample_rate,
+            "expected_batch_size": dplan.batch_size, "steps": dplan.steps, "epochs": int(cfg.search.epochs),
+            "accountant": cfg.dp.accountant, "sampling": "poisson", "phase": "search",
+            "n_train": dplan.phases.get("n_train", 0), "ema_decay": None, "kd": True,
+            "conversion": list(dplan.conversion), "history": dplan.phases["search"].get("history", []),
+            "phases": {k: v for k, v in dplan.phases.items() if k in ("search", "finetune")}, "covers": covers("search")}
+
+
+def covers(phase: str) -> str:
+    """What the (ε, δ) guarantee covers for a DP phase setting."""
+    what = {"finetune": "the finetune's use of the training split; the dense model, teacher and ReLU masks are "
+                        "treated as public inputs",
+            "both": "the mask search's and the finetune's use of the training split (one accountant over both "
+                    "phases' steps); the dense model and teacher are treated as public inputs",
+            "search": "the mask search's use of the training split only (the ReLU masks); the finetune after it "
+                      "is not private, so the released weights are not covered"}
+    return what[phase]
+
+
+def _dp_steps(loader, start, steps, steps_per_epoch, gsm, gm, opt, sched, avg, teacher, kd_weight, temperature,
+              device, prog, task, history, accountant, opts, sigma, t0, save) -> None:
+    """The DP-SGD steps ``start+1 .. steps`` (history appended and ``save`` called at every epoch end)."""
     tot = correct = seen = 0.0
-    for step, (x, y, _g) in enumerate(loader, 1):
+    for step, (x, y, _g) in enumerate(loader, start + 1):
         x, y = x.to(device), y.to(device)
         t_logits = None
         if teacher is not None and kd_weight > 0 and y.numel():
@@ -364,33 +719,18 @@ def _dp_finetune(gm: fx.GraphModule, train_ds, opts: DPOptions, *, calib: torch.
                             "epsilon": None if math.isinf(eps_now) else eps_now,
                             "seconds": round(time.perf_counter() - t0, 2)})
             tot = correct = seen = 0.0
-    gsm._close()
-    for p in gm.parameters():
-        for attr in ("grad_sample", "summed_grad", "_forward_counter"):
-            if hasattr(p, attr):
-                delattr(p, attr)
-        p.grad = None
-    gm.cpu().eval()
-    gm_ema = None
-    if avg is not None:
-        from .ir import copy_gm
+            if step < steps:
+                save(step)
 
-        gm_ema = copy_gm(gm)
-        gm_ema.load_state_dict(avg.module.state_dict())
-        gm_ema.eval()
-    spent = _spent(accountant, opts.delta, sigma) if steps else 0.0
-    private = not math.isinf(opts.epsilon)
-    report = {"private": private, "epsilon_target": opts.epsilon if private else None,
-              "epsilon_spent": spent if private else None, "delta": opts.delta,
-              "noise_multiplier": sigma, "max_grad_norm": opts.max_grad_norm, "sample_rate": q,
-              "expected_batch_size": batch_size, "steps": steps, "epochs": int(epochs),
-              "accountant": opts.accountant, "sampling": "poisson", "phase": opts.phase,
-              "n_train": n, "ema_decay": opts.ema_decay if ema else None,
-              "kd": bool(teacher is not None and kd_weight > 0), "kd_weight": kd_weight,
-              "conversion": changes, "history": history,
-              "covers": "the finetune's use of the training split; the dense model, teacher and masks are "
-                        "treated as public inputs"}
-    return DPResult(model=gm, ema=gm_ema, report=report)
+
+#: RDP orders: integers only.  opacus's default list adds fractional orders 1.1–10.9, whose RDP takes
+#: ~50 ms each to compute (seconds per ε read-out on a loaded CPU); the bound from integer orders is
+#: marginally looser (conservative), and σ is calibrated with the same orders, so spent ε ≤ target holds.
+RDP_ALPHAS = [float(a) for a in (*range(2, 65), 80, 96, 128, 192, 256)]
+
+
+def _eps_kwargs(kind: str) -> dict:
+    return {"alphas": RDP_ALPHAS} if kind == "rdp" else {}
 
 
 def _spent(accountant, delta: float, sigma: float) -> float | None:
@@ -398,7 +738,7 @@ def _spent(accountant, delta: float, sigma: float) -> float | None:
         return math.inf
     if len(accountant) == 0:
         return 0.0
-    return float(accountant.get_epsilon(delta))
+    return float(accountant.get_epsilon(delta, **_eps_kwargs(accountant.mechanism())))
 
 
 def metadata(report: dict[str, Any], export_weights: str) -> dict[str, Any]:

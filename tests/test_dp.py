@@ -64,7 +64,6 @@ def test_bad_options_are_one_line_errors_naming_the_fix():
     for kw, match in [({"epsilon": 0}, "must be > 0"), ({"epsilon": -1}, "must be > 0"),
                       ({"epsilon": 8, "delta": 1e-3}, "must lie in"), ({"epsilon": 8, "delta": 0.0}, "must lie in"),
                       ({"epsilon": 8, "max_grad_norm": 0}, "must be > 0"),
-                      ({"epsilon": 8, "phase": "search"}, "not implemented"),
                       ({"epsilon": 8, "phase": "nope"}, "unknown DP phase"),
                       ({"epsilon": 8, "fair_method": "ceag"}, "dual updates"),
                       ({"epsilon": 8, "sparsity": 0.9}, "sparsity"),
@@ -76,6 +75,7 @@ def test_bad_options_are_one_line_errors_naming_the_fix():
     assert o.delta == pytest.approx(1e-5) and o.max_grad_norm == 1.0
     assert dp.check_dp_options(epsilon=8, n_train=10**6).delta == pytest.approx(1e-7)  # default min(1e-5, 0.1/n)
     assert dp.check_dp_options(epsilon=math.inf, **ok).epsilon == math.inf
+    assert dp.check_dp_options(epsilon=8, phase="both", **ok).phase == "both"  # the DP mask search exists
 
 
 def test_compile_refuses_bad_dp_input_before_training(rc_cache, monkeypatch):
@@ -91,7 +91,7 @@ def test_compile_refuses_bad_dp_input_before_training(rc_cache, monkeypatch):
                       ({"dp_epsilon": 8, "dp_delta": 2.0}, "1/n"),
                       ({"dp_epsilon": 8, "dp_max_grad_norm": -1}, "must be > 0"),
                       ({"dp_epsilon": 8, "dp_batch_size": 0}, "must be ≥ 1"),
-                      ({"dp_epsilon": 8, "dp_phase": "both"}, "not implemented"),
+                      ({"dp_epsilon": 8, "dp_phase": "both", "search": "layer-drop"}, "search snl"),
                       ({"dp_epsilon": 8, "fair_groups": "group", "fair_method": "ceag"}, "dual updates"),
                       ({"dp_epsilon": 8, "sparsity": 0.5}, "sparsity"),
                       ({"dp_max_grad_norm": 2.0}, "differential privacy is off"),
@@ -186,15 +186,19 @@ def test_accountant_spent_epsilon_within_target_and_ema(make_gated):
 
 @pytest.mark.e2e
 def test_dp_compile_bn_model_to_budget_with_ema_export(tmp_path, rc_cache):
-    """tinycnn (BatchNorm) → gates → search → DP finetune (folded BN) → PI lowering → verified ONNX ≤ budget,
+    """tinycnn (BatchNorm) → gates → DP search → DP finetune (folded BN) → PI lowering → verified ONNX = budget,
     exported with the averaged weights, DP numbers in report.json and the ONNX metadata."""
     out = tmp_path / "out"
     res = api.compile("tinycnn", "synthetic", relu_budget="2k", limit=300, pretrain_epochs=1, search_epochs=1,
                       finetune_epochs=2, progress=False, out_dir=out, fair_groups="group",
-                      lr=0.2, dp_epsilon=8.0, dp_batch_size=64)
+                      lr=0.2, dp_epsilon=8.0, dp_batch_size=64, dp_phase="both")
     rep = res.report
     d = rep["dp"]
     assert d["epsilon_spent"] <= 8.0 and d["noise_multiplier"] > 0 and d["max_grad_norm"] == 1.0
+    # --dp-phase both: the mask search ran under DP-SGD too, on the same accountant (ε covers both phases)
+    assert d["phase"] == "both" and d["steps"] == d["phases"]["search"]["steps"] + d["phases"]["finetune"]["steps"]
+    assert 0 < d["phases"]["search"]["epsilon_after"] < d["epsilon_spent"] <= 8.0
+    assert rep["search"]["dp"] is True and rep["search"]["refine"]["skipped"] == "DP"
     assert any("BatchNorm" in c for c in d["conversion"])
     assert rep["fairness"]["method"] == "nft"  # measured, not constrained, under DP
     res_f = rep["fairness"]["results"]
@@ -205,7 +209,7 @@ def test_dp_compile_bn_model_to_budget_with_ema_export(tmp_path, rc_cache):
         assert "worst_group_error_ratio" in res_f[w]["test"]
     # exported ONNX: within budget (counted on the graph), averaged weights
     onnx_path = out / "model.onnx"
-    assert onnx_relu_count(onnx_path)["relus"] <= 2000
+    assert onnx_relu_count(onnx_path)["relus"] == 2000  # the DP search still hits the budget exactly
     meta = read_metadata(onnx_path)
     assert meta["export_weights"] == "ema" and float(meta["dp_epsilon_spent"]) <= 8.0
     assert float(meta["dp_max_grad_norm"]) == 1.0 and float(meta["dp_delta"]) > 0
@@ -229,7 +233,7 @@ def test_cli_dp_flags_reach_compile(rc_cache, tmp_path):
     for args, match in [(["--dp-epsilon", "0"], "must be > 0"), (["--dp-epsilon", "-3"], "must be > 0"),
                         (["--dp-epsilon", "8", "--dp-delta", "0.5"], "1/n"),
                         (["--dp-epsilon", "8", "--dp-max-grad-norm", "0"], "must be > 0"),
-                        (["--dp-epsilon", "8", "--dp-phase", "both"], "not implemented"),
+                        (["--dp-epsilon", "8", "--dp-phase", "both", "--search", "layer-drop"], "--search snl"),
                         (["--export-weights", "best"], "unknown export weights")]:
         r = runner.invoke(app, ["compile", "tinycnn", "--relu-budget", "2k", "--limit", "200", "--no-progress",
                                 "--out", str(tmp_path / "o"), *args])
@@ -252,3 +256,102 @@ def test_zero_epochs_converts_without_training(make_gated):
     assert res.report["steps"] == 0 and res.report["epsilon_spent"] == 0.0 and res.ema is None
     with torch.no_grad():
         torch.testing.assert_close(res.model(x), ref, atol=1e-5, rtol=1e-4)
+
+
+def test_gate_per_sample_gradients_match_autograd(make_gated):
+    """The ReLUGate grad sampler (soft score + affine replacement) equals autograd on each sample alone."""
+    from opacus import GradSampleModule
+
+    gm, x = make_gated(BNNet(), "channel", size=8)
+    gm, _ = dp.make_dp_compatible(gm, x)
+    dp.register_gate_sampler()
+    for g in gates_of(gm).values():
+        g.alpha.data.uniform_(0.2, 0.9)
+        g.rep_scale.requires_grad_(True)
+        g.rep_shift.requires_grad_(True)
+        g.rep_scale.data.uniform_(0.5, 1.5)
+    y = torch.tensor([0, 1, 2, 1])
+    from relucomp.ir import copy_gm
+
+    gm.train()
+    ref = copy_gm(gm)
+    gsm = GradSampleModule(gm, batch_first=True, loss_reduction="sum", strict=False)
+    F.cross_entropy(gsm(x), y, reduction="sum").backward()
+    gate = next(iter(gates_of(gm).values()))
+    ps = {n: p.grad_sample.clone() for n, p in (("alpha", gate.alpha), ("rep_scale", gate.rep_scale),
+                                                  ("rep_shift", gate.rep_shift))}
+    rgate = next(iter(gates_of(ref).values()))
+    for i in range(len(x)):
+        for p in ref.parameters():
+            p.grad = None
+        F.cross_entropy(ref(x[i:i + 1]), y[i:i + 1], reduction="sum").backward()
+        for n in ps:
+            assert float(ps[n][i].abs().sum()) > 0
+            torch.testing.assert_close(ps[n][i], getattr(rgate, n).grad, atol=1e-5, rtol=1e-4)
+
+
+def test_dp_search_one_budget_over_both_phases(make_gated):
+    """--dp-phase both: σ calibrated for search + finetune steps, one accountant, spent ε ≤ target; the
+    DP search binarizes to the budget exactly."""
+    from relucomp.passes.snl_search import hard_count
+
+    gm, x = make_gated(BNNet(), "pixel", size=8)
+    ds = _dataset(n=200)
+    opts = dp.check_dp_options(epsilon=3.0, phase="both", n_train=len(ds))
+    gm, changes = dp.make_dp_compatible(gm, x)
+    plan = dp.plan(opts, len(ds), batch_size=50, search_epochs=2, finetune_epochs=1)
+    assert (plan.search_steps, plan.finetune_steps) == (8, 4) and plan.sigma > 0
+    plan.conversion = changes  # as the search stage does
+    total = sum(g.total_relus for g in gates_of(gm).values())
+    budget = total // 3 + 7
+    before = {n: p.detach().clone() for n, p in gm.named_parameters() if p.requires_grad}
+    stats = dp.dp_search(gm, ds, opts, plan, budget=budget, lr=0.05, alpha_lr=0.05, seed=0)
+    assert hard_count(gates_of(gm).values()) == stats["hard_relus"] == budget  # exact, never above
+    assert all(bool(g.hard) for g in gates_of(gm).values())
+    moved = [n for n, p in gm.named_parameters() if n in before and not torch.equal(before[n], p.detach())]
+    assert any("conv" in n for n in moved)  # the weights trained under DP-SGD too
+    eps_search = plan.phases["search"]["epsilon_after"]
+    assert 0 < eps_search < 3.0 and plan.accountant.history == [(plan.sigma, 0.25, 8)]
+    res = dp.dp_finetune(gm, ds, opts, calib=x, epochs=1, batch_size=50, lr=0.05, dplan=plan)
+    r = res.report
+    assert r["steps"] == 12 and r["noise_multiplier"] == pytest.approx(plan.sigma)
+    assert eps_search < r["epsilon_spent"] <= 3.0 and r["epsilon_spent"] >= 0.9 * 3.0  # both phases counted
+    assert r["phases"]["finetune"]["epsilon_after"] == pytest.approx(r["epsilon_spent"])
+    assert any("BatchNorm" in c for c in r["conversion"])  # the search's conversion is reported
+    assert hard_count(gates_of(res.model).values()) == budget  # masks fixed in the finetune
+
+
+def test_dp_finetune_resume_after_an_epoch_repeats_the_run(make_gated):
+    """Interrupted after epoch 1 (checkpoint written, then Ctrl-C), resumed from the checkpoint: same last
+    and EMA weights, same ε, and the accountant holds each step once (nothing double-counted or lost)."""
+    import io
+
+    from relucomp.errors import Interrupted
+    from relucomp.ir import copy_gm
+
+    gm0, _ = _gated(make_gated)
+    ds = _dataset(n=120)
+    x = normalize(ds.images[:8].float() / 255.0, ds.mean, ds.std)
+    opts = dp.check_dp_options(epsilon=3.0, n_train=len(ds))
+    kw = dict(calib=x, epochs=3, batch_size=40, lr=0.1, seed=3)
+    full = dp.dp_finetune(copy_gm(gm0), ds, opts, **kw)
+    saved = []
+
+    def stop_after_first_epoch(state):
+        buf = io.BytesIO()
+        torch.save(state, buf)  # as the stage's checkpoint file: plain data, loadable with weights_only
+        saved.append(torch.load(io.BytesIO(buf.getvalue()), weights_only=True))
+        raise KeyboardInterrupt
+
+    with pytest.raises(Interrupted, match="step 3/9"):
+        dp.dp_finetune(copy_gm(gm0), ds, opts, checkpoint=stop_after_first_epoch, **kw)
+    assert saved[0]["step"] == 3 and saved[0]["accountant"] == [[pytest.approx(full.report["noise_multiplier"]),
+                                                                   pytest.approx(1 / 3), 3]]
+    res = dp.dp_finetune(copy_gm(gm0), ds, opts, resume=saved[0], **kw)
+    for a, b in ((res.model, full.model), (res.ema, full.ema)):
+        for (n, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+            torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=n)
+    r, f = res.report, full.report
+    assert r["epsilon_spent"] == pytest.approx(f["epsilon_spent"]) and r["epsilon_spent"] <= 3.0
+    assert [h["epsilon"] for h in r["history"]] == pytest.approx([h["epsilon"] for h in f["history"]])
+    assert [h["step"] for h in r["history"]] == [3, 6, 9]

@@ -85,7 +85,7 @@ DPEpsilon = Annotated[Optional[float], typer.Option(
 DPDelta = Annotated[Optional[float], typer.Option("--dp-delta", help="DP δ, < 1/n (default min(1e-5, 0.1/n))")]
 DPMaxGradNorm = Annotated[Optional[float], typer.Option("--dp-max-grad-norm",
                                                         help="per-sample gradient clipping norm C (default 1.0)")]
-DPPhase = Annotated[Optional[str], typer.Option("--dp-phase", help="phase under DP: finetune (search | both: not implemented)")]
+DPPhase = Annotated[Optional[str], typer.Option("--dp-phase", help="phases under DP-SGD: finetune (default) | search | both (one ε over search + finetune)")]
 DPBatchSize = Annotated[Optional[int], typer.Option("--dp-batch-size",
                                                     help="expected (Poisson) batch under DP (default max(--batch-size, 256))")]
 ExportWeights = Annotated[Optional[str], typer.Option("--export-weights",

@@ -12,12 +12,13 @@ from __future__ import annotations
 from ..compile_report import DPReport
 from .base import RunState
 from .finetune import FinetuneOut, output
+from .search import dp_batch_size
 
 NAME = "dp_finetune"
 
 
 def when(st: RunState) -> bool:
-    return st.cfg.dp.epsilon is not None
+    return st.cfg.dp.epsilon is not None and st.cfg.dp.phase in ("finetune", "both")
 
 
 def run(st: RunState) -> FinetuneOut:
@@ -25,11 +26,18 @@ def run(st: RunState) -> FinetuneOut:
 
     cfg, data = st.cfg, st["data"]
     opts = options(cfg, len(data.bundle.train))
+    light = st["search"].light
+
+    def save(state):  # after every DP epoch: the whole loop state + what the search stage needs to rebuild
+        st.ckpt.save({**state, "search_stats": light})
+
+    resume = st.resuming(NAME)
     res = dp_finetune(st["gates"].gm, data.bundle.train, opts, calib=data.calib, teacher=st["pretrain"].teacher,
-                      epochs=cfg.finetune.epochs, batch_size=cfg.dp.batch_size or max(cfg.runtime.batch_size, 256),
+                      epochs=cfg.finetune.epochs, batch_size=dp_batch_size(cfg), dplan=st["search"].dp_plan,
                       lr=cfg.finetune.lr if cfg.finetune.lr is not None else cfg.search.lr * 0.5,
                       kd_weight=cfg.search.kd_weight, temperature=cfg.search.kd_temperature, seed=cfg.runtime.seed,
-                      ema=cfg.finetune.ema, progress=st.progress, log=st.say, device=cfg.runtime.device)
+                      ema=cfg.finetune.ema, progress=st.progress, log=st.say, device=cfg.runtime.device,
+                      checkpoint=save if st.out is not None else None, resume=resume)
     out = output(st, res.model, res.ema, stats={"history": res.report["history"]})
     out.dp = DPReport.from_dict({**res.report, "export_weights": out.weights})
     return out

@@ -51,7 +51,8 @@ def output(st: RunState, gm: fx.GraphModule, ema: fx.GraphModule | None, **kw: A
 
 
 def when(st: RunState) -> bool:
-    return st.cfg.dp.epsilon is None  # under DP the dp_finetune stage runs instead
+    # under DP the dp_finetune stage runs instead (with --dp-phase search only the search is private)
+    return st.cfg.dp.epsilon is None or st.cfg.dp.phase == "search"
 
 
 def tuned(st: RunState) -> FinetuneOut:
@@ -72,8 +73,14 @@ def run(st: RunState) -> FinetuneOut:
         ffair.load_state_dict(resumed["fair"])
     light = st["search"].light
 
+    dplan = st["search"].dp_plan
+
     def save(s):
         s.update(search_stats=light, pruning_plan=prune.plan, fair=ffair.state_dict())
+        if dplan is not None:  # --dp-phase search: a resume rebuilds the DP-converted model and the accountant
+            from ..dp import plan_state
+
+            s.update(plan=plan_state(dplan), accountant=[list(h) for h in dplan.accountant.history])
         st.ckpt.save(s)
 
     def epoch_end(epoch, rec):
@@ -97,4 +104,9 @@ def run(st: RunState) -> FinetuneOut:
     ema = ema_model(gm, ffair, st["data"].train_eval) if keep_ema else None
     if prune.gmp is not None and ema is not None:
         prune.gmp.apply_to(ema)
-    return output(st, gm, ema, stats=stats, fair=ffair)
+    out = output(st, gm, ema, stats=stats, fair=ffair)
+    if dplan is not None:  # --dp-phase search: the masks are DP, this finetune is not (report says so)
+        from ..dp import search_report
+
+        out.dp = DPReport.from_dict({**search_report(st.cfg, dplan), "export_weights": out.weights})
+    return out

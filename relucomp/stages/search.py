@@ -23,6 +23,7 @@ NAME = "search"
 @dataclass
 class SearchOut:
     stats: dict[str, Any] = field(default_factory=dict)   # the pass's stats (with history / lambda trace)
+    dp_plan: Any = None   # relucomp.dp.DPPlan when the search ran under DP-SGD (its accountant goes on)
 
     @property
     def light(self) -> dict[str, Any]:
@@ -55,6 +56,10 @@ def run(st: RunState) -> SearchOut:
     resumed = st.resuming("finetune")
     warm = st.hooks.search_state
     if resumed is not None:  # the search had finished before the interruption
+        if resumed.get("plan") is not None:  # --dp-phase search: the masks came from the DP search
+            out = _dp_resume(st, gm, resumed)
+            out.stats = dict(resumed.get("search_stats", {}))
+            return out
         if resumed.get("pruning_plan"):  # the checkpoint holds the pruned (smaller) weights
             from ..pruning import apply_plan
 
@@ -66,6 +71,10 @@ def run(st: RunState) -> SearchOut:
         stats = {"warm_start": True, "budget": st["model"].budget, "total_relus": st["model"].before["relus"],
                  "soft_relus_at_start": soft_count(gates_of(gm).values()),
                  "hard_relus": binarize_to_budget(gates_of(gm), budget)}
+    elif st.resuming("dp_finetune") is not None:  # interrupted in the DP finetune: its checkpoint holds the masks
+        return _dp_resume(st, gm, st.resuming("dp_finetune"))
+    elif cfg.dp.epsilon is not None and cfg.dp.phase in ("search", "both"):
+        return _dp_search(st, gm, budget)
     elif cfg.search.method == "snl":
         s, ungated = cfg.search, st["model"].budget - budget
         # a sweep names user budgets; the gates reach them at ``budget − ungated`` kept ReLUs
@@ -95,3 +104,43 @@ def run(st: RunState) -> SearchOut:
     if hard_count(gates_of(gm).values()) > budget:  # never above budget
         raise InternalError(f"search produced {hard_count(gates_of(gm).values())} ReLUs, above the budget {budget}")
     return SearchOut(stats=stats)
+
+
+def dp_batch_size(cfg) -> int:
+    """The expected Poisson batch under DP: ``dp.batch_size`` or max(``runtime.batch_size``, 256)."""
+    return cfg.dp.batch_size or max(cfg.runtime.batch_size, 256)
+
+
+def _dp_search(st: RunState, gm, budget: int) -> SearchOut:
+    """The mask search under DP-SGD (``dp.phase`` search / both): one privacy plan for search + finetune."""
+    from ..dp import dp_search, make_dp_compatible, options, plan
+
+    cfg, data = st.cfg, st["data"]
+    opts = options(cfg, len(data.bundle.train))
+    gm, changes = make_dp_compatible(gm, data.calib)  # BatchNorm folded before the search (per-sample clipping)
+    st["gates"].gm = gm
+    dplan = plan(opts, len(data.bundle.train), batch_size=dp_batch_size(cfg), search_epochs=cfg.search.epochs,
+                 finetune_epochs=cfg.finetune.epochs)
+    dplan.conversion = changes
+    s = cfg.search
+    stats = dp_search(gm, data.bundle.train, opts, dplan, budget=budget, teacher=st["pretrain"].teacher, lr=s.lr,
+                      alpha_lr=s.alpha_lr, kd_weight=s.kd_weight, temperature=s.kd_temperature, warmup=s.warmup,
+                      hysteresis=s.hysteresis, seed=cfg.runtime.seed, progress=st.progress, log=st.say,
+                      device=cfg.runtime.device)
+    if hard_count(gates_of(gm).values()) > budget:
+        raise InternalError(f"DP search produced {hard_count(gates_of(gm).values())} ReLUs, above the budget {budget}")
+    return SearchOut(stats=stats, dp_plan=dplan)
+
+
+def _dp_resume(st: RunState, gm, state: dict) -> SearchOut:
+    """Rebuild the searched, DP-converted model and the privacy plan (with the accountant's history) from the
+    DP finetune's checkpoint; the dp_finetune stage then continues its loop from the same state."""
+    from ..dp import make_dp_compatible, options, plan_from_state
+
+    gm, _ = make_dp_compatible(gm, st["data"].calib)
+    st["gates"].gm = gm
+    gm.load_state_dict(state["model"])
+    opts = options(st.cfg, len(st["data"].bundle.train))
+    st.say("resuming: the DP-converted model and the accountant's history come from the checkpoint")
+    dplan = plan_from_state(state["plan"], opts, state["accountant"]) if state.get("plan") else None
+    return SearchOut(stats=dict(state.get("search_stats", {})), dp_plan=dplan)
