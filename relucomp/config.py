@@ -77,7 +77,7 @@ class SearchSection(_Section):
     granularity: str = "pixel"
     method: str = "snl"
     epochs: int | None = None           # None: from runtime.effort (resolved before the run)
-    lr: float = 0.02                    # weights' SGD LR in the search (0.01 / 0.02 / 0.04 → 87.3 / 89.9 / 77.8 % at 5k)
+    lr: float = 0.01                    # weights' SGD LR in the search (see relucomp.recipe.SEARCH_DEFAULTS)
     alpha_lr: float = 0.02
     kd_weight: float = 0.5
     kd_temperature: float = 4.0         # the KD temperature of the search (and of the finetune unless it sets one)
