@@ -391,15 +391,7 @@ def _dp_search(gm: fx.GraphModule, train_ds, opts: DPOptions, dplan: DPPlan, *, 
     tot = seen = 0.0
     for step, (x, y, _g) in enumerate(loader, 1):
         x, y = x.to(device), y.to(device)
-        t_logits = None
-        if teacher is not None and kd_weight > 0 and y.numel():
-            with torch.no_grad():
-                t_logits = teacher(x)
-        logits = gsm(x)
-        loss = per_sample_loss(logits, y, t_logits, kd_weight=kd_weight, temperature=temperature)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        logits, loss = _dp_step(gsm, opt, teacher, x, y, kd_weight, temperature)
         if opt_a is not None:
             opt_a.step()
         with torch.no_grad():  # the L1 pull on the scores: no data, no privacy cost
@@ -493,6 +485,20 @@ def per_sample_loss(logits, y, teacher_logits=None, *, kd_weight: float = 0.5, t
     kl = F.kl_div(F.log_softmax(logits / t, 1), F.log_softmax(teacher_logits / t, 1), reduction="none",
                   log_target=True).sum(1) * t * t
     return ((1 - kd_weight) * ce + kd_weight * kl).sum()
+
+
+def _dp_step(gsm, opt, teacher, x, y, kd_weight, temperature):
+    """One DP-SGD step on a Poisson batch: (1 − w)·CE + w·KD per sample, clipped and noised by ``opt``."""
+    t_logits = None
+    if teacher is not None and kd_weight > 0 and y.numel():
+        with torch.no_grad():
+            t_logits = teacher(x)
+    logits = gsm(x)
+    loss = per_sample_loss(logits, y, t_logits, kd_weight=kd_weight, temperature=temperature)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return logits, loss
 
 
 def _ema_fn(decay: float):
@@ -696,15 +702,7 @@ def _dp_steps(loader, start, steps, steps_per_epoch, gsm, gm, opt, sched, avg, t
     tot = correct = seen = 0.0
     for step, (x, y, _g) in enumerate(loader, start + 1):
         x, y = x.to(device), y.to(device)
-        t_logits = None
-        if teacher is not None and kd_weight > 0 and y.numel():
-            with torch.no_grad():
-                t_logits = teacher(x)
-        logits = gsm(x)
-        loss = per_sample_loss(logits, y, t_logits, kd_weight=kd_weight, temperature=temperature)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        logits, loss = _dp_step(gsm, opt, teacher, x, y, kd_weight, temperature)
         sched.step()
         if avg is not None:
             avg.update_parameters(gm)

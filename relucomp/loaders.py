@@ -39,7 +39,21 @@ def _shard(n: int) -> slice:
     return slice(r * n // w, (r + 1) * n // w)
 
 
-class BatchLoader:
+class _Shardable:
+    """``with loader.sharded():`` yields this rank's slice of each global batch inside (a no-op on one process)."""
+
+    _sharded = False
+
+    @contextlib.contextmanager
+    def sharded(self):
+        prev, self._sharded = self._sharded, True
+        try:
+            yield self
+        finally:
+            self._sharded = prev
+
+
+class BatchLoader(_Shardable):
     def __init__(self, dataset, *, batch_size: int = 128, shuffle: bool = False, augment: bool = False,
                  seed: int = 0, drop_last: bool = False, pin_memory: bool = False):
         self.dataset = dataset
@@ -79,14 +93,6 @@ class BatchLoader:
                 x, y, g = x.pin_memory(), y.pin_memory(), g.pin_memory()
             yield x, y, g
 
-    @contextlib.contextmanager
-    def sharded(self):
-        """Yield this rank's slice of each global batch while inside (a no-op on one process)."""
-        prev, self._sharded = self._sharded, True
-        try:
-            yield self
-        finally:
-            self._sharded = prev
 
 
 class _Augmented(torch.utils.data.Dataset):
@@ -106,7 +112,7 @@ class _Augmented(torch.utils.data.Dataset):
         return x, self.dataset.labels[i], self.dataset.groups[i]
 
 
-class WorkerLoader:
+class WorkerLoader(_Shardable):
     """The training loader through ``torch.utils.data.DataLoader`` (``runtime.workers`` > 0).
 
     Shuffling uses a seeded generator (saved in checkpoints like
@@ -162,14 +168,6 @@ class WorkerLoader:
         for x, y, g in loader:
             self.global_batch = int(x.shape[0]) * w
             yield x, y, g
-
-    @contextlib.contextmanager
-    def sharded(self):
-        prev, self._sharded = self._sharded, True
-        try:
-            yield self
-        finally:
-            self._sharded = prev
 
 
 def train_loader(dataset, *, batch_size: int, seed: int, workers: int = 0, pin_memory: bool = False):
