@@ -414,12 +414,7 @@ def _dp_search(gm: fx.GraphModule, train_ds, opts: DPOptions, dplan: DPPlan, *, 
         seen += int(y.numel())
         if progress is not None:
             progress.update(task, advance=1, info=f"loss {tot / max(seen, 1):.3f} relus {cnt:,}")
-    gsm._close()
-    for p in gm.parameters():
-        for attr in ("grad_sample", "summed_grad", "_forward_counter"):
-            if hasattr(p, attr):
-                delattr(p, attr)
-        p.grad = None
+    _release_opacus(gsm, gm)
     for g in soft:
         g.straight = False
     gm.cpu()
@@ -485,6 +480,16 @@ def per_sample_loss(logits, y, teacher_logits=None, *, kd_weight: float = 0.5, t
     kl = F.kl_div(F.log_softmax(logits / t, 1), F.log_softmax(teacher_logits / t, 1), reduction="none",
                   log_target=True).sum(1) * t * t
     return ((1 - kd_weight) * ce + kd_weight * kl).sum()
+
+
+def _release_opacus(gsm, gm) -> None:
+    """Remove opacus's hooks and per-sample state from ``gm`` (a plain module again)."""
+    gsm._close()
+    for p in gm.parameters():
+        for attr in ("grad_sample", "summed_grad", "_forward_counter"):
+            if hasattr(p, attr):
+                delattr(p, attr)
+        p.grad = None
 
 
 def _dp_step(gsm, opt, teacher, x, y, kd_weight, temperature):
@@ -640,12 +645,7 @@ def _dp_finetune(gm: fx.GraphModule, train_ds, opts: DPOptions, *, calib: torch.
                               "run again with --out DIR to be able to resume") from None
         raise Interrupted(f"interrupted during the DP finetune; state saved at step {last}/{steps} (accountant "
                           "history included)", "run the same command again with --resume to continue") from None
-    gsm._close()
-    for p in gm.parameters():
-        for attr in ("grad_sample", "summed_grad", "_forward_counter"):
-            if hasattr(p, attr):
-                delattr(p, attr)
-        p.grad = None
+    _release_opacus(gsm, gm)
     gm.cpu().eval()
     gm_ema = None
     if avg is not None:
