@@ -64,8 +64,11 @@ def save_results(path: Path, res: dict) -> None:
     os.replace(tmp, path)
 
 
+ROW_DEFAULTS = {"dense_epochs": 15, "effort": "quick"}   # rows written before these keys existed
+
+
 def have(res: dict, **key) -> bool:
-    return any(all(r.get(k) == v for k, v in key.items()) for r in res["rows"])
+    return any(all(r.get(k, ROW_DEFAULTS.get(k)) == v for k, v in key.items()) for r in res["rows"])
 
 
 # ---------------------------------------------------------------------------
@@ -168,6 +171,15 @@ def run_before(state_path: Path, data: str, budget: int, seed: int, commit: str,
     raise RuntimeError(f"before run failed:\n{p.stderr[-3000:]}")
 
 
+def summarize(groups: dict[str, list[float]]) -> dict:
+    """Mean, sample standard deviation (n ≥ 2), range and values of each group of test accuracies."""
+    import statistics
+
+    return {k: {"mean": round(statistics.fmean(v), 2), "std": round(statistics.stdev(v), 2) if len(v) > 1 else None,
+                "min": round(min(v), 2), "max": round(max(v), 2), "n": len(v), "values": [round(x, 2) for x in v]}
+            for k, v in sorted(groups.items())}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--parts", default="synthetic,cifar")
@@ -227,14 +239,15 @@ def main() -> None:
         res["cifar_dense"] = {"train_images": len(bundle.train), "test_images": len(bundle.test),
                               "pretrain_epochs": args.cifar_pretrain, **dinfo}
         save_results(out, res)
-        state = cache / "cifar_dense_state.pt"
+        state = cache / f"cifar_dense_state_{args.cifar_pretrain}.pt"
         torch.save(dense.state_dict(), state)
         idx_path = cache / "cifar_train_index.pt"
         torch.save(idx, idx_path)
         for budget in [parse_count(b) for b in args.cifar_budgets.split(",")]:
             for seed in [int(s) for s in args.seeds.split(",")]:
                 for recipe in recipes:
-                    key = dict(part="cifar", recipe=recipe, budget=budget, seed=seed)
+                    key = dict(part="cifar", recipe=recipe, budget=budget, seed=seed, dense_epochs=args.cifar_pretrain,
+                               effort=args.effort if recipe == "after" else "4+4 epochs")
                     if have(res, **key):
                         continue
                     load0 = os.getloadavg()
@@ -243,15 +256,16 @@ def main() -> None:
                     else:
                         r = run_before(state, f"cifar10:{args.cifar}|{idx_path}", budget, seed, args.before_commit, args.threads)
                     record({**key, **r, "train_images": len(bundle.train), "test_images": len(bundle.test),
-                            "effort": args.effort if recipe == "after" else "4+4 epochs",
                             "load_before": load0, "load_after": os.getloadavg()})
 
     # summary: mean and spread per (part, recipe, budget)
     summary = {}
     for r in res["rows"]:
-        summary.setdefault(f"{r['part']}/{r['recipe']}/{r['budget']}", []).append(r["test_acc"])
-    res["summary"] = {k: {"mean": round(sum(v) / len(v), 2), "min": round(min(v), 2), "max": round(max(v), 2),
-                          "n": len(v)} for k, v in sorted(summary.items())}
+        name = f"{r['part']}/{r['recipe']}/{r['budget']}"
+        if r["part"] == "cifar":  # rows differ by the dense checkpoint and, for after, the effort
+            name += f"/dense{r.get('dense_epochs', 15)}" + (f"/{r.get('effort', 'quick')}" if r["recipe"] == "after" else "")
+        summary.setdefault(name, []).append(r["test_acc"])
+    res["summary"] = summarize(summary)
     save_results(out, res)
     print(json.dumps(res["summary"], indent=2))
 

@@ -91,7 +91,7 @@ class SearchSection(_Section):
 
 class FinetuneSection(_Section):
     epochs: int | None = None           # None: from runtime.effort (resolved before the run)
-    lr: float | None = None             # None: the recipe's (relucomp.recipe.FINETUNE_DEFAULTS['lr'], 0.02)
+    lr: float | None = None             # None: the recipe's, 0.01 × batch / 64 (relucomp.recipe.finetune_lr)
     kd_weight: float = 0.7              # (1 - w)·CE + w·KD(teacher)
     temperature: float | None = None    # None: search.kd_temperature (resolved before the run)
     bn_recalibrate: bool = True         # re-estimate BatchNorm statistics once the weights are final

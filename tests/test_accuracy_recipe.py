@@ -204,13 +204,17 @@ def test_effort_presets_resolve_to_documented_epochs():
         c = resolve_config(None, kw)
         return (c.search.epochs, c.finetune.epochs, c.runtime.batch_size, c.runtime.effort)
 
-    assert sched() == (3, 3, 128, "quick")  # the default effort
-    assert sched(effort="standard") == (10, 10, 128, "standard")
+    assert sched() == (3, 3, 64, "quick")  # the default effort
+    assert sched(effort="standard") == (10, 10, 64, "standard")
     assert sched(effort="paper") == (100, 100, 128, "paper")
     assert {k: (p.pretrain_epochs, p.search_epochs, p.finetune_epochs, p.batch_size) for k, p in PRESETS.items()} == {
-        "quick": (15, 3, 3, 128), "standard": (30, 10, 10, 128), "paper": (200, 100, 100, 128)}
+        "quick": (15, 3, 3, 64), "standard": (30, 10, 10, 64), "paper": (200, 100, 100, 128)}
     # explicit options override the preset; resolving twice changes nothing
     assert sched(effort="paper", search_epochs=7, batch_size=64) == (7, 100, 64, "paper")
+    # the finetune's default peak LR follows the batch linearly (0.01 at 64, the 0.02 tuned at 128)
+    from relucomp.recipe import finetune_lr
+
+    assert finetune_lr(64) == pytest.approx(0.01) and finetune_lr(128) == pytest.approx(0.02)
     c = resolve_config(None, {"effort": "paper", "search_epochs": 7})
     assert resolve_effort(c) == c and c.model.pretrain_epochs is None  # pretraining: decided once the model is built
     from relucomp.config import preset_pretrain_epochs
@@ -402,3 +406,33 @@ def test_pretrain_stage_uses_embedded_weights_only_for_the_defaults(rc_cache):
              stages=stages)
     assert "embedded_weights" not in st["pretrain"].info and st["pretrain"].epochs == 0
     assert not all(torch.equal(v, shipped[k]) for k, v in st["pretrain"].teacher.state_dict().items())
+
+
+# --------------------------------------------------------------------------- evaluation cost
+
+def test_run_without_fairness_never_predicts_the_train_split(rc_cache, monkeypatch):
+    """The dense train-split predictions and CEAG references are only for fairness: a run without groups
+    never computes them; a CEAG run computes each exactly once."""
+    import relucomp
+    import relucomp.stages.dense as dense_stage
+
+    calls = {"train": 0, "replay": 0}
+    real_split, real_replay = dense_stage.predict_split, dense_stage.group_accuracy_like_replay
+
+    def split(*a, **k):
+        calls["train"] += 1
+        return real_split(*a, **k)
+
+    def replay(*a, **k):
+        calls["replay"] += 1
+        return real_replay(*a, **k)
+
+    monkeypatch.setattr(dense_stage, "predict_split", split)
+    monkeypatch.setattr(dense_stage, "group_accuracy_like_replay", replay)
+    fast = dict(limit=300, pretrain_epochs=1, search_epochs=1, finetune_epochs=1, progress=False, export=False)
+    res = relucomp.compile("tinycnn", "synthetic", relu_budget="2k", **fast)
+    assert calls == {"train": 0, "replay": 0}
+    assert res.report.fairness is None
+    res = relucomp.compile("tinycnn", "synthetic", relu_budget="2k", fair_groups="group", **fast)
+    assert calls == {"train": 1, "replay": 1}
+    assert res.report.fairness["dense_train_acc"] > 0

@@ -125,7 +125,7 @@ def test_print_config_shows_resolved_toml(tmp_path):
     assert printed.search.relu_budget == "3k" and printed.search.granularity == "channel"
     assert printed.search.epochs == 2 and printed.runtime.seed == 4  # the flag overrides the file
     # the effort preset is resolved in what is printed (and in OUT/config.toml): replay is exact
-    assert printed.runtime.effort == "quick" and printed.finetune.epochs == 3 and printed.runtime.batch_size == 128
+    assert printed.runtime.effort == "quick" and printed.finetune.epochs == 3 and printed.runtime.batch_size == 64
     assert printed.search.replacement == "affine" and printed.finetune.temperature == 4.0
     r = invoke(["compile", "--config", f, "--effort", "standard", "--replacement", "identity", "--print-config"])
     printed = load_config_text(r.stdout, tmp_path)
@@ -175,7 +175,7 @@ def test_replay_from_config_toml_reproduces_the_run(first_run, monkeypatch):
     out, out2 = root / "out", root / "out2"
     cfg_text = (out / "config.toml").read_text()
     assert 'relu_budget = "3k"' in cfg_text and "seed = 3" in cfg_text and "limit = 300" in cfg_text
-    assert 'effort = "quick"' in cfg_text and "batch_size = 128" in cfg_text and 'replacement = "affine"' in cfg_text
+    assert 'effort = "quick"' in cfg_text and "batch_size = 64" in cfg_text and 'replacement = "affine"' in cfg_text
     rep = json.loads((out / "report.json").read_text())
     assert rep["config"]["search"]["relu_budget"] == "3k" and rep["schema_version"] == 2
     r = invoke(["compile", "--config", out / "config.toml", "--out", out2, "--no-progress"])

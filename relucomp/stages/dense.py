@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Callable
 
 from ..errors import DataError
 from ..evaluate import Predictions, predict, predict_split
@@ -14,12 +16,34 @@ NAME = "evaluate_dense"
 
 @dataclass
 class DenseOut:
+    """The dense model's predictions.  ``val`` / ``test`` are computed by the stage; the train-split
+    quantities only the fairness work reads (the report's train split, CEAG's references) are computed on
+    first use, once — a run without fairness groups never pays for them."""
+
     val: Predictions
     test: Predictions
-    train: Predictions                 # clean train images (eval mode): the fairness report's train split
-    train_group_acc: list[float | None]  # the CEAG reference d_g, measured like the replay buffers
-    train_acc: float                   # the CEAG reference d (train mode, augmented batches)
     test_group_acc: dict[str, float | None]
+    _train_fn: Callable[[], Predictions] = field(repr=False, default=None)
+    _replay_fn: Callable[[], tuple] = field(repr=False, default=None)
+
+    @cached_property
+    def train(self) -> Predictions:
+        """Clean train images (eval mode): the fairness report's train split."""
+        return self._train_fn()
+
+    @cached_property
+    def _replay(self) -> tuple:
+        return self._replay_fn()
+
+    @property
+    def train_group_acc(self) -> list[float | None]:
+        """The CEAG reference d_g, measured like the replay buffers."""
+        return self._replay[0]
+
+    @property
+    def train_acc(self) -> float:
+        """The CEAG reference d (train mode, augmented batches)."""
+        return self._replay[1]
 
 
 def check_groups(bundle, *, min_train: int = 1) -> None:
@@ -37,10 +61,9 @@ def run(st: RunState) -> DenseOut:
     if st.cfg.fair_method != "nft":
         check_groups(bundle)
     test = predict(teacher, data.test)
-    train = predict_split(teacher, bundle.train)
-    # the reference CEAG's replay buffers are compared with, measured as they are (train mode, augmented)
-    ref_groups, ref_acc = group_accuracy_like_replay(teacher, bundle.train, batch_size=st.cfg.runtime.batch_size,
-                                                     seed=st.cfg.runtime.seed)
-    return DenseOut(val=predict(teacher, data.val), test=test, train=train,
-                    train_group_acc=ref_groups, train_acc=ref_acc,
-                    test_group_acc=test.group_acc_by_name(bundle.group_names))
+    bs, seed = st.cfg.runtime.batch_size, st.cfg.runtime.seed
+    return DenseOut(val=predict(teacher, data.val), test=test,
+                    test_group_acc=test.group_acc_by_name(bundle.group_names),
+                    _train_fn=lambda: predict_split(teacher, bundle.train),
+                    # the reference CEAG's replay buffers are compared with, measured as they are (train mode)
+                    _replay_fn=lambda: group_accuracy_like_replay(teacher, bundle.train, batch_size=bs, seed=seed))

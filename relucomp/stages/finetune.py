@@ -23,7 +23,7 @@ from ..compile_report import DPReport
 from ..fair_compile import FairPhase, ema_model
 from ..infra import PassManager
 from ..passes.finetune import FinetunePass
-from ..recipe import FINETUNE_DEFAULTS
+from ..recipe import finetune_lr
 from .base import RunState
 from .prune import PruneOut
 from .search import fair_phase, robust_step
@@ -88,7 +88,7 @@ def run(st: RunState) -> FinetuneOut:
 
     after = chain_steps(prune.gmp, ffair.after_step) if prune.gmp is not None else ffair.after_step
     fp = FinetunePass(train_loader=st["data"].train, teacher=st["pretrain"].teacher, epochs=cfg.finetune.epochs,
-                      lr=cfg.finetune.lr if cfg.finetune.lr is not None else FINETUNE_DEFAULTS["lr"],
+                      lr=cfg.finetune.lr if cfg.finetune.lr is not None else finetune_lr(cfg.runtime.batch_size),
                       kd_weight=cfg.finetune.kd_weight,
                       # dual BN: the exported branch is recalibrated once collapsed (stage dual_bn_export)
                       bn_recalibrate=cfg.finetune.bn_recalibrate and not (cfg.robustness.robust and cfg.robustness.dual_bn),

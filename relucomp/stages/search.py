@@ -35,8 +35,10 @@ def fair_phase(st: RunState, phase: str, ema_model=None) -> FairPhase:
     f, method = st.cfg.fairness, st.cfg.fair_method
     use = method if f.phase in ("both", phase) else "nft"
     bundle, dense = st["data"].bundle, st["evaluate_dense"]
-    return FairPhase(method=use, num_groups=bundle.num_groups, dense_group_acc=dense.train_group_acc,
-                     dense_acc=dense.train_acc, tolerance=f.tolerance, dual_lr=f.dual_lr, ema_model=ema_model,
+    ceag = use == "ceag"  # only CEAG compares with the dense references (computed on first use)
+    return FairPhase(method=use, num_groups=bundle.num_groups, dense_group_acc=dense.train_group_acc if ceag else None,
+                     dense_acc=dense.train_acc if ceag else None, tolerance=f.tolerance, dual_lr=f.dual_lr,
+                     ema_model=ema_model,
                      ema_decay=st.cfg.finetune.ema_decay)
 
 
