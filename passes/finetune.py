@@ -82,6 +82,7 @@ class FinetunePass(Pass):
         phase: str = "finetune",
         device: str = "cpu",
         loss_step: Callable | None = None,
+        clip_grad_norm: float | None = None,
     ):
         if lr_schedule not in ("cosine", "constant"):
             raise ValueError("lr_schedule must be 'cosine' or 'constant'")
@@ -101,6 +102,7 @@ class FinetunePass(Pass):
         self.phase = phase
         self.device = device
         self.loss_step = loss_step   # a train_loop StepFn replacing CE + KD (the robust compile's objective)
+        self.clip_grad_norm = clip_grad_norm  # gradient norm cap (None: off)
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         if self.epochs <= 0:
@@ -151,7 +153,8 @@ class FinetunePass(Pass):
         step = self.loss_step or ce_kd_step(self.teacher, kd_weight=self.kd_weight, temperature=self.temperature, extra=self.extra_loss)
         history = train_loop(gm, self.loader, epochs=self.epochs, optimizer=opt, step_fn=step,
                              desc=self.phase, progress=self.progress, after_step=after,
-                             on_epoch_end=self.on_epoch_end, save=save, device=self.device, loop_state=loop)
+                             on_epoch_end=self.on_epoch_end, save=save, device=self.device, loop_state=loop,
+                             clip_grad_norm=self.clip_grad_norm)
         n_bn = recalibrate_bn(gm, self.loader, self.recalibrate_batches, self.device) if self.bn_recalibrate else 0
         return PassResult(gm, True, {"epochs": self.epochs, "history": history, "kd_weight": self.kd_weight,
                                      "temperature": self.temperature, "lr": self.lr, "lr_schedule": self.lr_schedule,

@@ -311,6 +311,7 @@ class SNLSearchPass(Pass):
         schedule: str = "gradual",
         seed: int = 0,
         loss_step: Callable | None = None,
+        clip_grad_norm: float | None = None,
     ):
         if schedule not in ("gradual", "lambda"):
             raise ValueError("schedule must be 'gradual' or 'lambda'")
@@ -343,6 +344,7 @@ class SNLSearchPass(Pass):
         self.device = device
         self.seed = seed
         self.loss_step = loss_step   # a train_loop StepFn replacing CE + KD (the robust compile's objective)
+        self.clip_grad_norm = clip_grad_norm  # the weights' gradient norm cap (None: off)
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         gates = gates_of(gm)
@@ -461,7 +463,8 @@ class SNLSearchPass(Pass):
         set_plateau(loop.epoch * n_batches + loop.batch)
         history = train_loop(gm, self.loader, epochs=self.epochs, optimizer=opt, step_fn=step_fn,
                              desc="search (SNL)", progress=self.progress, after_step=after,
-                             on_epoch_end=on_epoch_end, save=save, device=self.device, loop_state=loop)
+                             on_epoch_end=on_epoch_end, save=save, device=self.device, loop_state=loop,
+                             clip_grad_norm=self.clip_grad_norm)
         for gt in soft:
             gt.straight = False
         soft_final = soft_count(soft, self.threshold)

@@ -22,7 +22,7 @@ import math
 import os
 import tomllib
 from pathlib import Path
-from typing import Any, Union
+from typing import Optional, Any, Union
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -87,6 +87,7 @@ class SearchSection(_Section):
     warmup: float = 0.15                # fraction of the search steps before the first pin
     hysteresis: float = 0.05            # a pinned entry re-opens when its score beats a live one by this margin
     refine: int = 3                     # rounds of discrete kept/linear swaps after binarization (0: off)
+    clip_grad_norm: Optional[float] = 5.0   # cap on the weights' gradient L2 norm per step (None: off)
 
 
 class FinetuneSection(_Section):
@@ -97,6 +98,7 @@ class FinetuneSection(_Section):
     bn_recalibrate: bool = True         # re-estimate BatchNorm statistics once the weights are final
     ema: bool = True
     ema_decay: float = 0.99
+    clip_grad_norm: Optional[float] = 5.0   # cap on the gradient L2 norm per step (None: off)
 
 
 class FairnessSection(_Section):
@@ -377,7 +379,11 @@ def _check_recipe(cfg: CompileConfig) -> None:
             ("search.kd_weight", s.kd_weight, 0 <= s.kd_weight <= 1, "in [0, 1]", "0.5"),
             ("search.kd_temperature", s.kd_temperature, s.kd_temperature > 0, "> 0", "4.0"),
             ("finetune.kd_weight", t.kd_weight, 0 <= t.kd_weight <= 1, "in [0, 1]", "0.7"),
-            ("finetune.temperature", t.temperature, t.temperature is None or t.temperature > 0, "> 0", "4.0")):
+            ("finetune.temperature", t.temperature, t.temperature is None or t.temperature > 0, "> 0", "4.0"),
+            ("search.clip_grad_norm", s.clip_grad_norm, s.clip_grad_norm is None or s.clip_grad_norm > 0,
+             "> 0 (or unset: no clipping)", "5.0"),
+            ("finetune.clip_grad_norm", t.clip_grad_norm, t.clip_grad_norm is None or t.clip_grad_norm > 0,
+             "> 0 (or unset: no clipping)", "5.0")):
         if not ok or (isinstance(v, float) and not math.isfinite(v)):
             raise ConfigError(f"{name} = {v} must be {rule}", f"give e.g. {name} = {example} (in the config file "
                                                               "or as a keyword of relucomp.compile)")

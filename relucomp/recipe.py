@@ -72,6 +72,7 @@ SEARCH_DEFAULTS: dict[str, Any] = {
     "replacement": "affine",  # linearized entries become s·x + b per channel ("identity": SNL)
     "kd_weight": 0.5,
     "temperature": 4.0,
+    "clip_grad_norm": 5.0,  # the weights' gradient norm cap (search.clip_grad_norm); see FINETUNE_DEFAULTS
 }
 
 # Finetune recipe (FinetunePass keyword arguments).
@@ -85,6 +86,11 @@ FINETUNE_DEFAULTS: dict[str, Any] = {
     "lr_schedule": "cosine",  # cosine decay after a warm-up of warmup_epochs
     "warmup_epochs": 0.5,
     "bn_recalibrate": True,  # re-estimate BN statistics on train batches after the mask is fixed
+    "clip_grad_norm": 5.0,  # gradient L2 norm cap per step.  As the pins remove most ReLUs the gradient norm
+                            # jumps (median 3 → 8, max 69 at 2k); unclipped, a run could collapse (the 2-thread
+                            # demo: train acc 41 % in the search's 2nd epoch, 71.3 % test after the finetune).
+                            # Clipping search and finetune at 5: 90.7 % on that run; 1 thread, seed 0: 94.3 % at
+                            # 5k and 95.6 % at 15k (93.9 / 95.9 % without)
 }
 
 

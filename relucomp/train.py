@@ -244,8 +244,13 @@ def train_loop(
     save: Callable[[int, bool], None] | None = None,
     device: str | torch.device = "cpu",
     loop_state: LoopState | None = None,
+    clip_grad_norm: float | None = None,
 ) -> list[dict[str, Any]]:
     """Generic epoch loop.
+
+    ``clip_grad_norm``: the optimizer's parameters' gradients are clipped to this global L2 norm before each
+    step (after the multi-process average, so every rank clips alike); each epoch's record then has the
+    median and maximum pre-clip norm and the fraction of clipped steps.
 
     ``step_fn(model, x, y, g) -> (loss, logits)``; ``after_step(global_step)``
     runs after each optimizer step (gate clamping, dual steps...);
@@ -300,6 +305,7 @@ def train_loop(
                 net.train()
                 t0 = time.perf_counter()
                 tot = torch.zeros(3, dtype=torch.float64)  # loss·n, correct, seen (this rank)
+                norms: list[float] = []
                 for i, batch in enumerate(loader):
                     if i < skip:  # resumed mid-epoch: these batches were trained before the interrupt
                         continue
@@ -315,6 +321,10 @@ def train_loop(
                         amp.backward(loss * (y.numel() * world / loader.global_batch))
                     else:
                         amp.backward(loss)
+                    if clip_grad_norm is not None:
+                        amp.unscale(optimizer)
+                        params = [p for grp in optimizer.param_groups for p in grp["params"] if p.grad is not None]
+                        norms.append(float(torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)))
                     amp.step(optimizer)
                     step += 1
                     if after_step is not None:
@@ -343,6 +353,10 @@ def train_loop(
                 rec: dict[str, Any] = {"epoch": epoch + 1, "loss": tot[0].item() / seen,
                                        "train_acc": 100.0 * tot[1].item() / seen,
                                        "seconds": time.perf_counter() - t0}
+                if norms:
+                    nt = torch.tensor(norms)
+                    rec.update(grad_norm_median=float(nt.median()), grad_norm_max=float(nt.max()),
+                               clipped=float((nt > clip_grad_norm).float().mean()))
                 if on_epoch_end is not None:
                     rec.update(on_epoch_end(epoch, rec) or {})
                 history.append(rec)
@@ -399,6 +413,11 @@ class _Amp:
                 p.grad.mul_(inv)
                 if not bool(torch.isfinite(p.grad).all()):  # an overflow step: skip it for these too
                     p.grad.zero_()
+
+    def unscale(self, optimizer) -> None:
+        """Bring fp16-scaled gradients to their true size (before clipping); a no-op otherwise."""
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)
 
     def step(self, optimizer) -> None:
         if self.scaler is None:

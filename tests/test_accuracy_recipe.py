@@ -436,3 +436,35 @@ def test_run_without_fairness_never_predicts_the_train_split(rc_cache, monkeypat
     res = relucomp.compile("tinycnn", "synthetic", relu_budget="2k", fair_groups="group", **fast)
     assert calls == {"train": 1, "replay": 1}
     assert res.report.fairness["dense_train_acc"] > 0
+
+
+# --------------------------------------------------------------------------- gradient clipping
+
+def test_train_loop_clips_the_gradient_norm_and_records_it():
+    from relucomp.train import train_loop
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 4))
+    data = [(torch.randn(8, 3, 2, 2), torch.randint(0, 4, (8,))) for _ in range(3)]
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)   # no momentum: an update is −lr × the clipped gradient
+    before = [p.detach().clone() for p in model.parameters()]
+    steps: list[float] = []
+
+    def step_fn(m, x, y, g):
+        logits = m(x)
+        return 1000.0 * nn.functional.cross_entropy(logits, y), logits   # gradients far above the cap
+
+    def after(step):
+        if step == 1:
+            steps.append(float(torch.sqrt(sum(((p.detach() - b) ** 2).sum() for p, b in zip(model.parameters(), before)))))
+
+    hist = train_loop(model, data, epochs=1, optimizer=opt, step_fn=step_fn, after_step=after, clip_grad_norm=0.5)
+    assert steps[0] == pytest.approx(0.5, rel=1e-4)   # the first update's norm is the cap
+    rec = hist[0]
+    assert rec["clipped"] == 1.0 and rec["grad_norm_max"] > 100 and rec["grad_norm_median"] > 0.5
+    # off by default: no record keys, no clipping
+    hist = train_loop(model, data, epochs=1, optimizer=opt, step_fn=step_fn)
+    assert "clipped" not in hist[0]
+    with pytest.raises(RelucompError, match="search.clip_grad_norm = 0.0 must be > 0"):
+        validate(resolve_config(None, {"relu_budget": "2k", "search.clip_grad_norm": 0.0}), check_data=False)
+    assert resolve_config(None, {}).finetune.clip_grad_norm == 5.0   # the recipe's default

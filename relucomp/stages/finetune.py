@@ -95,6 +95,7 @@ def run(st: RunState) -> FinetuneOut:
                       temperature=cfg.finetune.temperature or cfg.search.kd_temperature, progress=st.progress,
                       checkpoint=save if st.out is not None else None, extra_loss=ffair.extra_loss,
                       on_epoch_end=epoch_end, after_step=after, resume=resumed, device=cfg.runtime.device,
+                      clip_grad_norm=cfg.finetune.clip_grad_norm,
                       loss_step=robust_step(st, cfg.finetune.kd_weight,
                                             cfg.finetune.temperature or cfg.search.kd_temperature, ffair, NAME))
     stats = PassManager([fp]).run(gm).stats["passes"][0]["stats"]

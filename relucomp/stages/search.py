@@ -93,6 +93,7 @@ def run(st: RunState) -> SearchOut:
                            resume=st.resuming(NAME), device=cfg.runtime.device,
                            snapshots=snaps, on_snapshot=on_snap,
                            warmup=s.warmup, hysteresis=s.hysteresis, refine=s.refine, seed=cfg.runtime.seed,
+                           clip_grad_norm=s.clip_grad_norm,
                            loss_step=robust_step(st, s.kd_weight, s.kd_temperature, sfair, NAME))
         stats = PassManager([sp]).run(gm).stats["passes"][0]["stats"]
         if sfair is not None:
