@@ -22,7 +22,7 @@ import math
 import os
 import tomllib
 from pathlib import Path
-from typing import Optional, Any, Union
+from typing import Any, Union
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -87,7 +87,7 @@ class SearchSection(_Section):
     warmup: float = 0.15                # fraction of the search steps before the first pin
     hysteresis: float = 0.05            # a pinned entry re-opens when its score beats a live one by this margin
     refine: int = 3                     # rounds of discrete kept/linear swaps after binarization (0: off)
-    clip_grad_norm: Optional[float] = 5.0   # cap on the weights' gradient L2 norm per step (None: off)
+    clip_grad_norm: float | None = 5.0  # cap on the weights' gradient L2 norm per step (None: off)
 
 
 class FinetuneSection(_Section):
@@ -98,7 +98,7 @@ class FinetuneSection(_Section):
     bn_recalibrate: bool = True         # re-estimate BatchNorm statistics once the weights are final
     ema: bool = True
     ema_decay: float = 0.99
-    clip_grad_norm: Optional[float] = 5.0   # cap on the gradient L2 norm per step (None: off)
+    clip_grad_norm: float | None = 5.0  # cap on the gradient L2 norm per step (None: off)
 
 
 class FairnessSection(_Section):
