@@ -62,6 +62,7 @@ def main() -> None:
     ap.add_argument("--teacher-epochs", type=int, default=3)
     ap.add_argument("--train-attack-steps", type=int, default=2)
     ap.add_argument("--modes", default="plain,robust")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the whole run (data subset, pretraining, compiles)")
     ap.add_argument("--out", default=str(OUT))
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -76,7 +77,7 @@ def main() -> None:
         res = rc_compile("resnet8", f"cifar10:{a.data}", relu_budget=budget, limit=a.limit,
                          pretrain_epochs=a.pretrain_epochs, search_epochs=a.epochs, finetune_epochs=a.finetune_epochs,
                          export=False, progress=False, eval_robustness=True, corruptions=a.corruptions,
-                         severities=a.severities, robustness_samples=a.samples,
+                         severities=a.severities, robustness_samples=a.samples, seed=a.seed,
                          log=lambda m: print(f"[{time.strftime('%H:%M:%S')}] {m}", flush=True), **extra)
         rep = res.report
         rb = rep.robustness
@@ -103,7 +104,7 @@ def main() -> None:
                         "note": "CIFAR-10 as quality-75 JPEG folders; a stratified --limit subset of the official "
                                 "split, 32x32"},
                "settings": {**settings, "pretrain_epochs": a.pretrain_epochs, "search_epochs": a.epochs,
-                            "finetune_epochs": a.finetune_epochs, "model": "resnet8",
+                            "finetune_epochs": a.finetune_epochs, "model": "resnet8", "run_seed": a.seed,
                             "robust": {"teacher_epochs": a.teacher_epochs, "train_attack": "trades",
                                        "train_attack_steps": a.train_attack_steps, "train_epsilon": "8/255",
                                        "augmix": True, "dual_bn": True, "exported_branch": "clean",
