@@ -146,7 +146,7 @@ def main(argv=None) -> int:
     if args.out.exists():
         prev = json.loads(args.out.read_text())
         sched, old = schedule(args, spec, budget), prev.get("schedule") or {}
-        if old == sched:
+        if all(old.get(k) == sched[k] for k in sched if k != "seeds"):  # runs are kept per seed: more seeds add runs
             results = prev.get("results", {})
         elif all(old.get(k) == sched[k] for k in SHARED):  # only the DP schedule changed: keep the shared runs
             results = {k: v for k, v in prev.get("results", {}).items() if k in ("dense", "non-private")}

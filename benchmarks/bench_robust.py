@@ -47,6 +47,33 @@ def machine() -> dict:
             "torch_threads": torch.get_num_threads(), "python": sys.version.split()[0]}
 
 
+def summary(rows: list) -> dict:
+    """Per budget, over the seeds: mean and sample std of CA / NPA / AdvA (plain and robust compiled) and of
+    robust − plain; the goal judged on the means."""
+    import statistics
+
+    out: dict = {}
+    for budget in dict.fromkeys(r["budget"] for r in rows):
+        rs = [r for r in rows if r["budget"] == budget and "robust_minus_plain" in r]
+        if not rs:
+            continue
+
+        def ms(vals: list) -> dict:
+            return {"mean": round(statistics.fmean(vals), 2),
+                    "std": round(statistics.stdev(vals), 2) if len(vals) > 1 else 0.0, "values": vals}
+
+        entry: dict = {"seeds": [r.get("seed", 0) for r in rs]}
+        for mode in ("plain", "robust"):
+            entry[mode] = {m: ms([r[mode]["compiled"][m] for r in rs]) for m in ("ca", "npa", "adva")}
+        d = {m: ms([r["robust_minus_plain"][m] for r in rs]) for m in ("ca", "npa", "adva")}
+        entry["robust_minus_plain"] = d
+        entry["goal_on_means"] = {"adva_gain_ge_10": d["adva"]["mean"] >= 10, "npa_gain_ge_3": d["npa"]["mean"] >= 3,
+                                  "ca_loss_le_2": d["ca"]["mean"] >= -2}
+        entry["goal_met"] = all(entry["goal_on_means"].values())
+        out[budget] = entry
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", default=str(DATA))
@@ -70,6 +97,15 @@ def main() -> None:
         sys.exit(f"no CIFAR-10 folders at {a.data} (pass --data)")
     info = machine()
     runs, t_all = [], time.perf_counter()
+    key = {"limit": a.limit, "budgets": a.budgets, "samples": a.samples, "corruptions": a.corruptions,
+           "severities": a.severities, "pretrain_epochs": a.pretrain_epochs, "search_epochs": a.epochs,
+           "finetune_epochs": a.finetune_epochs, "teacher_epochs": a.teacher_epochs,
+           "train_attack_steps": a.train_attack_steps, "modes": a.modes}
+    kept: list = []      # rows of other seeds from an earlier invocation with the same schedule (one JSON, many seeds)
+    if Path(a.out).exists():
+        prev = json.loads(Path(a.out).read_text())
+        if prev.get("schedule_key") == key:
+            kept = [r for r in prev.get("runs", []) if r.get("seed", 0) != a.seed]
     def one(budget: str, robust: bool) -> dict:
         t0 = time.perf_counter()
         extra = dict(robust=True, robust_teacher_epochs=a.teacher_epochs,
@@ -99,7 +135,8 @@ def main() -> None:
         return row, rep
 
     def write(runs: list, done: bool) -> None:
-        doc = {"benchmark": "robust", "machine": info, "load_average_at_end": os.getloadavg(), "complete": done,
+        rows = kept + runs
+        doc = {"schedule_key": key, "seeds": sorted({r.get("seed", 0) for r in rows}),"benchmark": "robust", "machine": info, "load_average_at_end": os.getloadavg(), "complete": done,
                "data": {"spec": f"cifar10:{a.data}", "limit": a.limit, "splits": splits,
                         "note": "CIFAR-10 as quality-75 JPEG folders; a stratified --limit subset of the official "
                                 "split, 32x32"},
@@ -111,7 +148,7 @@ def main() -> None:
                                        "note": f"training attack PGD-{a.train_attack_steps} with random start "
                                                "(CPU budget); evaluation PGD-10"}},
                "goal": "RLNet: robust − plain ≥ +10 AdvA, ≥ +3 NPA, ≥ −2 CA at the same budget",
-               "runs": runs, "seconds_total": round(time.perf_counter() - t_all, 1)}
+               "runs": rows, "summary": summary(rows), "seconds_total": round(time.perf_counter() - t_all, 1)}
         atomic_write_json(Path(a.out), doc)
         print(f"wrote {a.out}", flush=True)
 
@@ -119,7 +156,7 @@ def main() -> None:
     splits: dict = {}
     modes = a.modes.split(",")
     for budget in a.budgets.split(","):
-        row: dict = {"budget": budget}
+        row: dict = {"budget": budget, "seed": a.seed}
         for mode in modes:
             row[mode], rep = one(budget, mode == "robust")
             settings.update(rep.robustness["settings"], samples_evaluated=rep.robustness["samples"])
