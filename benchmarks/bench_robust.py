@@ -74,6 +74,29 @@ def summary(rows: list) -> dict:
     return out
 
 
+def table(doc: dict) -> str:
+    """Markdown table (README) from robust.json: per budget, compiled CA / NPA / AdvA, mean ± std over seeds."""
+    def f(e: dict) -> str:
+        return f"{e['mean']:.1f}" + (f" ± {e['std']:.1f}" if len(e["values"]) > 1 else "")
+
+    dense = {}
+    for r in doc["runs"]:
+        for mode in ("plain", "robust"):
+            dense.setdefault(mode, []).append(r[mode]["dense"])
+    rows = ["| budget (seeds) | model | CA | NPA | AdvA |", "|---|---|---:|---:|---:|"]
+    for budget, e in doc.get("summary", {}).items():
+        n = len(e["seeds"])
+        rows.append(f"| {budget} ({n}) | plain compile | {f(e['plain']['ca'])} | {f(e['plain']['npa'])} | "
+                    f"{f(e['plain']['adva'])} |")
+        rows.append(f"| | robust compile (clean BN exported) | {f(e['robust']['ca'])} | {f(e['robust']['npa'])} | "
+                    f"{f(e['robust']['adva'])} |")
+        d = e["robust_minus_plain"]
+        ok = lambda k: "✓" if e["goal_on_means"][k] else "✗"  # noqa: E731
+        rows.append(f"| | **robust − plain** (goal ≥ −2 / +3 / +10) | {f(d['ca'])} {ok('ca_loss_le_2')} | "
+                    f"{f(d['npa'])} {ok('npa_gain_ge_3')} | {f(d['adva'])} {ok('adva_gain_ge_10')} |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", default=str(DATA))
@@ -91,7 +114,11 @@ def main() -> None:
     ap.add_argument("--modes", default="plain,robust")
     ap.add_argument("--seed", type=int, default=0, help="seed of the whole run (data subset, pretraining, compiles)")
     ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--table", action="store_true", help="print the README table from --out and exit")
     a = ap.parse_args()
+    if a.table:
+        print(table(json.loads(Path(a.out).read_text())))
+        return
     torch.set_num_threads(a.threads)
     if not Path(a.data).is_dir():
         sys.exit(f"no CIFAR-10 folders at {a.data} (pass --data)")
