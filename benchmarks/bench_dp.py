@@ -248,7 +248,8 @@ def table(d: dict) -> str:
                                             else f"{dp['epsilon_spent']:.2f} ({dp['delta']:.0e})")
         sig = f(dp.get("noise_multiplier"), 3) if dp else "–"
         last, ema = r.get("last", {}), r.get("ema", {})
-        rows.append(f"| {name} | {eps} | {sig} | {pm(last, 'acc')} / {pm(ema, 'acc')} | "
+        n = len(r.get("seeds") or [0])
+        rows.append(f"| {name} ({n} seed{'s' if n > 1 else ''}) | {eps} | {sig} | {pm(last, 'acc')} / {pm(ema, 'acc')} | "
                     f"{pm(last, 'max_psi')} / {pm(ema, 'max_psi')} | {pm(last, 'psi_pw')} / {pm(ema, 'psi_pw')} |")
     return "\n".join(rows)
 
