@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 import warnings
@@ -50,8 +51,6 @@ def machine() -> dict:
 def summary(rows: list) -> dict:
     """Per budget, over the seeds: mean and sample std of CA / NPA / AdvA (plain and robust compiled) and of
     robust − plain; the goal judged on the means."""
-    import statistics
-
     out: dict = {}
     for budget in dict.fromkeys(r["budget"] for r in rows):
         rs = [r for r in rows if r["budget"] == budget and "robust_minus_plain" in r]
