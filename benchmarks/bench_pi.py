@@ -49,6 +49,7 @@ warnings.filterwarnings("ignore")
 logging.getLogger("torch.onnx").setLevel(logging.ERROR)
 
 from relucomp.api import build_gated, lowering_passes  # noqa: E402
+from relucomp.atomic import atomic_write_json  # noqa: E402
 from relucomp.infra import PassManager  # noqa: E402
 from relucomp.models import load_model  # noqa: E402
 from relucomp.passes.insert_gates import gates_of  # noqa: E402
@@ -252,7 +253,11 @@ def main() -> int:
                          "the runs was below this (else next to --out, as cost_model.loaded.json)")
     ap.add_argument("--from-partial", default=None,
                     help="finish from the .partial.json of an interrupted run (the runs that completed)")
+    ap.add_argument("--refit", action="store_true",
+                    help="refit --cost-model on the means of the runs in an existing --out file (no SPU run)")
     a = ap.parse_args()
+    if a.refit:
+        return refit(a)
     if a.from_partial:
         runs = json.loads(Path(a.from_partial).read_text())["runs"]
         runs = {m: rr for m, rr in runs.items() if "dense" in rr and "zero" in rr}  # the floor needs both
@@ -317,18 +322,18 @@ def main() -> int:
     return finish(a, results, budgets, list(built), t_start, out)
 
 
-def finish(a, results: dict, budgets: list[int], models: list[str], t_start: float | None, out: Path) -> int:
-    """Floor model, ratios, cost-model fit and the JSON files, from the runs in ``results``."""
-    # ---- floor model and ratios ----
-    summary = summarize(results["runs"], budgets)
-    results["summary"] = summary
-    results["conclusions"] = conclusions(summary)
-    # ---- cost model ----
-    lowering = _profile_coeffs(list(results["runs"].get("public", {}).values()))
-    cm_path = Path(a.cost_model)
-    previous = json.loads(cm_path.read_text()).get("configs", {}) if cm_path.exists() else {}
+def fit_configs(runs_by_mode: dict, cm_path: Path) -> tuple[dict, dict]:
+    """Cost model per weights setting, fitted on the runs' **means** (slow OT-refill runs included).
+
+    Data-movement coefficients (gather / select per element) come from SPU's per-op profile of the public
+    runs; where the runs carry no profile (a results file: profiles are not written), they are kept from the
+    cost model at ``cm_path``, as are the per-MAC terms when only one architecture ran.
+    """
+    prev_doc = json.loads(cm_path.read_text()) if cm_path.exists() else {}
+    previous = prev_doc.get("configs", {})
+    lowering = {**prev_doc.get("lowering", {}), **_profile_coeffs(list(runs_by_mode.get("public", {}).values()))}
     configs = {}
-    for mode, runs in results["runs"].items():
+    for mode, runs in runs_by_mode.items():
         fixed = {"latency_s": {k2: lowering[k1] for k1, k2 in (("gather_element_s", "gather_elements"),
                                                                ("select_element_s", "where_elements")) if k1 in lowering},
                  "bytes": {"gather_elements": 0.0, "where_elements": 0.0}}
@@ -341,6 +346,54 @@ def finish(a, results: dict, budgets: list[int], models: list[str], t_start: flo
         cm["pinned"] = {t: sorted(v) for t, v in fixed.items()}
         cm["weights"] = mode
         configs[f"cheetah-{mode}"] = cm
+    return lowering, configs
+
+
+def write_cost_model(cm_path: Path, configs: dict, lowering: dict, machine: dict, loadavg: dict,
+                     source: str) -> None:
+    doc = {"default": "cheetah-private" if "cheetah-private" in configs else next(iter(configs)), "statistic": "mean",
+           "configs": configs, "lowering": dict(lowering), "machine": machine, "source": source,
+           "created": time.strftime("%Y-%m-%d"), "loadavg_1min": loadavg}
+    doc["lowering"].setdefault("copy_element_s", 3e-9)
+    if cm_path.exists() and "notes" in (prev := json.loads(cm_path.read_text())):
+        doc["notes"] = prev["notes"]
+    cm_path.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"wrote {cm_path}")
+
+
+def refit(a) -> int:
+    """``--refit``: the cost model fitted on the means of an existing results file (no SPU run)."""
+    res = json.loads(Path(a.out).read_text())
+    load = res["setup"]["loadavg_1min"]
+    cm_path = Path(a.cost_model)
+    if load["mean"] >= a.fit_max_load:
+        print(f"{a.out} ran at mean load {load['mean']} >= {a.fit_max_load}: not refitting", flush=True)
+        return 1
+    lowering, configs = fit_configs(res["runs"], cm_path)
+    write_cost_model(cm_path, configs, lowering, res["machine"], load,
+                     f"benchmarks/bench_pi.py --refit from {Path(a.out).name} (pi-bench runs on this machine, means)")
+    res["cost_model_fit"] = {
+        "statistic": "mean", "written_to": str(cm_path.relative_to(ROOT.parent)) if cm_path.is_relative_to(ROOT.parent)
+        else str(cm_path),
+        "configs": {k: {"latency_s": c["latency_s"], "bytes": c["bytes"], "error": c["error"]} for k, c in configs.items()}}
+    atomic_write_json(Path(a.out), res)
+    for k, c in configs.items():
+        e = c["error"]
+        print(f"{k}: const {c['latency_s']['const']:.3f} s, {c['latency_s']['relus'] * 1e6:.1f} µs/ReLU, "
+              f"{c['bytes']['relus']:.0f} B/ReLU; latency error median {100 * e['latency_median_abs_rel']:.1f} %, "
+              f"max {100 * e['latency_max_abs_rel']:.1f} % over {e['runs']} runs")
+    return 0
+
+
+def finish(a, results: dict, budgets: list[int], models: list[str], t_start: float | None, out: Path) -> int:
+    """Floor model, ratios, cost-model fit and the JSON files, from the runs in ``results``."""
+    # ---- floor model and ratios ----
+    summary = summarize(results["runs"], budgets)
+    results["summary"] = summary
+    results["conclusions"] = conclusions(summary)
+    # ---- cost model ----
+    cm_path = Path(a.cost_model)
+    lowering, configs = fit_configs(results["runs"], cm_path)
     r18 = model_costs("resnet18")
     est18 = {k: predict(r18, {**v, "latency_s": v["latency_s"], "bytes": v["bytes"]}) for k, v in configs.items()}
     results["resnet18_estimate"] = {"costs": {k: r18[k] for k in ("relus", "macs")}, "estimates": est18,
@@ -370,13 +423,8 @@ def finish(a, results: dict, budgets: list[int], models: list[str], t_start: flo
             cm_path = out.with_name("cost_model.loaded.json")
             print(f"mean load average {results['setup']['loadavg_1min']['mean']} >= {a.fit_max_load}: the refit goes to "
                   f"{cm_path}, relucomp/pi/cost_model.json is left as it was", flush=True)
-        doc = {"default": "cheetah-private" if "cheetah-private" in configs else next(iter(configs)), "statistic": "mean",
-               "configs": configs, "lowering": {**{k: v for k, v in lowering.items()}},
-               "machine": machine, "source": "benchmarks/bench_pi.py (pi-bench runs on this machine)",
-               "created": time.strftime("%Y-%m-%d"), "loadavg_1min": results["setup"]["loadavg_1min"]}
-        doc["lowering"]["copy_element_s"] = 3e-9
-        cm_path.write_text(json.dumps(doc, indent=2))
-        print(f"wrote {cm_path}")
+        write_cost_model(cm_path, configs, lowering, machine, results["setup"]["loadavg_1min"],
+                         "benchmarks/bench_pi.py (pi-bench runs on this machine)")
     print(f"wrote {out}")
     for mode, s2 in summary.items():
         s = s2["median"]
