@@ -118,7 +118,12 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", default="0,1",
                     help="seeds of the finetunes (non-private and DP: batch order, Poisson sampling, noise); the "
                          "dense model, the data split and the searched masks are shared")
-    ap.add_argument("--ema-decay", type=float, default=0.98)
+    ap.add_argument("--ema-decay", type=float, default=0.99, help="the non-private compile's (finetune.ema_decay)")
+    ap.add_argument("--ema-warmup", action="store_true",
+                    help="De et al.'s EMA warm-up min(decay, (1+t)/(10+t)) (off: the non-private compile's EMA)")
+    ap.add_argument("--tune-eps", default=None,
+                    help="the ε the DP schedule is chosen at (default: the first of --eps); lets a second process "
+                         "run other ε rows against the same tuning")
     ap.add_argument("--threads", type=int, default=2, help="≤ 2 on the shared 2-core machine")
     ap.add_argument("--fair-splits", default="val,test", help="splits the fairness section evaluates")
     ap.add_argument("--out", type=Path, default=OUT)
@@ -173,6 +178,7 @@ def main(argv=None) -> int:
     seeds = [int(v) for v in args.seeds.split(",")]
     grid = [(int(e), float(lr)) for e, lr in (g.split(":") for g in args.dp_grid.split(","))]
     eps_list = args.eps.split(",")
+    tune_eps = args.tune_eps or eps_list[0]
 
     def np_run(seed: int) -> dict:
         t = time.perf_counter()
@@ -192,12 +198,13 @@ def main(argv=None) -> int:
     results["non-private"] = aggregate(np_runs)
     tuning = results.setdefault("tuning", {"by": "validation accuracy of the averaged weights (ties: lower "
                                                   "validation max ψ_g), seed 0, at the first ε; never the test split",
-                                           "at_eps": eps_list[0], "runs": {}})
+                                           "at_eps": tune_eps, "runs": {}})
 
     def dp_run(e: str, epochs: int, lr: float, seed: int) -> dict:
         t = time.perf_counter()
         res = rc_compile(None, bundle, **{**common, "finetune_epochs": epochs},
-                         config={"finetune": {"lr": lr, "ema_decay": args.ema_decay}}, seed=seed,
+                         config={"finetune": {"lr": lr, "ema_decay": args.ema_decay, "ema_warmup": args.ema_warmup}},
+                         seed=seed,
                          search_state=shared, dp_epsilon=float(e), dp_batch_size=args.dp_batch_size)
         r = summarize(res.report)
         r.update(lr=lr, epochs=epochs, seed=seed, wall_seconds=round(time.perf_counter() - t, 1))
@@ -206,8 +213,8 @@ def main(argv=None) -> int:
     for epochs, lr in grid:  # choose the DP schedule on validation at the first ε
         key = f"epochs={epochs},lr={lr:g}"
         if key not in tuning["runs"]:
-            tuning["runs"][key] = dp_run(eps_list[0], epochs, lr, seeds[0])
-            report_line(f"eps={eps_list[0]} {key}", tuning["runs"][key])
+            tuning["runs"][key] = dp_run(tune_eps, epochs, lr, seeds[0])
+            report_line(f"eps={tune_eps} {key}", tuning["runs"][key])
             write(args, spec, bundle, budget, results, t0)
     best = max(tuning["runs"], key=lambda k: (round(tuning["runs"][k]["ema"]["val_acc"], 6),
                                               -tuning["runs"][k]["ema"]["val_max_psi"]))
@@ -216,7 +223,7 @@ def main(argv=None) -> int:
     for e in eps_list:
         name = f"eps={e}"
         runs = (results.get(name) or {}).get("runs") or {}
-        if e == eps_list[0]:
+        if e == tune_eps:
             runs.setdefault(str(seeds[0]), chosen)
         for seed in seeds:
             if str(seed) not in runs:
@@ -279,6 +286,7 @@ def schedule(args, spec, budget) -> dict:
     return {"data": spec, "limit": args.limit, "budget": budget, "pretrain": args.pretrain_epochs,
             "search": args.search_epochs, "finetune": args.finetune_epochs, "dp_grid": args.dp_grid,
             "dp_batch_size": args.dp_batch_size, "seeds": args.seeds, "ema_decay": args.ema_decay,
+            "ema_warmup": args.ema_warmup,
             "fair_splits": args.fair_splits}
 
 
@@ -306,7 +314,8 @@ def write(args, spec, bundle, budget, results, t0) -> None:
            "machine": machine(), "results": results, "goals": goals,
            "recipe": {"dp_grid": args.dp_grid, "expected_batch": args.dp_batch_size, "clip_norm": 1.0,
                       "optimizer": "SGD momentum 0.9 nesterov, cosine LR, KD from the dense teacher",
-                      "ema_decay": args.ema_decay, "augmentation_multiplicity": 1,
+                      "ema_decay": args.ema_decay,
+                      "ema_warmup": args.ema_warmup, "augmentation_multiplicity": 1,
                       "not_done": "augmentation multiplicity > 1 and a DP batch-size grid"},
            "note": "timings under load are upper bounds (loadavg recorded at each write)",
            "seconds_this_invocation": round(time.perf_counter() - t0, 1)}

@@ -64,6 +64,7 @@ class DPOptions:
     phase: str = "finetune"
     accountant: str = "rdp"
     ema_decay: float = 0.99
+    ema_warmup: bool = False
     n_train: int = 0
 
 
@@ -79,18 +80,20 @@ def options(cfg: CompileConfig, n_train: int) -> DPOptions | None:
         return None
     return DPOptions(epsilon=float(dp.epsilon), delta=float(delta),
                      max_grad_norm=float(dp.max_grad_norm if dp.max_grad_norm is not None else 1.0), phase=dp.phase,
-                     accountant=dp.accountant, ema_decay=float(cfg.finetune.ema_decay), n_train=int(n_train))
+                     accountant=dp.accountant, ema_decay=float(cfg.finetune.ema_decay),
+                     ema_warmup=bool(cfg.finetune.ema_warmup), n_train=int(n_train))
 
 
 def check_dp_options(*, epsilon: float | None, delta: float | None = None, max_grad_norm: float | None = None,
                      phase: str = "finetune", export_weights: str | None = None, n_train: int,
                      fair_method: str | None = "nft", accountant: str = "rdp", sparsity: float | None = None,
-                     ema_decay: float = 0.99) -> DPOptions | None:
+                     ema_decay: float = 0.99, ema_warmup: bool = False) -> DPOptions | None:
     """Keyword form of :func:`options` (library use without a CompileConfig); ``None`` when DP is off."""
     cfg = load_config({"dp": {"epsilon": epsilon, "delta": delta, "max_grad_norm": max_grad_norm, "phase": phase,
                               "accountant": accountant},
                        "fairness": {"method": fair_method}, "pruning": {"sparsity": sparsity},
-                       "export": {"weights": export_weights}, "finetune": {"ema_decay": ema_decay}})
+                       "export": {"weights": export_weights},
+                       "finetune": {"ema_decay": ema_decay, "ema_warmup": ema_warmup}})
     return options(cfg, n_train)
 
 
@@ -506,18 +509,6 @@ def _dp_step(gsm, opt, teacher, x, y, kd_weight, temperature):
     return logits, loss
 
 
-def _ema_fn(decay: float):
-    """multi_avg_fn for AveragedModel: EMA with warm-up ``min(decay, (1+n)/(10+n))``."""
-
-    @torch.no_grad()
-    def fn(avg: list[torch.Tensor], cur: list[torch.Tensor], n):
-        n = int(n)
-        d = min(decay, (1.0 + n) / (10.0 + n))
-        torch._foreach_lerp_(avg, cur, 1.0 - d)
-
-    return fn
-
-
 @dataclass
 class DPResult:
     model: fx.GraphModule          # last iterate
@@ -565,7 +556,7 @@ def _dp_finetune(gm: fx.GraphModule, train_ds, opts: DPOptions, *, calib: torch.
     """
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
-    from torch.optim.swa_utils import AveragedModel
+    from .train import averaged
 
     say = log or (lambda s: None)
     changes: list[str] = []
@@ -589,7 +580,7 @@ def _dp_finetune(gm: fx.GraphModule, train_ds, opts: DPOptions, *, calib: torch.
         f"{steps} steps, noise multiplier σ={sigma:.3f}")
 
     gm.to(device).train()
-    avg = AveragedModel(gm, multi_avg_fn=_ema_fn(opts.ema_decay), use_buffers=False) if ema else None
+    avg = averaged(gm, decay=opts.ema_decay, warmup=opts.ema_warmup) if ema else None
     params = [p for p in gm.parameters() if p.requires_grad]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -664,6 +655,7 @@ def _dp_finetune(gm: fx.GraphModule, train_ds, opts: DPOptions, *, calib: torch.
               "phases": {k: v for k, v in dplan.phases.items() if k in ("search", "finetune")},
               "accountant": opts.accountant, "sampling": "poisson", "phase": opts.phase,
               "n_train": n, "ema_decay": opts.ema_decay if ema else None,
+              "ema_warmup": opts.ema_warmup if ema else None,
               "kd": bool(teacher is not None and kd_weight > 0), "kd_weight": kd_weight,
               "conversion": changes, "history": history,
               "covers": covers(opts.phase)}

@@ -67,16 +67,16 @@ class FairPhase:
 
     def __init__(self, *, method: str, num_groups: int, dense_group_acc, dense_acc: float, tolerance: float,
                  dual_lr: float = 0.05, replay_size: int = 40, ema_model: nn.Module | None = None,
-                 ema_decay: float = 0.99, record_every: int = 10):
+                 ema_decay: float = 0.99, ema_warmup: bool = False, record_every: int = 10):
         self.method = method
         self.term = FairConstraintTerm(num_groups, method=method, dense_group_acc=dense_group_acc,
                                        dense_acc=dense_acc, tolerance=tolerance, dual_lr=dual_lr,
                                        replay_size=replay_size)
         self.ema = None
         if ema_model is not None:
-            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+            from .train import averaged
 
-            self.ema = AveragedModel(ema_model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=False)
+            self.ema = averaged(ema_model, decay=ema_decay, warmup=ema_warmup)
         self.model = ema_model
         self.record_every = record_every
         self.trajectory: list[dict[str, Any]] = []

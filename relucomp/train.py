@@ -36,6 +36,30 @@ __all__ = ["Interrupted", "Checkpointer", "load_state", "train_loop", "ce_kd_ste
            "make_optimizer", "progress_bar", "RuntimeOptions", "runtime_options", "current_runtime"]
 
 
+def averaged(model: nn.Module, *, decay: float, warmup: bool = False):
+    """The weight average (EMA) kept beside ``model`` during a finetune: one implementation for the
+    plain, fair and DP finetunes.
+
+    ``torch.optim.swa_utils.AveragedModel`` over the parameters (buffers are not averaged: BatchNorm
+    statistics are re-estimated, or folded under DP).  Decay ``decay`` from the first step (the first
+    update copies the weights after step 1), so after ``T`` steps the first iterate keeps weight
+    ``decay**(T-1)``; or with ``warmup`` the decay ``min(decay, (1+t)/(10+t))`` of
+    De et al. / Berrada et al., which forgets the start after a few steps (it reaches 0.99 only after ~900
+    steps, so with a few hundred steps the average is close to the last ~15 iterates).
+    """
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    if not warmup:
+        return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=False)
+
+    @torch.no_grad()
+    def fn(avg: list[torch.Tensor], cur: list[torch.Tensor], n):
+        d = min(decay, (1.0 + int(n)) / (10.0 + int(n)))
+        torch._foreach_lerp_(avg, cur, 1.0 - d)
+
+    return AveragedModel(model, multi_avg_fn=fn, use_buffers=False)
+
+
 @dataclasses.dataclass(frozen=True)
 class RuntimeOptions:
     """How training runs (not what it computes): mixed precision; set per run by the stages driver."""

@@ -355,3 +355,25 @@ def test_dp_finetune_resume_after_an_epoch_repeats_the_run(make_gated):
     assert r["epsilon_spent"] == pytest.approx(f["epsilon_spent"]) and r["epsilon_spent"] <= 3.0
     assert [h["epsilon"] for h in r["history"]] == pytest.approx([h["epsilon"] for h in f["history"]])
     assert [h["step"] for h in r["history"]] == [3, 6, 9]
+
+
+@pytest.mark.parametrize("warmup", [False, True])
+def test_weight_average_decay_and_warmup(warmup):
+    """One EMA for every finetune: without warm-up the first iterate keeps decay**(T-1) of the weight after T
+    updates; with warm-up (De et al.) the decay is min(decay, (1+t)/(10+t)), so it is forgotten far sooner."""
+    from relucomp.train import averaged
+
+    m = torch.nn.Linear(1, 1, bias=False)
+    avg = averaged(m, decay=0.9, warmup=warmup)
+    expect, T = 0.0, 30
+    for t in range(T):
+        with torch.no_grad():
+            m.weight.fill_(1.0 if t == 0 else 0.0)  # iterate 1 is 1, every later one 0
+        avg.update_parameters(m)
+        if t == 0:
+            expect = 1.0
+        else:
+            expect *= min(0.9, (1.0 + t) / (10.0 + t)) if warmup else 0.9
+    got = float(avg.module.weight)
+    assert got == pytest.approx(expect, rel=1e-5)
+    assert (got == pytest.approx(0.9 ** (T - 1), rel=1e-5)) is (not warmup)
