@@ -118,9 +118,10 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", default="0,1",
                     help="seeds of the finetunes (non-private and DP: batch order, Poisson sampling, noise); the "
                          "dense model, the data split and the searched masks are shared")
-    ap.add_argument("--ema-decay", type=float, default=0.99, help="the non-private compile's (finetune.ema_decay)")
-    ap.add_argument("--ema-warmup", action="store_true",
-                    help="De et al.'s EMA warm-up min(decay, (1+t)/(10+t)) (off: the non-private compile's EMA)")
+    ap.add_argument("--ema-decay", type=float, default=0.98)
+    ap.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction, default=True,
+                    help="De et al.'s EMA warm-up min(decay, (1+t)/(10+t)), the DP default (--no-ema-warmup: the "
+                         "non-private compile's average, which keeps a share of the post-search weights)")
     ap.add_argument("--tune-eps", default=None,
                     help="the ε the DP schedule is chosen at (default: the first of --eps); lets a second process "
                          "run other ε rows against the same tuning")
@@ -286,7 +287,7 @@ def schedule(args, spec, budget) -> dict:
     return {"data": spec, "limit": args.limit, "budget": budget, "pretrain": args.pretrain_epochs,
             "search": args.search_epochs, "finetune": args.finetune_epochs, "dp_grid": args.dp_grid,
             "dp_batch_size": args.dp_batch_size, "seeds": args.seeds, "ema_decay": args.ema_decay,
-            "ema_warmup": args.ema_warmup,
+            **({} if args.ema_warmup else {"ema_warmup": False}),
             "fair_splits": args.fair_splits}
 
 

@@ -98,7 +98,7 @@ class FinetuneSection(_Section):
     bn_recalibrate: bool = True         # re-estimate BatchNorm statistics once the weights are final
     ema: bool = True
     ema_decay: float = 0.99
-    ema_warmup: bool = False            # decay min(ema_decay, (1+t)/(10+t)) (De et al.); off: the average keeps the start
+    ema_warmup: bool | None = None      # decay min(ema_decay, (1+t)/(10+t)) (De et al.); None: on under DP only
     clip_grad_norm: float | None = 5.0  # cap on the gradient L2 norm per step (None: off)
 
 

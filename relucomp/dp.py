@@ -64,7 +64,7 @@ class DPOptions:
     phase: str = "finetune"
     accountant: str = "rdp"
     ema_decay: float = 0.99
-    ema_warmup: bool = False
+    ema_warmup: bool = True
     n_train: int = 0
 
 
@@ -81,13 +81,13 @@ def options(cfg: CompileConfig, n_train: int) -> DPOptions | None:
     return DPOptions(epsilon=float(dp.epsilon), delta=float(delta),
                      max_grad_norm=float(dp.max_grad_norm if dp.max_grad_norm is not None else 1.0), phase=dp.phase,
                      accountant=dp.accountant, ema_decay=float(cfg.finetune.ema_decay),
-                     ema_warmup=bool(cfg.finetune.ema_warmup), n_train=int(n_train))
+                     ema_warmup=cfg.finetune.ema_warmup is not False, n_train=int(n_train))
 
 
 def check_dp_options(*, epsilon: float | None, delta: float | None = None, max_grad_norm: float | None = None,
                      phase: str = "finetune", export_weights: str | None = None, n_train: int,
                      fair_method: str | None = "nft", accountant: str = "rdp", sparsity: float | None = None,
-                     ema_decay: float = 0.99, ema_warmup: bool = False) -> DPOptions | None:
+                     ema_decay: float = 0.99, ema_warmup: bool | None = None) -> DPOptions | None:
     """Keyword form of :func:`options` (library use without a CompileConfig); ``None`` when DP is off."""
     cfg = load_config({"dp": {"epsilon": epsilon, "delta": delta, "max_grad_norm": max_grad_norm, "phase": phase,
                               "accountant": accountant},

@@ -377,3 +377,12 @@ def test_weight_average_decay_and_warmup(warmup):
     got = float(avg.module.weight)
     assert got == pytest.approx(expect, rel=1e-5)
     assert (got == pytest.approx(0.9 ** (T - 1), rel=1e-5)) is (not warmup)
+
+
+def test_ema_warmup_default_on_under_dp_only():
+    """finetune.ema_warmup: None (default) is on under DP (measured better there) and can be turned off."""
+    assert dp.check_dp_options(epsilon=8.0, n_train=1000).ema_warmup is True
+    assert dp.check_dp_options(epsilon=8.0, n_train=1000, ema_warmup=False).ema_warmup is False
+    from relucomp.config import load_config
+
+    assert load_config({}).finetune.ema_warmup is None  # the non-private finetune's average: no warm-up

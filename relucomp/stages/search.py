@@ -39,7 +39,7 @@ def fair_phase(st: RunState, phase: str, ema_model=None) -> FairPhase:
     return FairPhase(method=use, num_groups=bundle.num_groups, dense_group_acc=dense.train_group_acc if ceag else None,
                      dense_acc=dense.train_acc if ceag else None, tolerance=f.tolerance, dual_lr=f.dual_lr,
                      ema_model=ema_model,
-                     ema_decay=st.cfg.finetune.ema_decay, ema_warmup=st.cfg.finetune.ema_warmup)
+                     ema_decay=st.cfg.finetune.ema_decay, ema_warmup=bool(st.cfg.finetune.ema_warmup))
 
 
 def robust_step(st: RunState, kd_weight: float, temperature: float, fair, desc: str):
