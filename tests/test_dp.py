@@ -191,9 +191,11 @@ def test_dp_compile_bn_model_to_budget_with_ema_export(tmp_path, rc_cache):
     out = tmp_path / "out"
     res = api.compile("tinycnn", "synthetic", relu_budget="2k", limit=300, pretrain_epochs=1, search_epochs=1,
                       finetune_epochs=2, progress=False, out_dir=out, fair_groups="group",
-                      lr=0.2, dp_epsilon=8.0, dp_batch_size=64, dp_phase="both")
+                      lr=0.2, dp_epsilon=8.0, dp_batch_size=64, dp_phase="both",
+                      config={"finetune": {"kd_weight": 0.6}})
     rep = res.report
     d = rep["dp"]
+    assert d["kd"] and d["kd_weight"] == 0.6  # the DP finetune follows finetune.kd_weight like the plain one
     assert d["epsilon_spent"] <= 8.0 and d["noise_multiplier"] > 0 and d["max_grad_norm"] == 1.0
     # --dp-phase both: the mask search ran under DP-SGD too, on the same accountant (ε covers both phases)
     assert d["phase"] == "both" and d["steps"] == d["phases"]["search"]["steps"] + d["phases"]["finetune"]["steps"]

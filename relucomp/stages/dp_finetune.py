@@ -35,7 +35,8 @@ def run(st: RunState) -> FinetuneOut:
     res = dp_finetune(st["gates"].gm, data.bundle.train, opts, calib=data.calib, teacher=st["pretrain"].teacher,
                       epochs=cfg.finetune.epochs, batch_size=dp_batch_size(cfg), dplan=st["search"].dp_plan,
                       lr=cfg.finetune.lr if cfg.finetune.lr is not None else cfg.search.lr * 0.5,
-                      kd_weight=cfg.search.kd_weight, temperature=cfg.search.kd_temperature, seed=cfg.runtime.seed,
+                      kd_weight=cfg.finetune.kd_weight,
+                      temperature=cfg.finetune.temperature or cfg.search.kd_temperature, seed=cfg.runtime.seed,
                       ema=cfg.finetune.ema, progress=st.progress, log=st.say, device=cfg.runtime.device,
                       checkpoint=save if st.out is not None else None, resume=resume)
     out = output(st, res.model, res.ema, stats={"history": res.report["history"]})
