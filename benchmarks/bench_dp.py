@@ -64,6 +64,9 @@ def summarize(rep: dict) -> dict:
         out["dp"] = {k: d[k] for k in ("epsilon_target", "epsilon_spent", "delta", "noise_multiplier",
                                        "max_grad_norm", "sample_rate", "expected_batch_size", "steps", "accountant",
                                        "conversion", "history")}
+        if d.get("fairness"):
+            out["dp"]["fairness"] = {k: d["fairness"][k] for k in ("method", "dual_every", "dual_lr", "tolerance",
+                                                                   "multipliers", "weights", "trace")}
     return out
 
 
@@ -128,6 +131,9 @@ def main(argv=None) -> int:
     ap.add_argument("--tune-eps", default=None,
                     help="the ε the DP schedule is chosen at (default: the first of --eps); lets a second process "
                          "run other ε rows against the same tuning")
+    ap.add_argument("--ceag", action="store_true",
+                    help="also run the row 'eps=8+ceag': DP-SGD at the first ε with --fair-method ceag (duals on the "
+                         "validation split, weighted clipped gradients; relucomp.dp_fairness), same schedule and seeds")
     ap.add_argument("--threads", type=int, default=2, help="≤ 2 on the shared 2-core machine")
     ap.add_argument("--fair-splits", default="val,test", help="splits the fairness section evaluates")
     ap.add_argument("--out", type=Path, default=OUT)
@@ -204,9 +210,9 @@ def main(argv=None) -> int:
                                                   "validation max ψ_g), seed 0, at the first ε; never the test split",
                                            "at_eps": tune_eps, "runs": {}})
 
-    def dp_run(e: str, epochs: int, lr: float, seed: int) -> dict:
+    def dp_run(e: str, epochs: int, lr: float, seed: int, fair: str = "nft") -> dict:
         t = time.perf_counter()
-        res = rc_compile(None, bundle, **{**common, "finetune_epochs": epochs},
+        res = rc_compile(None, bundle, **{**common, "finetune_epochs": epochs, "fair_method": fair},
                          config={"finetune": {"lr": lr, "ema_decay": args.ema_decay, "ema_warmup": args.ema_warmup,
                                               "kd_weight": args.dp_kd_weight}},
                          seed=seed,
@@ -233,6 +239,16 @@ def main(argv=None) -> int:
         for seed in seeds:
             if str(seed) not in runs:
                 runs[str(seed)] = dp_run(e, chosen["epochs"], chosen["lr"], seed)
+                report_line(f"{name} seed {seed}", runs[str(seed)])
+                results[name] = aggregate(runs)
+                write(args, spec, bundle, budget, results, t0)
+        results[name] = aggregate(runs)
+    if args.ceag:  # DP + CEAG with held-out duals, at the tuning ε, with the chosen schedule
+        name = f"eps={tune_eps}+ceag"
+        runs = (results.get(name) or {}).get("runs") or {}
+        for seed in seeds:
+            if str(seed) not in runs:
+                runs[str(seed)] = dp_run(tune_eps, chosen["epochs"], chosen["lr"], seed, fair="ceag")
                 report_line(f"{name} seed {seed}", runs[str(seed)])
                 results[name] = aggregate(runs)
                 write(args, spec, bundle, budget, results, t0)
@@ -309,6 +325,13 @@ def write(args, spec, bundle, budget, results, t0) -> None:
                             "non_private_ema_max_psi": base.get("ema", {}).get("max_psi"),
                             "eps8_ema_max_psi_by_seed": r8["ema"].get("max_psi_by_seed"),
                             "non_private_max_psi_by_seed": base["last"].get("max_psi_by_seed")}
+        rc = results.get("eps=8+ceag")
+        if rc and "ema" in rc:
+            goals["eps8_ceag_ema_acc_within_3pt_of_non_private"] = rc["ema"]["acc"] >= base["last"]["acc"] - 3.0
+            goals["eps8_ceag_ema_max_psi_le_non_private"] = rc["ema"]["max_psi"] <= base["last"]["max_psi"]
+            goals["numbers"].update(eps8_ceag_ema_acc=rc["ema"]["acc"], eps8_ceag_ema_max_psi=rc["ema"]["max_psi"],
+                                    eps8_ceag_ema_max_psi_by_seed=rc["ema"].get("max_psi_by_seed"),
+                                    eps8_ceag_seeds=rc.get("seeds"))
     done = all(f"eps={e}" in results for e in args.eps.split(",")) and base is not None
     order = ["dense", "non-private"] + [f"eps={e}" for e in ("inf", "8", "3", "1")]
     results = {**{k: results[k] for k in order if k in results}, **{k: v for k, v in results.items() if k not in order}}

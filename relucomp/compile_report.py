@@ -42,6 +42,7 @@ class DPReport:
     phase: str = "finetune"
     n_train: int = 0
     ema_decay: float | None = None
+    ema_warmup: bool | None = None
     kd: bool = False
     kd_weight: float = 0.0
     conversion: list[str] = field(default_factory=list)     # BatchNorm folded / replaced, in-place ops
@@ -49,6 +50,7 @@ class DPReport:
     history: list[dict[str, Any]] = field(default_factory=list)
     covers: str = ""
     export_weights: str = "ema"
+    fairness: dict[str, Any] | None = None  # CEAG under DP: held-out duals (relucomp.dp_fairness), else None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "DPReport":

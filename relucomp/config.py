@@ -203,7 +203,7 @@ class CompileConfig(_Section):
 
     @property
     def fair_method(self) -> str:
-        """The fairness method: explicit, else ceag with groups (nft under DP: CEAG/EL are refused there)."""
+        """The fairness method: explicit, else ceag with groups (nft under DP, where ceag is opt-in)."""
         auto = "ceag" if self.data.fair_groups and self.dp.epsilon is None else "nft"
         return (self.fairness.method or auto).lower()
 
@@ -433,11 +433,15 @@ def check_dp(cfg: CompileConfig, n_train: int | None = None) -> float | None:
         raise ConfigError(f"--dp-phase {dp.phase} runs the SNL mask search under DP-SGD, but --search is "
                           f"{cfg.search.method} (it scores layers on the data without DP)",
                           "use --search snl with --dp-phase search|both, or --dp-phase finetune")
-    if cfg.fair_method in ("ceag", "el"):
-        raise ConfigError(f"--fair-method {cfg.fair_method} with --dp-epsilon: its dual updates read per-group accuracy "
-                          "of the private training data every step, which DP-SGD does not account for",
-                          "use --fair-method nft with --dp-epsilon (fairness is still measured for last and EMA "
-                          "weights), or drop --dp-epsilon")
+    if cfg.fair_method == "el":
+        raise ConfigError("--fair-method el with --dp-epsilon: its constraint reads per-group losses of the private "
+                          "training batches every step, which DP-SGD does not account for",
+                          "use --fair-method ceag (under DP its duals read the validation split) or nft with "
+                          "--dp-epsilon, or drop --dp-epsilon")
+    if cfg.fair_method == "ceag" and cfg.fairness.phase != "finetune":
+        raise ConfigError(f"--fair-method ceag with --dp-epsilon and --fair-phase {cfg.fairness.phase}: under DP "
+                          "CEAG runs in the finetune only (duals on the validation split, weighted clipped gradients)",
+                          "use --fair-phase finetune with --dp-epsilon")
     if cfg.pruning.sparsity is not None:
         raise ConfigError("--sparsity (GMP) with --dp-epsilon is not supported",
                           "drop --sparsity, or use --prune-channels (structured pruning runs before the DP finetune)")

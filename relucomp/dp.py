@@ -495,8 +495,12 @@ def _release_opacus(gsm, gm) -> None:
         p.grad = None
 
 
-def _dp_step(gsm, opt, teacher, x, y, kd_weight, temperature):
-    """One DP-SGD step on a Poisson batch: (1 − w)·CE + w·KD per sample, clipped and noised by ``opt``."""
+def _dp_step(gsm, opt, teacher, x, y, kd_weight, temperature, sample_weights=None):
+    """One DP-SGD step on a Poisson batch: (1 − w)·CE + w·KD per sample, clipped and noised by ``opt``.
+
+    ``sample_weights`` (N,) in [0, 1]: each sample's clipped gradient is scaled by its weight before the
+    noise (:func:`relucomp.dp_fairness.weight_grad_samples`; the sensitivity stays ``C``).
+    """
     t_logits = None
     if teacher is not None and kd_weight > 0 and y.numel():
         with torch.no_grad():
@@ -505,6 +509,10 @@ def _dp_step(gsm, opt, teacher, x, y, kd_weight, temperature):
     loss = per_sample_loss(logits, y, t_logits, kd_weight=kd_weight, temperature=temperature)
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    if sample_weights is not None:
+        from .dp_fairness import weight_grad_samples
+
+        weight_grad_samples(opt.params, sample_weights, opt.max_grad_norm)
     opt.step()
     return logits, loss
 
@@ -540,8 +548,12 @@ def _dp_finetune(gm: fx.GraphModule, train_ds, opts: DPOptions, *, calib: torch.
                 momentum: float = 0.9, kd_weight: float = 0.5, temperature: float = 4.0, seed: int = 0,
                 ema: bool = True, augment: bool = True, progress: Any | None = None, log: Callable[[str], None] | None = None,
                 device: str = "cpu", convert: bool = True, dplan: DPPlan | None = None,
-                checkpoint: Callable[[dict], None] | None = None, resume: dict | None = None) -> DPResult:
+                checkpoint: Callable[[dict], None] | None = None, resume: dict | None = None,
+                fair: Any | None = None) -> DPResult:
     """DP-SGD finetune of the gated graph ``gm`` (masks fixed) on ``train_ds``.
+
+    ``fair`` (a :class:`relucomp.dp_fairness.HeldOutDuals`): CEAG under DP — multipliers from a held-out
+    split, per-sample weights on the clipped gradients (the privacy accounting is unchanged).
 
     ``checkpoint(state)`` is called after every epoch with the whole loop state (weights, optimizer
     momentum, LR schedule, EMA, the accountant's history, the Poisson-sampling and noise generators,
@@ -610,6 +622,8 @@ def _dp_finetune(gm: fx.GraphModule, train_ds, opts: DPOptions, *, calib: torch.
             loader.sampler.steps = steps - start
         opt.generator.set_state(resume["noise"])
         history = list(resume.get("history", []))
+        if fair is not None and resume.get("fair") is not None:
+            fair.load_state_dict(resume["fair"])
         say(f"DP-SGD: resumed at step {start}/{steps} (ε so far {_spent(accountant, opts.delta, sigma):.3f})")
 
     def save(step: int) -> None:
@@ -618,14 +632,15 @@ def _dp_finetune(gm: fx.GraphModule, train_ds, opts: DPOptions, *, calib: torch.
         checkpoint({"phase": "dp_finetune", "step": step, "model": gm.state_dict(), "optimizer": opt.state_dict(),
                     "scheduler": sched.state_dict(), "ema": avg.state_dict() if avg is not None else None,
                     "accountant": [list(h) for h in accountant.history], "sampler": loader.generator.get_state(),
-                    "noise": opt.generator.get_state(), "history": history, "plan": plan_state(dplan)})
+                    "noise": opt.generator.get_state(), "history": history, "plan": plan_state(dplan),
+                    "fair": fair.state_dict() if fair is not None else None})
 
     prog = progress
     task = prog.add_task("dp-finetune", total=steps, completed=start, info="") if prog is not None else None
     t0 = time.perf_counter()
     try:
         _dp_steps(loader, start, steps, steps_per_epoch, gsm, gm, opt, sched, avg, teacher, kd_weight, temperature,
-                  device, prog, task, history, accountant, opts, sigma, t0, save)
+                  device, prog, task, history, accountant, opts, sigma, t0, save, fair)
     except KeyboardInterrupt:
         gsm._close()
         from .errors import Interrupted
@@ -659,6 +674,9 @@ def _dp_finetune(gm: fx.GraphModule, train_ds, opts: DPOptions, *, calib: torch.
               "kd": bool(teacher is not None and kd_weight > 0), "kd_weight": kd_weight,
               "conversion": changes, "history": history,
               "covers": covers(opts.phase)}
+    if fair is not None:
+        report["fairness"] = {**fair.report(), "note": "dual updates read the held-out (validation) split outside "
+                              "DP-SGD: the (ε, δ) guarantee covers the training split only"}
     return DPResult(model=gm, ema=gm_ema, report=report)
 
 
@@ -689,12 +707,15 @@ def covers(phase: str) -> str:
 
 
 def _dp_steps(loader, start, steps, steps_per_epoch, gsm, gm, opt, sched, avg, teacher, kd_weight, temperature,
-              device, prog, task, history, accountant, opts, sigma, t0, save) -> None:
+              device, prog, task, history, accountant, opts, sigma, t0, save, fair=None) -> None:
     """The DP-SGD steps ``start+1 .. steps`` (history appended and ``save`` called at every epoch end)."""
     tot = correct = seen = 0.0
-    for step, (x, y, _g) in enumerate(loader, start + 1):
+    for step, (x, y, g) in enumerate(loader, start + 1):
         x, y = x.to(device), y.to(device)
-        logits, loss = _dp_step(gsm, opt, teacher, x, y, kd_weight, temperature)
+        w = fair.sample_weights(g) if fair is not None else None
+        logits, loss = _dp_step(gsm, opt, teacher, x, y, kd_weight, temperature, w)
+        if fair is not None:
+            fair.maybe_update(step, gm, device)
         sched.step()
         if avg is not None:
             avg.update_parameters(gm)

@@ -65,7 +65,7 @@ def test_bad_options_are_one_line_errors_naming_the_fix():
                       ({"epsilon": 8, "delta": 1e-3}, "must lie in"), ({"epsilon": 8, "delta": 0.0}, "must lie in"),
                       ({"epsilon": 8, "max_grad_norm": 0}, "must be > 0"),
                       ({"epsilon": 8, "phase": "nope"}, "unknown DP phase"),
-                      ({"epsilon": 8, "fair_method": "ceag"}, "dual updates"),
+                      ({"epsilon": 8, "fair_method": "el"}, "per-group losses"),
                       ({"epsilon": 8, "sparsity": 0.9}, "sparsity"),
                       ({"epsilon": 8, "export_weights": "best"}, "unknown export weights")]:
         with pytest.raises(RelucompError, match=match) as ei:
@@ -92,7 +92,9 @@ def test_compile_refuses_bad_dp_input_before_training(rc_cache, monkeypatch):
                       ({"dp_epsilon": 8, "dp_max_grad_norm": -1}, "must be > 0"),
                       ({"dp_epsilon": 8, "dp_batch_size": 0}, "must be ≥ 1"),
                       ({"dp_epsilon": 8, "dp_phase": "both", "search": "layer-drop"}, "search snl"),
-                      ({"dp_epsilon": 8, "fair_groups": "group", "fair_method": "ceag"}, "dual updates"),
+                      ({"dp_epsilon": 8, "fair_groups": "group", "fair_method": "el"}, "per-group losses"),
+                      ({"dp_epsilon": 8, "fair_groups": "group", "fair_method": "ceag", "fair_phase": "both"},
+                       "CEAG runs in the finetune only"),
                       ({"dp_epsilon": 8, "sparsity": 0.5}, "sparsity"),
                       ({"dp_max_grad_norm": 2.0}, "differential privacy is off"),
                       ({"export_weights": "mean"}, "unknown export weights")]:
@@ -244,8 +246,8 @@ def test_cli_dp_flags_reach_compile(rc_cache, tmp_path):
         assert "".join(match.split()) in text and "fix:" in text and "Traceback" not in r.output
     # the sweep takes the same flags (validated before any search)
     r = runner.invoke(app, ["sweep", "tinycnn", "--budgets", "1k,2k", "--limit", "200", "--no-progress",
-                            "--out", str(tmp_path / "sw"), "--dp-epsilon", "8", "--fair-method", "ceag"])
-    assert r.exit_code == 2 and "dualupdates" in "".join(r.output.split()), r.output
+                            "--out", str(tmp_path / "sw"), "--dp-epsilon", "8", "--fair-method", "el"])
+    assert r.exit_code == 2 and "per-grouplosses" in "".join(r.output.split()), r.output
 
 
 def test_zero_epochs_converts_without_training(make_gated):
@@ -388,3 +390,84 @@ def test_ema_warmup_default_on_under_dp_only():
     from relucomp.config import load_config
 
     assert load_config({}).finetune.ema_warmup is None  # the non-private finetune's average: no warm-up
+
+
+def test_ceag_under_dp_weights_clipped_gradients(make_gated):
+    """CEAG under DP: with multipliers λ the step is −lr · Σ_i w_g(i) · clip_C(∇ℓ_i) / n with the weights
+    1 + λ_g/p_g − Σλ scaled to max 1 — each sample's contribution stays ≤ C (q = 1, σ = 0, by hand)."""
+    from relucomp.dp_fairness import HeldOutDuals
+
+    gm, _ = _gated(make_gated)
+    ds = _dataset(n=12)
+    x = normalize(ds.images.float() / 255.0, ds.mean, ds.std)
+    conv, _ = dp.make_dp_compatible(gm, x[:4])
+    start = {k: v.clone() for k, v in conv.state_dict().items()}
+    names = [n for n, p in conv.named_parameters() if p.requires_grad]
+    fair = HeldOutDuals(_dataset(n=40, seed=3), dense_group_acc=[50.0, 50.0], dense_acc=50.0, tolerance=2.0,
+                        dual_lr=0.1, dual_every=10**6, num_groups=2)
+    fair.lam = torch.tensor([0.0, 0.3], dtype=torch.float64)
+    p = fair.share
+    w = torch.tensor([1.0 - 0.3, 1.0 + 0.3 / float(p[1]) - 0.3])
+    w = w / w.max()
+    torch.testing.assert_close(fair.group_weights(), w.float())
+    assert float(w[0]) < 1.0 and float(w[1]) == 1.0
+    C, lr = 0.05, 1.0
+    expected = {n: torch.zeros_like(q) for n, q in conv.named_parameters() if n in names}
+    conv.train()
+    for i in range(len(ds)):
+        conv.zero_grad()
+        F.cross_entropy(conv(x[i:i + 1]), ds.labels[i:i + 1], reduction="sum").backward()
+        grads = {n: q.grad.clone() for n, q in conv.named_parameters() if n in names}
+        norm = float(torch.sqrt(sum((g ** 2).sum() for g in grads.values())))
+        for n in names:
+            expected[n] += grads[n] * min(1.0, C / (norm + 1e-6)) * float(w[int(ds.groups[i])])
+    opts = dp.DPOptions(epsilon=math.inf, delta=1e-5, max_grad_norm=C)
+    res = dp.dp_finetune(conv, ds, opts, calib=x[:4], epochs=1, batch_size=len(ds), lr=lr, momentum=0.0,
+                         augment=False, ema=False, convert=False, fair=fair)
+    after = dict(res.model.named_parameters())
+    for n in names:
+        torch.testing.assert_close(start[n] - after[n].detach(), lr * expected[n] / len(ds), atol=2e-6, rtol=1e-4)
+    assert res.report["fairness"]["method"] == "ceag-heldout" and "training split only" in res.report["fairness"]["note"]
+
+
+def test_heldout_duals_rise_only_for_the_group_that_lost():
+    """The dual step reads the held-out split: a model right on group 0 and wrong on group 1 (dense: right on
+    both) raises λ_1 by η (ψ_1 − τ) and leaves λ_0 at 0."""
+    from relucomp.dp_fairness import HeldOutDuals
+
+    n = 20
+    imgs = torch.zeros(n, 3, 4, 4, dtype=torch.uint8)
+    groups = torch.arange(n) % 2
+    imgs[groups == 0] = 255  # group 0 bright, group 1 dark
+    held = GroupedDataset(imgs, torch.zeros(n, dtype=torch.long), groups, group_names=["a", "b"],
+                          class_names=["0", "1"], train=False)
+
+    class Bright(nn.Module):  # class 0 for bright images, 1 for dark ones
+        def forward(self, x):
+            m = x.mean(dim=(1, 2, 3))
+            return torch.stack([m, -m], 1)
+
+    fair = HeldOutDuals(held, dense_group_acc=[100.0, 100.0], dense_acc=100.0, tolerance=2.0, dual_lr=0.1,
+                        dual_every=4, num_groups=2)
+    assert not fair.maybe_update(3, Bright()) and fair.lam.tolist() == [0.0, 0.0]
+    assert fair.maybe_update(4, Bright())
+    # ψ_0 = (1 − 1) − (1 − 0.5) = −0.5, ψ_1 = (1 − 0) − 0.5 = +0.5
+    assert fair.lam[0] == 0.0 and float(fair.lam[1]) == pytest.approx(0.1 * (0.5 - 0.02))
+    assert fair.trace[-1]["heldout_psi"] == pytest.approx([-50.0, 50.0])
+    assert fair.group_weights()[1] == 1.0 and fair.group_weights()[0] < 1.0
+
+
+@pytest.mark.e2e
+def test_dp_compile_with_ceag_duals_on_validation(tmp_path, rc_cache):
+    """--fair-method ceag --dp-epsilon: compiles to the budget, the DP report carries the held-out duals'
+    multipliers and trace, and ε spent is still within the target (the weighting costs no privacy)."""
+    res = api.compile("tinycnn", "synthetic", relu_budget="2k", limit=300, pretrain_epochs=1, search_epochs=1,
+                      finetune_epochs=2, progress=False, out_dir=tmp_path / "o", fair_groups="group",
+                      fair_method="ceag", dp_epsilon=8.0, dp_batch_size=64)
+    rep = res.report
+    d = rep["dp"]
+    assert rep["fairness"]["method"] == "ceag" and d["epsilon_spent"] <= 8.0
+    f = d["fairness"]
+    assert f["method"] == "ceag-heldout" and len(f["trace"]) >= 2 and all(m >= 0 for m in f["multipliers"])
+    assert max(f["weights"]) == pytest.approx(1.0) and min(f["weights"]) >= 0.0
+    assert onnx_relu_count(tmp_path / "o" / "model.onnx")["relus"] == 2000
