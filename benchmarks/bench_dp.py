@@ -134,6 +134,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ceag", action="store_true",
                     help="also run the row 'eps=8+ceag': DP-SGD at the first ε with --fair-method ceag (duals on the "
                          "validation split, weighted clipped gradients; relucomp.dp_fairness), same schedule and seeds")
+    ap.add_argument("--dp-dual-lr", type=float, default=0.05,
+                    help="fairness.dual_lr of the 'eps=8+ceag' row (the held-out duals' step)")
     ap.add_argument("--threads", type=int, default=2, help="≤ 2 on the shared 2-core machine")
     ap.add_argument("--fair-splits", default="val,test", help="splits the fairness section evaluates")
     ap.add_argument("--out", type=Path, default=OUT)
@@ -214,7 +216,8 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         res = rc_compile(None, bundle, **{**common, "finetune_epochs": epochs, "fair_method": fair},
                          config={"finetune": {"lr": lr, "ema_decay": args.ema_decay, "ema_warmup": args.ema_warmup,
-                                              "kd_weight": args.dp_kd_weight}},
+                                              "kd_weight": args.dp_kd_weight},
+                                 **({"fairness": {"dual_lr": args.dp_dual_lr}} if fair == "ceag" else {})},
                          seed=seed,
                          search_state=shared, dp_epsilon=float(e), dp_batch_size=args.dp_batch_size)
         r = summarize(res.report)
@@ -318,6 +321,7 @@ def schedule(args, spec, budget) -> dict:
             "dp_batch_size": args.dp_batch_size, "seeds": args.seeds, "ema_decay": args.ema_decay,
             **({} if args.ema_warmup else {"ema_warmup": False}),
             **({} if args.dp_kd_weight == 0.5 else {"dp_kd_weight": args.dp_kd_weight}),
+            **({} if args.dp_dual_lr == 0.05 else {"dp_dual_lr": args.dp_dual_lr}),
             "fair_splits": args.fair_splits}
 
 
