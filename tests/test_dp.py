@@ -132,16 +132,19 @@ def test_bn_folded_exactly_gates_kept(make_gated):
         torch.testing.assert_close(conv(x), ref, atol=1e-5, rtol=1e-4)
 
 
-def test_per_sample_gradients_are_clipped(make_gated):
-    """q = 1, σ = 0, no momentum: one DP-SGD step equals −lr · mean_i clip_C(∇ℓ_i), computed by hand."""
+def _one_step_setup(make_gated):
+    """A converted tiny gated net, 12 images, its start weights and trainable parameter names."""
     gm, _ = _gated(make_gated)
     ds = _dataset(n=12)
     x = normalize(ds.images.float() / 255.0, ds.mean, ds.std)
     conv, _ = dp.make_dp_compatible(gm, x[:4])
     start = {k: v.clone() for k, v in conv.state_dict().items()}
     names = [n for n, p in conv.named_parameters() if p.requires_grad]
-    assert not any("alpha" in n for n in names)
-    C, lr = 0.05, 1.0
+    return ds, x, conv, start, names
+
+
+def _clipped_sum_by_hand(conv, ds, x, names, C, weight=lambda i: 1.0):
+    """Σ_i weight(i) · clip_C(∇ℓ_i), one backward per image; also the per-image gradient norms."""
     expected = {n: torch.zeros_like(p) for n, p in conv.named_parameters() if n in names}
     norms = []
     conv.train()
@@ -149,10 +152,19 @@ def test_per_sample_gradients_are_clipped(make_gated):
         conv.zero_grad()
         F.cross_entropy(conv(x[i:i + 1]), ds.labels[i:i + 1], reduction="sum").backward()
         grads = {n: p.grad.clone() for n, p in conv.named_parameters() if n in names}
-        norm = torch.sqrt(sum((g ** 2).sum() for g in grads.values()))
-        norms.append(float(norm))
+        norm = float(torch.sqrt(sum((g ** 2).sum() for g in grads.values())))
+        norms.append(norm)
         for n in names:
-            expected[n] += grads[n] * min(1.0, C / (float(norm) + 1e-6))
+            expected[n] += grads[n] * min(1.0, C / (norm + 1e-6)) * weight(i)
+    return expected, norms
+
+
+def test_per_sample_gradients_are_clipped(make_gated):
+    """q = 1, σ = 0, no momentum: one DP-SGD step equals −lr · mean_i clip_C(∇ℓ_i), computed by hand."""
+    ds, x, conv, start, names = _one_step_setup(make_gated)
+    assert not any("alpha" in n for n in names)
+    C, lr = 0.05, 1.0
+    expected, norms = _clipped_sum_by_hand(conv, ds, x, names, C)
     assert min(norms) > 5 * C  # clipping really changes every gradient
     opts = dp.DPOptions(epsilon=math.inf, delta=1e-5, max_grad_norm=C)
     res = dp.dp_finetune(conv, ds, opts, calib=x[:4], epochs=1, batch_size=len(ds), lr=lr, momentum=0.0,
@@ -397,12 +409,7 @@ def test_ceag_under_dp_weights_clipped_gradients(make_gated):
     1 + λ_g/p_g − Σλ scaled to max 1 — each sample's contribution stays ≤ C (q = 1, σ = 0, by hand)."""
     from relucomp.dp_fairness import HeldOutDuals
 
-    gm, _ = _gated(make_gated)
-    ds = _dataset(n=12)
-    x = normalize(ds.images.float() / 255.0, ds.mean, ds.std)
-    conv, _ = dp.make_dp_compatible(gm, x[:4])
-    start = {k: v.clone() for k, v in conv.state_dict().items()}
-    names = [n for n, p in conv.named_parameters() if p.requires_grad]
+    ds, x, conv, start, names = _one_step_setup(make_gated)
     fair = HeldOutDuals(_dataset(n=40, seed=3), dense_group_acc=[50.0, 50.0], dense_acc=50.0, tolerance=2.0,
                         dual_lr=0.1, dual_every=10**6, num_groups=2)
     fair.lam = torch.tensor([0.0, 0.3], dtype=torch.float64)
@@ -412,15 +419,7 @@ def test_ceag_under_dp_weights_clipped_gradients(make_gated):
     torch.testing.assert_close(fair.group_weights(), w.float())
     assert float(w[0]) < 1.0 and float(w[1]) == 1.0
     C, lr = 0.05, 1.0
-    expected = {n: torch.zeros_like(q) for n, q in conv.named_parameters() if n in names}
-    conv.train()
-    for i in range(len(ds)):
-        conv.zero_grad()
-        F.cross_entropy(conv(x[i:i + 1]), ds.labels[i:i + 1], reduction="sum").backward()
-        grads = {n: q.grad.clone() for n, q in conv.named_parameters() if n in names}
-        norm = float(torch.sqrt(sum((g ** 2).sum() for g in grads.values())))
-        for n in names:
-            expected[n] += grads[n] * min(1.0, C / (norm + 1e-6)) * float(w[int(ds.groups[i])])
+    expected, _ = _clipped_sum_by_hand(conv, ds, x, names, C, weight=lambda i: float(w[int(ds.groups[i])]))
     opts = dp.DPOptions(epsilon=math.inf, delta=1e-5, max_grad_norm=C)
     res = dp.dp_finetune(conv, ds, opts, calib=x[:4], epochs=1, batch_size=len(ds), lr=lr, momentum=0.0,
                          augment=False, ema=False, convert=False, fair=fair)
