@@ -107,6 +107,7 @@ class FairnessSection(_Section):
     tolerance: float = 2.0
     phase: str = "finetune"
     dual_lr: float = 0.05
+    heldout_dual_lr: float = 0.2        # CEAG under DP: step of the duals read from the validation split (4 per epoch)
 
 
 class RobustnessSection(_Section):
@@ -488,6 +489,8 @@ def validate(cfg: CompileConfig, *, warm_start: bool = False, check_data: bool =
     _one_of(cfg.pruning.importance, IMPORTANCES, "--prune-importance", "pruning importance")
     if f.tolerance < 0 or not math.isfinite(f.tolerance):
         raise ConfigError(f"tolerance {f.tolerance} must be ≥ 0 (accuracy points)", "give e.g. --tolerance 2")
+    if not (f.heldout_dual_lr > 0 and math.isfinite(f.heldout_dual_lr)):
+        raise ConfigError(f"fairness.heldout_dual_lr {f.heldout_dual_lr} must be > 0", "use e.g. 0.2")
     if s.relu_budget is None:
         raise ConfigError("no ReLU budget given", "pass --relu-budget 15k (or set search.relu_budget in the config file)")
     if not (isinstance(s.relu_budget, str) and s.relu_budget.strip().endswith("%")):

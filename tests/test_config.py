@@ -143,6 +143,11 @@ def load_config_text(text: str, tmp_path: Path) -> CompileConfig:
 def test_robust_compile_validates_and_dp_is_validated():
     cfg = validate(resolve_config(None, {"relu_budget": 100, "dp.epsilon": 8.0, "fair_groups": "group"}))
     assert cfg.fair_method == "nft" and cfg.export_weights == "ema"  # DP: fairness measured, EMA exported
+    ceag = validate(resolve_config(None, {"relu_budget": 100, "dp.epsilon": 8.0, "fair_groups": "group",
+                                          "fair_method": "ceag"}))  # opt-in: duals on the validation split
+    assert ceag.fair_method == "ceag" and ceag.fairness.heldout_dual_lr == 0.2
+    with pytest.raises(ConfigError, match="heldout_dual_lr"):
+        validate(resolve_config(None, {"relu_budget": 100, "fairness.heldout_dual_lr": 0.0}))
     with pytest.raises(ConfigError, match="differential privacy is off"):
         validate(resolve_config(None, {"relu_budget": 100, "dp.delta": 1e-6}))
     assert validate(resolve_config(None, {"relu_budget": 100, "robustness.robust": True})).robustness.robust

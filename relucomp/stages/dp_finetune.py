@@ -61,4 +61,4 @@ def heldout_duals(st: RunState, opts):
                                          finetune_epochs=cfg.finetune.epochs)
     per_epoch = max(1, round(1 / dplan.sample_rate))
     return HeldOutDuals(bundle.val, dense_group_acc=acc_g, dense_acc=acc, tolerance=cfg.fairness.tolerance,
-                        dual_lr=cfg.fairness.dual_lr, dual_every=max(1, per_epoch // 4), num_groups=G)
+                        dual_lr=cfg.fairness.heldout_dual_lr, dual_every=max(1, per_epoch // 4), num_groups=G)
