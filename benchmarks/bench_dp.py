@@ -132,8 +132,9 @@ def main(argv=None) -> int:
                     help="the ε the DP schedule is chosen at (default: the first of --eps); lets a second process "
                          "run other ε rows against the same tuning")
     ap.add_argument("--ceag", action="store_true",
-                    help="also run the row 'eps=8+ceag': DP-SGD at the first ε with --fair-method ceag (duals on the "
-                         "validation split, weighted clipped gradients; relucomp.dp_fairness), same schedule and seeds")
+                    help="also run the rows 'non-private+ceag' (the non-private compile with CEAG) and 'eps=8+ceag' "
+                         "(DP-SGD at the tuning ε with --fair-method ceag: duals on the validation split, weighted "
+                         "clipped gradients; relucomp.dp_fairness), same schedule and seeds")
     ap.add_argument("--dp-dual-lr", type=float, default=0.2,
                     help="fairness.heldout_dual_lr of the 'eps=8+ceag' row (the held-out duals' step; 0.2 was "
                          "chosen over 0.05 on validation, seeds 0 and 1)")
