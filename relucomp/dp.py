@@ -587,6 +587,8 @@ def _dp_finetune(gm: fx.GraphModule, train_ds, opts: DPOptions, *, calib: torch.
     changes = list(dplan.conversion)  # conversions of an earlier DP phase (or a resumed run) included
     steps_per_epoch = max(1, round(1 / q))
     steps = dplan.finetune_steps
+    if fair is not None:
+        fair.set_epoch_length(steps_per_epoch)
     ema = ema and steps > 0
     say(f"DP-SGD: ε={opts.epsilon:g}, δ={opts.delta:.2g}, C={opts.max_grad_norm:g}, q={q:.4f}, "
         f"{steps} steps, noise multiplier σ={sigma:.3f}")

@@ -5,9 +5,9 @@ is: its dual update reads per-group accuracy of the *training* batches, and its
 primal term ``Σ_g λ_g (L_g − L)`` is a difference of batch-level group means,
 which per-sample clipping does not bound.  This module is the DP form:
 
-* **Dual** — every ``dual_every`` steps the model is evaluated on a held-out split
-  (the data set's validation split) and each multiplier takes one projected
-  ascent step on that split's excess drop, ``λ_g ← max(0, λ_g + η (ψ_g − τ))``
+* **Dual** — every ``dual_every`` steps (default: ``per_epoch`` = 4 times per DP
+  epoch) the model is evaluated on a held-out split (the data set's validation
+  split) and each multiplier takes one projected ascent step on that split's excess drop, ``λ_g ← max(0, λ_g + η (ψ_g − τ))``
   with ``ψ_g = (d_g − a_g) − (d − a)`` in fractions (``d``: the dense model's
   accuracy on the same split, ``τ``: the tolerance).  The held-out split is read
   outside DP-SGD: the guarantee covers the training split only, and the held-out
@@ -38,7 +38,7 @@ class HeldOutDuals:
     """CEAG multipliers updated from a held-out split (see the module docstring)."""
 
     def __init__(self, heldout, *, dense_group_acc: Sequence[float | None], dense_acc: float, tolerance: float,
-                 dual_lr: float, dual_every: int, num_groups: int):
+                 dual_lr: float, num_groups: int, dual_every: int | None = None, per_epoch: int = 4):
         self.heldout = heldout
         G = int(num_groups)
         self.num_groups = G
@@ -47,12 +47,18 @@ class HeldOutDuals:
         self.dense = float(dense_acc) / 100.0
         self.tolerance = float(tolerance) / 100.0
         self.dual_lr = float(dual_lr)
-        self.dual_every = max(1, int(dual_every))
+        self.per_epoch = max(1, int(per_epoch))
+        self.dual_every = None if dual_every is None else max(1, int(dual_every))
         counts = torch.bincount(heldout.groups.reshape(-1).long(), minlength=G).to(torch.float64)
         self.share = counts / counts.sum().clamp_min(1.0)
         self.constrained = torch.isfinite(self.dense_g) & (counts > 0)
         self.lam = torch.zeros(G, dtype=torch.float64)
         self.trace: list[dict[str, Any]] = []
+
+    def set_epoch_length(self, steps_per_epoch: int) -> None:
+        """Without an explicit ``dual_every``: ``per_epoch`` dual steps per epoch of ``steps_per_epoch``."""
+        if self.dual_every is None:
+            self.dual_every = max(1, int(steps_per_epoch) // self.per_epoch)
 
     # ------------------------------------------------------------------ primal
     def group_weights(self) -> torch.Tensor:

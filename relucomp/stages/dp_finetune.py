@@ -39,26 +39,22 @@ def run(st: RunState) -> FinetuneOut:
                       temperature=cfg.finetune.temperature or cfg.search.kd_temperature, seed=cfg.runtime.seed,
                       ema=cfg.finetune.ema, progress=st.progress, log=st.say, device=cfg.runtime.device,
                       checkpoint=save if st.out is not None else None, resume=resume,
-                      fair=heldout_duals(st, opts))
+                      fair=heldout_duals(st))
     out = output(st, res.model, res.ema, stats={"history": res.report["history"]})
     out.dp = DPReport.from_dict({**res.report, "export_weights": out.weights})
     return out
 
 
-def heldout_duals(st: RunState, opts):
+def heldout_duals(st: RunState):
     """CEAG under DP (``--fair-method ceag --dp-epsilon``): multipliers from the validation split
-    (:class:`relucomp.dp_fairness.HeldOutDuals`); ``None`` for any other fairness method."""
+    (:class:`relucomp.dp_fairness.HeldOutDuals`, four dual steps per DP epoch); ``None`` for any other method."""
     cfg = st.cfg
     if cfg.fair_method != "ceag":
         return None
-    from ..dp import plan
     from ..dp_fairness import HeldOutDuals
+
     bundle = st["data"].bundle
     dense = st["evaluate_dense"].val  # the dense model's predictions on the held-out split
     G = len(bundle.group_names)
-    acc_g, acc = dense.group_acc(G), dense.acc
-    dplan = st["search"].dp_plan or plan(opts, len(bundle.train), batch_size=dp_batch_size(cfg),
-                                         finetune_epochs=cfg.finetune.epochs)
-    per_epoch = max(1, round(1 / dplan.sample_rate))
-    return HeldOutDuals(bundle.val, dense_group_acc=acc_g, dense_acc=acc, tolerance=cfg.fairness.tolerance,
-                        dual_lr=cfg.fairness.heldout_dual_lr, dual_every=max(1, per_epoch // 4), num_groups=G)
+    return HeldOutDuals(bundle.val, dense_group_acc=dense.group_acc(G), dense_acc=dense.acc,
+                        tolerance=cfg.fairness.tolerance, dual_lr=cfg.fairness.heldout_dual_lr, num_groups=G)
