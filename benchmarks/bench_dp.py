@@ -248,25 +248,23 @@ def main(argv=None) -> int:
                 results[name] = aggregate(runs)
                 write(args, spec, bundle, budget, results, t0)
         results[name] = aggregate(runs)
-    if args.ceag:  # the non-private compile with its default fairness method (CEAG, duals on the training data)
-        runs = (results.get("non-private+ceag") or {}).get("runs") or {}
-        for seed in seeds:
-            if str(seed) not in runs:
-                runs[str(seed)] = np_run(seed, fair="ceag")
-                report_line(f"non-private+ceag seed {seed}", runs[str(seed)])
-                results["non-private+ceag"] = aggregate(runs)
-                write(args, spec, bundle, budget, results, t0)
-        results["non-private+ceag"] = aggregate(runs)
-    if args.ceag:  # DP + CEAG with held-out duals, at the tuning ε, with the chosen schedule
-        name = f"eps={tune_eps}+ceag" + ("" if args.dp_dual_lr == 0.2 else f"(dual_lr={args.dp_dual_lr:g})")
+    def fill_row(name: str, run) -> None:
+        """Run ``run(seed)`` for the seeds the row lacks (the JSON rewritten after each), then aggregate."""
         runs = (results.get(name) or {}).get("runs") or {}
         for seed in seeds:
             if str(seed) not in runs:
-                runs[str(seed)] = dp_run(tune_eps, chosen["epochs"], chosen["lr"], seed, fair="ceag")
+                runs[str(seed)] = run(seed)
                 report_line(f"{name} seed {seed}", runs[str(seed)])
                 results[name] = aggregate(runs)
                 write(args, spec, bundle, budget, results, t0)
         results[name] = aggregate(runs)
+
+    if args.ceag:
+        # the non-private compile with its default fairness method (CEAG, duals on the training data)
+        fill_row("non-private+ceag", lambda seed: np_run(seed, fair="ceag"))
+        # DP + CEAG with held-out duals, at the tuning ε, with the chosen schedule
+        fill_row(f"eps={tune_eps}+ceag" + ("" if args.dp_dual_lr == 0.2 else f"(dual_lr={args.dp_dual_lr:g})"),
+                 lambda seed: dp_run(tune_eps, chosen["epochs"], chosen["lr"], seed, fair="ceag"))
     write(args, spec, bundle, budget, results, t0)
     return 0
 
