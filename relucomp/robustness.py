@@ -24,6 +24,7 @@ the same subset for every model, so dense and compiled are comparable.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
@@ -203,13 +204,49 @@ def _imagecorruptions():
     return corrupt
 
 
+class _CorruptionMemo:
+    """In-process memo of corrupted sets: the dense and the compiled model of every compile in one process (a
+    sweep, a benchmark) see the same test images, and some corruptions cost ~50 ms an image (glass blur).
+    Keyed by the images' bytes, their indices, corruption, severity and seed; bounded in bytes, oldest out."""
+
+    def __init__(self, max_bytes: int = 512 << 20):
+        self.max_bytes, self.items, self.size, self.hits = max_bytes, {}, 0, 0
+
+    @staticmethod
+    def key(images: Tensor, idx: Sequence[int], corruption: str, severity: int, seed: int) -> tuple:
+        h = hashlib.sha256(images.contiguous().numpy().tobytes())
+        h.update(np.asarray(list(idx), dtype=np.int64).tobytes())
+        return (h.hexdigest(), tuple(images.shape), corruption, int(severity), int(seed))
+
+    def get(self, key: tuple) -> Tensor | None:
+        hit = self.items.get(key)
+        if hit is not None:
+            self.hits += 1
+            return hit.clone()
+        return None
+
+    def put(self, key: tuple, value: Tensor) -> None:
+        n = value.numel() * value.element_size()
+        if n > self.max_bytes:
+            return
+        while self.items and self.size + n > self.max_bytes:
+            old = self.items.pop(next(iter(self.items)))
+            self.size -= old.numel() * old.element_size()
+        self.items[key] = value.clone()
+        self.size += n
+
+
+_MEMO = _CorruptionMemo()
+
+
 def corrupt_images(images: Tensor, corruption: str, severity: int, *, seed: int = 0,
-                   indices: Sequence[int] | None = None) -> Tensor:
+                   indices: Sequence[int] | None = None, cache: bool = True) -> Tensor:
     """Corrupt uint8 ``N x 3 x H x W`` images with ``imagecorruptions`` (deterministic per seed and image).
 
     ``indices`` names each image (default ``0..N-1``): an image's corruption
     depends only on (seed, corruption, severity, its index), never on the batch.
-    numpy's global RNG state is restored afterwards.
+    numpy's global RNG state is restored afterwards.  ``cache``: reuse a set
+    corrupted earlier in this process (an exact copy; see :class:`_CorruptionMemo`).
     """
     corrupt = _imagecorruptions()
     names = CORRUPTIONS + EXTRA_CORRUPTIONS
@@ -217,6 +254,9 @@ def corrupt_images(images: Tensor, corruption: str, severity: int, *, seed: int 
         raise ConfigError(f"unknown corruption {corruption!r}", "use one of " + ", ".join(names))
     cidx = names.index(corruption)
     idx = range(images.shape[0]) if indices is None else [int(i) for i in indices]
+    key = _MEMO.key(images, idx, corruption, severity, seed) if cache else None
+    if key is not None and (hit := _MEMO.get(key)) is not None:
+        return hit
     hwc = images.permute(0, 2, 3, 1).contiguous().numpy()
     out = np.empty_like(hwc)
     state = np.random.get_state()
@@ -229,7 +269,10 @@ def corrupt_images(images: Tensor, corruption: str, severity: int, *, seed: int 
             out[k] = corrupt(img, corruption_name=corruption, severity=int(severity), **kw)
     finally:
         np.random.set_state(state)
-    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+    result = torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+    if key is not None:
+        _MEMO.put(key, result)
+    return result
 
 
 # --------------------------------------------------------------------------- PGD

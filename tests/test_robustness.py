@@ -87,16 +87,36 @@ def test_corruptions_deterministic_per_seed_and_batch_independent():
     for name in ("gaussian_noise", "impulse_noise", "fog", "contrast"):
         np.random.seed(123)
         before = np.random.get_state()[1].copy()
-        a = corrupt_images(x, name, 3, seed=7)
+        a = corrupt_images(x, name, 3, seed=7, cache=False)
         assert np.array_equal(np.random.get_state()[1], before)  # the caller's numpy RNG is restored
-        assert torch.equal(a, corrupt_images(x, name, 3, seed=7))
-        assert torch.equal(a[2:], corrupt_images(x[2:], name, 3, seed=7, indices=[2, 3, 4]))
+        assert torch.equal(a, corrupt_images(x, name, 3, seed=7, cache=False))
+        assert torch.equal(a[2:], corrupt_images(x[2:], name, 3, seed=7, indices=[2, 3, 4], cache=False))
         assert a.dtype == torch.uint8 and a.shape == x.shape and not torch.equal(a, x)
     assert not torch.equal(corrupt_images(x, "gaussian_noise", 3, seed=7), corrupt_images(x, "gaussian_noise", 3, seed=8))
     # stronger severity, further from the clean image
     d1 = (corrupt_images(x, "gaussian_noise", 1).float() - x.float()).abs().mean()
     d5 = (corrupt_images(x, "gaussian_noise", 5).float() - x.float()).abs().mean()
     assert d5 > d1
+
+
+@needs_ic
+def test_corruption_memo_returns_exact_private_copies(monkeypatch):
+    import relucomp.robustness as rb
+    monkeypatch.setattr(rb, "_MEMO", rb._CorruptionMemo(max_bytes=2 * 5 * 3 * 32 * 32))   # room for two sets
+    x = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    a = corrupt_images(x, "fog", 2, seed=3)
+    assert rb._MEMO.hits == 0
+    b = corrupt_images(x, "fog", 2, seed=3)
+    assert rb._MEMO.hits == 1 and torch.equal(a, b) and torch.equal(a, corrupt_images(x, "fog", 2, seed=3, cache=False))
+    b.zero_()                                           # a caller's edit does not reach the memo
+    assert torch.equal(corrupt_images(x, "fog", 2, seed=3), a)
+    y = x.clone(); y[0, 0, 0, 0] ^= 1                   # other pixels, other indices, other seed: misses
+    for call in (lambda: corrupt_images(y, "fog", 2, seed=3), lambda: corrupt_images(x, "fog", 2, seed=4),
+                 lambda: corrupt_images(x, "fog", 2, seed=3, indices=[9, 1, 2, 3, 4])):
+        hits = rb._MEMO.hits
+        call()
+        assert rb._MEMO.hits == hits
+    assert rb._MEMO.size <= rb._MEMO.max_bytes and len(rb._MEMO.items) == 2     # bounded: oldest out
 
 
 @needs_ic
