@@ -113,6 +113,9 @@ def main() -> None:
     ap.add_argument("--teacher-epochs", type=int, default=3)
     ap.add_argument("--train-attack-steps", type=int, default=2)
     ap.add_argument("--modes", default="plain,robust")
+    ap.add_argument("--split", default="test", choices=("test", "val"),
+                    help="the split CA / NPA / AdvA are measured on (val: to choose settings without the test split)")
+    ap.add_argument("--trades-beta", type=float, default=6.0, help="TRADES β of the robust teacher")
     ap.add_argument("--seed", type=int, default=0, help="seed of the whole run (data subset, pretraining, compiles)")
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--table", action="store_true", help="print the README table from --out and exit")
@@ -129,6 +132,8 @@ def main() -> None:
            "severities": a.severities, "pretrain_epochs": a.pretrain_epochs, "search_epochs": a.epochs,
            "finetune_epochs": a.finetune_epochs, "teacher_epochs": a.teacher_epochs,
            "train_attack_steps": a.train_attack_steps, "modes": a.modes}
+    if a.split != "test" or a.trades_beta != 6.0:   # keys of earlier results (test split, β 6) stay valid
+        key |= {"split": a.split, "trades_beta": a.trades_beta}
     def kept() -> list:
         """Rows of other seeds with the same schedule (one JSON, many seeds), re-read at every write so that
         seeds may run as parallel processes."""
@@ -141,12 +146,12 @@ def main() -> None:
 
     def one(budget: str, robust: bool) -> dict:
         t0 = time.perf_counter()
-        extra = dict(robust=True, robust_teacher_epochs=a.teacher_epochs,
+        extra = dict(robust=True, robust_teacher_epochs=a.teacher_epochs, trades_beta=a.trades_beta,
                      train_attack_steps=a.train_attack_steps, compare_branches=True) if robust else {}
         res = rc_compile("resnet8", f"cifar10:{a.data}", relu_budget=budget, limit=a.limit,
                          pretrain_epochs=a.pretrain_epochs, search_epochs=a.epochs, finetune_epochs=a.finetune_epochs,
                          export=False, progress=False, eval_robustness=True, corruptions=a.corruptions,
-                         severities=a.severities, robustness_samples=a.samples, seed=a.seed,
+                         severities=a.severities, robustness_samples=a.samples, robustness_split=a.split, seed=a.seed,
                          log=lambda m: print(f"[{time.strftime('%H:%M:%S')}] {m}", flush=True), **extra)
         rep = res.report
         rb = rep.robustness
@@ -175,7 +180,9 @@ def main() -> None:
                                 "split, 32x32"},
                "settings": {**settings, "pretrain_epochs": a.pretrain_epochs, "search_epochs": a.epochs,
                             "finetune_epochs": a.finetune_epochs, "model": "resnet8", "run_seed": a.seed,
+                            "split": a.split,
                             "robust": {"teacher_epochs": a.teacher_epochs, "train_attack": "trades",
+                                       "trades_beta": a.trades_beta,
                                        "train_attack_steps": a.train_attack_steps, "train_epsilon": "8/255",
                                        "augmix": True, "dual_bn": True, "exported_branch": "clean",
                                        "note": f"training attack PGD-{a.train_attack_steps} with random start "

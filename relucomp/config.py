@@ -116,6 +116,7 @@ class RobustnessSection(_Section):
     corruptions: Union[list[str], str] = "all"  # "all" (the 15 CIFAR-10-C ones), families or names
     severities: Union[list[int], str] = [1, 2, 3, 4, 5]  # or "1,3,5"
     samples: int | None = 1000          # seeded test subset evaluated (None: the whole test split)
+    split: str = "test"                 # the split evaluated: test (what you report) | val (what you tune on)
     pgd_epsilon: Union[float, str] = "8/255"  # L-inf radius in pixel units [0, 1]
     pgd_step: Union[float, str] = "2/255"
     pgd_steps: int = 10
@@ -253,6 +254,7 @@ KEYWORDS: dict[str, str] = {
     "pin_memory": "runtime.pin_memory", "cudnn_benchmark": "runtime.cudnn_benchmark",
     "eval_robustness": "robustness.eval", "robust": "robustness.robust", "corruptions": "robustness.corruptions",
     "severities": "robustness.severities", "robustness_samples": "robustness.samples",
+    "robustness_split": "robustness.split",
     "pgd_epsilon": "robustness.pgd_epsilon", "pgd_step": "robustness.pgd_step", "pgd_steps": "robustness.pgd_steps",
     "teacher_robust": "robustness.teacher_robust", "robust_teacher_epochs": "robustness.teacher_epochs",
     "train_attack": "robustness.train_attack", "train_attack_steps": "robustness.train_attack_steps",
@@ -632,6 +634,9 @@ def check_robust_compile(cfg: CompileConfig) -> None:
 
 def check_robustness(cfg: CompileConfig) -> None:
     check_robust_compile(cfg)
+    if cfg.robustness.split not in ("test", "val"):
+        raise ConfigError(f"--robustness-split must be test or val, not {cfg.robustness.split!r}",
+                          "use --robustness-split val to choose robust settings without looking at the test split")
     if cfg.robustness != RobustnessSection():  # every field set is checked, even with eval off
         robustness_settings(cfg)
     if cfg.robustness.eval or cfg.robustness.robust:  # the robust compile reports its robustness too

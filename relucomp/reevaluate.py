@@ -42,7 +42,7 @@ def evaluate_compiled(out_dir: str | os.PathLike, *, model: Any = None, data: An
     """Add the ``robustness`` section to ``OUT/report.json`` of a finished compile; return the updated report.
 
     ``overrides``: robustness options under their keyword names
-    (``corruptions``, ``severities``, ``robustness_samples``, ``pgd_epsilon``,
+    (``corruptions``, ``severities``, ``robustness_samples``, ``robustness_split``, ``pgd_epsilon``,
     ``pgd_step``, ``pgd_steps``) or ``"section.field"``; ``seed`` is the run's.
     ``model`` / ``data``: the Python objects of a run compiled from objects.
     ``dense=False`` skips the dense model (no pretraining cache needed).
@@ -71,7 +71,9 @@ def evaluate_compiled(out_dir: str | os.PathLike, *, model: Any = None, data: An
     from .train import progress_bar
 
     with progress_bar(progress) as bar:
-        result = evaluate_models(models, st["data"].bundle.test, settings, progress=bar, say=log)
+        split = cfg.robustness.split
+        result = evaluate_models(models, getattr(st["data"].bundle, split), settings, progress=bar, say=log,
+                                 split=split)
     rep_dict["robustness"] = result.to_dict()  # every other section kept as it was
     atomic_write_json(out / "report.json", rep_dict)
     return CompileReport.from_dict(rep_dict)

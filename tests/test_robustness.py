@@ -162,6 +162,7 @@ def test_bad_inputs_are_one_line_config_errors():
     (["--corruptions", "fogg"], ["unknown corruption 'fogg'", "gaussian_noise"]),
     (["--severities", "0,9"], ["severities [0, 9] must be among 1-5"]),
     (["--robust", "--train-attack", "fgsm"], ["unknown training attack 'fgsm'", "trades | pgd"]),
+    (["--robustness-split", "train"], ["must be test or val, not 'train'", "--robustness-split val"]),
 ])
 def test_cli_refuses_bad_robustness_options_before_any_data(args, fragments, tmp_path, monkeypatch):
     import relucomp.data.load as load
@@ -224,4 +225,12 @@ def test_compile_eval_robustness_report_html_and_evaluate_command(tmp_path):
     for model in ("dense", "compiled"):
         assert rep3["robustness"]["models"][model]["ca"] == pytest.approx(rb["models"][model]["ca"])
         assert rep3["robustness"]["models"][model]["npa"] == pytest.approx(rb["models"][model]["npa"])
+    # --robustness-split val: the validation split (for tuning), recorded in the section
+    splits = {k: v["n"] for k, v in rep["data"]["summary"]["splits"].items()}
+    assert splits["val"] != splits["test"] and rb["settings"]["split"] == "test"
+    r = runner.invoke(app, ["evaluate", str(out), "--robustness-split", "val", "--corruptions", "fog", "--severities",
+                            "2", "--robustness-samples", "100000", "--pgd-steps", "1", "--no-progress", "--no-dense"])
+    assert r.exit_code == 0, r.output
+    rv = json.loads((out / "report.json").read_text())["robustness"]
+    assert rv["settings"]["split"] == "val" and rv["samples"] == splits["val"] and set(rv["models"]) == {"compiled"}
     one_line_error(runner.invoke(app, ["evaluate", str(tmp_path)]), "not a finished relucomp compile output")

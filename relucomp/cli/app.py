@@ -70,6 +70,9 @@ Corruptions = Annotated[Optional[str], typer.Option(
 Severities = Annotated[Optional[str], typer.Option("--severities", help="corruption severities, e.g. 1,3,5 (default 1-5)")]
 RobustnessSamples = Annotated[Optional[int], typer.Option(
     "--robustness-samples", help="evaluate robustness on this many test images (seeded subset; default 1000)")]
+RobustnessSplit = Annotated[Optional[str], typer.Option(
+    "--robustness-split", help="the split robustness is measured on: test (default; what you report) | val (what "
+                               "you tune robust settings on)")]
 PgdEpsilon = Annotated[Optional[str], typer.Option("--pgd-epsilon", help="PGD L∞ radius in pixel units, e.g. 8/255")]
 PgdStep = Annotated[Optional[str], typer.Option("--pgd-step", help="PGD step, e.g. 2/255")]
 PgdSteps = Annotated[Optional[int], typer.Option("--pgd-steps", help="PGD iterations (default 10)")]

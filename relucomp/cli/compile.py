@@ -16,7 +16,7 @@ from ..distributed import torchrun_env
 from .app import (AsJson, BatchSize, BudgetIncludesMaxpool, Checkpoint, ConfigFile, Corruptions, Device, DPBatchSize,
                   DPDelta, DPEpsilon, DPMaxGradNorm, DPPhase, Effort, EvalRobustness, ExportTarget, ExportWeights,
                   FinetuneEpochs, ImageSize, LeafModule, Limit, Lr, NoProgress, NumClasses, PgdEpsilon, PgdStep, PgdSteps,
-                  Pretrained, PretrainEpochs, Replacement, RobustnessSamples, SearchEpochs, Seed, Severities, Target, app,
+                  Pretrained, PretrainEpochs, Replacement, RobustnessSamples, RobustnessSplit, SearchEpochs, Seed, Severities, Target, app,
                   errors_handled, given, layer_table, log, out_console, quiet_torch_logs, robustness_table)
 
 DEFAULT_OUT = "relucomp-out"
@@ -71,6 +71,7 @@ def compile(  # noqa: A001
     corruptions: Corruptions = None,
     severities: Severities = None,
     robustness_samples: RobustnessSamples = None,
+    robustness_split: RobustnessSplit = None,
     pgd_epsilon: PgdEpsilon = None,
     pgd_step: PgdStep = None,
     pgd_steps: PgdSteps = None,

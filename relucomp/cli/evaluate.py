@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from .app import (Corruptions, NoProgress, PgdEpsilon, PgdStep, PgdSteps, RobustnessSamples, Severities, app,
+from .app import (Corruptions, NoProgress, PgdEpsilon, PgdStep, PgdSteps, RobustnessSamples, RobustnessSplit, Severities, app,
                   errors_handled, given, log, out_console, quiet_torch_logs, robustness_table)
 
 
@@ -19,6 +19,7 @@ def evaluate_cmd(
     corruptions: Corruptions = None,
     severities: Severities = None,
     robustness_samples: RobustnessSamples = None,
+    robustness_split: RobustnessSplit = None,
     pgd_epsilon: PgdEpsilon = None,
     pgd_step: PgdStep = None,
     pgd_steps: PgdSteps = None,

@@ -26,7 +26,9 @@ def run(st: RunState) -> RobustnessResult:
         calib = st["data"].calib
         alt = PassManager(lowering_passes(calib, gate_form=st.cfg.export.gate_form), calibration=calib).run(dual.other)
         models["compiled_" + ("perturbed" if dual.branch == "clean" else "clean") + "_bn"] = alt.gm
-    res = evaluate_models(models, st["data"].bundle.test, settings, progress=st.progress, say=st.say)
+    split = st.cfg.robustness.split
+    res = evaluate_models(models, getattr(st["data"].bundle, split), settings, progress=st.progress, say=st.say,
+                          split=split)
     if "robust_teacher" in st.results:
         rt = st["robust_teacher"]
         res.robust_compile = {"teacher": {k: v for k, v in rt.info.items() if k != "history"},
@@ -37,11 +39,12 @@ def run(st: RunState) -> RobustnessResult:
     return res
 
 
-def evaluate_models(models, dataset, settings, *, progress=None, say=None) -> RobustnessResult:
-    """:func:`~relucomp.robustness.evaluate_robustness` with a rich progress bar (``progress``: a rich Progress)."""
+def evaluate_models(models, dataset, settings, *, progress=None, say=None, split: str = "test") -> RobustnessResult:
+    """:func:`~relucomp.robustness.evaluate_robustness` with a rich progress bar (``progress``: a rich Progress);
+    ``split`` names the split ``dataset`` is (recorded in the result's settings)."""
     n = len(dataset) if settings.samples is None else min(settings.samples, len(dataset))
     if say is not None:
-        say(f"robustness: {n} test images, {len(settings.corruptions)} corruptions × {len(settings.severities)} "
+        say(f"robustness: {n} {split} images, {len(settings.corruptions)} corruptions × {len(settings.severities)} "
             f"severities, PGD {settings.pgd_steps} steps")
     task = progress.add_task("robustness", total=len(settings.corruptions) * len(settings.severities) + 2,
                              info="") if progress is not None else None
@@ -50,4 +53,6 @@ def evaluate_models(models, dataset, settings, *, progress=None, say=None) -> Ro
         if task is not None:
             progress.update(task, completed=done, info=what)
 
-    return evaluate_robustness(models, dataset, settings, progress=tick)
+    res = evaluate_robustness(models, dataset, settings, progress=tick)
+    res.settings["split"] = split
+    return res
