@@ -665,7 +665,7 @@ def _robustness_tables(data: ReportData) -> dict[str, Any] | None:
         rows.append([f"{r.budget:,}", r.method, f"{r.relus:,}", _f(m["ca"]), _f(m["npa"]), _f(m["adva"])])
         crows.append([f"{r.budget:,}", r.method] + [_f(m["npa_by_corruption"].get(c)) for c in corr])
     st = first["settings"]
-    note = (f"{first['samples']} test images (seeded subset); NPA: mean accuracy over {len(corr)} corruptions "
+    note = (f"{first['samples']} {st.get('split', 'test')} images (seeded subset); NPA: mean accuracy over {len(corr)} corruptions "
             f"(imagecorruptions) × severities {', '.join(map(str, st['severities']))}; AdvA: PGD L∞ "
             f"ε = {st['pgd_epsilon'] * 255:.3g}/255, step {st['pgd_step'] * 255:.3g}/255, {st['pgd_steps']} steps, "
             "random start, in pixel space.")

@@ -69,7 +69,7 @@ Corruptions = Annotated[Optional[str], typer.Option(
                           "names, comma-separated")]
 Severities = Annotated[Optional[str], typer.Option("--severities", help="corruption severities, e.g. 1,3,5 (default 1-5)")]
 RobustnessSamples = Annotated[Optional[int], typer.Option(
-    "--robustness-samples", help="evaluate robustness on this many test images (seeded subset; default 1000)")]
+    "--robustness-samples", help="evaluate robustness on this many images of the split (seeded subset; default 1000)")]
 RobustnessSplit = Annotated[Optional[str], typer.Option(
     "--robustness-split", help="the split robustness is measured on: test (default; what you report) | val (what "
                                "you tune robust settings on)")]
@@ -207,7 +207,7 @@ def mb(b: float) -> str:
 def robustness_table(res) -> Table:
     """CA / NPA / AdvA per model (and group), from the report's typed robustness section."""
     s = res.settings
-    t = Table(title=f"robustness ({res.samples} test images; NPA: {len(s['corruptions'])} corruptions × "
+    t = Table(title=f"robustness ({res.samples} {s.get('split', 'test')} images; NPA: {len(s['corruptions'])} corruptions × "
                     f"severities {','.join(map(str, s['severities']))}; AdvA: PGD L∞ ε={s['pgd_epsilon'] * 255:.3g}/255, "
                     f"{s['pgd_steps']} steps)")
     for c in ("model", "CA", "NPA", "AdvA"):
