@@ -116,7 +116,7 @@ def test_cli_estimate_and_missing_venv(tmp_path, monkeypatch):
     monkeypatch.setenv("RELUCOMP_PI_VENV", str(tmp_path / "no-venv"))
     r = CliRunner().invoke(app, ["pi-bench", str(path)])
     assert r.exit_code == 2
-    assert "SPU venv is not set up" in r.output and "--setup" in r.output
+    assert "SPU venv is not set up" in " ".join(r.output.split()) and "--setup" in r.output
 
 
 @pytest.mark.skipif(bench.venv_python() is None, reason=NO_SPU)
