@@ -71,9 +71,8 @@ def evaluate_compiled(out_dir: str | os.PathLike, *, model: Any = None, data: An
     from .train import progress_bar
 
     with progress_bar(progress) as bar:
-        split = cfg.robustness.split
-        result = evaluate_models(models, getattr(st["data"].bundle, split), settings, progress=bar, say=log,
-                                 split=split)
+        result = evaluate_models(models, st["data"].bundle, settings, split=cfg.robustness.split, progress=bar,
+                                 say=log)
     rep_dict["robustness"] = result.to_dict()  # every other section kept as it was
     atomic_write_json(out / "report.json", rep_dict)
     return CompileReport.from_dict(rep_dict)

@@ -26,9 +26,8 @@ def run(st: RunState) -> RobustnessResult:
         calib = st["data"].calib
         alt = PassManager(lowering_passes(calib, gate_form=st.cfg.export.gate_form), calibration=calib).run(dual.other)
         models["compiled_" + ("perturbed" if dual.branch == "clean" else "clean") + "_bn"] = alt.gm
-    split = st.cfg.robustness.split
-    res = evaluate_models(models, getattr(st["data"].bundle, split), settings, progress=st.progress, say=st.say,
-                          split=split)
+    res = evaluate_models(models, st["data"].bundle, settings, split=st.cfg.robustness.split, progress=st.progress,
+                          say=st.say)
     if "robust_teacher" in st.results:
         rt = st["robust_teacher"]
         res.robust_compile = {"teacher": {k: v for k, v in rt.info.items() if k != "history"},
@@ -39,9 +38,10 @@ def run(st: RunState) -> RobustnessResult:
     return res
 
 
-def evaluate_models(models, dataset, settings, *, progress=None, say=None, split: str = "test") -> RobustnessResult:
-    """:func:`~relucomp.robustness.evaluate_robustness` with a rich progress bar (``progress``: a rich Progress);
-    ``split`` names the split ``dataset`` is (recorded in the result's settings)."""
+def evaluate_models(models, bundle, settings, *, split: str = "test", progress=None, say=None) -> RobustnessResult:
+    """:func:`~relucomp.robustness.evaluate_robustness` on ``bundle``'s ``split`` (test | val, recorded in the
+    result's settings) with a rich progress bar (``progress``: a rich Progress)."""
+    dataset = getattr(bundle, split)
     n = len(dataset) if settings.samples is None else min(settings.samples, len(dataset))
     if say is not None:
         say(f"robustness: {n} {split} images, {len(settings.corruptions)} corruptions × {len(settings.severities)} "
