@@ -144,6 +144,8 @@ class DPSection(_Section):
     phase: str = "finetune"             # which phases run under DP-SGD: finetune | search | both (one ε for all)
     batch_size: int | None = None       # expected Poisson batch; None: max(runtime.batch_size, 256)
     accountant: str = "rdp"             # rdp | prv (opacus accountants)
+    augmult: int = 1                    # augmentation multiplicity (De et al.): each sampled image's gradient is the
+                                        # mean over this many random crops/flips of it, clipped once (same privacy)
 
 
 class PruningSection(_Section):
@@ -248,6 +250,7 @@ KEYWORDS: dict[str, str] = {
     "export_weights": "export.weights",
     "dp_epsilon": "dp.epsilon", "dp_delta": "dp.delta", "dp_max_grad_norm": "dp.max_grad_norm",
     "dp_phase": "dp.phase", "dp_batch_size": "dp.batch_size", "dp_accountant": "dp.accountant",
+    "dp_augmult": "dp.augmult",
     "seed": "runtime.seed", "batch_size": "runtime.batch_size", "device": "runtime.device",
     "out_dir": "runtime.out_dir", "resume": "runtime.resume", "progress": "runtime.progress",
     "diagnose": "runtime.diagnose", "nproc": "runtime.nproc", "amp": "runtime.amp", "workers": "runtime.workers",
@@ -420,6 +423,7 @@ def check_dp(cfg: CompileConfig, n_train: int | None = None) -> float | None:
     eps = dp.epsilon
     if eps is None:
         stray = [f"--dp-{k.replace('_', '-')}" for k in ("delta", "max_grad_norm", "batch_size") if getattr(dp, k) is not None]
+        stray += ["--dp-augmult"] if dp.augmult != 1 else []
         if stray or dp.phase != "finetune":
             flag = stray[0] if stray else "--dp-phase"
             raise ConfigError(f"{flag} is set but --dp-epsilon is not (differential privacy is off)",
@@ -430,6 +434,9 @@ def check_dp(cfg: CompileConfig, n_train: int | None = None) -> float | None:
                           "give a positive ε, e.g. --dp-epsilon 8 (smaller = more private; inf = no noise)")
     if dp.max_grad_norm is not None and not (dp.max_grad_norm > 0 and math.isfinite(dp.max_grad_norm)):
         raise ConfigError(f"--dp-max-grad-norm {dp.max_grad_norm} must be > 0", "give a clipping norm such as 1.0")
+    if not isinstance(dp.augmult, int) or isinstance(dp.augmult, bool) or not 1 <= dp.augmult <= 64:
+        raise ConfigError(f"--dp-augmult {dp.augmult} must be a whole number from 1 to 64",
+                          "give e.g. --dp-augmult 4 (augmentations averaged per sampled image; 1 = off)")
     if dp.batch_size is not None and dp.batch_size < 1:
         raise ConfigError(f"--dp-batch-size {dp.batch_size} must be ≥ 1", "give e.g. --dp-batch-size 256")
     if dp.phase != "finetune" and cfg.search.method != "snl":

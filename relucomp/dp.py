@@ -66,6 +66,7 @@ class DPOptions:
     ema_decay: float = 0.99
     ema_warmup: bool = True
     n_train: int = 0
+    augmult: int = 1
 
 
 def options(cfg: CompileConfig, n_train: int) -> DPOptions | None:
@@ -81,16 +82,17 @@ def options(cfg: CompileConfig, n_train: int) -> DPOptions | None:
     return DPOptions(epsilon=float(dp.epsilon), delta=float(delta),
                      max_grad_norm=float(dp.max_grad_norm if dp.max_grad_norm is not None else 1.0), phase=dp.phase,
                      accountant=dp.accountant, ema_decay=float(cfg.finetune.ema_decay),
-                     ema_warmup=cfg.finetune.ema_warmup is not False, n_train=int(n_train))
+                     ema_warmup=cfg.finetune.ema_warmup is not False, n_train=int(n_train),
+                     augmult=int(dp.augmult))
 
 
 def check_dp_options(*, epsilon: float | None, delta: float | None = None, max_grad_norm: float | None = None,
                      phase: str = "finetune", export_weights: str | None = None, n_train: int,
                      fair_method: str | None = "nft", accountant: str = "rdp", sparsity: float | None = None,
-                     ema_decay: float = 0.99, ema_warmup: bool | None = None) -> DPOptions | None:
+                     ema_decay: float = 0.99, ema_warmup: bool | None = None, augmult: int = 1) -> DPOptions | None:
     """Keyword form of :func:`options` (library use without a CompileConfig); ``None`` when DP is off."""
     cfg = load_config({"dp": {"epsilon": epsilon, "delta": delta, "max_grad_norm": max_grad_norm, "phase": phase,
-                              "accountant": accountant},
+                              "accountant": accountant, "augmult": augmult},
                        "fairness": {"method": fair_method}, "pruning": {"sparsity": sparsity},
                        "export": {"weights": export_weights},
                        "finetune": {"ema_decay": ema_decay, "ema_warmup": ema_warmup}})
@@ -376,7 +378,8 @@ def _dp_search(gm: fx.GraphModule, train_ds, opts: DPOptions, dplan: DPPlan, *, 
                           generator=torch.Generator(device=device).manual_seed(seed + 11))
     opt_a = torch.optim.Adam(gate_params, lr=alpha_lr) if gate_params else None
     opt.attach_step_hook(dplan.accountant.get_optimizer_hook_fn(sample_rate=q))
-    loader = PoissonLoader(train_ds, sample_rate=q, steps=steps, augment=augment, seed=seed + 7) if steps else []
+    loader = PoissonLoader(train_ds, sample_rate=q, steps=steps, augment=augment, seed=seed + 7,
+                           augmult=opts.augmult) if steps else []
     warm_steps = int(round(warmup * steps))
     reach_steps = max(warm_steps + 1, int(round(reach * steps)))
     costs = _costs(soft) if soft else torch.zeros(0)
@@ -394,7 +397,7 @@ def _dp_search(gm: fx.GraphModule, train_ds, opts: DPOptions, dplan: DPPlan, *, 
     tot = seen = 0.0
     for step, (x, y, _g) in enumerate(loader, 1):
         x, y = x.to(device), y.to(device)
-        logits, loss = _dp_step(gsm, opt, teacher, x, y, kd_weight, temperature)
+        logits, loss = _dp_step(gsm, opt, teacher, x, y, kd_weight, temperature, augmult=opts.augmult)
         if opt_a is not None:
             opt_a.step()
         with torch.no_grad():  # the L1 pull on the scores: no data, no privacy cost
@@ -448,9 +451,15 @@ class PoissonLoader:
     ``sample_rate`` (opacus's ``UniformWithReplacementSampler``), as the
     accountant assumes; batches are augmented per batch like
     :class:`relucomp.loaders.BatchLoader`.  Empty batches are yielded (shape 0).
+
+    ``augmult`` = K > 1 (augmentation multiplicity, De et al. 2022): every sampled
+    image appears K times in ``x``, each copy its own random crop/flip (copies of an
+    image are adjacent: ``x`` is ``(B·K, ...)``, ``y`` and ``g`` stay ``(B,)``);
+    :func:`_dp_step` averages each image's K per-sample gradients before clipping.
     """
 
-    def __init__(self, dataset, *, sample_rate: float, steps: int, augment: bool = True, seed: int = 0):
+    def __init__(self, dataset, *, sample_rate: float, steps: int, augment: bool = True, seed: int = 0,
+                 augmult: int = 1):
         from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
         self.dataset = dataset
@@ -458,6 +467,7 @@ class PoissonLoader:
         self.sampler = UniformWithReplacementSampler(num_samples=len(dataset), sample_rate=sample_rate,
                                                      generator=self.generator, steps=steps)
         self.augment = augment
+        self.augmult = int(augmult)
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -469,6 +479,8 @@ class PoissonLoader:
         for idx in self.sampler:
             idx = torch.as_tensor(idx, dtype=torch.long)
             x = ds.images[idx].to(torch.float32).div_(255.0)
+            if self.augmult > 1:
+                x = x.repeat_interleave(self.augmult, 0)
             if self.augment and idx.numel():
                 x = random_crop_flip_batch(x, ds.padding, generator=self.generator)
             yield normalize(x, ds.mean, ds.std), ds.labels[idx], ds.groups[idx]
@@ -495,26 +507,48 @@ def _release_opacus(gsm, gm) -> None:
         p.grad = None
 
 
-def _dp_step(gsm, opt, teacher, x, y, kd_weight, temperature, sample_weights=None):
+def average_augmult(params, k: int) -> None:
+    """Augmentation multiplicity: replace every ``p.grad_sample`` of ``(B·K, ...)`` (K adjacent copies of each
+    image) by the mean over each image's K copies, ``(B, ...)`` — one gradient per sampled image, which the
+    optimizer then clips to C, so each image's contribution (the sensitivity) is unchanged."""
+    for p in params:
+        gs = getattr(p, "grad_sample", None)
+        if gs is None:
+            continue
+        if isinstance(gs, list):  # opacus keeps a list when a batch ran several forwards
+            gs = torch.cat(gs, 0)
+        if gs.shape[0] % k:
+            raise RuntimeError(f"bug: {gs.shape[0]} per-sample gradients are not a multiple of augmult {k}")
+        p.grad_sample = gs.reshape(gs.shape[0] // k, k, *gs.shape[1:]).mean(1)
+
+
+def _dp_step(gsm, opt, teacher, x, y, kd_weight, temperature, sample_weights=None, augmult: int = 1):
     """One DP-SGD step on a Poisson batch: (1 − w)·CE + w·KD per sample, clipped and noised by ``opt``.
 
     ``sample_weights`` (N,) in [0, 1]: each sample's clipped gradient is scaled by its weight before the
     noise (:func:`relucomp.dp_fairness.weight_grad_samples`; the sensitivity stays ``C``).
+    ``augmult`` K > 1: ``x`` holds K augmented copies of each of the N images (adjacent,
+    :class:`PoissonLoader`); their per-sample gradients are averaged per image before the clipping
+    (:func:`average_augmult`).  Returns the logits of each image's first copy (N rows) and the loss.
     """
     t_logits = None
+    yk = y.repeat_interleave(augmult) if augmult > 1 else y
     if teacher is not None and kd_weight > 0 and y.numel():
         with torch.no_grad():
             t_logits = teacher(x)
     logits = gsm(x)
-    loss = per_sample_loss(logits, y, t_logits, kd_weight=kd_weight, temperature=temperature)
+    loss = per_sample_loss(logits, yk, t_logits, kd_weight=kd_weight, temperature=temperature)
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    if augmult > 1:
+        average_augmult(opt.params, augmult)
+        logits = logits[::augmult]
     if sample_weights is not None:
         from .dp_fairness import weight_grad_samples
 
         weight_grad_samples(opt.params, sample_weights, opt.max_grad_norm)
     opt.step()
-    return logits, loss
+    return logits, (loss.detach() / augmult if augmult > 1 else loss)  # the loss summed per image
 
 
 @dataclass
@@ -608,7 +642,8 @@ def _dp_finetune(gm: fx.GraphModule, train_ds, opts: DPOptions, *, calib: torch.
     accountant = dplan.accountant  # shared with a DP mask search before this phase (one budget)
     opt.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=q))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(base, T_max=steps)
-    loader = PoissonLoader(train_ds, sample_rate=q, steps=steps, augment=augment, seed=seed) if steps else []
+    loader = PoissonLoader(train_ds, sample_rate=q, steps=steps, augment=augment, seed=seed,
+                           augmult=opts.augmult) if steps else []
     history: list[dict] = []
     start = 0
     if resume is not None:
@@ -669,6 +704,7 @@ def _dp_finetune(gm: fx.GraphModule, train_ds, opts: DPOptions, *, calib: torch.
               "epsilon_spent": spent if private else None, "delta": opts.delta,
               "noise_multiplier": sigma, "max_grad_norm": opts.max_grad_norm, "sample_rate": q,
               "expected_batch_size": batch_size, "steps": dplan.steps, "epochs": int(epochs),
+              "augmult": opts.augmult,
               "phases": {k: v for k, v in dplan.phases.items() if k in ("search", "finetune")},
               "accountant": opts.accountant, "sampling": "poisson", "phase": opts.phase,
               "n_train": n, "ema_decay": opts.ema_decay if ema else None,
@@ -691,6 +727,7 @@ def search_report(cfg: CompileConfig, dplan: DPPlan) -> dict[str, Any]:
             "delta": dplan.phases["delta"], "noise_multiplier": dplan.sigma,
             "max_grad_norm": float(cfg.dp.max_grad_norm or 1.0), "sample_rate": dplan.sample_rate,
             "expected_batch_size": dplan.batch_size, "steps": dplan.steps, "epochs": int(cfg.search.epochs),
+            "augmult": int(cfg.dp.augmult),
             "accountant": cfg.dp.accountant, "sampling": "poisson", "phase": "search",
             "n_train": dplan.phases.get("n_train", 0), "ema_decay": None, "kd": True,
             "conversion": list(dplan.conversion), "history": dplan.phases["search"].get("history", []),
@@ -715,7 +752,7 @@ def _dp_steps(loader, start, steps, steps_per_epoch, gsm, gm, opt, sched, avg, t
     for step, (x, y, g) in enumerate(loader, start + 1):
         x, y = x.to(device), y.to(device)
         w = fair.sample_weights(g) if fair is not None else None
-        logits, loss = _dp_step(gsm, opt, teacher, x, y, kd_weight, temperature, w)
+        logits, loss = _dp_step(gsm, opt, teacher, x, y, kd_weight, temperature, w, augmult=opts.augmult)
         if fair is not None:
             fair.maybe_update(step, gm, device)
         sched.step()
@@ -762,4 +799,5 @@ def metadata(report: dict[str, Any], export_weights: str) -> dict[str, Any]:
             "dp_noise_multiplier": round(report.get("noise_multiplier", 0.0), 5),
             "dp_max_grad_norm": report.get("max_grad_norm"), "dp_sample_rate": round(report.get("sample_rate", 0), 6),
             "dp_steps": report.get("steps"), "dp_accountant": report.get("accountant"),
+            "dp_augmult": report.get("augmult", 1),
             "export_weights": export_weights}

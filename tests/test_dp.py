@@ -179,6 +179,42 @@ def test_per_sample_gradients_are_clipped(make_gated):
     assert math.sqrt(total) <= lr * C + 1e-6  # the averaged clipped step is within the clipping norm
 
 
+def test_augmult_averages_each_images_augmentations_before_clipping(make_gated):
+    """--dp-augmult K: one step = −lr · Σ_i clip_C(mean_k ∇ℓ(aug_k(x_i))) / B, by hand; K copies per image."""
+    ds, x, conv, start, names = _one_step_setup(make_gated)
+    K, C, lr = 3, 0.05, 1.0
+    xb, yb, gb = next(iter(dp.PoissonLoader(ds, sample_rate=1.0, steps=1, augment=True, seed=0, augmult=K)))
+    assert xb.shape[0] == K * len(ds) and yb.shape[0] == len(ds) == gb.shape[0]
+    assert any(not torch.equal(xb[i * K], xb[i * K + 1]) for i in range(len(ds)))  # copies are augmented apart
+    expected = {n: torch.zeros_like(p) for n, p in conv.named_parameters() if n in names}
+    conv.train()
+    mean_norms, copy_norms = [], []
+    for i in range(len(ds)):
+        grads = []
+        for k in range(K):  # each copy's own gradient, then their mean
+            conv.zero_grad()
+            F.cross_entropy(conv(xb[i * K + k:i * K + k + 1]), yb[i:i + 1], reduction="sum").backward()
+            grads.append({n: p.grad.clone() for n, p in conv.named_parameters() if n in names})
+            copy_norms.append(float(torch.sqrt(sum((g ** 2).sum() for g in grads[-1].values()))))
+        mean = {n: sum(g[n] for g in grads) / K for n in names}
+        norm = float(torch.sqrt(sum((g ** 2).sum() for g in mean.values())))
+        mean_norms.append(norm)
+        for n in names:
+            expected[n] += mean[n] * min(1.0, C / (norm + 1e-6))
+    assert min(mean_norms) > 5 * C
+    opts = dp.DPOptions(epsilon=math.inf, delta=1e-5, max_grad_norm=C, augmult=K)
+    res = dp.dp_finetune(conv, ds, opts, calib=x[:4], epochs=1, batch_size=len(ds), lr=lr, momentum=0.0,
+                         augment=True, ema=False, convert=False, seed=0)
+    assert res.report["augmult"] == K and res.report["steps"] == 1
+    after = dict(res.model.named_parameters())
+    for n in names:  # clipped once per image (not per copy): the step is the hand-computed one
+        torch.testing.assert_close(start[n] - after[n].detach(), lr * expected[n] / len(ds), atol=2e-6, rtol=1e-4)
+    # the same privacy: the plan (q, steps, σ) does not depend on K
+    o1, o4 = (dp.check_dp_options(epsilon=2.0, n_train=200, augmult=k) for k in (1, 4))
+    p1, p4 = (dp.plan(o, 200, batch_size=50, finetune_epochs=2) for o in (o1, o4))
+    assert (p1.sample_rate, p1.steps, p1.sigma) == (p4.sample_rate, p4.steps, p4.sigma) and o4.augmult == 4
+
+
 def test_accountant_spent_epsilon_within_target_and_ema(make_gated):
     gm, _ = _gated(make_gated)
     ds = _dataset(n=200)
@@ -205,7 +241,7 @@ def test_dp_compile_bn_model_to_budget_with_ema_export(tmp_path, rc_cache):
     out = tmp_path / "out"
     res = api.compile("tinycnn", "synthetic", relu_budget="2k", limit=300, pretrain_epochs=1, search_epochs=1,
                       finetune_epochs=2, progress=False, out_dir=out, fair_groups="group",
-                      lr=0.2, dp_epsilon=8.0, dp_batch_size=64, dp_phase="both",
+                      lr=0.2, dp_epsilon=8.0, dp_batch_size=64, dp_phase="both", dp_augmult=2,
                       config={"finetune": {"kd_weight": 0.6}})
     rep = res.report
     d = rep["dp"]
@@ -229,6 +265,7 @@ def test_dp_compile_bn_model_to_budget_with_ema_export(tmp_path, rc_cache):
     meta = read_metadata(onnx_path)
     assert meta["export_weights"] == "ema" and float(meta["dp_epsilon_spent"]) <= 8.0
     assert float(meta["dp_max_grad_norm"]) == 1.0 and float(meta["dp_delta"]) > 0
+    assert d["augmult"] == 2 and int(meta["dp_augmult"]) == 2  # both DP phases averaged 2 augmentations per image
     x = torch.randn(6, 3, 32, 32)
     ema = api.load_compiled(out)  # model.pt holds the exported (averaged) weights
     with torch.no_grad():
@@ -250,6 +287,8 @@ def test_cli_dp_flags_reach_compile(rc_cache, tmp_path):
                         (["--dp-epsilon", "8", "--dp-delta", "0.5"], "1/n"),
                         (["--dp-epsilon", "8", "--dp-max-grad-norm", "0"], "must be > 0"),
                         (["--dp-epsilon", "8", "--dp-phase", "both", "--search", "layer-drop"], "--search snl"),
+                        (["--dp-epsilon", "8", "--dp-augmult", "0"], "from 1 to 64"),
+                        (["--dp-augmult", "4"], "differential privacy is off"),
                         (["--export-weights", "best"], "unknown export weights")]:
         r = runner.invoke(app, ["compile", "tinycnn", "--relu-budget", "2k", "--limit", "200", "--no-progress",
                                 "--out", str(tmp_path / "o"), *args])

@@ -91,6 +91,9 @@ DPMaxGradNorm = Annotated[Optional[float], typer.Option("--dp-max-grad-norm",
 DPPhase = Annotated[Optional[str], typer.Option("--dp-phase", help="phases under DP-SGD: finetune (default) | search | both (one ε over search + finetune)")]
 DPBatchSize = Annotated[Optional[int], typer.Option("--dp-batch-size",
                                                     help="expected (Poisson) batch under DP (default max(--batch-size, 256))")]
+DPAugmult = Annotated[Optional[int], typer.Option(
+    "--dp-augmult", help="augmentation multiplicity under DP: each sampled image's gradient is averaged over this "
+                         "many random crops/flips before clipping (De et al.; same ε, K× the compute; default 1)")]
 ExportWeights = Annotated[Optional[str], typer.Option("--export-weights",
                                                       help="weights in model.onnx / model.pt: last | ema (default ema under DP)")]
 

@@ -13,7 +13,7 @@ from rich.table import Table
 
 from ..budget import human
 from ..distributed import torchrun_env
-from .app import (AsJson, BatchSize, BudgetIncludesMaxpool, Checkpoint, ConfigFile, Corruptions, Device, DPBatchSize,
+from .app import (AsJson, BatchSize, BudgetIncludesMaxpool, Checkpoint, ConfigFile, Corruptions, Device, DPAugmult, DPBatchSize,
                   DPDelta, DPEpsilon, DPMaxGradNorm, DPPhase, Effort, EvalRobustness, ExportTarget, ExportWeights,
                   FinetuneEpochs, ImageSize, LeafModule, Limit, Lr, NoProgress, NumClasses, PgdEpsilon, PgdStep, PgdSteps,
                   Pretrained, PretrainEpochs, Replacement, RobustnessSamples, RobustnessSplit, SearchEpochs, Seed, Severities, Target, app,
@@ -64,6 +64,7 @@ def compile(  # noqa: A001
     dp_max_grad_norm: DPMaxGradNorm = None,
     dp_phase: DPPhase = None,
     dp_batch_size: DPBatchSize = None,
+    dp_augmult: DPAugmult = None,
     export_weights: ExportWeights = None,
     pretrained: Pretrained = False,
     leaf_module: LeafModule = None,

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from .app import (BatchSize, BudgetIncludesMaxpool, Checkpoint, ConfigFile, Device, DPBatchSize, DPDelta, DPEpsilon,
+from .app import (BatchSize, BudgetIncludesMaxpool, Checkpoint, ConfigFile, Device, DPAugmult, DPBatchSize, DPDelta, DPEpsilon,
                   DPMaxGradNorm, DPPhase, Effort, ExportTarget, ExportWeights, FinetuneEpochs, ImageSize, Limit, Lr,
                   NoProgress, PretrainEpochs, Replacement, SearchEpochs, Seed, Target, app, errors_handled, given, log,
                   out_console, quiet_torch_logs)
@@ -42,6 +42,7 @@ def sweep_cmd(
     dp_max_grad_norm: DPMaxGradNorm = None,
     dp_phase: DPPhase = None,
     dp_batch_size: DPBatchSize = None,
+    dp_augmult: DPAugmult = None,
     export_weights: ExportWeights = None,
     granularity: str = GRANULARITY,
     search: str = SEARCH,
