@@ -569,7 +569,8 @@ def dp_table(data: ReportData) -> dict[str, Any] | None:
         spent = _fnum(d.get("epsilon_spent"))
         rows.append([r.name, f"{r.budget:,}", _eps_label(d), "∞ (no noise)" if spent is None else _f(spent, 3),
                      f"{_fnum(d.get('delta')) or 0:.1e}", _f(_fnum(d.get("noise_multiplier")), 3),
-                     _f(_fnum(d.get("max_grad_norm"))), _f(_fnum(d.get("sample_rate")), 4), str(d.get("steps", "–")),
+                     _f(_fnum(d.get("max_grad_norm"))), _f(_fnum(d.get("sample_rate")), 4),
+                     str(d.get("steps", "–")) + (f" (augmult {d['augmult']})" if (d.get("augmult") or 1) > 1 else ""),
                      _f(r.acc), _f(r.ema_acc), _f(r.max_psi, signed=True), _f(r.ema_max_psi, signed=True),
                      d.get("export_weights") or "–", "; ".join(d.get("conversion") or []) or "–"])
     for r in (r for r in data.runs if not r.dp):

@@ -171,7 +171,8 @@ def print_summary(rep) -> None:
         d = rep.dp
         eps = "∞ (no noise: no guarantee)" if d.epsilon_spent is None else f"{d.epsilon_spent:.3f} (target {d.epsilon_target:g})"
         t.add_row("DP-SGD finetune", "", f"ε spent {eps}, δ {d.delta:.1e}, σ {d.noise_multiplier:.3f}, "
-                  f"C {d.max_grad_norm:g}, q {d.sample_rate:.4f}, {d.steps} steps")
+                  f"C {d.max_grad_norm:g}, q {d.sample_rate:.4f}, {d.steps} steps"
+                  + (f", augmult {d.augmult}" if d.augmult > 1 else ""))
     for target, e in (rep.exports or ({"pi": rep.export} if rep.export else {})).items():
         t.add_row(f"ONNX ({target})", "", export_line(e) + f", {rep.export_weights} weights")
     out_console.print(t)
