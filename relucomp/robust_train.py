@@ -15,7 +15,9 @@
 * :func:`robust_kd_step` — the student's objective in the mask search and finetune: ``(1 − w)·CE(x) +
   w·(k_c·KD(s(x), t(x)) + k_n·KD(s(x_aug), t(x_aug)) + k_a·KD(s(x_adv), t(x_adv)))`` — three-way
   distillation of the clean, AugMix-corrupted and adversarial logits to the robust teacher's; the
-  adversarial examples attack the student, the perturbed forwards run on the perturbed BN branch.
+  adversarial examples attack the student, the adversarial forwards run on the perturbed BN branch, the
+  AugMix forwards on ``natural_branch`` (perturbed by default, as RLNet; ``clean`` trains the exported
+  branch on them too).
 
 The training attack is PGD L∞ in pixel space (:func:`relucomp.robustness.pgd_attack`) with few steps
 (``robustness.train_attack_steps``; 2 on the ``quick`` effort) — cheap on CPU, weaker than the PGD-10 the
@@ -195,6 +197,7 @@ class RobustTrainSettings:
     kd_clean: float = 1.0
     kd_natural: float = 1.0
     kd_adv: float = 1.0
+    natural_branch: str = "perturbed"   # the DualBN branch the AugMix views run on (adversarial: always perturbed)
 
     @property
     def step_size(self) -> float:       # ε/steps·2.5 (Madry's rule of thumb), at most ε
@@ -280,12 +283,13 @@ def robust_kd_step(teacher: nn.Module, s: RobustTrainSettings, *, kd_weight: flo
         with torch.no_grad():
             t_clean = teacher(x)
         kd = s.kd_clean * kd_loss(logits, t_clean, temperature) if s.kd_clean > 0 else 0.0
-        with route(model, "perturbed"):
-            if s.kd_natural > 0:
+        if s.kd_natural > 0:
+            with route(model, s.natural_branch):
                 xn = px.norm(augmix(x01)) if s.augmix else x
                 with torch.no_grad():
                     t_nat = teacher(xn)
                 kd = kd + s.kd_natural * kd_loss(model(xn), t_nat, temperature)
+        with route(model, "perturbed"):
             if s.kd_adv > 0:
                 xa = px.norm(_attack(model, px, x01, y, s, bar))
                 with torch.no_grad():

@@ -99,6 +99,13 @@ def test_robust_steps_train_and_show_the_attack():
     # the perturbed forwards went through the perturbed BN branch (its statistics moved), the clean one too
     d = next(m for m in student.modules() if isinstance(m, DualBatchNorm2d))
     assert int(d.perturbed.num_batches_tracked) == 2 and int(d.clean.num_batches_tracked) == 1
+    # robustness.natural_branch = "clean": the AugMix views train the clean (exported) branch instead
+    s_clean = RobustTrainSettings(mean=(0.5,) * 3, std=(0.25,) * 3, attack_steps=1, natural_branch="clean")
+    student2 = fx.symbolic_trace(_net())
+    dualize(student2)
+    robust_kd_step(teacher, s_clean, kd_weight=0.5, temperature=4.0)(student2.train(), x, y, None)
+    d2 = next(m for m in student2.modules() if isinstance(m, DualBatchNorm2d))
+    assert int(d2.perturbed.num_batches_tracked) == 1 and int(d2.clean.num_batches_tracked) == 2
     for attack in ("trades", "pgd"):
         s2 = RobustTrainSettings(mean=(0.5,) * 3, std=(0.25,) * 3, attack_steps=1, attack=attack)
         loss, _ = teacher_step(s2)(_net().train(), x, y, None)
@@ -115,6 +122,8 @@ def test_robust_bad_combinations_are_one_line_errors():
                         ({"robust": True, "train_attack_steps": 0}, "--train-attack-steps 2"),
                         ({"robust": True, "kd_clean": 0, "kd_natural": 0, "kd_adv": 0}, "kd_clean"),
                         ({"robust": True, "export_branch": "both"}, "clean | perturbed"),
+                        ({"robust": True, "natural_branch": "adv"}, "clean | perturbed"),
+                        ({"natural_branch": "clean"}, "add --robust"),
                         ({"trades_beta": 3.0}, "add --robust")):
         with pytest.raises(ConfigError) as e:
             validate(resolve_config(None, {**base, **extra}), check_data=False)

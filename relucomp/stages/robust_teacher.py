@@ -54,7 +54,7 @@ def train_settings(st: RunState) -> RobustTrainSettings:
                                epsilon=parse_epsilon(rb.train_epsilon, "--train-epsilon"),
                                attack_steps=schedule(st.cfg)[1], attack=rb.train_attack, trades_beta=rb.trades_beta,
                                augmix=rb.augmix, jsd_weight=rb.jsd_weight, kd_clean=rb.kd_clean,
-                               kd_natural=rb.kd_natural, kd_adv=rb.kd_adv)
+                               kd_natural=rb.kd_natural, kd_adv=rb.kd_adv, natural_branch=rb.natural_branch)
 
 
 def _frozen(model: nn.Module) -> nn.Module:
@@ -74,7 +74,8 @@ def run(st: RunState) -> RobustTeacherOut:
                             "train_attack_steps": steps, "train_epsilon": s.epsilon, "train_step": s.step_size,
                             "trades_beta": s.trades_beta, "augmix": s.augmix, "jsd_weight": s.jsd_weight,
                             "kd_weights": {"clean": s.kd_clean, "natural": s.kd_natural, "adversarial": s.kd_adv},
-                            "dual_bn": cfg.robustness.dual_bn, "export_branch": cfg.robustness.export_branch}
+                            "dual_bn": cfg.robustness.dual_bn, "export_branch": cfg.robustness.export_branch,
+                            "natural_branch": cfg.robustness.natural_branch}
     if cfg.robustness.teacher_robust or epochs == 0:
         info["adversarial_finetune"] = False
         info["why"] = "the given model is declared robust" if cfg.robustness.teacher_robust else "teacher_epochs = 0"
@@ -86,7 +87,8 @@ def run(st: RunState) -> RobustTeacherOut:
     models = cache_dir("models")
     path = None
     if key is not None and models is not None:
-        material = json.dumps([key, epochs, {k: v for k, v in info.items() if k not in ("dual_bn", "export_branch")},
+        material = json.dumps([key, epochs, {k: v for k, v in info.items()
+                                         if k not in ("dual_bn", "export_branch", "natural_branch")},
                                cfg.runtime.seed], sort_keys=True, default=str)
         path = models / f"{key}-robust-{hashlib.sha1(material.encode()).hexdigest()[:10]}.pt"
     loaded = False
