@@ -1,9 +1,10 @@
 """Differentially private finetuning benchmark (issue 13) → benchmarks/results/dp.json.
 
 UTKFace (race as label and as group, from ../shared/data when present), resnet8
-at one ReLU budget.  One shared dense pretrain (non-private: the dense model is
-treated as the public starting point) and one shared SNL mask search
-(non-private: the masks are treated as public), then:
+at one ReLU budget.  One shared SNL mask search from seed 0's dense model (non-private: the
+masks and post-search weights are treated as public and start every finetune), then, per seed k
+(whose own dense model, pretrained and cached at seed k, is the KD teacher and the ψ_g reference
+of every row at that seed):
 
 * ``non-private``   plain finetune (CE + KD), as ``relucomp compile``
 * ``eps=inf``       DP-SGD machinery without noise (per-sample clipping, Poisson sampling)
@@ -20,6 +21,7 @@ Usage: python benchmarks/bench_dp.py [--budget 4k] [--eps inf,8,3,1] [--limit N]
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -119,8 +121,9 @@ def main(argv=None) -> int:
                          "used for every ε and seed (never the test split)")
     ap.add_argument("--dp-batch-size", type=int, default=512, help="expected Poisson batch (Berrada et al.: large)")
     ap.add_argument("--seeds", default="0,1",
-                    help="seeds of the finetunes (non-private and DP: batch order, Poisson sampling, noise); the "
-                         "dense model, the data split and the searched masks are shared")
+                    help="seeds of the finetunes (non-private and DP: batch order, Poisson sampling, noise) and of "
+                         "the dense model each seed pretrains (its KD teacher and ψ_g reference); the data split and "
+                         "the searched masks / starting weights (seed 0's) are shared")
     ap.add_argument("--ema-decay", type=float, default=0.98)
     ap.add_argument("--dp-kd-weight", type=float, default=0.5,
                     help="finetune.kd_weight of the DP rows (the rows in dp.json were measured at 0.5; the "
@@ -176,9 +179,12 @@ def main(argv=None) -> int:
     snaps: dict[int, dict] = {}
     t0 = time.perf_counter()
     shared = torch.load(state_path, weights_only=True) if state_path.exists() else None
-    if shared is None and results:  # the rows on disk came from another dense model and other masks
-        print(f"no cached search state at {state_path}: the rows in {args.out} cannot be combined with a new "
-              "dense model; starting the JSON afresh", flush=True)
+    args.state_digest = state_digest(shared) if shared is not None else None
+    on_disk = json.loads(args.out.read_text()).get("search_state") if args.out.exists() else None
+    if results and (shared is None or on_disk != state_digest(shared)):
+        # the rows on disk came from other masks / starting weights than the cached search state
+        print(f"the rows in {args.out} were not measured from the cached search state at {state_path}; "
+              "starting the JSON afresh", flush=True)
         results = {}
     if "non-private" not in results or shared is None:
         t = time.perf_counter()
@@ -189,6 +195,7 @@ def main(argv=None) -> int:
             shared = snaps.get(budget) or {k: v.clone() for k, v in res.model.state_dict().items()}
             state_path.parent.mkdir(parents=True, exist_ok=True)
             torch.save(shared, state_path)
+        args.state_digest = state_digest(shared)
         results["non-private"] = summarize(res.report)
         results["non-private"]["wall_seconds"] = round(time.perf_counter() - t, 1)
         results["dense"] = {"acc_test": res.report["accuracy"]["before"]["test"],
@@ -336,6 +343,16 @@ def schedule(args, spec, budget) -> dict:
             "fair_splits": args.fair_splits}
 
 
+def state_digest(state: dict) -> str:
+    """sha256 (16 hex) of a search state's tensors: which masks and starting weights a JSON's rows come from."""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        v = state[k]
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes() if torch.is_tensor(v) else repr(v).encode())
+    return h.hexdigest()[:16]
+
+
 def merge_disk(args, results: dict) -> dict:
     """``results`` plus the per-seed runs another process wrote to ``args.out`` meanwhile (same schedule and
     search state), re-aggregated: two processes may fill different rows or seeds of one JSON."""
@@ -343,7 +360,8 @@ def merge_disk(args, results: dict) -> dict:
         prev = json.loads(args.out.read_text())
     except (OSError, ValueError):
         return results
-    if not all(prev.get("schedule", {}).get(k) == v for k, v in schedule(args, None, None).items()
+    if prev.get("search_state") != getattr(args, "state_digest", None) or not all(
+            prev.get("schedule", {}).get(k) == v for k, v in schedule(args, None, None).items()
                if k in ("limit", "pretrain", "search", "finetune", "dp_grid", "dp_batch_size", "fair_splits")):
         return results
     for name, row in prev.get("results", {}).items():
@@ -391,6 +409,7 @@ def write(args, spec, bundle, budget, results, t0) -> None:
              + ["non-private+ceag", "eps=8+ceag"])
     results = {**{k: results[k] for k in order if k in results}, **{k: v for k, v in results.items() if k not in order}}
     out = {"benchmark": "dp", "complete": done, "data": spec, "target": bundle.target, "groups": bundle.group_names,
+           "search_state": getattr(args, "state_digest", None),
            "model": "resnet8 (default)", "budget": budget, "schedule": schedule(args, spec, budget),
            "privacy_scope": "DP of the finetune w.r.t. the training split (--dp-phase finetune); the dense model "
                             "(pretrained non-privately on the same split) and the non-private mask search are treated "
