@@ -144,6 +144,9 @@ def main(argv=None) -> int:
     ap.add_argument("--dp-augmult", type=int, default=1,
                     help="augmentation multiplicity K of the DP rows (--dp-augmult); K > 1 names the rows "
                          "'eps=E+augmultK' and tunes its own schedule key")
+    ap.add_argument("--shared-dense", action="store_true",
+                    help="every seed's rows use seed 0's dense model (the one the search started from) as KD teacher "
+                         "and ψ_g reference, so seeds vary only the finetune (default: each seed pretrains its own)")
     ap.add_argument("--threads", type=int, default=2, help="≤ 2 on the shared 2-core machine")
     ap.add_argument("--fair-splits", default="val,test", help="splits the fairness section evaluates")
     ap.add_argument("--out", type=Path, default=OUT)
@@ -190,7 +193,7 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         extra = ({"search_snapshots": [budget], "on_snapshot": lambda b, s: snaps.__setitem__(b, s)}
                  if shared is None else {"search_state": shared})
-        res = rc_compile(None, bundle, **common, **extra)
+        res = rc_compile(None, bundle, **common, **extra)  # seed 0: its dense model is the search's start
         if shared is None:
             shared = snaps.get(budget) or {k: v.clone() for k, v in res.model.state_dict().items()}
             state_path.parent.mkdir(parents=True, exist_ok=True)
@@ -198,7 +201,8 @@ def main(argv=None) -> int:
         args.state_digest = state_digest(shared)
         results["non-private"] = summarize(res.report)
         results["non-private"]["wall_seconds"] = round(time.perf_counter() - t, 1)
-        results["dense"] = {"acc_test": res.report["accuracy"]["before"]["test"],
+        results["dense"] = {"cache_file": (res.report.pretrain or {}).get("cached"),
+                            "acc_test": res.report["accuracy"]["before"]["test"],
                             "group_acc_test": res.report["group_accuracy"]["before"],
                             "group_counts_test": res.report["group_accuracy"]["test_counts"]}
         report_line("non-private", results["non-private"])
@@ -208,9 +212,29 @@ def main(argv=None) -> int:
     eps_list = args.eps.split(",")
     tune_eps = args.tune_eps or eps_list[0]
 
+    dense_module = None
+    if args.shared_dense:  # seed 0's dense model (the pretrain cache file the first compile read)
+        import copy
+
+        from relucomp.models.loading import build_model
+        from relucomp.train import load_state
+
+        path = results["dense"].get("cache_file")
+        if not path:
+            sys.exit("--shared-dense: the first compile did not read its dense model from the cache; run again")
+        dense_module = build_model("resnet8", num_classes=len(bundle.train.class_names))
+        dense_module.load_state_dict(load_state(path)["state_dict"])
+
+    def model_for(seed: int):
+        return copy.deepcopy(dense_module) if dense_module is not None and seed != 0 else None
+
+    def no_pretrain(seed: int) -> dict:  # the given dense model is used as it is (not trained further)
+        return {"pretrain_epochs": 0} if dense_module is not None and seed != 0 else {}
+
     def np_run(seed: int, fair: str = "nft") -> dict:
         t = time.perf_counter()
-        res = rc_compile(None, bundle, **{**common, "fair_method": fair}, search_state=shared, seed=seed)
+        res = rc_compile(model_for(seed), bundle, **{**common, "fair_method": fair, **no_pretrain(seed)},
+                         search_state=shared, seed=seed)
         r = summarize(res.report)
         r["wall_seconds"] = round(time.perf_counter() - t, 1)
         return r
@@ -230,7 +254,8 @@ def main(argv=None) -> int:
 
     def dp_run(e: str, epochs: int, lr: float, seed: int, fair: str = "nft") -> dict:
         t = time.perf_counter()
-        res = rc_compile(None, bundle, **{**common, "finetune_epochs": epochs, "fair_method": fair},
+        res = rc_compile(model_for(seed), bundle, **{**common, "finetune_epochs": epochs, "fair_method": fair,
+                                                     **no_pretrain(seed)},
                          config={"finetune": {"lr": lr, "ema_decay": args.ema_decay, "ema_warmup": args.ema_warmup,
                                               "kd_weight": args.dp_kd_weight},
                                  **({"fairness": {"heldout_dual_lr": args.dp_dual_lr}} if fair == "ceag" else {})},
@@ -340,6 +365,7 @@ def schedule(args, spec, budget) -> dict:
             **({} if args.ema_warmup else {"ema_warmup": False}),
             **({} if args.dp_kd_weight == 0.5 else {"dp_kd_weight": args.dp_kd_weight}),
             **({} if args.dp_dual_lr == 0.2 else {"dp_dual_lr": args.dp_dual_lr}),
+            **({"shared_dense": True} if getattr(args, "shared_dense", False) else {}),
             "fair_splits": args.fair_splits}
 
 
