@@ -21,6 +21,7 @@ Usage: python benchmarks/bench_dp.py [--budget 4k] [--eps inf,8,3,1] [--limit N]
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import logging
@@ -184,7 +185,7 @@ def main(argv=None) -> int:
     shared = torch.load(state_path, weights_only=True) if state_path.exists() else None
     args.state_digest = state_digest(shared) if shared is not None else None
     on_disk = json.loads(args.out.read_text()).get("search_state") if args.out.exists() else None
-    if results and (shared is None or on_disk != state_digest(shared)):
+    if results and (shared is None or on_disk != args.state_digest):
         # the rows on disk came from other masks / starting weights than the cached search state
         print(f"the rows in {args.out} were not measured from the cached search state at {state_path}; "
               "starting the JSON afresh", flush=True)
@@ -214,8 +215,6 @@ def main(argv=None) -> int:
 
     dense_module = None
     if args.shared_dense:  # seed 0's dense model (the pretrain cache file the first compile read)
-        import copy
-
         from relucomp.models.loading import build_model
         from relucomp.train import load_state
 
@@ -225,16 +224,17 @@ def main(argv=None) -> int:
         dense_module = build_model("resnet8", num_classes=len(bundle.train.class_names))
         dense_module.load_state_dict(load_state(path)["state_dict"])
 
-    def model_for(seed: int):
-        return copy.deepcopy(dense_module) if dense_module is not None and seed != 0 else None
-
-    def no_pretrain(seed: int) -> dict:  # the given dense model is used as it is (not trained further)
-        return {"pretrain_epochs": 0} if dense_module is not None and seed != 0 else {}
+    def dense_for(seed: int) -> tuple:
+        """(model, overrides) of a run at ``seed``: with --shared-dense, seed 0's dense model used as it is
+        (``pretrain_epochs`` 0: not trained further); else ``None`` (the seed pretrains its own, cached)."""
+        if dense_module is None or seed == 0:
+            return None, {}
+        return copy.deepcopy(dense_module), {"pretrain_epochs": 0}
 
     def np_run(seed: int, fair: str = "nft") -> dict:
         t = time.perf_counter()
-        res = rc_compile(model_for(seed), bundle, **{**common, "fair_method": fair, **no_pretrain(seed)},
-                         search_state=shared, seed=seed)
+        model, kw = dense_for(seed)
+        res = rc_compile(model, bundle, **{**common, "fair_method": fair, **kw}, search_state=shared, seed=seed)
         r = summarize(res.report)
         r["wall_seconds"] = round(time.perf_counter() - t, 1)
         return r
@@ -254,8 +254,8 @@ def main(argv=None) -> int:
 
     def dp_run(e: str, epochs: int, lr: float, seed: int, fair: str = "nft") -> dict:
         t = time.perf_counter()
-        res = rc_compile(model_for(seed), bundle, **{**common, "finetune_epochs": epochs, "fair_method": fair,
-                                                     **no_pretrain(seed)},
+        model, kw = dense_for(seed)
+        res = rc_compile(model, bundle, **{**common, "finetune_epochs": epochs, "fair_method": fair, **kw},
                          config={"finetune": {"lr": lr, "ema_decay": args.ema_decay, "ema_warmup": args.ema_warmup,
                                               "kd_weight": args.dp_kd_weight},
                                  **({"fairness": {"heldout_dual_lr": args.dp_dual_lr}} if fair == "ceag" else {})},
