@@ -2,9 +2,10 @@
 
 UTKFace (race as label and as group, from ../shared/data when present), resnet8
 at one ReLU budget.  One shared SNL mask search from seed 0's dense model (non-private: the
-masks and post-search weights are treated as public and start every finetune), then, per seed k
-(whose own dense model, pretrained and cached at seed k, is the KD teacher and the ψ_g reference
-of every row at that seed):
+masks and post-search weights are treated as public and start every finetune), then, per seed
+(seed 0's dense model is the KD teacher and the ψ_g reference of every row; seeds vary only the
+finetune's randomness — ``--no-shared-dense``: each seed pretrains its own dense model, as the
+earlier dp_perseed_dense.json did):
 
 * ``non-private``   plain finetune (CE + KD), as ``relucomp compile``
 * ``eps=inf``       DP-SGD machinery without noise (per-sample clipping, Poisson sampling)
@@ -16,6 +17,7 @@ is incremental: the JSON is rewritten after every run and finished runs are
 skipped on a re-run (the search state is kept under the relucomp cache).
 
 Usage: python benchmarks/bench_dp.py [--budget 4k] [--eps inf,8,3,1] [--limit N]
+dp.json: python benchmarks/bench_dp.py --dp-grid 8:0.1 --seeds 0,1,2,3 --tune-eps 8 --ceag --threads 1
 """
 
 from __future__ import annotations
@@ -122,9 +124,9 @@ def main(argv=None) -> int:
                          "used for every ε and seed (never the test split)")
     ap.add_argument("--dp-batch-size", type=int, default=512, help="expected Poisson batch (Berrada et al.: large)")
     ap.add_argument("--seeds", default="0,1",
-                    help="seeds of the finetunes (non-private and DP: batch order, Poisson sampling, noise) and of "
-                         "the dense model each seed pretrains (its KD teacher and ψ_g reference); the data split and "
-                         "the searched masks / starting weights (seed 0's) are shared")
+                    help="seeds of the finetunes (non-private and DP: batch order, Poisson sampling, noise; with "
+                         "--no-shared-dense also of the dense model each seed pretrains); the data split and the "
+                         "searched masks / starting weights (seed 0's) are shared")
     ap.add_argument("--ema-decay", type=float, default=0.98)
     ap.add_argument("--dp-kd-weight", type=float, default=0.5,
                     help="finetune.kd_weight of the DP rows (the rows in dp.json were measured at 0.5; the "
@@ -145,9 +147,10 @@ def main(argv=None) -> int:
     ap.add_argument("--dp-augmult", type=int, default=1,
                     help="augmentation multiplicity K of the DP rows (--dp-augmult); K > 1 names the rows "
                          "'eps=E+augmultK' and tunes its own schedule key")
-    ap.add_argument("--shared-dense", action="store_true",
+    ap.add_argument("--shared-dense", action=argparse.BooleanOptionalAction, default=True,
                     help="every seed's rows use seed 0's dense model (the one the search started from) as KD teacher "
-                         "and ψ_g reference, so seeds vary only the finetune (default: each seed pretrains its own)")
+                         "and ψ_g reference, so seeds vary only the finetune (the default, as dp.json; "
+                         "--no-shared-dense: each seed pretrains its own, as dp_perseed_dense.json)")
     ap.add_argument("--threads", type=int, default=2, help="≤ 2 on the shared 2-core machine")
     ap.add_argument("--fair-splits", default="val,test", help="splits the fairness section evaluates")
     ap.add_argument("--out", type=Path, default=OUT)
