@@ -118,6 +118,8 @@ def main() -> None:
     ap.add_argument("--trades-beta", type=float, default=6.0, help="TRADES β of the robust teacher")
     ap.add_argument("--natural-branch", default="perturbed", choices=("perturbed", "clean"),
                     help="robustness.natural_branch: the dual-BN branch the AugMix views train on")
+    ap.add_argument("--clean-teacher", default="robust", choices=("robust", "dense"),
+                    help="robustness.clean_teacher: the clean KD term's teacher (dense: MTARD's clean teacher)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the whole run (data subset, pretraining, compiles)")
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--table", action="store_true", help="print the README table from --out and exit")
@@ -138,6 +140,8 @@ def main() -> None:
         key |= {"split": a.split, "trades_beta": a.trades_beta}
     if a.natural_branch != "perturbed":
         key |= {"natural_branch": a.natural_branch}
+    if a.clean_teacher != "robust":
+        key |= {"clean_teacher": a.clean_teacher}
     def kept() -> list:
         """Rows of other seeds with the same schedule (one JSON, many seeds), re-read at every write so that
         seeds may run as parallel processes."""
@@ -152,7 +156,7 @@ def main() -> None:
         t0 = time.perf_counter()
         extra = dict(robust=True, robust_teacher_epochs=a.teacher_epochs, trades_beta=a.trades_beta,
                      train_attack_steps=a.train_attack_steps, compare_branches=True,
-                     natural_branch=a.natural_branch) if robust else {}
+                     natural_branch=a.natural_branch, clean_teacher=a.clean_teacher) if robust else {}
         res = rc_compile("resnet8", f"cifar10:{a.data}", relu_budget=budget, limit=a.limit,
                          pretrain_epochs=a.pretrain_epochs, search_epochs=a.epochs, finetune_epochs=a.finetune_epochs,
                          export=False, progress=False, eval_robustness=True, corruptions=a.corruptions,

@@ -135,6 +135,8 @@ class RobustnessSection(_Section):
     dual_bn: bool = True                # separate BN for clean / perturbed batches while training
     export_branch: str = "clean"        # the DualBN branch folded into the exported model: clean | perturbed
     natural_branch: str = "perturbed"   # the DualBN branch the AugMix (natural-perturbation) views train on
+    clean_teacher: str = "robust"       # the clean KD term's teacher: robust (RLNet) | dense (MTARD: the model
+                                        # before the adversarial finetune; the other two terms keep the robust one)
     compare_branches: bool = False      # also evaluate the other branch folded (model "compiled_<branch>_bn")
 
 
@@ -266,7 +268,7 @@ KEYWORDS: dict[str, str] = {
     "augmix": "robustness.augmix", "jsd_weight": "robustness.jsd_weight", "kd_clean": "robustness.kd_clean",
     "kd_natural": "robustness.kd_natural", "kd_adv": "robustness.kd_adv", "dual_bn": "robustness.dual_bn",
     "export_branch": "robustness.export_branch", "compare_branches": "robustness.compare_branches",
-    "natural_branch": "robustness.natural_branch",
+    "natural_branch": "robustness.natural_branch", "clean_teacher": "robustness.clean_teacher",
 }
 
 
@@ -598,7 +600,7 @@ def robustness_settings(cfg: CompileConfig):
 
 ROBUST_TRAIN_FIELDS = ("teacher_robust", "teacher_epochs", "train_attack", "train_attack_steps", "train_epsilon",
                        "trades_beta", "augmix", "jsd_weight", "kd_clean", "kd_natural", "kd_adv", "dual_bn",
-                       "export_branch", "compare_branches", "natural_branch")
+                       "export_branch", "compare_branches", "natural_branch", "clean_teacher")
 
 
 def check_robust_compile(cfg: CompileConfig) -> None:
@@ -615,6 +617,7 @@ def check_robust_compile(cfg: CompileConfig) -> None:
     _one_of(rb.train_attack, ("trades", "pgd"), "--train-attack", "training attack")
     _one_of(rb.export_branch, ("clean", "perturbed"), "--export-branch", "exported BatchNorm branch")
     _one_of(rb.natural_branch, ("clean", "perturbed"), "robustness.natural_branch =", "BatchNorm branch of the AugMix views")
+    _one_of(rb.clean_teacher, ("robust", "dense"), "robustness.clean_teacher =", "teacher of the clean KD term")
     parse_epsilon(rb.train_epsilon, "--train-epsilon")
     for name, v, ok, fix in (
             ("--train-attack-steps", rb.train_attack_steps, rb.train_attack_steps is None or rb.train_attack_steps >= 1,

@@ -271,8 +271,13 @@ def teacher_step(s: RobustTrainSettings, *, progress: Any = None):
 
 
 def robust_kd_step(teacher: nn.Module, s: RobustTrainSettings, *, kd_weight: float, temperature: float,
-                   extra: Callable | None = None, progress: Any = None, desc: str = "search"):
-    """Three-way distillation step (clean / AugMix / adversarial logits to the robust teacher's); dual-BN aware."""
+                   extra: Callable | None = None, progress: Any = None, desc: str = "search",
+                   clean_teacher: nn.Module | None = None):
+    """Three-way distillation step (clean / AugMix / adversarial logits to the robust teacher's); dual-BN aware.
+
+    ``clean_teacher`` (``robustness.clean_teacher = "dense"``): the clean term distils from this model instead
+    (the dense model before the adversarial finetune — MTARD's clean teacher, Zhao et al. 2022); the AugMix and
+    adversarial terms keep the robust ``teacher``."""
     px = _Pixels(s.mean, s.std)
     bar = _AttackBar(progress, s.attack_steps, f"PGD-{s.attack_steps} on the student ({desc})")
 
@@ -281,7 +286,7 @@ def robust_kd_step(teacher: nn.Module, s: RobustTrainSettings, *, kd_weight: flo
         logits = model(x)                                      # clean branch
         loss = (1 - kd_weight) * F.cross_entropy(logits, y)
         with torch.no_grad():
-            t_clean = teacher(x)
+            t_clean = (teacher if clean_teacher is None else clean_teacher)(x)
         kd = s.kd_clean * kd_loss(logits, t_clean, temperature) if s.kd_clean > 0 else 0.0
         if s.kd_natural > 0:
             with route(model, s.natural_branch):

@@ -106,6 +106,24 @@ def test_robust_steps_train_and_show_the_attack():
     robust_kd_step(teacher, s_clean, kd_weight=0.5, temperature=4.0)(student2.train(), x, y, None)
     d2 = next(m for m in student2.modules() if isinstance(m, DualBatchNorm2d))
     assert int(d2.perturbed.num_batches_tracked) == 1 and int(d2.clean.num_batches_tracked) == 2
+    # robustness.clean_teacher = "dense": the clean KD term distils from the given clean teacher, not the robust one
+    import torch.nn.functional as F
+    from relucomp.train import kd_loss
+
+    s_c = RobustTrainSettings(mean=(0.5,) * 3, std=(0.25,) * 3, attack_steps=1, kd_natural=0.0, kd_adv=0.0)
+    other = _net().eval()
+    with torch.no_grad():
+        for prm in other.parameters():
+            prm.add_(torch.randn_like(prm))
+    student3 = fx.symbolic_trace(_net()).eval()  # eval: the loss is a plain function of the weights
+    with torch.no_grad():
+        out = student3(x)
+        want = {name: 0.5 * F.cross_entropy(out, y) + 0.5 * kd_loss(out, t(x), 4.0)
+                for name, t in (("robust", teacher), ("dense", other))}
+        got_r, _ = robust_kd_step(teacher, s_c, kd_weight=0.5, temperature=4.0)(student3, x, y, None)
+        got_d, _ = robust_kd_step(teacher, s_c, kd_weight=0.5, temperature=4.0, clean_teacher=other)(student3, x, y, None)
+    assert torch.allclose(got_r, want["robust"]) and torch.allclose(got_d, want["dense"])
+    assert not torch.allclose(want["robust"], want["dense"])
     for attack in ("trades", "pgd"):
         s2 = RobustTrainSettings(mean=(0.5,) * 3, std=(0.25,) * 3, attack_steps=1, attack=attack)
         loss, _ = teacher_step(s2)(_net().train(), x, y, None)
@@ -124,6 +142,8 @@ def test_robust_bad_combinations_are_one_line_errors():
                         ({"robust": True, "export_branch": "both"}, "clean | perturbed"),
                         ({"robust": True, "natural_branch": "adv"}, "clean | perturbed"),
                         ({"natural_branch": "clean"}, "add --robust"),
+                        ({"robust": True, "clean_teacher": "clean"}, "robust | dense"),
+                        ({"clean_teacher": "dense"}, "add --robust"),
                         ({"trades_beta": 3.0}, "add --robust")):
         with pytest.raises(ConfigError) as e:
             validate(resolve_config(None, {**base, **extra}), check_data=False)

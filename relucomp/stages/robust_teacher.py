@@ -75,7 +75,8 @@ def run(st: RunState) -> RobustTeacherOut:
                             "trades_beta": s.trades_beta, "augmix": s.augmix, "jsd_weight": s.jsd_weight,
                             "kd_weights": {"clean": s.kd_clean, "natural": s.kd_natural, "adversarial": s.kd_adv},
                             "dual_bn": cfg.robustness.dual_bn, "export_branch": cfg.robustness.export_branch,
-                            "natural_branch": cfg.robustness.natural_branch}
+                            "natural_branch": cfg.robustness.natural_branch,
+                            "clean_teacher": cfg.robustness.clean_teacher}
     if cfg.robustness.teacher_robust or epochs == 0:
         info["adversarial_finetune"] = False
         info["why"] = "the given model is declared robust" if cfg.robustness.teacher_robust else "teacher_epochs = 0"
@@ -88,7 +89,7 @@ def run(st: RunState) -> RobustTeacherOut:
     path = None
     if key is not None and models is not None:
         material = json.dumps([key, epochs, {k: v for k, v in info.items()
-                                         if k not in ("dual_bn", "export_branch", "natural_branch")},
+                                         if k not in ("dual_bn", "export_branch", "natural_branch", "clean_teacher")},
                                cfg.runtime.seed], sort_keys=True, default=str)
         path = models / f"{key}-robust-{hashlib.sha1(material.encode()).hexdigest()[:10]}.pt"
     loaded = False

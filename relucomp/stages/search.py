@@ -49,8 +49,10 @@ def robust_step(st: RunState, kd_weight: float, temperature: float, fair, desc: 
     from ..robust_train import robust_kd_step
     from .robust_teacher import train_settings
 
+    clean = st["robust_teacher"].plain if st.cfg.robustness.clean_teacher == "dense" else None
     return robust_kd_step(st["pretrain"].teacher, train_settings(st), kd_weight=kd_weight, temperature=temperature,
-                          extra=fair.extra_loss if fair is not None else None, progress=st.progress, desc=desc)
+                          extra=fair.extra_loss if fair is not None else None, progress=st.progress, desc=desc,
+                          clean_teacher=clean)
 
 
 def run(st: RunState) -> SearchOut:
