@@ -15,7 +15,7 @@ Latency: onnxruntime CPU, 1 and 2 intra-op threads, batch 1 and 64; every repeat
 runs **all variants once, in a fresh random order** (interleaved, so load from
 other jobs hits them equally); ≥ 30 repeats; median and IQR per variant; a batch-1
 sample is the mean of ``--inner`` back-to-back runs (timer resolution).  The
-machine is shared with other jobs: ``os.getloadavg()`` is recorded before and
+machine's ``os.getloadavg()`` is recorded before and
 after each setting, and timings under load are upper bounds.
 
 Also measured (``elementwise_forms``): the candidate single-layer forms of a
@@ -31,7 +31,6 @@ import argparse
 import json
 import logging
 import os
-import random
 import sys
 import tempfile
 import time
@@ -47,6 +46,7 @@ logging.getLogger("torch.onnx").setLevel(logging.ERROR)
 from relucomp.pipelines import build_gated, lowering_passes  # noqa: E402
 from relucomp.export_targets import export_model  # noqa: E402
 from relucomp.infra import PassManager  # noqa: E402
+from relucomp.latency import SPINNING_KEY, interleaved_latency  # noqa: E402
 from relucomp.models import load_model  # noqa: E402
 from relucomp.passes.insert_gates import gates_of  # noqa: E402
 from relucomp.pi.bench import machine_info  # noqa: E402
@@ -109,16 +109,6 @@ def build(out: Path, name: str, target: str, granularity: str, budget: int | Non
             "pi_forms": forms, "ops": ops}
 
 
-def _session(path, threads: int):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
 def _optimized_ops(path, out) -> dict:
     """Op counts of the graph onnxruntime actually runs (default ORT_ENABLE_ALL: fusions, NCHWc layout)."""
     import onnx
@@ -136,33 +126,11 @@ def _optimized_ops(path, out) -> dict:
     return ops
 
 
-def _stats(v: list[float]) -> dict:
-    q1, med, q3 = np.percentile(v, [25, 50, 75])
-    return {"median_ms": round(med * 1e3, 4), "iqr_ms": [round(q1 * 1e3, 4), round(q3 * 1e3, 4)], "n": len(v)}
-
-
 def interleaved(paths: dict[str, str], threads: int, batch: int, repeats: int, inner: int, seed: int = 0,
                 shape: tuple[int, ...] = (3, 32, 32)) -> dict:
-    """Per repeat: every variant once in a fresh random order; a sample = mean of ``inner`` runs."""
-    sess = {k: _session(p, threads) for k, p in paths.items()}
-    x = np.random.default_rng(seed).standard_normal((batch, *shape)).astype(np.float32)
-    feeds = {k: {s.get_inputs()[0].name: x} for k, s in sess.items()}
-    for k, s in sess.items():  # warm-up
-        for _ in range(3):
-            s.run(None, feeds[k])
-    t = {k: [] for k in sess}
-    rng = random.Random(seed)
-    order = list(sess)
-    load0 = os.getloadavg()
-    for _ in range(repeats):
-        rng.shuffle(order)
-        for k in order:
-            s, f = sess[k], feeds[k]
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                s.run(None, f)
-            t[k].append((time.perf_counter() - t0) / inner)
-    return {"variants": {k: _stats(v) for k, v in t.items()}, "loadavg_before": load0, "loadavg_after": os.getloadavg()}
+    """Per repeat: every variant once in a fresh random order; a sample = mean of ``inner`` runs
+    (relucomp.latency: thread-pool spinning off, so the sessions do not steal each other's cores)."""
+    return interleaved_latency(paths, threads=threads, batch=batch, repeats=repeats, inner=inner, seed=seed, shape=shape)
 
 
 def elementwise_forms(repeats: int) -> dict:
@@ -279,8 +247,11 @@ def main() -> int:
                          "onnxruntime CPUExecutionProvider, default session options (ORT_ENABLE_ALL: fusions + NCHWc layout)",
                      "repeats": repeats, "inner_runs_batch1": a.inner,
                      "method": "interleaved: every repeat runs all variants once in a fresh random order; median and "
-                               "IQR over repeats", "load_note": "shared machine: other jobs ran during the measurement "
-                                                                "(see loadavg); timings are upper bounds"},
+                               "IQR over repeats",
+                     "session_options": f"{SPINNING_KEY} = 0 in every session: with spinning on, the idle threads of "
+                                        "the session that just ran steal the cores of the next one (relucomp/latency.py)",
+                     "load_note": "loadavg before/after each setting is recorded; on this 2-core machine the "
+                                  "benchmark's own 2-thread runs raise it to about 2"},
            "builds": built, "latency": lat, "summary": summary}
     import onnxruntime
 

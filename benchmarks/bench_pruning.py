@@ -24,14 +24,12 @@ import json
 import logging
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 
 warnings.filterwarnings("ignore")
@@ -41,6 +39,7 @@ from relucomp.api import analyze, inspect_onnx, pretrain  # noqa: E402
 from relucomp.cache import cache_dir  # noqa: E402
 from relucomp.evaluate import predict_split  # noqa: E402
 from relucomp.export import export_onnx  # noqa: E402
+from relucomp.latency import interleaved_latency  # noqa: E402
 from relucomp.loaders import BatchLoader, first_batch  # noqa: E402
 from relucomp.models import build_model  # noqa: E402
 from relucomp.passes.finetune import FinetunePass  # noqa: E402
@@ -59,30 +58,12 @@ def machine() -> dict:
             "onnxruntime": onnxruntime.__version__, "python": sys.version.split()[0]}
 
 
-def _session(path: Path):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.intra_op_num_threads = os.cpu_count() or 1
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
 def ort_latencies(paths: list[Path], batch: int, runs: int) -> list[dict]:
-    """Median / min latency of each model, measured in interleaved rounds (one run of every model
-    per round) so that load changes on a shared machine hit all models alike."""
-    sessions = [_session(p) for p in paths]
-    x = np.random.default_rng(0).standard_normal((batch, 3, 32, 32)).astype(np.float32)
-    feeds = [{s.get_inputs()[0].name: x} for s in sessions]
-    for s, f in zip(sessions, feeds):  # warm-up
-        s.run(None, f)
-    times: list[list[float]] = [[] for _ in sessions]
-    for _ in range(runs):
-        for i, (s, f) in enumerate(zip(sessions, feeds)):
-            t0 = time.perf_counter()
-            s.run(None, f)
-            times[i].append(time.perf_counter() - t0)
-    return [{"median_ms": 1000 * statistics.median(t), "min_ms": 1000 * min(t), "runs": runs} for t in times]
+    """Median / IQR / min latency of each model, measured interleaved (relucomp.latency: every round runs
+    every model once in a fresh random order; thread-pool spinning off so the sessions don't steal cores)."""
+    names = [str(i) for i in range(len(paths))]
+    r = interleaved_latency(dict(zip(names, paths)), threads=os.cpu_count() or 1, batch=batch, repeats=runs, warmup=1)
+    return [{**r["variants"][n], "runs": runs} for n in names]
 
 
 def bench_resnet18(ratios, runs1: int, runs64: int, tmp: Path, round_to: int = 8) -> dict:
@@ -121,8 +102,9 @@ def bench_resnet18(ratios, runs1: int, runs64: int, tmp: Path, round_to: int = 8
         row["relative"]["latency_b64"] = round(row["latency_b64"]["median_ms"] / base["latency_b64"]["median_ms"], 4)
         row["speedup_b64"] = round(base["latency_b64"]["median_ms"] / row["latency_b64"]["median_ms"], 3)
     return {"model": "resnet18 (CIFAR, 32x32, 10 classes)", "importance": "l1", "scope": "global",
-            "latency": "onnxruntime CPUExecutionProvider, intra_op threads = cpu_count, interleaved rounds, "
-                       f"{runs1} runs at batch 1, {runs64} at batch 64; median (and min) in ms",
+            "latency": "onnxruntime CPUExecutionProvider, intra_op threads = cpu_count, thread-pool spinning off, interleaved rounds "
+                       "in a fresh random order (relucomp/latency.py), "
+                       f"{runs1} runs at batch 1, {runs64} at batch 64; median, IQR and min in ms",
             "rows": rows}
 
 
@@ -151,10 +133,9 @@ def bench_accuracy(ratios, pre_epochs: int, ft_epochs: int, limit: int | None) -
     for method, ratio, imp, sparsity in configs:
         gm = copy.deepcopy(dense)
         t0 = time.perf_counter()
-        stats = None
         gmp = None
         if ratio is not None:
-            stats = prune(gm, channel_ratio=ratio, importance=imp, calib=train if imp == "taylor" else None)
+            prune(gm, channel_ratio=ratio, importance=imp, calib=train if imp == "taylor" else None)
         else:
             gmp = make_gmp(gm, sparsity=sparsity, total_steps=ft_epochs * len(train))
         acc0 = evaluate(gm, test)["acc"]

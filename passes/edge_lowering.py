@@ -16,8 +16,9 @@ medians; ``benchmarks/results/export.json`` → ``elementwise_forms``):
 ``PRelu(x, s)`` (one op, but onnxruntime's broadcasting PRelu kernel is slow:
 +26–63 % over the fused conv+relu at b64 in the first measurement),
 ``Where(m, Relu(x), x)`` (slowest), ``x − m·min(x, 0)`` (three ops) and
-``Max(x, x·s)`` (two vectorized streaming ops) — the last was fastest in most
-settings of the first measurement, so it is the form.  None matches the
+``Max(x, x·s)`` (two vectorized streaming ops) — the last is the fastest in 11 of
+the 12 settings (idle rerun with thread-pool spinning off: 1.02–1.17× a fused
+conv+relu layer), so it is the form.  None matches the
 fused conv+relu of a dense layer: onnxruntime also inserts NCHWc layout reorders
 around ops its NCHWc transformer does not handle (``Mul`` by a constant, ``Max``).
 
@@ -29,8 +30,9 @@ fully kept layers are plain ``relu`` (which onnxruntime fuses into the conv).
 Channel gates of a conv feature map get :class:`ChannelMaskedReLU` instead,
 ``x + Relu(DepthwiseConv1×1(x; −m))`` (m = 1 kept / 0 removed): onnxruntime's
 NCHWc transformer handles a depthwise conv (Relu fused) and ``Add``, so no layout
-reorders are inserted; measured 1.07–1.32× the dense model at b64 where ``Max(x, x·s)``
-had measured 1.46–1.70× (``benchmarks/results/export.json``; both under load).  Pixel gates have no such form: NCHWc ``Mul``/``Add`` need both
+reorders are inserted; per layer 1.01–1.16× a fused conv+relu, where the channel form of
+``Max(x, x·s)`` is 1.06–1.21× (``export.json`` → ``elementwise_forms``); resnet8 with
+channel gates 1.11–1.24× dense, with pixel gates 1.25–1.47× (idle, spinning off).  Pixel gates have no such form: NCHWc ``Mul``/``Add`` need both
 operands produced in NCHWc, and a per-element constant mask is not, so the pixel
 form keeps the reorders (``edge ≤ 1.0× dense`` is out of reach for pixel masks
 in default onnxruntime: no fused conv activation takes a per-element parameter).
@@ -91,8 +93,8 @@ class ChannelMaskedReLU(MaskedReLU):
     layout (a depthwise conv with the Relu fused, and an NCHWc ``Add``), so the layer
     costs two streaming passes and no layout reorders, where ``Max(x, x·s)`` costs
     ``Mul`` + ``Max`` + a ``ReorderOutput``/``ReorderInput`` pair (neither ``Mul`` by a
-    constant nor ``Max`` has an NCHWc kernel).  Measured faster than ``Max(x, x·s)`` at
-    b64 and within noise at b1 (``benchmarks/results/export.json``).
+    constant nor ``Max`` has an NCHWc kernel).  Measured faster than ``Max(x, x·s)`` in
+    every setting (``benchmarks/results/export.json`` → ``elementwise_forms``).
     """
 
     form = "dwadd"
