@@ -85,14 +85,18 @@ def exact_masks(gm, budget: int, granularity: str, seed: int) -> int:
     return budget
 
 
-def build_onnx(out: Path, budget: int, granularity: str, gate_form: str, seed: int = 0, arch: str = "resnet8") -> dict:
-    """Lower resnet8 with random exact masks and export + verify the ONNX graph."""
+def build_onnx(out: Path, budget: int, granularity: str, gate_form: str, seed: int = 0, arch: str = "resnet8",
+               set_masks=None) -> dict:
+    """Lower resnet8 with random exact masks (or ``set_masks(gates)``, keeping ``budget`` ReLUs) and export +
+    verify the ONNX graph."""
     torch.manual_seed(seed)
     model = load_model(arch, num_classes=10).eval()
     x = torch.randn(8, 3, 32, 32)
     gm, _ = build_gated(model, x, granularity=granularity)
     total = sum(g.total_relus for g in gates_of(gm).values())
-    if budget >= total:
+    if set_masks is not None:
+        set_masks(list(gates_of(gm).values()))
+    elif budget >= total:
         for gate in gates_of(gm).values():
             gate.set_mask(torch.ones_like(gate.mask))
     else:
@@ -322,8 +326,20 @@ def main() -> int:
     return finish(a, results, budgets, list(built), t_start, out)
 
 
+def per_call_latency_s(calls_json: Path = ROOT / "results" / "pi_calls.json") -> float | None:
+    """The per-ReLU-call latency (means, public weights) measured by ``bench_pi_calls.py``; the ReLU
+    protocol does not depend on how the weights are held, so both weights settings pin it."""
+    if not calls_json.exists():
+        return None
+    v = json.loads(calls_json.read_text())["summary"].get("public", {}).get("per_call_ms", {}).get("mean_ms")
+    return v / 1e3 if v and v > 0 else None
+
+
 def fit_configs(runs_by_mode: dict, cm_path: Path) -> tuple[dict, dict]:
     """Cost model per weights setting, fitted on the runs' **means** (slow OT-refill runs included).
+
+    The per-call latency of a ReLU node is pinned from ``pi_calls.json`` where it exists (every gated
+    resnet8 makes the same 7 calls, so these runs cannot separate it from the per-ReLU term).
 
     Data-movement coefficients (gather / select per element) come from SPU's per-op profile of the public
     runs; where the runs carry no profile (a results file: profiles are not written), they are kept from the
@@ -333,11 +349,15 @@ def fit_configs(runs_by_mode: dict, cm_path: Path) -> tuple[dict, dict]:
     previous = prev_doc.get("configs", {})
     lowering = {**prev_doc.get("lowering", {}), **_profile_coeffs(list(runs_by_mode.get("public", {}).values()))}
     configs = {}
+    per_call_s = per_call_latency_s()
     for mode, runs in runs_by_mode.items():
         fixed = {"latency_s": {k2: lowering[k1] for k1, k2 in (("gather_element_s", "gather_elements"),
                                                                ("select_element_s", "where_elements")) if k1 in lowering},
                  "bytes": {"gather_elements": 0.0, "where_elements": 0.0}}
-        fr = [{**r, "name": n} for n, r in runs.items()]
+        if per_call_s is not None:  # the fixed cost of one ReLU call, measured apart (bench_pi_calls.py)
+            fixed["latency_s"]["relu_calls"] = per_call_s
+        fr = [{**r, "name": n, "relu_nodes": r.get("relu_nodes", r.get("costs", {}).get("relu_nodes", 0))}
+              for n, r in runs.items()]
         if len({r["costs"]["macs"] for r in fr}) < 2 and previous.get(f"cheetah-{mode}"):
             # one architecture only: the per-MAC terms cannot be fitted, keep the previous fit's
             for tgt in ("latency_s", "bytes"):

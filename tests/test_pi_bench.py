@@ -148,3 +148,31 @@ def test_run_stats_and_fit_on_means(tmp_path):
     path, _ = _lowered_onnx(tmp_path, "pixel")
     assert estimate(str(path), cost_model=cm)["statistic"] == "mean"
     assert estimate(str(path))["statistic"] in ("mean", "median")  # the shipped model says which
+
+
+def test_relu_calls_feature_fits_and_predicts(tmp_path):
+    """A ReLU node is one protocol call: the cost model counts calls apart from ReLUs (none left, no call)."""
+    from relucomp.pi.estimate import relu_calls
+
+    path, kept = _lowered_onnx(tmp_path, "pixel")
+    costs = onnx_costs(path)
+    assert relu_calls(costs) == costs["relu_nodes"] >= 1
+    assert relu_calls({**costs, "relus": 0, "maxpool_comparisons": 0}) == 0
+    # runs whose latency has a per-call term: the fit recovers it where calls vary apart from ReLUs
+    truth = {"const": 0.3, "relus": 20e-6, "relu_calls": 0.02}
+    runs = [{"name": f"r{i}", "relus": r, "relu_nodes": c, "macs": 1e7, "gather_elements": 0, "maxpool_comparisons": 0,
+             "latency_s": truth["const"] + truth["relus"] * r + truth["relu_calls"] * (c if r else 0), "bytes": 1e5 + 100 * r}
+            for i, (r, c) in enumerate([(0, 7), (7, 1), (7, 7), (7360, 6), (18432, 7), (73728, 7), (188416, 19)])]
+    model = fit(runs)
+    assert abs(model["latency_s"]["relu_calls"] - 0.02) < 1e-4 and abs(model["latency_s"]["relus"] - 20e-6) < 1e-8
+    assert [row["relu_calls"] for row in model["fit"]] == [0, 1, 7, 6, 7, 7, 19]
+    # pinned (measured apart), the rest is fitted around it
+    pinned = fit(runs, fixed={"latency_s": {"relu_calls": 0.02}})
+    assert pinned["latency_s"]["relu_calls"] == 0.02 and pinned["error"]["latency_max_abs_rel"] < 1e-6
+    # the shipped model prices calls, and the linear floor (0 ReLUs) has none
+    cm = tmp_path / "cm.json"
+    cm.write_text(json.dumps({"default": "c", "statistic": "mean", "configs": {"c": model}}))
+    est = estimate(str(path), cost_model=cm)
+    want = truth["const"] + truth["relus"] * kept + truth["relu_calls"] * costs["relu_nodes"]  # macs: constant, unfitted
+    assert model["latency_s"]["macs"] == 0.0 and abs(est["predicted"]["latency_s"] - want) < 1e-6
+    assert abs(est["linear_floor"]["latency_s"] - model["latency_s"]["const"]) < 1e-9

@@ -98,7 +98,7 @@ def estimate_cmd(
     as_json: AsJson = False,
 ) -> None:
     """Estimate 2PC latency and communication from the cost model fitted to pi-bench runs on this machine."""
-    from ..pi.estimate import estimate
+    from ..pi.estimate import estimate, relu_calls
 
     with errors_handled():
         res = estimate(model, relus=relus, config=f"{protocol}-{weights}", num_classes=num_classes, image_size=image_size)
@@ -120,8 +120,10 @@ def estimate_cmd(
     t.add_row("predicts", res["statistic_note"])
     t.add_row("estimated communication", f"{mb(p['bytes'])} (linear floor {mb(f['bytes'])})")
     co = res["coefficients"]
+    calls = co["latency_s"].get("relu_calls", 0.0)
     t.add_row("cost model", f"{co['latency_s']['relus'] * 1e6:.1f} µs + {co['bytes']['relus']:.0f} B per ReLU, "
-              f"{co['latency_s']['macs'] * 1e9:.2f} ns per MAC, const {co['latency_s']['const'] * 1e3:.0f} ms")
+              + (f"{calls * 1e3:.1f} ms per ReLU call ({relu_calls(c)} here), " if calls else "")
+              + f"{co['latency_s']['macs'] * 1e9:.2f} ns per MAC, const {co['latency_s']['const'] * 1e3:.0f} ms")
     err = res.get("model_error")
     if err:
         t.add_row("model error vs measurement", f"latency median {100 * err['latency_median_abs_rel']:.1f}% / max "

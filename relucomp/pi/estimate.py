@@ -29,7 +29,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 COST_MODEL = Path(__file__).with_name("cost_model.json")
-FEATURES = ("const", "relus", "macs", "gather_elements", "where_elements")
+#: ``relu_calls``: ReLU nodes that evaluate at least one element — each is one protocol invocation with its
+#: own communication rounds (``benchmarks/bench_pi_calls.py``: ≈19 ms per call in Cheetah on loopback),
+#: paid by a partially linearized layer at any budget
+FEATURES = ("const", "relus", "relu_calls", "macs", "gather_elements", "where_elements")
 STATISTICS = ("mean", "median")
 
 #: used when no cost_model.json is present: 2-core machine, loopback, SPU 0.9.5 Cheetah
@@ -76,9 +79,16 @@ def load_cost_model(path: str | Path | None = None, config: str | None = None) -
     return dict(DEFAULT_MODEL)
 
 
+def relu_calls(costs: dict[str, Any]) -> int:
+    """ReLU protocol invocations per inference: the graph's ReLU nodes (none when no ReLU is left)."""
+    if costs["relus"] + costs.get("maxpool_comparisons", 0) == 0:
+        return 0
+    return int(costs.get("relu_nodes", 0))
+
+
 def features(costs: dict[str, Any]) -> dict[str, float]:
     return {"const": 1.0, "relus": float(costs["relus"] + costs.get("maxpool_comparisons", 0)),
-            "macs": float(costs["macs"]), "gather_elements": float(costs.get("gather_elements", 0)),
+            "relu_calls": float(relu_calls(costs)), "macs": float(costs["macs"]), "gather_elements": float(costs.get("gather_elements", 0)),
             "where_elements": float(costs.get("where_elements", 0))}
 
 
@@ -95,7 +105,7 @@ def fit(runs: Sequence[dict[str, Any]], *, protocol: str = "cheetah", machine: d
         statistic: str = "mean") -> dict[str, Any]:
     """Fit the coefficients (non-negative least squares on relative error) to pi-bench results.
 
-    Each run needs ``relus``, ``maxpool_comparisons``, ``macs``, ``gather_elements``,
+    Each run needs ``relus``, ``maxpool_comparisons``, ``macs``, ``gather_elements``, ``relu_nodes``,
     ``latency_s`` and ``bytes`` (a :func:`relucomp.pi.bench.pi_bench` result) and a ``name``.
     ``statistic="mean"`` (default) fits ``latency_mean_s`` / ``bytes_mean`` where a run has
     them (the per-inference expectation, refills included), ``"median"`` the medians.
@@ -135,7 +145,8 @@ def fit(runs: Sequence[dict[str, Any]], *, protocol: str = "cheetah", machine: d
         eb = p["bytes"] / r["bytes"] - 1.0 if r["bytes"] else 0.0
         errs_l.append(abs(el))
         errs_b.append(abs(eb))
-        rows.append({"name": r.get("name", Path(str(r.get("model", "?"))).stem), "relus": r["relus"], "macs": r["macs"],
+        rows.append({"name": r.get("name", Path(str(r.get("model", "?"))).stem), "relus": r["relus"],
+                     "relu_calls": relu_calls(r), "macs": r["macs"],
                      "gather_elements": r.get("gather_elements", 0), "where_elements": r.get("where_elements", 0),
                      "maxpool_comparisons": r.get("maxpool_comparisons", 0),
                      "measured_latency_s": r["latency_s"], "predicted_latency_s": p["latency_s"], "latency_rel_err": el,
