@@ -18,6 +18,8 @@ skipped on a re-run (the search state is kept under the relucomp cache).
 
 Usage: python benchmarks/bench_dp.py [--budget 4k] [--eps inf,8,3,1] [--limit N]
 dp.json: python benchmarks/bench_dp.py --dp-grid 8:0.1 --seeds 0,1,2,3 --tune-eps 8 --ceag --threads 1
+dp_clip30.json: python benchmarks/bench_dp.py --eps 8 --seeds 0,1,2,3 --dp-grid 8:0.00333 --dp-clip 30 \
+                    --out benchmarks/results/dp_clip30.json      (rows named eps=8+C30; C ∈ {1, 3, 8}: seed 0 alike)
 """
 
 from __future__ import annotations
@@ -144,6 +146,10 @@ def main(argv=None) -> int:
     ap.add_argument("--dp-dual-lr", type=float, default=0.2,
                     help="fairness.heldout_dual_lr of the 'eps=8+ceag' row (the held-out duals' step; 0.2 was "
                          "chosen over 0.05 on validation, seeds 0 and 1)")
+    ap.add_argument("--dp-clip", type=float, default=1.0,
+                    help="per-sample clipping norm C (with C > 1, scale the --dp-grid LRs by 1/C to keep the step "
+                         "size of clipped samples): a larger C keeps more of the per-sample gradients' relative size "
+                         "(less clipping bias against hard groups) at the price of more noise (σ·C)")
     ap.add_argument("--dp-augmult", type=int, default=1,
                     help="augmentation multiplicity K of the DP rows (--dp-augmult); K > 1 names the rows "
                          "'eps=E+augmultK' and tunes its own schedule key")
@@ -264,12 +270,12 @@ def main(argv=None) -> int:
                                  **({"fairness": {"heldout_dual_lr": args.dp_dual_lr}} if fair == "ceag" else {})},
                          seed=seed,
                          search_state=shared, dp_epsilon=float(e), dp_batch_size=args.dp_batch_size,
-                         dp_augmult=args.dp_augmult)
+                         dp_augmult=args.dp_augmult, dp_max_grad_norm=args.dp_clip)
         r = summarize(res.report)
         r.update(lr=lr, epochs=epochs, seed=seed, wall_seconds=round(time.perf_counter() - t, 1))
         return r
 
-    aug = f"+augmult{args.dp_augmult}" if args.dp_augmult > 1 else ""
+    aug = row_suffix(args)
     keys = []
     for epochs, lr in grid:  # choose the DP schedule on validation at the first ε
         key = f"epochs={epochs},lr={lr:g}{aug}"
@@ -368,6 +374,7 @@ def schedule(args, spec, budget) -> dict:
             **({} if args.ema_warmup else {"ema_warmup": False}),
             **({} if args.dp_kd_weight == 0.5 else {"dp_kd_weight": args.dp_kd_weight}),
             **({} if args.dp_dual_lr == 0.2 else {"dp_dual_lr": args.dp_dual_lr}),
+            **({} if args.dp_clip == 1.0 else {"dp_clip": args.dp_clip}),
             **({"shared_dense": True} if getattr(args, "shared_dense", False) else {}),
             "fair_splits": args.fair_splits}
 
@@ -391,7 +398,8 @@ def merge_disk(args, results: dict) -> dict:
         return results
     if prev.get("search_state") != getattr(args, "state_digest", None) or not all(
             prev.get("schedule", {}).get(k) == v for k, v in schedule(args, None, None).items()
-               if k in ("limit", "pretrain", "search", "finetune", "dp_grid", "dp_batch_size", "fair_splits")):
+               if k in ("limit", "pretrain", "search", "finetune", "dp_grid", "dp_batch_size", "fair_splits")) or (
+            prev.get("schedule", {}).get("dp_clip", 1.0) != getattr(args, "dp_clip", 1.0)):
         return results
     for name, row in prev.get("results", {}).items():
         if name == "dense":
@@ -408,11 +416,18 @@ def merge_disk(args, results: dict) -> dict:
     return results
 
 
+def row_suffix(args) -> str:
+    """The DP rows' name suffix for options off their defaults (``eps=8+augmult4``, ``eps=8+C30``)."""
+    return ((f"+augmult{args.dp_augmult}" if args.dp_augmult > 1 else "")
+            + (f"+C{args.dp_clip:g}" if getattr(args, "dp_clip", 1.0) != 1.0 else ""))
+
+
 def write(args, spec, bundle, budget, results, t0) -> None:
     results = merge_disk(args, results)
     base = results.get("non-private")
     goals = {}
-    r8 = results.get("eps=8")
+    suffix = row_suffix(args)
+    r8 = results.get(f"eps=8{suffix}")
     if base and r8 and "ema" in r8 and "last" in base:
         goals["by"] = "means over the seeds in both rows (the non-private compile exports its last iterate)"
         goals["eps8_ema_acc_within_3pt_of_non_private"] = r8["ema"]["acc"] >= base["last"]["acc"] - 3.0
@@ -433,7 +448,7 @@ def write(args, spec, bundle, budget, results, t0) -> None:
             goals["numbers"].update(eps8_ceag_ema_acc=rc["ema"]["acc"], eps8_ceag_ema_max_psi=rc["ema"]["max_psi"],
                                     eps8_ceag_ema_max_psi_by_seed=rc["ema"].get("max_psi_by_seed"),
                                     eps8_ceag_seeds=rc.get("seeds"))
-    done = all(f"eps={e}" in results for e in args.eps.split(",")) and base is not None
+    done = all(f"eps={e}{suffix}" in results for e in args.eps.split(",")) and base is not None
     order = (["dense", "non-private"] + [f"eps={e}" for e in ("inf", "8", "3", "1")]
              + ["non-private+ceag", "eps=8+ceag"])
     results = {**{k: results[k] for k in order if k in results}, **{k: v for k, v in results.items() if k not in order}}
