@@ -126,13 +126,6 @@ def _optimized_ops(path, out) -> dict:
     return ops
 
 
-def interleaved(paths: dict[str, str], threads: int, batch: int, repeats: int, inner: int, seed: int = 0,
-                shape: tuple[int, ...] = (3, 32, 32)) -> dict:
-    """Per repeat: every variant once in a fresh random order; a sample = mean of ``inner`` runs
-    (relucomp.latency: thread-pool spinning off, so the sessions do not steal each other's cores)."""
-    return interleaved_latency(paths, threads=threads, batch=batch, repeats=repeats, inner=inner, seed=seed, shape=shape)
-
-
 def elementwise_forms(repeats: int) -> dict:
     """The candidate forms of one partial layer after a 3×3 conv (what chose the edge form)."""
     import onnx
@@ -186,7 +179,8 @@ def elementwise_forms(repeats: int) -> dict:
                 paths[f] = str(p)
             for threads in (1, 2):
                 for batch in (1, 64):
-                    r = interleaved(paths, threads, batch, repeats, inner=10 if batch == 1 else 1, shape=(C, H, H))
+                    r = interleaved_latency(paths, threads=threads, batch=batch, repeats=repeats,
+                                            inner=10 if batch == 1 else 1, shape=(C, H, H))
                     key = f"{C}x{H}x{H}-t{threads}-b{batch}"
                     out[key] = r
                     med = {k: v["median_ms"] for k, v in r["variants"].items()}
@@ -225,7 +219,8 @@ def main() -> int:
     for threads in (1, 2):
         for batch in (1, 64):
             key = f"t{threads}-b{batch}"
-            lat[key] = interleaved(paths, threads, batch, repeats, inner=a.inner if batch == 1 else 1)
+            lat[key] = interleaved_latency(paths, threads=threads, batch=batch, repeats=repeats,
+                                           inner=a.inner if batch == 1 else 1)
             v = lat[key]["variants"]
             d = v["dense"]["median_ms"]
             lat[key]["ratio_to_dense"] = {k: round(s["median_ms"] / d, 3) for k, s in v.items()}
