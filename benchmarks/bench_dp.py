@@ -315,7 +315,7 @@ def main(argv=None) -> int:
         # the non-private compile with its default fairness method (CEAG, duals on the training data)
         fill_row("non-private+ceag", lambda seed: np_run(seed, fair="ceag"))
         # DP + CEAG with held-out duals, at the tuning ε, with the chosen schedule
-        fill_row(f"eps={tune_eps}+ceag" + ("" if args.dp_dual_lr == 0.2 else f"(dual_lr={args.dp_dual_lr:g})"),
+        fill_row(f"eps={tune_eps}{aug}+ceag" + ("" if args.dp_dual_lr == 0.2 else f"(dual_lr={args.dp_dual_lr:g})"),
                  lambda seed: dp_run(tune_eps, chosen["epochs"], chosen["lr"], seed, fair="ceag"))
     write(args, spec, bundle, budget, results, t0)
     return 0
@@ -437,7 +437,7 @@ def write(args, spec, bundle, budget, results, t0) -> None:
                             "non_private_ema_max_psi": base.get("ema", {}).get("max_psi"),
                             "eps8_ema_max_psi_by_seed": r8["ema"].get("max_psi_by_seed"),
                             "non_private_max_psi_by_seed": base["last"].get("max_psi_by_seed")}
-        rc, nc = results.get("eps=8+ceag"), results.get("non-private+ceag")
+        rc, nc = results.get(f"eps=8{suffix}+ceag"), results.get("non-private+ceag")
         if rc and nc and "ema" in rc:
             goals["eps8_ceag_ema_max_psi_le_non_private_ceag"] = rc["ema"]["max_psi"] <= nc["last"]["max_psi"]
             goals["numbers"].update(non_private_ceag_acc=nc["last"]["acc"], non_private_ceag_max_psi=nc["last"]["max_psi"],
@@ -449,8 +449,8 @@ def write(args, spec, bundle, budget, results, t0) -> None:
                                     eps8_ceag_ema_max_psi_by_seed=rc["ema"].get("max_psi_by_seed"),
                                     eps8_ceag_seeds=rc.get("seeds"))
     done = all(f"eps={e}{suffix}" in results for e in args.eps.split(",")) and base is not None
-    order = (["dense", "non-private"] + [f"eps={e}" for e in ("inf", "8", "3", "1")]
-             + ["non-private+ceag", "eps=8+ceag"])
+    order = (["dense", "non-private"] + [f"eps={e}{suffix}" for e in ("inf", "8", "3", "1")]
+             + ["non-private+ceag", f"eps=8{suffix}+ceag"])
     results = {**{k: results[k] for k in order if k in results}, **{k: v for k, v in results.items() if k not in order}}
     out = {"benchmark": "dp", "complete": done, "data": spec, "target": bundle.target, "groups": bundle.group_names,
            "search_state": getattr(args, "state_digest", None),
@@ -459,7 +459,7 @@ def write(args, spec, bundle, budget, results, t0) -> None:
                             "(pretrained non-privately on the same split) and the non-private mask search are treated "
                             "as public, so the released model is not end-to-end DP for these images",
            "machine": machine(), "results": results, "goals": goals,
-           "recipe": {"dp_grid": args.dp_grid, "expected_batch": args.dp_batch_size, "clip_norm": 1.0,
+           "recipe": {"dp_grid": args.dp_grid, "expected_batch": args.dp_batch_size, "clip_norm": args.dp_clip,
                       "optimizer": "SGD momentum 0.9 nesterov, cosine LR, KD from the dense teacher",
                       "kd_weight": args.dp_kd_weight,
                       "ema_decay": args.ema_decay,

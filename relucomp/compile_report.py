@@ -45,6 +45,7 @@ class DPReport:
     ema_warmup: bool | None = None
     kd: bool = False
     kd_weight: float = 0.0
+    lr: float | None = None                                 # the DP optimizer's peak LR (unset: recipe.dp_finetune_lr)
     augmult: int = 1                                        # augmentations averaged per sampled image
     conversion: list[str] = field(default_factory=list)     # BatchNorm folded / replaced, in-place ops
     phases: dict[str, Any] = field(default_factory=dict)    # DP phases: steps and ε after each (search, finetune)

@@ -92,7 +92,8 @@ class SearchSection(_Section):
 
 class FinetuneSection(_Section):
     epochs: int | None = None           # None: from runtime.effort (resolved before the run)
-    lr: float | None = None             # None: the recipe's, 0.01 × batch / 64 (relucomp.recipe.finetune_lr)
+    lr: float | None = None             # None: the recipe's, 0.01 × batch / 64 (relucomp.recipe.finetune_lr);
+                                        # under DP 0.1 × B / 512 / C (per unit of clipping norm, recipe.dp_finetune_lr)
     kd_weight: float = 0.7              # (1 - w)·CE + w·KD(teacher)
     temperature: float | None = None    # None: search.kd_temperature (resolved before the run)
     bn_recalibrate: bool = True         # re-estimate BatchNorm statistics once the weights are final

@@ -709,7 +709,7 @@ def _dp_finetune(gm: fx.GraphModule, train_ds, opts: DPOptions, *, calib: torch.
               "accountant": opts.accountant, "sampling": "poisson", "phase": opts.phase,
               "n_train": n, "ema_decay": opts.ema_decay if ema else None,
               "ema_warmup": opts.ema_warmup if ema else None,
-              "kd": bool(teacher is not None and kd_weight > 0), "kd_weight": kd_weight,
+              "kd": bool(teacher is not None and kd_weight > 0), "kd_weight": kd_weight, "lr": float(lr),
               "conversion": changes, "history": history,
               "covers": covers(opts.phase)}
     if fair is not None:

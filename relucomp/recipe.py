@@ -96,6 +96,21 @@ FINETUNE_DEFAULTS: dict[str, Any] = {
 
 FINETUNE_LR_BATCH = 64      # the batch size FINETUNE_DEFAULTS["lr"] is tuned for
 
+# DP-SGD finetune recipe (the dp_finetune stage when ``finetune.lr`` is unset).  The LR is per unit of the
+# clipping norm C: a step is lr / C · Σ clip_C(∇ℓ_i) / B = lr · Σ clip_1(∇ℓ_i / C) / B, so a clipped sample moves
+# the weights by the same amount at every C and changing C changes only which samples are clipped (and the
+# noise σ·C, which the 1/C cancels).  0.1 at batch 512 was chosen on validation in benchmarks/bench_dp.py
+# (UTKFace resnet8, 4k ReLUs, ε = 8: 8 epochs at 0.1 over 1 / 4 epochs and 0.2; then C = 30 at 0.1 / 30 over
+# C = 1, 3, 8 at 0.1 / C — dp_clip*.json) and scaled linearly with the expected batch as the finetune's.
+DP_FINETUNE_DEFAULTS: dict[str, Any] = {"lr": 0.1, "lr_batch": 512}
+
+
+def dp_finetune_lr(batch_size: int, max_grad_norm: float) -> float:
+    """The DP finetune's optimizer LR for an expected Poisson batch ``batch_size`` and clipping norm ``max_grad_norm``:
+    ``0.1 × batch / 512 / C`` (:data:`DP_FINETUNE_DEFAULTS`)."""
+    return DP_FINETUNE_DEFAULTS["lr"] * batch_size / DP_FINETUNE_DEFAULTS["lr_batch"] / max_grad_norm
+
+
 
 def finetune_lr(batch_size: int) -> float:
     """The recipe's finetune peak LR for ``batch_size``: ``FINETUNE_DEFAULTS["lr"]`` scaled linearly with the

@@ -242,10 +242,11 @@ def test_dp_compile_bn_model_to_budget_with_ema_export(tmp_path, rc_cache):
     res = api.compile("tinycnn", "synthetic", relu_budget="2k", limit=300, pretrain_epochs=1, search_epochs=1,
                       finetune_epochs=2, progress=False, out_dir=out, fair_groups="group",
                       lr=0.2, dp_epsilon=8.0, dp_batch_size=64, dp_phase="both", dp_augmult=2,
-                      config={"finetune": {"kd_weight": 0.6}})
+                      config={"finetune": {"kd_weight": 0.6, "lr": 0.1}})
     rep = res.report
     d = rep["dp"]
     assert d["kd"] and d["kd_weight"] == 0.6  # the DP finetune follows finetune.kd_weight like the plain one
+    assert d["lr"] == pytest.approx(0.1)  # finetune.lr set: the DP optimizer's LR as given (not divided by C)
     assert d["epsilon_spent"] <= 8.0 and d["noise_multiplier"] > 0 and d["max_grad_norm"] == 1.0
     # --dp-phase both: the mask search ran under DP-SGD too, on the same accountant (ε covers both phases)
     assert d["phase"] == "both" and d["steps"] == d["phases"]["search"]["steps"] + d["phases"]["finetune"]["steps"]
@@ -501,11 +502,27 @@ def test_dp_compile_with_ceag_duals_on_validation(tmp_path, rc_cache):
     multipliers and trace, and ε spent is still within the target (the weighting costs no privacy)."""
     res = api.compile("tinycnn", "synthetic", relu_budget="2k", limit=300, pretrain_epochs=1, search_epochs=1,
                       finetune_epochs=2, progress=False, out_dir=tmp_path / "o", fair_groups="group",
-                      fair_method="ceag", dp_epsilon=8.0, dp_batch_size=64)
+                      fair_method="ceag", dp_epsilon=8.0, dp_batch_size=64, dp_max_grad_norm=4.0)
     rep = res.report
     d = rep["dp"]
+    # the LR is per unit of clipping norm: C = 4 divides the recipe's step (a clipped sample moves the weights alike)
+    assert d["max_grad_norm"] == 4.0 and d["lr"] == pytest.approx(0.1 * 64 / 512 / 4)
     assert rep["fairness"]["method"] == "ceag" and d["epsilon_spent"] <= 8.0
     f = d["fairness"]
     assert f["method"] == "ceag-heldout" and len(f["trace"]) >= 2 and all(m >= 0 for m in f["multipliers"])
     assert max(f["weights"]) == pytest.approx(1.0) and min(f["weights"]) >= 0.0
     assert onnx_relu_count(tmp_path / "o" / "model.onnx")["relus"] == 2000
+
+
+def test_dp_recipe_lr_is_per_unit_of_clipping_norm():
+    """recipe.dp_finetune_lr: 0.1 at batch 512 and C = 1, linear in the batch, divided by C (dp_clip30.json's
+    0.1 / 30 at C = 30), so lr / C · clip_C(g) = lr · clip_1(g / C) moves a clipped sample alike at every C."""
+    from relucomp.recipe import dp_finetune_lr
+
+    assert dp_finetune_lr(512, 1.0) == pytest.approx(0.1)
+    assert dp_finetune_lr(256, 1.0) == pytest.approx(0.05)
+    assert dp_finetune_lr(512, 30.0) == pytest.approx(0.1 / 30)
+    g = torch.tensor([3.0, 4.0])  # norm 5: clipped at C = 1 and C = 2, kept at C = 30
+    step = {C: dp_finetune_lr(512, C) * g * min(1.0, C / float(g.norm())) for C in (1.0, 2.0, 30.0)}
+    torch.testing.assert_close(step[1.0], step[2.0])  # a clipped sample: the same step at any C
+    assert float(step[30.0].norm()) < float(step[1.0].norm())  # unclipped: scaled by |g| / C
