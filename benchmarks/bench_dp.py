@@ -71,6 +71,7 @@ def summarize(rep: dict) -> dict:
         out["dp"] = {k: d[k] for k in ("epsilon_target", "epsilon_spent", "delta", "noise_multiplier",
                                        "max_grad_norm", "sample_rate", "expected_batch_size", "steps", "accountant",
                                        "conversion", "history")}
+        out["dp"].update({k: d.get(k) for k in ("lr", "heldout_grad_norms")})
         if d.get("fairness"):
             out["dp"]["fairness"] = {k: d["fairness"][k] for k in ("method", "dual_every", "dual_lr", "tolerance",
                                                                    "multipliers", "weights", "trace")}

@@ -46,6 +46,7 @@ class DPReport:
     kd: bool = False
     kd_weight: float = 0.0
     lr: float | None = None                                 # the DP optimizer's peak LR (unset: recipe.dp_finetune_lr)
+    heldout_grad_norms: dict[str, Any] | None = None        # per-sample gradient norms on validation, share C clips
     augmult: int = 1                                        # augmentations averaged per sampled image
     conversion: list[str] = field(default_factory=list)     # BatchNorm folded / replaced, in-place ops
     phases: dict[str, Any] = field(default_factory=dict)    # DP phases: steps and ε after each (search, finetune)

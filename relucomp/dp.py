@@ -44,7 +44,7 @@ import operator
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -551,6 +551,55 @@ def _dp_step(gsm, opt, teacher, x, y, kd_weight, temperature, sample_weights=Non
     return logits, (loss.detach() / augmult if augmult > 1 else loss)  # the loss summed per image
 
 
+def per_sample_grad_norms(params: Sequence[nn.Parameter]) -> torch.Tensor | None:
+    """The L2 norm of each sample's whole gradient (over ``params``) from opacus's ``p.grad_sample``; ``None``
+    when no per-sample gradient is held."""
+    gs = [p.grad_sample for p in params if getattr(p, "grad_sample", None) is not None]
+    if not gs or gs[0].shape[0] == 0:
+        return None
+    return torch.stack([g.reshape(len(g), -1).norm(2, dim=-1) for g in gs], dim=1).norm(2, dim=1)
+
+
+HELDOUT_NORM_IMAGES = 512  # validation images whose per-sample gradient norms the DP report describes
+
+
+def heldout_grad_norms(gsm, opt, teacher, ds, *, kd_weight: float, temperature: float, max_grad_norm: float,
+                       device: str = "cpu", max_images: int = HELDOUT_NORM_IMAGES, batch: int = 128) -> dict | None:
+    """Per-sample gradient norms of the DP loss at the starting weights on a held-out split (the validation
+    split, read outside DP-SGD like CEAG-under-DP's duals; it never reaches the weights): quantiles and the
+    share of images a clipping norm ``max_grad_norm`` would clip.  Tells whether C clips nearly everything
+    (C far below the norms: every sample normalized, the clipping bias against hard groups) or nothing.
+    ``None`` for an empty split.  Clears the per-sample gradients it made."""
+    n = min(len(ds), int(max_images))
+    if n == 0:
+        return None
+    from .data.transforms import normalize
+
+    idx = torch.linspace(0, len(ds) - 1, n).round().long()  # spread over the split, deterministic
+    norms = []
+    for i in range(0, n, batch):  # the images as they are (no crop / flip, whatever the dataset's train flag)
+        j = idx[i:i + batch]
+        x = normalize(ds.images[j].float() / 255.0, ds.mean, ds.std).to(device)
+        y = ds.labels[j].to(device)
+        t_logits = None
+        if teacher is not None and kd_weight > 0:
+            with torch.no_grad():
+                t_logits = teacher(x)
+        opt.zero_grad(set_to_none=True)
+        per_sample_loss(gsm(x), y, t_logits, kd_weight=kd_weight, temperature=temperature).backward()
+        v = per_sample_grad_norms(opt.params)
+        if v is not None:
+            norms.append(v.detach().cpu())
+    opt.zero_grad(set_to_none=True)
+    if not norms:
+        return None
+    v = torch.cat(norms).double()
+    qs = (0.1, 0.25, 0.5, 0.75, 0.9)
+    return {"split": "val", "images": int(v.numel()),
+            "quantiles": {f"p{int(q * 100)}": float(torch.quantile(v, q)) for q in qs},
+            "max_grad_norm": float(max_grad_norm), "clipped_share": float((v > max_grad_norm).double().mean())}
+
+
 @dataclass
 class DPResult:
     model: fx.GraphModule          # last iterate
@@ -583,11 +632,13 @@ def _dp_finetune(gm: fx.GraphModule, train_ds, opts: DPOptions, *, calib: torch.
                 ema: bool = True, augment: bool = True, progress: Any | None = None, log: Callable[[str], None] | None = None,
                 device: str = "cpu", convert: bool = True, dplan: DPPlan | None = None,
                 checkpoint: Callable[[dict], None] | None = None, resume: dict | None = None,
-                fair: Any | None = None) -> DPResult:
+                fair: Any | None = None, heldout=None) -> DPResult:
     """DP-SGD finetune of the gated graph ``gm`` (masks fixed) on ``train_ds``.
 
     ``fair`` (a :class:`relucomp.dp_fairness.HeldOutDuals`): CEAG under DP — multipliers from a held-out
     split, per-sample weights on the clipped gradients (the privacy accounting is unchanged).
+    ``heldout`` (the validation split): the report's ``heldout_grad_norms`` (:func:`heldout_grad_norms`),
+    measured before the first step.
 
     ``checkpoint(state)`` is called after every epoch with the whole loop state (weights, optimizer
     momentum, LR schedule, EMA, the accountant's history, the Poisson-sampling and noise generators,
@@ -670,8 +721,17 @@ def _dp_finetune(gm: fx.GraphModule, train_ds, opts: DPOptions, *, calib: torch.
                     "scheduler": sched.state_dict(), "ema": avg.state_dict() if avg is not None else None,
                     "accountant": [list(h) for h in accountant.history], "sampler": loader.generator.get_state(),
                     "noise": opt.generator.get_state(), "history": history, "plan": plan_state(dplan),
-                    "fair": fair.state_dict() if fair is not None else None})
+                    "fair": fair.state_dict() if fair is not None else None, "heldout_grad_norms": norms})
 
+    norms = resume.get("heldout_grad_norms") if resume is not None else None
+    if heldout is not None and resume is None:
+        gm.to(device)
+        norms = heldout_grad_norms(gsm, opt, teacher, heldout, kd_weight=kd_weight, temperature=temperature,
+                                   max_grad_norm=opts.max_grad_norm, device=device)
+        if norms is not None:
+            say(f"DP-SGD: per-sample gradient norms on the validation split p10/p50/p90 "
+                f"{norms['quantiles']['p10']:.3g}/{norms['quantiles']['p50']:.3g}/{norms['quantiles']['p90']:.3g}; "
+                f"C={opts.max_grad_norm:g} clips {100 * norms['clipped_share']:.0f} %")
     prog = progress
     task = prog.add_task("dp-finetune", total=steps, completed=start, info="") if prog is not None else None
     t0 = time.perf_counter()
@@ -710,6 +770,7 @@ def _dp_finetune(gm: fx.GraphModule, train_ds, opts: DPOptions, *, calib: torch.
               "n_train": n, "ema_decay": opts.ema_decay if ema else None,
               "ema_warmup": opts.ema_warmup if ema else None,
               "kd": bool(teacher is not None and kd_weight > 0), "kd_weight": kd_weight, "lr": float(lr),
+              "heldout_grad_norms": norms,
               "conversion": changes, "history": history,
               "covers": covers(opts.phase)}
     if fair is not None:

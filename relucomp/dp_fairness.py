@@ -113,10 +113,12 @@ def weight_grad_samples(params: Sequence[nn.Parameter], weights: torch.Tensor, m
     Works on opacus's ``p.grad_sample`` in place, before ``DPOptimizer.step``: the optimizer then measures
     norms ≤ ``max_grad_norm`` and its clipping leaves them as they are, so its noise and accounting hold.
     """
+    from .dp import per_sample_grad_norms
+
     gs = [p.grad_sample for p in params if getattr(p, "grad_sample", None) is not None]
-    if not gs or gs[0].shape[0] == 0:
+    norms = per_sample_grad_norms(params)
+    if norms is None:
         return
-    norms = torch.stack([g.reshape(len(g), -1).norm(2, dim=-1) for g in gs], dim=1).norm(2, dim=1)
     factor = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0) * weights.to(norms.device, norms.dtype).clamp(0.0, 1.0)
     for g in gs:
         g.mul_(factor.reshape(-1, *([1] * (g.dim() - 1))).to(g.dtype))

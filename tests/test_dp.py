@@ -179,6 +179,24 @@ def test_per_sample_gradients_are_clipped(make_gated):
     assert math.sqrt(total) <= lr * C + 1e-6  # the averaged clipped step is within the clipping norm
 
 
+def test_heldout_grad_norms_are_the_per_sample_norms(make_gated):
+    """report["heldout_grad_norms"]: the quantiles of the per-image gradient norms (by hand, one backward per
+    image) of the held-out split at the starting weights, and the share above C."""
+    ds, x, conv, start, names = _one_step_setup(make_gated)
+    _, norms = _clipped_sum_by_hand(conv, ds, x, names, 1.0)
+    s = sorted(norms)
+    C = (s[8] + s[9]) / 2  # 3 of the 12 images lie above C
+    opts = dp.DPOptions(epsilon=math.inf, delta=1e-5, max_grad_norm=C)
+    res = dp.dp_finetune(conv, ds, opts, calib=x[:4], epochs=1, batch_size=len(ds), lr=0.1, momentum=0.0,
+                         augment=False, ema=False, convert=False, heldout=ds)
+    hn = res.report["heldout_grad_norms"]
+    v = torch.tensor(norms, dtype=torch.float64)
+    assert hn["images"] == 12 and hn["clipped_share"] == pytest.approx(3 / 12)
+    for q in (10, 25, 50, 75, 90):
+        assert hn["quantiles"][f"p{q}"] == pytest.approx(float(torch.quantile(v, q / 100)), rel=1e-4)
+    assert not any(hasattr(p, "grad_sample") for p in res.model.parameters())
+
+
 def test_augmult_averages_each_images_augmentations_before_clipping(make_gated):
     """--dp-augmult K: one step = −lr · Σ_i clip_C(mean_k ∇ℓ(aug_k(x_i))) / B, by hand; K copies per image."""
     ds, x, conv, start, names = _one_step_setup(make_gated)
@@ -507,6 +525,12 @@ def test_dp_compile_with_ceag_duals_on_validation(tmp_path, rc_cache):
     d = rep["dp"]
     # the LR is per unit of clipping norm: C = 4 divides the recipe's step (a clipped sample moves the weights alike)
     assert d["max_grad_norm"] == 4.0 and d["lr"] == pytest.approx(0.1 * 64 / 512 / 4)
+    # the validation split's per-sample gradient norms at the start, and the share C = 4 clips
+    hn = d["heldout_grad_norms"]
+    q = hn["quantiles"]
+    assert hn["split"] == "val" and hn["images"] == 30  # the whole validation split of the 300-image data
+    assert 0 < q["p10"] <= q["p25"] <= q["p50"] <= q["p75"] <= q["p90"] and 0.0 <= hn["clipped_share"] <= 1.0
+    assert hn["max_grad_norm"] == 4.0
     assert rep["fairness"]["method"] == "ceag" and d["epsilon_spent"] <= 8.0
     f = d["fairness"]
     assert f["method"] == "ceag-heldout" and len(f["trace"]) >= 2 and all(m >= 0 for m in f["multipliers"])

@@ -42,7 +42,7 @@ def run(st: RunState) -> FinetuneOut:
                       temperature=cfg.finetune.temperature or cfg.search.kd_temperature, seed=cfg.runtime.seed,
                       ema=cfg.finetune.ema, progress=st.progress, log=st.say, device=cfg.runtime.device,
                       checkpoint=save if st.out is not None else None, resume=resume,
-                      fair=heldout_duals(st))
+                      fair=heldout_duals(st), heldout=data.bundle.val)
     out = output(st, res.model, res.ema, stats={"history": res.report["history"]})
     out.dp = DPReport.from_dict({**res.report, "export_weights": out.weights})
     return out
