@@ -17,9 +17,15 @@ is incremental: the JSON is rewritten after every run and finished runs are
 skipped on a re-run (the search state is kept under the relucomp cache).
 
 Usage: python benchmarks/bench_dp.py [--budget 4k] [--eps inf,8,3,1] [--limit N]
-dp.json: python benchmarks/bench_dp.py --dp-grid 8:0.1 --seeds 0,1,2,3 --tune-eps 8 --ceag --threads 1
 dp_clip30.json: python benchmarks/bench_dp.py --eps 8 --seeds 0,1,2,3 --dp-grid 8:0.00333 --dp-clip 30 \
                     --out benchmarks/results/dp_clip30.json      (rows named eps=8+C30; C ∈ {1, 3, 8}: seed 0 alike)
+dp.json: dp_clip30.json copied to dp.json, then two processes filling its other rows (merge_disk):
+    python benchmarks/bench_dp.py --eps 8,inf --tune-eps 8 --seeds 0,1,2,3 --dp-grid 8:0.00333 --dp-clip 30 \
+        --ceag --threads 1
+    python benchmarks/bench_dp.py --eps 8,1,3 --tune-eps 8 --seeds 0,1,2,3 --dp-grid 8:0.00333 --dp-clip 30 \
+        --threads 1
+dp_C1.json (the C = 1 table, an earlier machine's dense model and masks):
+    python benchmarks/bench_dp.py --dp-grid 8:0.1 --seeds 0,1,2,3 --tune-eps 8 --ceag --threads 1
 """
 
 from __future__ import annotations
