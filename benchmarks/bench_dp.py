@@ -61,6 +61,11 @@ UTK_CANDIDATES = [ROOT.parent / "shared" / "data" / "utkface" / "UTKFace", Path(
 OUT = ROOT / "benchmarks" / "results" / "dp.json"
 
 
+def clip_arg(v: str):
+    """--dp-clip: a clipping norm, or "auto" (the library's placement from the validation split's norms)."""
+    return "auto" if v == "auto" else float(v)
+
+
 def summarize(rep: dict) -> dict:
     res = rep["fairness"]["results"]
     out = {"relus": rep["relus"]["after"], "acc_dense_test": rep["accuracy"]["before"]["test"],
@@ -153,7 +158,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dp-dual-lr", type=float, default=0.2,
                     help="fairness.heldout_dual_lr of the 'eps=8+ceag' row (the held-out duals' step; 0.2 was "
                          "chosen over 0.05 on validation, seeds 0 and 1)")
-    ap.add_argument("--dp-clip", type=float, default=1.0,
+    ap.add_argument("--dp-clip", type=clip_arg, default=1.0,
                     help="per-sample clipping norm C (with C > 1, scale the --dp-grid LRs by 1/C to keep the step "
                          "size of clipped samples): a larger C keeps more of the per-sample gradients' relative size "
                          "(less clipping bias against hard groups) at the price of more noise (σ·C)")
@@ -225,7 +230,8 @@ def main(argv=None) -> int:
         report_line("non-private", results["non-private"])
         write(args, spec, bundle, budget, results, t0)
     seeds = [int(v) for v in args.seeds.split(",")]
-    grid = [(int(e), float(lr)) for e, lr in (g.split(":") for g in args.dp_grid.split(","))]
+    # EPOCHS:LR, LR a number (finetune.lr as given) or "recipe" (unset: the library's per-unit-of-C default)
+    grid = [(int(e), lr if lr == "recipe" else float(lr)) for e, lr in (g.split(":") for g in args.dp_grid.split(","))]
     eps_list = args.eps.split(",")
     tune_eps = args.tune_eps or eps_list[0]
 
@@ -272,8 +278,8 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         model, kw = dense_for(seed)
         res = rc_compile(model, bundle, **{**common, "finetune_epochs": epochs, "fair_method": fair, **kw},
-                         config={"finetune": {"lr": lr, "ema_decay": args.ema_decay, "ema_warmup": args.ema_warmup,
-                                              "kd_weight": args.dp_kd_weight},
+                         config={"finetune": {**({} if lr == "recipe" else {"lr": lr}), "ema_decay": args.ema_decay,
+                                              "ema_warmup": args.ema_warmup, "kd_weight": args.dp_kd_weight},
                                  **({"fairness": {"heldout_dual_lr": args.dp_dual_lr}} if fair == "ceag" else {})},
                          seed=seed,
                          search_state=shared, dp_epsilon=float(e), dp_batch_size=args.dp_batch_size,
@@ -285,7 +291,7 @@ def main(argv=None) -> int:
     aug = row_suffix(args)
     keys = []
     for epochs, lr in grid:  # choose the DP schedule on validation at the first ε
-        key = f"epochs={epochs},lr={lr:g}{aug}"
+        key = f"epochs={epochs},lr={lr if isinstance(lr, str) else format(lr, 'g')}{aug}"
         keys.append(key)
         if key not in tuning["runs"]:
             tuning["runs"][key] = dp_run(tune_eps, epochs, lr, seeds[0])
@@ -426,7 +432,8 @@ def merge_disk(args, results: dict) -> dict:
 def row_suffix(args) -> str:
     """The DP rows' name suffix for options off their defaults (``eps=8+augmult4``, ``eps=8+C30``)."""
     return ((f"+augmult{args.dp_augmult}" if args.dp_augmult > 1 else "")
-            + (f"+C{args.dp_clip:g}" if getattr(args, "dp_clip", 1.0) != 1.0 else ""))
+            + (f"+C{args.dp_clip if isinstance(args.dp_clip, str) else format(args.dp_clip, 'g')}"
+               if getattr(args, "dp_clip", 1.0) != 1.0 else ""))
 
 
 def write(args, spec, bundle, budget, results, t0) -> None:

@@ -144,7 +144,8 @@ class RobustnessSection(_Section):
 class DPSection(_Section):
     epsilon: float | None = None        # None: no differential privacy; inf: DP-SGD machinery without noise
     delta: float | None = None          # None: min(1e-5, 0.1/n) for n training images; must be < 1/n
-    max_grad_norm: float | None = None  # None: 1.0 (per-sample clipping norm C)
+    max_grad_norm: Union[float, str, None] = None  # None: 1.0 (per-sample clipping norm C); "auto": the 80th
+                                        # percentile of the validation split's per-sample gradient norms at the start
     phase: str = "finetune"             # which phases run under DP-SGD: finetune | search | both (one ε for all)
     batch_size: int | None = None       # expected Poisson batch; None: max(runtime.batch_size, 256)
     accountant: str = "rdp"             # rdp | prv (opacus accountants)
@@ -437,7 +438,18 @@ def check_dp(cfg: CompileConfig, n_train: int | None = None) -> float | None:
     if not eps > 0:  # also NaN
         raise ConfigError(f"--dp-epsilon {eps} must be > 0",
                           "give a positive ε, e.g. --dp-epsilon 8 (smaller = more private; inf = no noise)")
-    if dp.max_grad_norm is not None and not (dp.max_grad_norm > 0 and math.isfinite(dp.max_grad_norm)):
+    if isinstance(dp.max_grad_norm, str) and dp.max_grad_norm.strip().lower() != "auto":
+        try:  # a number given as text (the CLI, a config override)
+            dp.max_grad_norm = float(dp.max_grad_norm)
+        except ValueError:
+            raise ConfigError(f"--dp-max-grad-norm {dp.max_grad_norm!r} is neither a number nor 'auto'",
+                              "give a clipping norm such as 1.0, or auto (placed from the validation split)") from None
+    if isinstance(dp.max_grad_norm, str):
+        dp.max_grad_norm = "auto"
+        if dp.phase != "finetune":
+            raise ConfigError(f"--dp-max-grad-norm auto with --dp-phase {dp.phase}: auto places C at the DP "
+                              "finetune's start, after the mask search", "give a number, e.g. --dp-max-grad-norm 1.0")
+    elif dp.max_grad_norm is not None and not (dp.max_grad_norm > 0 and math.isfinite(dp.max_grad_norm)):
         raise ConfigError(f"--dp-max-grad-norm {dp.max_grad_norm} must be > 0", "give a clipping norm such as 1.0")
     if not isinstance(dp.augmult, int) or isinstance(dp.augmult, bool) or not 1 <= dp.augmult <= 64:
         raise ConfigError(f"--dp-augmult {dp.augmult} must be a whole number from 1 to 64",

@@ -43,7 +43,7 @@ import math
 import operator
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 import torch
@@ -60,7 +60,7 @@ class DPOptions:
 
     epsilon: float
     delta: float
-    max_grad_norm: float = 1.0
+    max_grad_norm: float | str = 1.0    # "auto": placed by _dp_finetune from the validation split's norms
     phase: str = "finetune"
     accountant: str = "rdp"
     ema_decay: float = 0.99
@@ -80,7 +80,9 @@ def options(cfg: CompileConfig, n_train: int) -> DPOptions | None:
     if dp.epsilon is None:
         return None
     return DPOptions(epsilon=float(dp.epsilon), delta=float(delta),
-                     max_grad_norm=float(dp.max_grad_norm if dp.max_grad_norm is not None else 1.0), phase=dp.phase,
+                     max_grad_norm=("auto" if dp.max_grad_norm == "auto"
+                                    else float(dp.max_grad_norm if dp.max_grad_norm is not None else 1.0)),
+                     phase=dp.phase,
                      accountant=dp.accountant, ema_decay=float(cfg.finetune.ema_decay),
                      ema_warmup=cfg.finetune.ema_warmup is not False, n_train=int(n_train),
                      augmult=int(dp.augmult))
@@ -563,13 +565,30 @@ def per_sample_grad_norms(params: Sequence[nn.Parameter]) -> torch.Tensor | None
 HELDOUT_NORM_IMAGES = 512  # validation images whose per-sample gradient norms the DP report describes
 
 
-def heldout_grad_norms(gsm, opt, teacher, ds, *, kd_weight: float, temperature: float, max_grad_norm: float,
-                       device: str = "cpu", max_images: int = HELDOUT_NORM_IMAGES, batch: int = 128) -> dict | None:
+AUTO_CLIP_QUANTILE = 0.8  # --dp-max-grad-norm auto: C at this quantile of the validation per-sample norms
+
+
+def _no_heldout() -> RelucompError:
+    return RelucompError("--dp-max-grad-norm auto needs a validation split with images, and there is none",
+                         "give a number, e.g. --dp-max-grad-norm 1.0")
+
+
+def _clear_grad_samples(params) -> None:
+    for p in params:
+        p.grad_sample = None
+        p.grad = None
+
+
+def heldout_grad_norms(gsm, params, teacher, ds, *, kd_weight: float, temperature: float,
+                       max_grad_norm: float | str, device: str = "cpu", max_images: int = HELDOUT_NORM_IMAGES,
+                       batch: int = 128) -> dict | None:
     """Per-sample gradient norms of the DP loss at the starting weights on a held-out split (the validation
     split, read outside DP-SGD like CEAG-under-DP's duals; it never reaches the weights): quantiles and the
     share of images a clipping norm ``max_grad_norm`` would clip.  Tells whether C clips nearly everything
     (C far below the norms: every sample normalized, the clipping bias against hard groups) or nothing.
-    ``None`` for an empty split.  Clears the per-sample gradients it made."""
+    ``max_grad_norm = "auto"``: C is placed at the :data:`AUTO_CLIP_QUANTILE` quantile of these norms (the
+    returned ``max_grad_norm``; ``"auto": True``).  ``None`` for an empty split.  Clears the per-sample
+    gradients it made (``params``: the GradSampleModule's trainable parameters)."""
     n = min(len(ds), int(max_images))
     if n == 0:
         return None
@@ -585,19 +604,21 @@ def heldout_grad_norms(gsm, opt, teacher, ds, *, kd_weight: float, temperature: 
         if teacher is not None and kd_weight > 0:
             with torch.no_grad():
                 t_logits = teacher(x)
-        opt.zero_grad(set_to_none=True)
+        _clear_grad_samples(params)
         per_sample_loss(gsm(x), y, t_logits, kd_weight=kd_weight, temperature=temperature).backward()
-        v = per_sample_grad_norms(opt.params)
+        v = per_sample_grad_norms(params)
         if v is not None:
             norms.append(v.detach().cpu())
-    opt.zero_grad(set_to_none=True)
+    _clear_grad_samples(params)
     if not norms:
         return None
     v = torch.cat(norms).double()
     qs = (0.1, 0.25, 0.5, 0.75, 0.9)
+    auto = max_grad_norm == "auto"
+    c = float(torch.quantile(v, AUTO_CLIP_QUANTILE)) if auto else float(max_grad_norm)
     return {"split": "val", "images": int(v.numel()),
             "quantiles": {f"p{int(q * 100)}": float(torch.quantile(v, q)) for q in qs},
-            "max_grad_norm": float(max_grad_norm), "clipped_share": float((v > max_grad_norm).double().mean())}
+            "max_grad_norm": c, "auto": auto, "clipped_share": float((v > c).double().mean())}
 
 
 @dataclass
@@ -627,7 +648,7 @@ def dp_finetune(*args, **kwargs) -> DPResult:
 
 
 def _dp_finetune(gm: fx.GraphModule, train_ds, opts: DPOptions, *, calib: torch.Tensor,
-                teacher: nn.Module | None = None, epochs: int = 3, batch_size: int = 256, lr: float = 0.01,
+                teacher: nn.Module | None = None, epochs: int = 3, batch_size: int = 256, lr: float | None = 0.01,
                 momentum: float = 0.9, kd_weight: float = 0.5, temperature: float = 4.0, seed: int = 0,
                 ema: bool = True, augment: bool = True, progress: Any | None = None, log: Callable[[str], None] | None = None,
                 device: str = "cpu", convert: bool = True, dplan: DPPlan | None = None,
@@ -638,7 +659,8 @@ def _dp_finetune(gm: fx.GraphModule, train_ds, opts: DPOptions, *, calib: torch.
     ``fair`` (a :class:`relucomp.dp_fairness.HeldOutDuals`): CEAG under DP — multipliers from a held-out
     split, per-sample weights on the clipped gradients (the privacy accounting is unchanged).
     ``heldout`` (the validation split): the report's ``heldout_grad_norms`` (:func:`heldout_grad_norms`),
-    measured before the first step.
+    measured before the first step; with ``opts.max_grad_norm == "auto"`` C is placed from them.
+    ``lr=None``: the DP recipe's LR for the expected batch and C (:func:`relucomp.recipe.dp_finetune_lr`).
 
     ``checkpoint(state)`` is called after every epoch with the whole loop state (weights, optimizer
     momentum, LR schedule, EMA, the accountant's history, the Poisson-sampling and noise generators,
@@ -675,8 +697,8 @@ def _dp_finetune(gm: fx.GraphModule, train_ds, opts: DPOptions, *, calib: torch.
     if fair is not None:
         fair.set_epoch_length(steps_per_epoch)
     ema = ema and steps > 0
-    say(f"DP-SGD: ε={opts.epsilon:g}, δ={opts.delta:.2g}, C={opts.max_grad_norm:g}, q={q:.4f}, "
-        f"{steps} steps, noise multiplier σ={sigma:.3f}")
+    if opts.max_grad_norm == "auto" and heldout is None and resume is None:
+        raise _no_heldout()
 
     gm.to(device).train()
     avg = averaged(gm, decay=opts.ema_decay, warmup=opts.ema_warmup) if ema else None
@@ -684,6 +706,29 @@ def _dp_finetune(gm: fx.GraphModule, train_ds, opts: DPOptions, *, calib: torch.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         gsm = GradSampleModule(gm, batch_first=True, loss_reduction="sum", strict=True)
+    # the validation split's per-sample gradient norms at the start (a resumed run keeps the first run's)
+    norms = resume.get("heldout_grad_norms") if resume is not None else None
+    if heldout is not None and resume is None:
+        norms = heldout_grad_norms(gsm, params, teacher, heldout, kd_weight=kd_weight, temperature=temperature,
+                                   max_grad_norm=opts.max_grad_norm, device=device)
+    if opts.max_grad_norm == "auto":
+        if norms is None:
+            _release_opacus(gsm, gm)
+            raise _no_heldout()
+        opts = replace(opts, max_grad_norm=float(norms["max_grad_norm"]))
+    if lr is None:  # the DP recipe's LR, per unit of clipping norm
+        from .recipe import dp_finetune_lr
+
+        lr = dp_finetune_lr(batch_size, opts.max_grad_norm)
+    if norms is not None:
+        say(f"DP-SGD: per-sample gradient norms on the validation split p10/p50/p90 "
+            f"{norms['quantiles']['p10']:.3g}/{norms['quantiles']['p50']:.3g}/{norms['quantiles']['p90']:.3g}; "
+            f"C={opts.max_grad_norm:.3g}{' (auto)' if norms.get('auto') else ''} clips "
+            f"{100 * norms['clipped_share']:.0f} %")
+    say(f"DP-SGD: ε={opts.epsilon:g}, δ={opts.delta:.2g}, C={opts.max_grad_norm:g}, q={q:.4f}, "
+        f"{steps} steps, noise multiplier σ={sigma:.3f}, lr={lr:.3g}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         base = torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=momentum > 0)
         # per-sample grads of a *summed* loss (GradSampleModule "sum"); the optimizer's "mean" divides
         # sum_i clip(g_i) + noise by the expected batch size (Poisson batches vary in size)
@@ -723,15 +768,6 @@ def _dp_finetune(gm: fx.GraphModule, train_ds, opts: DPOptions, *, calib: torch.
                     "noise": opt.generator.get_state(), "history": history, "plan": plan_state(dplan),
                     "fair": fair.state_dict() if fair is not None else None, "heldout_grad_norms": norms})
 
-    norms = resume.get("heldout_grad_norms") if resume is not None else None
-    if heldout is not None and resume is None:
-        gm.to(device)
-        norms = heldout_grad_norms(gsm, opt, teacher, heldout, kd_weight=kd_weight, temperature=temperature,
-                                   max_grad_norm=opts.max_grad_norm, device=device)
-        if norms is not None:
-            say(f"DP-SGD: per-sample gradient norms on the validation split p10/p50/p90 "
-                f"{norms['quantiles']['p10']:.3g}/{norms['quantiles']['p50']:.3g}/{norms['quantiles']['p90']:.3g}; "
-                f"C={opts.max_grad_norm:g} clips {100 * norms['clipped_share']:.0f} %")
     prog = progress
     task = prog.add_task("dp-finetune", total=steps, completed=start, info="") if prog is not None else None
     t0 = time.perf_counter()

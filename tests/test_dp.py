@@ -67,7 +67,9 @@ def test_bad_options_are_one_line_errors_naming_the_fix():
                       ({"epsilon": 8, "phase": "nope"}, "unknown DP phase"),
                       ({"epsilon": 8, "fair_method": "el"}, "per-group losses"),
                       ({"epsilon": 8, "sparsity": 0.9}, "sparsity"),
-                      ({"epsilon": 8, "export_weights": "best"}, "unknown export weights")]:
+                      ({"epsilon": 8, "export_weights": "best"}, "unknown export weights"),
+                      ({"epsilon": 8, "max_grad_norm": "big"}, "neither a number nor 'auto'"),
+                      ({"epsilon": 8, "max_grad_norm": "auto", "phase": "both"}, "auto places C")]:
         with pytest.raises(RelucompError, match=match) as ei:
             dp.check_dp_options(**kw, **ok)
         assert ei.value.fix and "\n" not in ei.value.cause
@@ -76,6 +78,8 @@ def test_bad_options_are_one_line_errors_naming_the_fix():
     assert dp.check_dp_options(epsilon=8, n_train=10**6).delta == pytest.approx(1e-7)  # default min(1e-5, 0.1/n)
     assert dp.check_dp_options(epsilon=math.inf, **ok).epsilon == math.inf
     assert dp.check_dp_options(epsilon=8, phase="both", **ok).phase == "both"  # the DP mask search exists
+    assert dp.check_dp_options(epsilon=8, max_grad_norm="auto", **ok).max_grad_norm == "auto"
+    assert dp.check_dp_options(epsilon=8, max_grad_norm="30", **ok).max_grad_norm == 30.0  # CLI text → number
 
 
 def test_compile_refuses_bad_dp_input_before_training(rc_cache, monkeypatch):
@@ -197,6 +201,29 @@ def test_heldout_grad_norms_are_the_per_sample_norms(make_gated):
     assert not any(hasattr(p, "grad_sample") for p in res.model.parameters())
 
 
+def test_auto_clipping_norm_is_placed_from_the_heldout_norms(make_gated):
+    """--dp-max-grad-norm auto: C = the 80th percentile of the held-out per-sample norms (by hand), the recipe's
+    LR follows it (lr=None), and the one DP-SGD step (q = 1, σ = 0) is −lr · mean_i clip_C(∇ℓ_i) with that C."""
+    ds, x, conv, start, names = _one_step_setup(make_gated)
+    _, norms = _clipped_sum_by_hand(conv, ds, x, names, 1.0)
+    C = float(torch.quantile(torch.tensor(norms, dtype=torch.float64), dp.AUTO_CLIP_QUANTILE))
+    expected, _ = _clipped_sum_by_hand(conv, ds, x, names, C)
+    opts = dp.DPOptions(epsilon=math.inf, delta=1e-5, max_grad_norm="auto")
+    res = dp.dp_finetune(conv, ds, opts, calib=x[:4], epochs=1, batch_size=len(ds), lr=None, momentum=0.0,
+                         augment=False, ema=False, convert=False, heldout=ds)
+    r = res.report
+    assert r["max_grad_norm"] == pytest.approx(C, rel=1e-4) and r["heldout_grad_norms"]["auto"] is True
+    assert r["heldout_grad_norms"]["clipped_share"] == pytest.approx(sum(v > C for v in norms) / len(norms))
+    lr = 0.1 * len(ds) / 512 / r["max_grad_norm"]
+    assert r["lr"] == pytest.approx(lr)
+    after = dict(res.model.named_parameters())
+    for n in names:
+        torch.testing.assert_close(start[n] - after[n].detach(), lr * expected[n] / len(ds), atol=2e-6, rtol=2e-3)
+    with pytest.raises(RelucompError, match="validation split"):  # auto without a held-out split
+        dp.dp_finetune(conv, ds, opts, calib=x[:4], epochs=1, batch_size=len(ds), momentum=0.0, augment=False,
+                       ema=False, convert=False)
+
+
 def test_augmult_averages_each_images_augmentations_before_clipping(make_gated):
     """--dp-augmult K: one step = −lr · Σ_i clip_C(mean_k ∇ℓ(aug_k(x_i))) / B, by hand; K copies per image."""
     ds, x, conv, start, names = _one_step_setup(make_gated)
@@ -305,6 +332,7 @@ def test_cli_dp_flags_reach_compile(rc_cache, tmp_path):
     for args, match in [(["--dp-epsilon", "0"], "must be > 0"), (["--dp-epsilon", "-3"], "must be > 0"),
                         (["--dp-epsilon", "8", "--dp-delta", "0.5"], "1/n"),
                         (["--dp-epsilon", "8", "--dp-max-grad-norm", "0"], "must be > 0"),
+                        (["--dp-epsilon", "8", "--dp-max-grad-norm", "big"], "neither a number nor 'auto'"),
                         (["--dp-epsilon", "8", "--dp-phase", "both", "--search", "layer-drop"], "--search snl"),
                         (["--dp-epsilon", "8", "--dp-augmult", "0"], "from 1 to 64"),
                         (["--dp-augmult", "4"], "differential privacy is off"),

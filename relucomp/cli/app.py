@@ -86,8 +86,9 @@ ConfigFile = Annotated[Optional[Path], typer.Option("--config", help="TOML confi
 DPEpsilon = Annotated[Optional[float], typer.Option(
     "--dp-epsilon", help="finetune under DP-SGD (opacus) to this ε w.r.t. the training split; inf = clipping, no noise")]
 DPDelta = Annotated[Optional[float], typer.Option("--dp-delta", help="DP δ, < 1/n (default min(1e-5, 0.1/n))")]
-DPMaxGradNorm = Annotated[Optional[float], typer.Option("--dp-max-grad-norm",
-                                                        help="per-sample gradient clipping norm C (default 1.0)")]
+DPMaxGradNorm = Annotated[Optional[str], typer.Option(
+    "--dp-max-grad-norm", help="per-sample gradient clipping norm C (default 1.0), or auto: the 80th percentile of "
+                               "the validation split's per-sample gradient norms at the DP finetune's start")]
 DPPhase = Annotated[Optional[str], typer.Option("--dp-phase", help="phases under DP-SGD: finetune (default) | search | both (one ε over search + finetune)")]
 DPBatchSize = Annotated[Optional[int], typer.Option("--dp-batch-size",
                                                     help="expected (Poisson) batch under DP (default max(--batch-size, 256))")]

@@ -10,7 +10,6 @@ output has the shape of the ``finetune`` stage's (``finetune.tuned(st)``).
 from __future__ import annotations
 
 from ..compile_report import DPReport
-from ..recipe import dp_finetune_lr
 from .base import RunState
 from .finetune import FinetuneOut, output
 from .search import dp_batch_size
@@ -33,8 +32,9 @@ def run(st: RunState) -> FinetuneOut:
         st.ckpt.save({**state, "search_stats": light})
 
     resume = st.resuming(NAME)
-    # unset: the DP recipe's LR, per unit of clipping norm (relucomp.recipe.dp_finetune_lr); set: used as it is
-    lr = cfg.finetune.lr if cfg.finetune.lr is not None else dp_finetune_lr(dp_batch_size(cfg), opts.max_grad_norm)
+    # unset (None): the DP recipe's LR for the batch and C, once C is known (relucomp.recipe.dp_finetune_lr;
+    # --dp-max-grad-norm auto places C at the start); set: used as it is
+    lr = cfg.finetune.lr
     res = dp_finetune(st["gates"].gm, data.bundle.train, opts, calib=data.calib, teacher=st["pretrain"].teacher,
                       epochs=cfg.finetune.epochs, batch_size=dp_batch_size(cfg), dplan=st["search"].dp_plan,
                       lr=lr,
