@@ -19,6 +19,9 @@ skipped on a re-run (the search state is kept under the relucomp cache).
 Usage: python benchmarks/bench_dp.py [--budget 4k] [--eps inf,8,3,1] [--limit N]
 dp_clip30.json: python benchmarks/bench_dp.py --eps 8 --seeds 0,1,2,3 --dp-grid 8:0.00333 --dp-clip 30 \
                     --out benchmarks/results/dp_clip30.json      (rows named eps=8+C30; C ∈ {1, 3, 8}: seed 0 alike)
+dp_clipauto.json: dp_clip30.json copied, then python benchmarks/bench_dp.py --eps 8 --seeds 0,1,2,3 \
+                    --dp-grid 8:recipe --dp-clip auto --out benchmarks/results/dp_clipauto.json
+                    (--dp-max-grad-norm auto and the library's default DP LR; rows named eps=8+Cauto)
 dp.json: dp_clip30.json copied to dp.json, then two processes filling its other rows (merge_disk):
     python benchmarks/bench_dp.py --eps 8,inf --tune-eps 8 --seeds 0,1,2,3 --dp-grid 8:0.00333 --dp-clip 30 \
         --ceag --threads 1
