@@ -24,7 +24,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Union
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from .errors import ConfigError, DataError
 
@@ -151,6 +151,20 @@ class DPSection(_Section):
     accountant: str = "rdp"             # rdp | prv (opacus accountants)
     augmult: int = 1                    # augmentation multiplicity (De et al.): each sampled image's gradient is the
                                         # mean over this many random crops/flips of it, clipped once (same privacy)
+
+    @field_validator("max_grad_norm", mode="before")
+    @classmethod
+    def _number_or_auto(cls, v: Any) -> Any:
+        """Text from the CLI or a config override: a number becomes a float, any spelling of auto "auto"
+        (other text is left for :func:`check_dp` to name)."""
+        if not isinstance(v, str):
+            return v
+        if v.strip().lower() == "auto":
+            return "auto"
+        try:
+            return float(v)
+        except ValueError:
+            return v
 
 
 class PruningSection(_Section):
@@ -438,14 +452,10 @@ def check_dp(cfg: CompileConfig, n_train: int | None = None) -> float | None:
     if not eps > 0:  # also NaN
         raise ConfigError(f"--dp-epsilon {eps} must be > 0",
                           "give a positive ε, e.g. --dp-epsilon 8 (smaller = more private; inf = no noise)")
-    if isinstance(dp.max_grad_norm, str) and dp.max_grad_norm.strip().lower() != "auto":
-        try:  # a number given as text (the CLI, a config override)
-            dp.max_grad_norm = float(dp.max_grad_norm)
-        except ValueError:
-            raise ConfigError(f"--dp-max-grad-norm {dp.max_grad_norm!r} is neither a number nor 'auto'",
-                              "give a clipping norm such as 1.0, or auto (placed from the validation split)") from None
-    if isinstance(dp.max_grad_norm, str):
-        dp.max_grad_norm = "auto"
+    if isinstance(dp.max_grad_norm, str) and dp.max_grad_norm != "auto":
+        raise ConfigError(f"--dp-max-grad-norm {dp.max_grad_norm!r} is neither a number nor 'auto'",
+                          "give a clipping norm such as 1.0, or auto (placed from the validation split)")
+    if dp.max_grad_norm == "auto":
         if dp.phase != "finetune":
             raise ConfigError(f"--dp-max-grad-norm auto with --dp-phase {dp.phase}: auto places C at the DP "
                               "finetune's start, after the mask search", "give a number, e.g. --dp-max-grad-norm 1.0")

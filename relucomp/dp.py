@@ -563,8 +563,6 @@ def per_sample_grad_norms(params: Sequence[nn.Parameter]) -> torch.Tensor | None
 
 
 HELDOUT_NORM_IMAGES = 512  # validation images whose per-sample gradient norms the DP report describes
-
-
 AUTO_CLIP_QUANTILE = 0.8  # --dp-max-grad-norm auto: C at this quantile of the validation per-sample norms
 
 
@@ -653,7 +651,7 @@ def _dp_finetune(gm: fx.GraphModule, train_ds, opts: DPOptions, *, calib: torch.
                 ema: bool = True, augment: bool = True, progress: Any | None = None, log: Callable[[str], None] | None = None,
                 device: str = "cpu", convert: bool = True, dplan: DPPlan | None = None,
                 checkpoint: Callable[[dict], None] | None = None, resume: dict | None = None,
-                fair: Any | None = None, heldout=None) -> DPResult:
+                fair: Any | None = None, heldout: Any | None = None) -> DPResult:
     """DP-SGD finetune of the gated graph ``gm`` (masks fixed) on ``train_ds``.
 
     ``fair`` (a :class:`relucomp.dp_fairness.HeldOutDuals`): CEAG under DP — multipliers from a held-out

@@ -111,7 +111,6 @@ def dp_finetune_lr(batch_size: int, max_grad_norm: float) -> float:
     return DP_FINETUNE_DEFAULTS["lr"] * batch_size / DP_FINETUNE_DEFAULTS["lr_batch"] / max_grad_norm
 
 
-
 def finetune_lr(batch_size: int) -> float:
     """The recipe's finetune peak LR for ``batch_size``: ``FINETUNE_DEFAULTS["lr"]`` scaled linearly with the
     batch (64 → 0.01, 128 → 0.02: the values tuned at each)."""

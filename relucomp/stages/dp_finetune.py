@@ -32,12 +32,10 @@ def run(st: RunState) -> FinetuneOut:
         st.ckpt.save({**state, "search_stats": light})
 
     resume = st.resuming(NAME)
-    # unset (None): the DP recipe's LR for the batch and C, once C is known (relucomp.recipe.dp_finetune_lr;
-    # --dp-max-grad-norm auto places C at the start); set: used as it is
-    lr = cfg.finetune.lr
     res = dp_finetune(st["gates"].gm, data.bundle.train, opts, calib=data.calib, teacher=st["pretrain"].teacher,
                       epochs=cfg.finetune.epochs, batch_size=dp_batch_size(cfg), dplan=st["search"].dp_plan,
-                      lr=lr,
+                      # None: the DP recipe's LR for the batch and C, once C is known (recipe.dp_finetune_lr)
+                      lr=cfg.finetune.lr,
                       kd_weight=cfg.finetune.kd_weight,
                       temperature=cfg.finetune.temperature or cfg.search.kd_temperature, seed=cfg.runtime.seed,
                       ema=cfg.finetune.ema, progress=st.progress, log=st.say, device=cfg.runtime.device,
