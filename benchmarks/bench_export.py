@@ -20,7 +20,11 @@ after each setting, and timings under load are upper bounds.
 
 Also measured (``elementwise_forms``): the candidate single-layer forms of a
 partial ReLU after a 3×3 conv at resnet8's three activation shapes (PRelu,
-Where, Max(x, x·s), x − m·min(x, 0)), which chose the edge form.
+Where, Max(x, x·s), x − m·min(x, 0)), which chose the edge form; and
+(``channel_split_forms``) the conv-split route for channel masks kept in aligned
+blocks of 8 (a kept conv with the Relu fused beside a linear one, joined by
+Concat or carried as two streams into summed sub-convs), against the shipped
+depthwise form — the measurement that decided not to build it.
 
 Usage: python benchmarks/bench_export.py [--repeats 30] [--quick]
 """
@@ -188,18 +192,121 @@ def elementwise_forms(repeats: int) -> dict:
     return out
 
 
+def channel_split_forms(repeats: int) -> dict:
+    """The conv-split route for channel masks, measured before building it (README, "Edge: why these forms").
+
+    A chain of 4 3×3 convs at each of resnet8's activation shapes, every conv's output under a channel mask
+    that keeps half the channels **in aligned blocks of 8** (the best case for onnxruntime's NCHWc layout,
+    which blocks channels by 8 on AVX2): ``dense`` (every ReLU fused), ``dw_relu_add`` (the shipped edge form,
+    ``x + Relu(DepthwiseConv1×1(x; −m))``), ``split_concat`` (each conv split by output channels into a kept
+    part with the ``Relu`` fused and a linear part, joined by an NCHWc ``Concat``) and ``split_sum`` (the
+    stream carried as two tensors, each conv split into four sub-convs — output part × input part — summed,
+    which onnxruntime fuses as NCHWc ``Sum``: no extra pass over the activation, more and smaller convs)."""
+    import onnx
+    from onnx import TensorProto as T
+    from onnx import helper as h
+    from onnx import numpy_helper as nh
+
+    rng = np.random.default_rng(0)
+    depth = 4
+
+    def graph(C, H, form):
+        half, inits, nodes = C // 2, [], []
+
+        def w(name, co, ci):
+            inits.append(nh.from_array(rng.standard_normal((co, ci, 3, 3)).astype(np.float32) * 0.1, name))
+            return name
+
+        def conv(x, wname, y, bias=None, act=False, **kw):
+            nodes.append(h.make_node("Conv", [x, wname] + ([bias] if bias else []), [y], pads=[1, 1, 1, 1], **kw))
+            if act:
+                nodes.append(h.make_node("Relu", [y], [y + "_r"]))
+                return y + "_r"
+            return y
+
+        x = "x"
+        if form in ("dense", "dw_relu_add", "split_concat"):
+            for i in range(depth):
+                if form == "dense":
+                    x = conv(x, w(f"W{i}", C, C), f"c{i}", act=True)
+                elif form == "dw_relu_add":
+                    a = conv(x, w(f"W{i}", C, C), f"c{i}")
+                    m = np.zeros((C, 1, 1, 1), np.float32)
+                    m[:half] = -1.0
+                    inits.append(nh.from_array(m, f"dw{i}"))
+                    nodes += [h.make_node("Conv", [a, f"dw{i}"], [f"t{i}"], group=C),
+                              h.make_node("Relu", [f"t{i}"], [f"u{i}"]), h.make_node("Add", [a, f"u{i}"], [f"b{i}"])]
+                    x = f"b{i}"
+                else:
+                    k = conv(x, w(f"Wk{i}", half, C), f"k{i}", act=True)
+                    l_ = conv(x, w(f"Wl{i}", half, C), f"l{i}")
+                    nodes.append(h.make_node("Concat", [k, l_], [f"b{i}"], axis=1))
+                    x = f"b{i}"
+        else:  # split_sum: two streams (kept, linear); each conv = 4 sub-convs, summed per output part
+            k = conv(x, w("Wk0", half, C), "k0", act=True)
+            l_ = conv(x, w("Wl0", half, C), "l0")
+            for i in range(1, depth):
+                kk, kl = conv(k, w(f"Wkk{i}", half, half), f"kk{i}"), conv(l_, w(f"Wkl{i}", half, half), f"kl{i}")
+                lk, ll = conv(k, w(f"Wlk{i}", half, half), f"lk{i}"), conv(l_, w(f"Wll{i}", half, half), f"ll{i}")
+                nodes += [h.make_node("Add", [kk, kl], [f"ks{i}"]), h.make_node("Relu", [f"ks{i}"], [f"k{i}"]),
+                          h.make_node("Add", [lk, ll], [f"l{i}"])]
+                k, l_ = f"k{i}", f"l{i}"
+            nodes.append(h.make_node("Concat", [k, l_], ["b"], axis=1))
+            x = "b"
+        nodes.append(h.make_node("Identity", [x], ["y"]))
+        g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, ["N", C, H, H])],
+                         [h.make_tensor_value_info("y", T.FLOAT, ["N", C, H, H])], inits)
+        return h.make_model(g, opset_imports=[h.make_opsetid("", 18)])
+
+    forms = ["dense", "dw_relu_add", "split_concat", "split_sum"]
+    out: dict = {"setup": {"chain": f"{depth} 3x3 convs, every output under a channel mask keeping half the "
+                                     "channels in aligned blocks of 8", "forms": forms}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for C, H in ((16, 32), (32, 16), (64, 8)):
+            paths = {}
+            for f in forms:
+                p = Path(tmp) / f"{C}-{f}.onnx"
+                onnx.save(graph(C, H, f), str(p))
+                paths[f] = str(p)
+                out.setdefault("ort_optimized_ops", {})[f"{C}x{H}x{H}-{f}"] = _optimized_ops(p, Path(tmp) / f"{C}-{f}.opt.onnx")
+            for threads in (1, 2):
+                for batch in (1, 64):
+                    r = interleaved_latency(paths, threads=threads, batch=batch, repeats=repeats,
+                                            inner=10 if batch == 1 else 1, shape=(C, H, H))
+                    d = r["variants"]["dense"]["median_ms"]
+                    r["ratio_to_dense"] = {k: round(v["median_ms"] / d, 3) for k, v in r["variants"].items()}
+                    key = f"{C}x{H}x{H}-t{threads}-b{batch}"
+                    out[key] = r
+                    print(f"split {key}: " + ", ".join(f"{k} {v:.2f}x" for k, v in r["ratio_to_dense"].items()),
+                          flush=True)
+    ratios = {f: [out[k]["ratio_to_dense"][f] for k in out if "ratio_to_dense" in out.get(k, {})] for f in forms}
+    out["summary"] = {f: [min(v), max(v)] for f, v in ratios.items()}
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--inner", type=int, default=10, help="batch-1 runs per sample")
     ap.add_argument("--quick", action="store_true", help="one budget, 10 repeats")
     ap.add_argument("--no-forms", action="store_true")
+    ap.add_argument("--split-only", action="store_true",
+                    help="measure only the channel conv-split study and add it to --out (the rest kept)")
     ap.add_argument("--out", default=str(ROOT / "results" / "export.json"))
     a = ap.parse_args()
     torch.set_num_threads(1)
     repeats = 10 if a.quick else a.repeats
     budgets = BUDGETS[1:2] if a.quick else BUDGETS
     t_start = time.time()
+    if a.split_only:
+        out = Path(a.out)
+        res = json.loads(out.read_text())
+        res["channel_split_forms"] = channel_split_forms(max(10, repeats // 2) if not a.quick else 5)
+        res["channel_split_forms"]["machine"] = {**machine_info(), "loadavg_end": os.getloadavg(),
+                                                 "measured_at": time.strftime("%Y-%m-%d %H:%M")}
+        out.write_text(json.dumps(res, indent=2, default=str))
+        print(json.dumps(res["channel_split_forms"]["summary"]), f"wrote {out}")
+        return 0
     work = Path(tempfile.mkdtemp(prefix="relucomp-bench-export-"))
     built = {"dense": build(work, "dense", "edge", "pixel", None)}  # every ReLU kept: same exporter as edge
     specs = [(f"{g}-{b}", g, b, ()) for b in budgets for g in ("pixel", "channel")]
@@ -262,6 +369,8 @@ def main() -> int:
     write()  # the main result first; the forms study is added when it finishes
     if not a.no_forms:
         res["elementwise_forms"] = elementwise_forms(max(10, repeats // 2) if not a.quick else 5)
+        write()
+        res["channel_split_forms"] = channel_split_forms(max(10, repeats // 2) if not a.quick else 5)
         write()
     print(json.dumps(summary, indent=1))
     print(f"wrote {out}")

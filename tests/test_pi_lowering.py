@@ -19,7 +19,7 @@ from relucomp.passes.insert_gates import gates_of
 from relucomp.passes.lower_gates import LowerGatesPass
 from relucomp.passes.maxpool_to_avgpool import MaxPoolToAvgPoolPass
 from relucomp.passes.pi_lowering import (FORMS, CompactReLU, PILoweringPass, PrefixReLU, RunsReLU, best_block,
-                                         compaction_stages, form_costs, lowering_coefficients)
+                                         compact_nodes, compaction_stages, form_costs, lowering_coefficients)
 from relucomp.passes.shape_prop import ShapeAnalysisPass
 from relucomp.verify import onnx_relu_count
 
@@ -178,6 +178,32 @@ def test_costs_choose_cheapest():
     slow_gather = {"gather_element_s": 1e-3, "select_element_s": 1e-9, "copy_element_s": 0.0, "op_s": 1e-4}
     costs = form_costs(mask, (16, 32, 32), False, slow_gather)
     assert min(costs, key=costs.get) == "compact"
+
+
+@pytest.mark.parametrize("shape,block", [((16, 32, 32), 1024), ((64, 8, 8), 512), ((4, 4, 4), 64)])
+def test_compact_cost_counts_every_exported_node(tmp_path, shape, block):
+    """op_s is fitted per node of the raw TorchScript export (bench_pi.py), constants included: the compact
+    form's cost must count its nodes the same way."""
+    import collections
+
+    import onnx
+
+    n = math.prod(shape)
+    keep = (torch.rand(n, generator=torch.Generator().manual_seed(0)) < 0.3).nonzero().flatten()
+    mod = CompactReLU(keep, shape, block=block).eval()
+    torch.onnx.export(mod, (torch.randn(1, *shape),), str(tmp_path / "c.onnx"), dynamo=False, opset_version=18)
+    ops = collections.Counter(nd.op_type for nd in onnx.load(str(tmp_path / "c.onnx")).graph.node)
+    assert sum(ops.values()) == compact_nodes(mod.stages, n // block), dict(ops)
+
+
+def test_shipped_coefficients_rank_forms_as_measured():
+    """pi.json measured all-gather pixel-18432 faster than all-compact under SPU (public and private weights):
+    with the shipped coefficients the lowering must not pick compact for such masks."""
+    c = lowering_coefficients()
+    g = torch.Generator().manual_seed(0)
+    for shape in ((16, 32, 32), (32, 16, 16), (64, 8, 8)):
+        costs = form_costs(torch.rand(shape, generator=g) < 0.25, shape, False, c)
+        assert min(costs, key=costs.get) == "gather", (shape, costs)
 
 
 @pytest.mark.parametrize("granularity", ["pixel", "channel"])
