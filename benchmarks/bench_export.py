@@ -132,7 +132,6 @@ def _optimized_ops(path, out) -> dict:
 
 def elementwise_forms(repeats: int) -> dict:
     """The candidate forms of one partial layer after a 3×3 conv (what chose the edge form)."""
-    import onnx
     from onnx import TensorProto as T
     from onnx import helper as h
     from onnx import numpy_helper as nh
@@ -173,22 +172,34 @@ def elementwise_forms(repeats: int) -> dict:
                          [h.make_tensor_value_info("y", T.FLOAT, ["N", C, H, H])], inits)
         return h.make_model(g, opset_imports=[h.make_opsetid("", 18)])
 
-    out = {}
+    return _time_forms(graph, forms, repeats, "forms")
+
+
+def _time_forms(graph, forms: list[str], repeats: int, label: str, with_ops: bool = False) -> dict:
+    """Time ``graph(C, H, form)`` for every form at resnet8's three activation shapes, interleaved, 1/2 threads ×
+    b1/b64; ``ratio_to_dense`` against the first form; ``with_ops``: the graph onnxruntime runs, per form."""
+    import onnx
+
+    out: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         for C, H in ((16, 32), (32, 16), (64, 8)):
             paths = {}
-            for f in forms:
-                p = Path(tmp) / f"{C}-{f.split()[0]}-{f.split()[-1]}.onnx"
+            for i, f in enumerate(forms):
+                p = Path(tmp) / f"{C}-{i}.onnx"
                 onnx.save(graph(C, H, f), str(p))
                 paths[f] = str(p)
+                if with_ops:
+                    out.setdefault("ort_optimized_ops", {})[f"{C}x{H}x{H}-{f}"] = _optimized_ops(p, Path(tmp) / f"{C}-{i}.opt.onnx")
             for threads in (1, 2):
                 for batch in (1, 64):
                     r = interleaved_latency(paths, threads=threads, batch=batch, repeats=repeats,
                                             inner=10 if batch == 1 else 1, shape=(C, H, H))
+                    d = r["variants"][forms[0]]["median_ms"]
+                    r["ratio_to_dense"] = {k: round(v["median_ms"] / d, 3) for k, v in r["variants"].items()}
                     key = f"{C}x{H}x{H}-t{threads}-b{batch}"
                     out[key] = r
-                    med = {k: v["median_ms"] for k, v in r["variants"].items()}
-                    print(f"forms {key}: " + ", ".join(f"{k} {v:.3f}" for k, v in med.items()), flush=True)
+                    print(f"{label} {key}: " + ", ".join(f"{k} {v:.2f}x" for k, v in r["ratio_to_dense"].items()),
+                          flush=True)
     return out
 
 
@@ -202,7 +213,6 @@ def channel_split_forms(repeats: int) -> dict:
     part with the ``Relu`` fused and a linear part, joined by an NCHWc ``Concat``) and ``split_sum`` (the
     stream carried as two tensors, each conv split into four sub-convs — output part × input part — summed,
     which onnxruntime fuses as NCHWc ``Sum``: no extra pass over the activation, more and smaller convs)."""
-    import onnx
     from onnx import TensorProto as T
     from onnx import helper as h
     from onnx import numpy_helper as nh
@@ -259,26 +269,9 @@ def channel_split_forms(repeats: int) -> dict:
         return h.make_model(g, opset_imports=[h.make_opsetid("", 18)])
 
     forms = ["dense", "dw_relu_add", "split_concat", "split_sum"]
-    out: dict = {"setup": {"chain": f"{depth} 3x3 convs, every output under a channel mask keeping half the "
-                                     "channels in aligned blocks of 8", "forms": forms}}
-    with tempfile.TemporaryDirectory() as tmp:
-        for C, H in ((16, 32), (32, 16), (64, 8)):
-            paths = {}
-            for f in forms:
-                p = Path(tmp) / f"{C}-{f}.onnx"
-                onnx.save(graph(C, H, f), str(p))
-                paths[f] = str(p)
-                out.setdefault("ort_optimized_ops", {})[f"{C}x{H}x{H}-{f}"] = _optimized_ops(p, Path(tmp) / f"{C}-{f}.opt.onnx")
-            for threads in (1, 2):
-                for batch in (1, 64):
-                    r = interleaved_latency(paths, threads=threads, batch=batch, repeats=repeats,
-                                            inner=10 if batch == 1 else 1, shape=(C, H, H))
-                    d = r["variants"]["dense"]["median_ms"]
-                    r["ratio_to_dense"] = {k: round(v["median_ms"] / d, 3) for k, v in r["variants"].items()}
-                    key = f"{C}x{H}x{H}-t{threads}-b{batch}"
-                    out[key] = r
-                    print(f"split {key}: " + ", ".join(f"{k} {v:.2f}x" for k, v in r["ratio_to_dense"].items()),
-                          flush=True)
+    out = {"setup": {"chain": f"{depth} 3x3 convs, every output under a channel mask keeping half the "
+                              "channels in aligned blocks of 8", "forms": forms},
+           **_time_forms(graph, forms, repeats, "split", with_ops=True)}
     ratios = {f: [out[k]["ratio_to_dense"][f] for k in out if "ratio_to_dense" in out.get(k, {})] for f in forms}
     out["summary"] = {f: [min(v), max(v)] for f, v in ratios.items()}
     return out
