@@ -26,7 +26,7 @@ blocks of 8 (a kept conv with the Relu fused beside a linear one, joined by
 Concat or carried as two streams into summed sub-convs), against the shipped
 depthwise form — the measurement that decided not to build it.
 
-Usage: python benchmarks/bench_export.py [--repeats 30] [--quick]
+Usage: python benchmarks/bench_export.py [--repeats 30] [--quick] [--split-only]
 """
 
 from __future__ import annotations
