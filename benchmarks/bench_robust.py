@@ -116,6 +116,8 @@ def main() -> None:
     ap.add_argument("--split", default="test", choices=("test", "val"),
                     help="the split CA / NPA / AdvA are measured on (val: to choose settings without the test split)")
     ap.add_argument("--trades-beta", type=float, default=6.0, help="TRADES β of the robust teacher")
+    ap.add_argument("--train-epsilon", default="8/255",
+                    help="robustness.train_epsilon: the training attack's ε (teacher and KD); AdvA stays at 8/255")
     ap.add_argument("--natural-branch", default="perturbed", choices=("perturbed", "clean"),
                     help="robustness.natural_branch: the dual-BN branch the AugMix views train on")
     ap.add_argument("--clean-teacher", default="robust", choices=("robust", "dense"),
@@ -142,6 +144,8 @@ def main() -> None:
         key |= {"natural_branch": a.natural_branch}
     if a.clean_teacher != "robust":
         key |= {"clean_teacher": a.clean_teacher}
+    if a.train_epsilon != "8/255":
+        key |= {"train_epsilon": a.train_epsilon}
     def kept() -> list:
         """Rows of other seeds with the same schedule (one JSON, many seeds), re-read at every write so that
         seeds may run as parallel processes."""
@@ -156,7 +160,8 @@ def main() -> None:
         t0 = time.perf_counter()
         extra = dict(robust=True, robust_teacher_epochs=a.teacher_epochs, trades_beta=a.trades_beta,
                      train_attack_steps=a.train_attack_steps, compare_branches=True,
-                     natural_branch=a.natural_branch, clean_teacher=a.clean_teacher) if robust else {}
+                     natural_branch=a.natural_branch, clean_teacher=a.clean_teacher,
+                     train_epsilon=a.train_epsilon) if robust else {}
         res = rc_compile("resnet8", f"cifar10:{a.data}", relu_budget=budget, limit=a.limit,
                          pretrain_epochs=a.pretrain_epochs, search_epochs=a.epochs, finetune_epochs=a.finetune_epochs,
                          export=False, progress=False, eval_robustness=True, corruptions=a.corruptions,
@@ -192,7 +197,7 @@ def main() -> None:
                             "split": a.split,
                             "robust": {"teacher_epochs": a.teacher_epochs, "train_attack": "trades",
                                        "trades_beta": a.trades_beta,
-                                       "train_attack_steps": a.train_attack_steps, "train_epsilon": "8/255",
+                                       "train_attack_steps": a.train_attack_steps, "train_epsilon": a.train_epsilon,
                                        "augmix": True, "dual_bn": True, "exported_branch": "clean",
                                        "note": f"training attack PGD-{a.train_attack_steps} with random start "
                                                "(CPU budget); evaluation PGD-10"}},
