@@ -47,6 +47,7 @@ import torch
 warnings.filterwarnings("ignore")
 logging.getLogger("torch.onnx").setLevel(logging.ERROR)
 
+from relucomp.atomic import atomic_write_json  # noqa: E402
 from relucomp.pipelines import build_gated, lowering_passes  # noqa: E402
 from relucomp.export_targets import export_model  # noqa: E402
 from relucomp.infra import PassManager  # noqa: E402
@@ -289,15 +290,16 @@ def main() -> int:
     a = ap.parse_args()
     torch.set_num_threads(1)
     repeats = 10 if a.quick else a.repeats
+    study_repeats = 5 if a.quick else max(10, repeats // 2)  # the single-layer studies (elementwise, split)
     budgets = BUDGETS[1:2] if a.quick else BUDGETS
     t_start = time.time()
     if a.split_only:
         out = Path(a.out)
         res = json.loads(out.read_text())
-        res["channel_split_forms"] = channel_split_forms(max(10, repeats // 2) if not a.quick else 5)
+        res["channel_split_forms"] = channel_split_forms(study_repeats)
         res["channel_split_forms"]["machine"] = {**machine_info(), "loadavg_end": os.getloadavg(),
                                                  "measured_at": time.strftime("%Y-%m-%d %H:%M")}
-        out.write_text(json.dumps(res, indent=2, default=str))
+        atomic_write_json(out, res)
         print(json.dumps(res["channel_split_forms"]["summary"]), f"wrote {out}")
         return 0
     work = Path(tempfile.mkdtemp(prefix="relucomp-bench-export-"))
@@ -357,13 +359,13 @@ def main() -> int:
         res["machine"] = {**machine_info(), "onnxruntime": onnxruntime.__version__, "torch": torch.__version__,
                           "loadavg_end": os.getloadavg()}
         res["wall_s"] = round(time.time() - t_start, 1)
-        out.write_text(json.dumps(res, indent=2, default=str))
+        atomic_write_json(out, res)
 
     write()  # the main result first; the forms study is added when it finishes
     if not a.no_forms:
-        res["elementwise_forms"] = elementwise_forms(max(10, repeats // 2) if not a.quick else 5)
+        res["elementwise_forms"] = elementwise_forms(study_repeats)
         write()
-        res["channel_split_forms"] = channel_split_forms(max(10, repeats // 2) if not a.quick else 5)
+        res["channel_split_forms"] = channel_split_forms(study_repeats)
         write()
     print(json.dumps(summary, indent=1))
     print(f"wrote {out}")
