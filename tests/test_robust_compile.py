@@ -210,3 +210,33 @@ def test_per_group_table_gains_npa_and_adva_columns():
     hdr2, rows2 = ["budget", "a"], [["dense", "1"]]
     _group_robustness_columns(SimpleNamespace(runs=[SimpleNamespace(report={})]), ["a", "b"], hdr2, rows2)
     assert hdr2 == ["budget", "a"]                         # no robustness section: the table is unchanged
+
+
+def test_teacher_cache_key_ignores_student_only_settings():
+    """A sweep over the student's KD weights (or BN branches) reuses one robust teacher: its cache digest reads
+    only what the teacher's training reads — and the teacher's step indeed ignores the KD weights."""
+    from relucomp.robust_train import RobustTrainSettings, teacher_step
+    from relucomp.stages.robust_teacher import teacher_digest
+
+    info = {"teacher_epochs": 2, "train_attack": "trades", "train_epsilon": 8 / 255, "trades_beta": 6.0,
+            "augmix": True, "jsd_weight": 12.0, "kd_weights": {"clean": 1.0, "natural": 1.0, "adversarial": 1.0},
+            "dual_bn": True, "export_branch": "clean", "natural_branch": "perturbed", "clean_teacher": "robust"}
+    d = teacher_digest("k", 2, info, 0)
+    student = {"kd_weights": {"clean": 1.0, "natural": 3.0, "adversarial": 0.5}, "dual_bn": False,
+               "export_branch": "perturbed", "natural_branch": "clean", "clean_teacher": "dense"}
+    assert teacher_digest("k", 2, info | student, 0) == d
+    for change in ({"trades_beta": 3.0}, {"train_epsilon": 6 / 255}, {"jsd_weight": 0.0}, {"augmix": False}):
+        assert teacher_digest("k", 2, info | change, 0) != d, change
+    assert teacher_digest("k", 3, info, 0) != d and teacher_digest("k", 2, info, 1) != d
+    assert teacher_digest("other", 2, info, 0) != d
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 8 * 8, 3))
+    x, y = torch.randn(6, 3, 8, 8), torch.tensor([0, 1, 2, 0, 1, 2])
+    losses = []
+    for kd in ((1.0, 1.0, 1.0), (0.2, 5.0, 0.0)):
+        s = RobustTrainSettings(mean=(0.5,) * 3, std=(0.25,) * 3, attack_steps=1, kd_clean=kd[0], kd_natural=kd[1],
+                                kd_adv=kd[2])
+        torch.manual_seed(0)
+        losses.append(float(teacher_step(s)(model, x, y, None)[0]))
+    assert losses[0] == losses[1]

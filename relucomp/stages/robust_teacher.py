@@ -2,7 +2,8 @@
 few attack steps) with AugMix + JSD (:func:`relucomp.robust_train.teacher_step`) — unless the given model is
 already robust (``robustness.teacher_robust``).  The student (the model the gates are inserted into) starts
 from the robust teacher's weights.  The result is cached next to the pretrained models (key: the pretraining
-key + the robust settings), so a budget sweep trains it once; an interrupted teacher finetune starts again.
+key + the settings the teacher's training reads, :func:`teacher_digest`), so a budget sweep — or one over the
+student's KD weights or BN branches — trains it once; an interrupted teacher finetune starts again.
 """
 
 from __future__ import annotations
@@ -57,6 +58,19 @@ def train_settings(st: RunState) -> RobustTrainSettings:
                                kd_natural=rb.kd_natural, kd_adv=rb.kd_adv, natural_branch=rb.natural_branch)
 
 
+# settings in the stage's ``info`` that only the student's training reads: not part of the teacher's cache key,
+# so a sweep over them (KD weights, BN branches, the clean KD teacher) reuses one robust teacher
+STUDENT_ONLY = ("dual_bn", "export_branch", "natural_branch", "clean_teacher", "kd_weights")
+
+
+def teacher_digest(key: str, epochs: int, info: dict[str, Any], seed: int) -> str:
+    """The robust teacher's cache digest: the pretraining key, the epochs, the settings the teacher's own
+    training reads (``info`` less :data:`STUDENT_ONLY`) and the seed."""
+    material = json.dumps([key, epochs, {k: v for k, v in info.items() if k not in STUDENT_ONLY}, seed],
+                          sort_keys=True, default=str)
+    return hashlib.sha1(material.encode()).hexdigest()[:10]
+
+
 def _frozen(model: nn.Module) -> nn.Module:
     model = model.cpu().eval()
     for p in model.parameters():
@@ -88,10 +102,7 @@ def run(st: RunState) -> RobustTeacherOut:
     models = cache_dir("models")
     path = None
     if key is not None and models is not None:
-        material = json.dumps([key, epochs, {k: v for k, v in info.items()
-                                         if k not in ("dual_bn", "export_branch", "natural_branch", "clean_teacher")},
-                               cfg.runtime.seed], sort_keys=True, default=str)
-        path = models / f"{key}-robust-{hashlib.sha1(material.encode()).hexdigest()[:10]}.pt"
+        path = models / f"{key}-robust-{teacher_digest(key, epochs, info, cfg.runtime.seed)}.pt"
     loaded = False
     if path is not None and path.exists():
         try:

@@ -1,0 +1,178 @@
+"""Method probes for the robust compile (issue 12), on the validation split → benchmarks/results/robust_val_probes.json.
+
+The robust compile keeps its TRADES teacher's clean accuracy (CA); these probes ask whether a change of method
+moves the CA / AdvA frontier, on the 250 validation images of ``bench_robust.py``'s schedule (resnet8, a
+stratified ``--limit 3000`` CIFAR-10 subset, 20 pretraining + 20 teacher epochs, 3 search + 4 finetune epochs,
+10 % budget), all models of a seed evaluated on the same images in one call:
+
+* ``plain``: the plain compile (reference);
+* ``robust``: the robust compile as shipped (student starts from the robust teacher);
+* ``teacher_interp``: the dense model and the TRADES teacher interpolated in weight space,
+  θ = α·θ_teacher + (1 − α)·θ_dense (model soups / WiSE-FT, Wortsman et al. 2022; Croce et al. 2023), α grid;
+* ``student_soup``: the robust student and a copy of it finetuned on the plain objective (CE + KD from the dense
+  model, ``finetune_epochs``) interpolated the same way (same masks), clean BN branch, BN re-estimated;
+* ``dense_init``: the robust compile with the student starting from the dense model instead of the teacher.
+
+``--probe kd-natural`` runs another set instead (→ ``robust_val_kdnat.json``): the robust compile with the
+natural-perturbation (AugMix) KD term weighted 1 (as shipped), 3 and 5 (``robustness.kd_natural``), beside the
+plain compile — does the student keep more of its teacher's NPA?
+
+Usage: python benchmarks/bench_robust_probes.py --seed 0   (seeds may run as parallel processes; one JSON)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+warnings.filterwarnings("ignore")
+
+from relucomp.passes.finetune import FinetunePass, recalibrate_bn
+
+from relucomp.api import resolve_config, validate
+from relucomp.atomic import atomic_write_json
+from relucomp.config import robustness_settings
+from relucomp.infra import PassManager
+from relucomp.recipe import finetune_lr
+from relucomp.robust_train import collapse
+from relucomp.robustness import evaluate_robustness
+from relucomp.stages import STAGES, Hooks, Stage
+from relucomp.stages import run as run_stages
+
+OUT = Path(__file__).parent / "results" / "robust_val_probes.json"
+DATA = Path("/work/shared/data/cifar10-jpeg")
+UPTO = ("data", "model", "pretrain", "robust_teacher", "evaluate_dense", "gates", "dual_bn", "search", "prune",
+        "finetune")
+
+
+def interpolate(model, a: dict, b: dict, alpha: float):
+    """``model`` (a copy) with α·a + (1 − α)·b for every floating tensor (integer buffers from ``a``)."""
+    m = copy.deepcopy(model)
+    m.load_state_dict({k: alpha * a[k] + (1 - alpha) * b[k] if a[k].is_floating_point() else a[k] for k in a})
+    return m
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", default=str(DATA))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--budget", default="10%")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--probe", default="methods", choices=("methods", "kd-natural"))
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    a.out = a.out or str(OUT if a.probe == "methods" else OUT.with_name("robust_val_kdnat.json"))
+    torch.set_num_threads(a.threads)
+    if not Path(a.data).is_dir():
+        sys.exit(f"no CIFAR-10 folders at {a.data} (pass --data)")
+    load0, t_all = os.getloadavg(), time.perf_counter()
+    base = {"model.spec": "resnet8", "data.spec": f"cifar10:{a.data}", "relu_budget": a.budget, "limit": 3000,
+            "pretrain_epochs": 20, "search_epochs": 3, "finetune_epochs": 4, "export": False, "progress": False,
+            "eval_robustness": True, "corruptions": "all", "severities": "1,2,3,4,5", "robustness_samples": 500,
+            "robustness_split": "val", "seed": a.seed}
+    robust = {"robust": True, "robust_teacher_epochs": 20, "trades_beta": 6.0, "train_attack_steps": 2}
+    log = lambda m: print(f"[{time.strftime('%H:%M:%S')}] {m}", flush=True)
+    seconds: dict = {}
+
+    def stages(cfg, extra: Stage | None = None):
+        sel = [s for s in STAGES if s.name in UPTO]
+        if extra is not None:
+            sel.insert([s.name for s in sel].index("robust_teacher") + 1, extra)
+        return run_stages(cfg, Hooks(log=log), sel)
+
+    t0 = time.perf_counter()
+    cfg_r = validate(resolve_config(None, base | robust))
+    st = stages(cfg_r)
+    seconds["robust_compile"] = round(time.perf_counter() - t0, 1)
+    dense, teacher, gm_r = st["robust_teacher"].plain, st["pretrain"].teacher, st["finetune"].gm
+
+    def exported(gm):   # what the export stage would see: the clean branch, BN re-estimated on clean batches
+        m = copy.deepcopy(gm)
+        collapse(m, "clean")
+        recalibrate_bn(m, st["data"].train, 20, "cpu")
+        return m.cpu().eval()
+
+    models = {"dense": dense.eval(), "teacher": teacher.eval()}
+    if a.probe == "kd-natural":
+        models["robust_kd_natural_1"] = exported(gm_r)
+        for w in (3.0, 5.0):
+            t0 = time.perf_counter()
+            st_w = stages(validate(resolve_config(None, base | robust | {"robustness.kd_natural": w})))
+            models[f"robust_kd_natural_{w:g}"] = exported(st_w["finetune"].gm)
+            seconds[f"robust_kd_natural_{w:g}"] = round(time.perf_counter() - t0, 1)
+    else:
+        methods(a, st, models, seconds, base, robust, stages, exported)
+
+    t0 = time.perf_counter()
+    st_p = stages(validate(resolve_config(None, base)))
+    models["plain"] = st_p["finetune"].gm.cpu().eval()
+    seconds["plain_compile"] = round(time.perf_counter() - t0, 1)
+
+    t0 = time.perf_counter()
+    res = evaluate_robustness(models, st["data"].bundle.val, robustness_settings(cfg_r))
+    seconds["evaluation"] = round(time.perf_counter() - t0, 1)
+    report(a, res, seconds, base | robust, load0, t_all)
+
+
+def methods(a, st, models: dict, seconds: dict, base: dict, robust: dict, stages, exported) -> None:
+    """The ``methods`` probe's models: teacher interpolation, student soup, dense-initialised student."""
+    cfg_r, dense, teacher, gm_r = st.cfg, st["robust_teacher"].plain, st["pretrain"].teacher, st["finetune"].gm
+    t0 = time.perf_counter()   # the clean endpoint of the student soup: same masks, plain objective
+    gm_c = copy.deepcopy(gm_r)
+    for p in gm_c.parameters():
+        p.requires_grad_(True)
+    PassManager([FinetunePass(train_loader=st["data"].train, teacher=dense, epochs=cfg_r.finetune.epochs,
+                              lr=finetune_lr(cfg_r.runtime.batch_size), kd_weight=cfg_r.finetune.kd_weight,
+                              temperature=cfg_r.finetune.temperature or cfg_r.search.kd_temperature,
+                              bn_recalibrate=False)]).run(gm_c)
+    seconds["clean_endpoint_finetune"] = round(time.perf_counter() - t0, 1)
+    sd_t, sd_d = teacher.state_dict(), dense.state_dict()
+    for alpha in (0.5, 0.75, 0.875):
+        models[f"teacher_interp_{alpha}"] = interpolate(dense, sd_t, sd_d, alpha).eval()
+    sd_r, sd_c = gm_r.state_dict(), gm_c.state_dict()
+    for alpha in (0.0, 0.25, 0.5, 0.75, 1.0):
+        models[f"student_soup_{alpha}"] = exported(interpolate(gm_r, sd_r, sd_c, alpha))
+
+    t0 = time.perf_counter()   # dense init: the student starts from the dense model, not the robust teacher
+    init = Stage("dense_init", lambda s: s["model"].model.load_state_dict(s["robust_teacher"].plain.state_dict()))
+    st_d = stages(validate(resolve_config(None, base | robust)), init)
+    models["dense_init"] = exported(st_d["finetune"].gm)
+    seconds["dense_init_compile"] = round(time.perf_counter() - t0, 1)
+
+
+def report(a, res, seconds: dict, schedule: dict, load0, t_all: float) -> None:
+    """Print the table and merge this seed's row into ``--out``."""
+    rows = {k: {"ca": round(v.ca, 2), "npa": round(v.npa, 2), "adva": round(v.adva, 2),
+                "npa_by_corruption": {c: round(x, 2) for c, x in v.npa_by_corruption.items()}}
+            for k, v in res.models.items()}
+    p = rows["plain"]
+    for v in rows.values():
+        v["minus_plain"] = {m: round(v[m] - p[m], 2) for m in ("ca", "npa", "adva")}
+    for k, v in rows.items():
+        print(f"{k:24s} CA {v['ca']:5.1f}  NPA {v['npa']:5.2f}  AdvA {v['adva']:5.1f}   − plain "
+              f"{v['minus_plain']['ca']:+5.1f} {v['minus_plain']['npa']:+5.2f} {v['minus_plain']['adva']:+5.1f}")
+    run = {"seed": a.seed, "budget": a.budget, "models": rows, "seconds": seconds,
+           "load_average": {"start": load0, "end": os.getloadavg()}}
+    out = Path(a.out)
+    prev = json.loads(out.read_text()) if out.exists() else {}
+    runs = [r for r in prev.get("runs", []) if (r["seed"], r["budget"]) != (a.seed, a.budget)] + [run]
+    doc = {"benchmark": "robust_val_probes", "probe": a.probe, "split": "val", "samples": res.samples,
+           "machine": {"description": f"{os.cpu_count()}-core CPU (no GPU)", "platform": platform.platform(),
+                       "torch": torch.__version__, "torch_threads": a.threads},
+           "schedule": schedule, "settings": res.settings, "runs": sorted(runs, key=lambda r: (r["budget"], r["seed"])),
+           "seconds_total_last_run": round(time.perf_counter() - t_all, 1)}
+    atomic_write_json(out, doc)
+    print(f"wrote {out}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
