@@ -17,6 +17,9 @@ stratified ``--limit 3000`` CIFAR-10 subset, 20 pretraining + 20 teacher epochs,
 natural-perturbation (AugMix) KD term weighted 1 (as shipped), 3 and 5 (``robustness.kd_natural``), beside the
 plain compile — does the student keep more of its teacher's NPA?
 
+``--probe jsd --jsd-weight W`` (→ ``robust_val_jsd.json``): the robust compile whose teacher was trained with AugMix's
+JSD consistency weighted W (``robustness.jsd_weight``; shipped 12), beside the plain compile.
+
 Usage: python benchmarks/bench_robust_probes.py --seed 0   (seeds may run as parallel processes; one JSON)
 """
 
@@ -67,10 +70,12 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--budget", default="10%")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--probe", default="methods", choices=("methods", "kd-natural"))
+    ap.add_argument("--probe", default="methods", choices=("methods", "kd-natural", "jsd"))
+    ap.add_argument("--jsd-weight", type=float, default=24.0, help="--probe jsd: the teacher's JSD weight")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
-    a.out = a.out or str(OUT if a.probe == "methods" else OUT.with_name("robust_val_kdnat.json"))
+    a.out = a.out or str({"methods": OUT, "kd-natural": OUT.with_name("robust_val_kdnat.json"),
+                          "jsd": OUT.with_name("robust_val_jsd.json")}[a.probe])
     torch.set_num_threads(a.threads)
     if not Path(a.data).is_dir():
         sys.exit(f"no CIFAR-10 folders at {a.data} (pass --data)")
@@ -80,6 +85,8 @@ def main() -> None:
             "eval_robustness": True, "corruptions": "all", "severities": "1,2,3,4,5", "robustness_samples": 500,
             "robustness_split": "val", "seed": a.seed}
     robust = {"robust": True, "robust_teacher_epochs": 20, "trades_beta": 6.0, "train_attack_steps": 2}
+    if a.probe == "jsd":
+        robust["robustness.jsd_weight"] = a.jsd_weight
     log = lambda m: print(f"[{time.strftime('%H:%M:%S')}] {m}", flush=True)
     seconds: dict = {}
 
@@ -102,7 +109,9 @@ def main() -> None:
         return m.cpu().eval()
 
     models = {"dense": dense.eval(), "teacher": teacher.eval()}
-    if a.probe == "kd-natural":
+    if a.probe == "jsd":
+        models[f"robust_jsd_{a.jsd_weight:g}"] = exported(gm_r)
+    elif a.probe == "kd-natural":
         models["robust_kd_natural_1"] = exported(gm_r)
         for w in (3.0, 5.0):
             t0 = time.perf_counter()
@@ -160,15 +169,17 @@ def report(a, res, seconds: dict, schedule: dict, load0, t_all: float) -> None:
     for k, v in rows.items():
         print(f"{k:24s} CA {v['ca']:5.1f}  NPA {v['npa']:5.2f}  AdvA {v['adva']:5.1f}   − plain "
               f"{v['minus_plain']['ca']:+5.1f} {v['minus_plain']['npa']:+5.2f} {v['minus_plain']['adva']:+5.1f}")
-    run = {"seed": a.seed, "budget": a.budget, "models": rows, "seconds": seconds,
+    run = {"seed": a.seed, "budget": a.budget, "variant": schedule.get("robustness.jsd_weight"), "models": rows,
+           "seconds": seconds,
            "load_average": {"start": load0, "end": os.getloadavg()}}
     out = Path(a.out)
     prev = json.loads(out.read_text()) if out.exists() else {}
-    runs = [r for r in prev.get("runs", []) if (r["seed"], r["budget"]) != (a.seed, a.budget)] + [run]
+    same = lambda r: (r["seed"], r["budget"], r.get("variant")) == (a.seed, a.budget, run["variant"])
+    runs = [r for r in prev.get("runs", []) if not same(r)] + [run]
     doc = {"benchmark": "robust_val_probes", "probe": a.probe, "split": "val", "samples": res.samples,
            "machine": {"description": f"{os.cpu_count()}-core CPU (no GPU)", "platform": platform.platform(),
                        "torch": torch.__version__, "torch_threads": a.threads},
-           "schedule": schedule, "settings": res.settings, "runs": sorted(runs, key=lambda r: (r["budget"], r["seed"])),
+           "schedule": schedule, "settings": res.settings, "runs": sorted(runs, key=lambda r: (r["budget"], r.get("variant") or 0, r["seed"])),
            "seconds_total_last_run": round(time.perf_counter() - t_all, 1)}
     atomic_write_json(out, doc)
     print(f"wrote {out}", flush=True)
