@@ -118,6 +118,8 @@ def main() -> None:
     ap.add_argument("--trades-beta", type=float, default=6.0, help="TRADES β of the robust teacher")
     ap.add_argument("--train-epsilon", default="8/255",
                     help="robustness.train_epsilon: the training attack's ε (teacher and KD); AdvA stays at 8/255")
+    ap.add_argument("--jsd-weight", type=float, default=12.0,
+                    help="robustness.jsd_weight: the teacher's AugMix JSD consistency weight")
     ap.add_argument("--natural-branch", default="perturbed", choices=("perturbed", "clean"),
                     help="robustness.natural_branch: the dual-BN branch the AugMix views train on")
     ap.add_argument("--clean-teacher", default="robust", choices=("robust", "dense"),
@@ -146,6 +148,8 @@ def main() -> None:
         key |= {"clean_teacher": a.clean_teacher}
     if a.train_epsilon != "8/255":
         key |= {"train_epsilon": a.train_epsilon}
+    if a.jsd_weight != 12.0:
+        key |= {"jsd_weight": a.jsd_weight}
     def kept() -> list:
         """Rows of other seeds with the same schedule (one JSON, many seeds), re-read at every write so that
         seeds may run as parallel processes."""
@@ -161,7 +165,7 @@ def main() -> None:
         extra = dict(robust=True, robust_teacher_epochs=a.teacher_epochs, trades_beta=a.trades_beta,
                      train_attack_steps=a.train_attack_steps, compare_branches=True,
                      natural_branch=a.natural_branch, clean_teacher=a.clean_teacher,
-                     train_epsilon=a.train_epsilon) if robust else {}
+                     train_epsilon=a.train_epsilon, **{"robustness.jsd_weight": a.jsd_weight}) if robust else {}
         res = rc_compile("resnet8", f"cifar10:{a.data}", relu_budget=budget, limit=a.limit,
                          pretrain_epochs=a.pretrain_epochs, search_epochs=a.epochs, finetune_epochs=a.finetune_epochs,
                          export=False, progress=False, eval_robustness=True, corruptions=a.corruptions,
@@ -198,7 +202,8 @@ def main() -> None:
                             "robust": {"teacher_epochs": a.teacher_epochs, "train_attack": "trades",
                                        "trades_beta": a.trades_beta,
                                        "train_attack_steps": a.train_attack_steps, "train_epsilon": a.train_epsilon,
-                                       "augmix": True, "dual_bn": True, "exported_branch": "clean",
+                                       "augmix": True, "jsd_weight": a.jsd_weight, "dual_bn": True,
+                                       "exported_branch": "clean",
                                        "note": f"training attack PGD-{a.train_attack_steps} with random start "
                                                "(CPU budget); evaluation PGD-10"}},
                "goal": "RLNet: robust − plain ≥ +10 AdvA, ≥ +3 NPA, ≥ −2 CA at the same budget",
