@@ -39,17 +39,17 @@ import torch
 
 warnings.filterwarnings("ignore")
 
-from relucomp.passes.finetune import FinetunePass, recalibrate_bn
+from relucomp.passes.finetune import FinetunePass
 
 from relucomp.api import resolve_config, validate
 from relucomp.atomic import atomic_write_json
 from relucomp.config import robustness_settings
 from relucomp.infra import PassManager
 from relucomp.recipe import finetune_lr
-from relucomp.robust_train import collapse
 from relucomp.robustness import evaluate_robustness
 from relucomp.stages import STAGES, Hooks, Stage
 from relucomp.stages import run as run_stages
+from relucomp.stages.robust_bn import collapse_to
 
 OUT = Path(__file__).parent / "results" / "robust_val_probes.json"
 DATA = Path("/work/shared/data/cifar10-jpeg")
@@ -102,11 +102,10 @@ def main() -> None:
     seconds["robust_compile"] = round(time.perf_counter() - t0, 1)
     dense, teacher, gm_r = st["robust_teacher"].plain, st["pretrain"].teacher, st["finetune"].gm
 
-    def exported(gm):   # what the export stage would see: the clean branch, BN re-estimated on clean batches
+    def exported(gm):   # what the export stage makes of it: the clean branch, its BN statistics re-estimated
         m = copy.deepcopy(gm)
-        collapse(m, "clean")
-        recalibrate_bn(m, st["data"].train, 20, "cpu")
-        return m.cpu().eval()
+        collapse_to(m, "clean", st["data"].train, recalibrate=True)
+        return m
 
     models = {"dense": dense.eval(), "teacher": teacher.eval()}
     if a.probe == "jsd":

@@ -39,23 +39,30 @@ def run(st: RunState) -> DualBNOut:
     return DualBNOut(layers=dualize(st["gates"].gm))
 
 
+def collapse_to(gm, branch: str, loader, *, recalibrate: bool, device: str = "cpu") -> int:
+    """Put ``branch`` of every DualBatchNorm2d of ``gm`` back as a plain BatchNorm2d (in place); the clean
+    branch's statistics are then re-estimated on ``loader``'s batches (``recalibrate``).  Returns how many."""
+    n = collapse(gm, branch)
+    if recalibrate and branch == "clean":
+        recalibrate_bn(gm, loader, 20, device)
+    gm.cpu().eval()
+    return n
+
+
 def run_export(st: RunState) -> DualBNOut:
     cfg, ft = st.cfg, tuned(st)
     branch = cfg.robustness.export_branch
+    rec = bool(cfg.finetune.bn_recalibrate and cfg.finetune.epochs)
+    loader, device = st["data"].train, cfg.runtime.device
     n, other = 0, None
     if cfg.robustness.compare_branches and ft.gm is not None:
         import copy
 
         other = copy.deepcopy(ft.gm)
-        collapse(other, "perturbed" if branch == "clean" else "clean")
-        if branch == "perturbed" and cfg.finetune.bn_recalibrate and cfg.finetune.epochs:
-            recalibrate_bn(other, st["data"].train, 20, cfg.runtime.device)
-        other.cpu().eval()
-    for gm in {id(g): g for g in (ft.gm, st["gates"].gm) if g is not None}.values():
-        n = max(n, collapse(gm, branch))
-    if ft.gm is not None and branch == "clean" and cfg.finetune.bn_recalibrate and cfg.finetune.epochs:
-        recalibrate_bn(ft.gm, st["data"].train, 20, cfg.runtime.device)
-        ft.gm.cpu().eval()
+        collapse_to(other, "perturbed" if branch == "clean" else "clean", loader, recalibrate=rec, device=device)
+    if ft.gm is not None:
+        n = collapse_to(ft.gm, branch, loader, recalibrate=rec, device=device)
+    n = max(n, collapse(st["gates"].gm, branch))     # 0 when it is the finetuned graph (collapsed above)
     if ft.ema is not None:
         collapse(ft.ema, branch)
     src = ft.ema if ft.weights == "ema" and ft.ema is not None else (ft.gm or st["gates"].gm)
