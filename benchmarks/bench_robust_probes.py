@@ -20,6 +20,11 @@ plain compile — does the student keep more of its teacher's NPA?
 ``--probe jsd --jsd-weight W`` (→ ``robust_val_jsd.json``): the robust compile whose teacher was trained with AugMix's
 JSD consistency weighted W (``robustness.jsd_weight``; shipped 12), beside the plain compile.
 
+``--probe student-jsd --student-jsd W1,W2`` (→ ``robust_val_sjsd.json``): the robust compile with AugMix's JSD
+consistency in the student's step too, weighted W (``robustness.student_jsd``; shipped 0 = off, always run as the
+reference), beside the plain compile — the compile keeps about half its teacher's NPA gain; does the student's own
+consistency term keep more?
+
 Usage: python benchmarks/bench_robust_probes.py --seed 0   (seeds may run as parallel processes; one JSON)
 """
 
@@ -70,12 +75,14 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--budget", default="10%")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--probe", default="methods", choices=("methods", "kd-natural", "jsd"))
+    ap.add_argument("--probe", default="methods", choices=("methods", "kd-natural", "jsd", "student-jsd"))
     ap.add_argument("--jsd-weight", type=float, default=24.0, help="--probe jsd: the teacher's JSD weight")
+    ap.add_argument("--student-jsd", default="12,48", help="--probe student-jsd: the student's JSD weights")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     a.out = a.out or str({"methods": OUT, "kd-natural": OUT.with_name("robust_val_kdnat.json"),
-                          "jsd": OUT.with_name("robust_val_jsd.json")}[a.probe])
+                          "jsd": OUT.with_name("robust_val_jsd.json"),
+                          "student-jsd": OUT.with_name("robust_val_sjsd.json")}[a.probe])
     torch.set_num_threads(a.threads)
     if not Path(a.data).is_dir():
         sys.exit(f"no CIFAR-10 folders at {a.data} (pass --data)")
@@ -110,6 +117,13 @@ def main() -> None:
     models = {"dense": dense.eval(), "teacher": teacher.eval()}
     if a.probe == "jsd":
         models[f"robust_jsd_{a.jsd_weight:g}"] = exported(gm_r)
+    elif a.probe == "student-jsd":
+        models["robust_student_jsd_0"] = exported(gm_r)
+        for w in (float(v) for v in a.student_jsd.split(",")):
+            t0 = time.perf_counter()
+            st_w = stages(validate(resolve_config(None, base | robust | {"robustness.student_jsd": w})))
+            models[f"robust_student_jsd_{w:g}"] = exported(st_w["finetune"].gm)
+            seconds[f"robust_student_jsd_{w:g}"] = round(time.perf_counter() - t0, 1)
     elif a.probe == "kd-natural":
         models["robust_kd_natural_1"] = exported(gm_r)
         for w in (3.0, 5.0):

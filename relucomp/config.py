@@ -133,6 +133,7 @@ class RobustnessSection(_Section):
     kd_clean: float = 1.0               # weights of the three KD terms (student vs robust teacher)
     kd_natural: float = 1.0
     kd_adv: float = 1.0
+    student_jsd: float = 0.0            # AugMix's JSD consistency in the student's step too (two views; 0: off)
     dual_bn: bool = True                # separate BN for clean / perturbed batches while training
     export_branch: str = "clean"        # the DualBN branch folded into the exported model: clean | perturbed
     natural_branch: str = "perturbed"   # the DualBN branch the AugMix (natural-perturbation) views train on
@@ -282,7 +283,8 @@ KEYWORDS: dict[str, str] = {
     "train_attack": "robustness.train_attack", "train_attack_steps": "robustness.train_attack_steps",
     "train_epsilon": "robustness.train_epsilon", "trades_beta": "robustness.trades_beta",
     "augmix": "robustness.augmix", "jsd_weight": "robustness.jsd_weight", "kd_clean": "robustness.kd_clean",
-    "kd_natural": "robustness.kd_natural", "kd_adv": "robustness.kd_adv", "dual_bn": "robustness.dual_bn",
+    "kd_natural": "robustness.kd_natural", "kd_adv": "robustness.kd_adv",
+    "student_jsd": "robustness.student_jsd", "dual_bn": "robustness.dual_bn",
     "export_branch": "robustness.export_branch", "compare_branches": "robustness.compare_branches",
     "natural_branch": "robustness.natural_branch", "clean_teacher": "robustness.clean_teacher",
 }
@@ -622,8 +624,8 @@ def robustness_settings(cfg: CompileConfig):
 
 
 ROBUST_TRAIN_FIELDS = ("teacher_robust", "teacher_epochs", "train_attack", "train_attack_steps", "train_epsilon",
-                       "trades_beta", "augmix", "jsd_weight", "kd_clean", "kd_natural", "kd_adv", "dual_bn",
-                       "export_branch", "compare_branches", "natural_branch", "clean_teacher")
+                       "trades_beta", "augmix", "jsd_weight", "kd_clean", "kd_natural", "kd_adv", "student_jsd",
+                       "dual_bn", "export_branch", "compare_branches", "natural_branch", "clean_teacher")
 
 
 def check_robust_compile(cfg: CompileConfig) -> None:
@@ -649,13 +651,18 @@ def check_robust_compile(cfg: CompileConfig) -> None:
              "give --robust-teacher-epochs 2 (0: keep the dense teacher as it is)"),
             ("--trades-beta", rb.trades_beta, rb.trades_beta >= 0 and math.isfinite(rb.trades_beta), "give e.g. --trades-beta 6"),
             ("robustness.jsd_weight", rb.jsd_weight, rb.jsd_weight >= 0 and math.isfinite(rb.jsd_weight),
-             "give e.g. robustness.jsd_weight = 12")):
+             "give e.g. robustness.jsd_weight = 12"),
+            ("robustness.student_jsd", rb.student_jsd, rb.student_jsd >= 0 and math.isfinite(rb.student_jsd),
+             "give e.g. robustness.student_jsd = 12 (0: off)")):
         if not ok:
             raise ConfigError(f"{name} {v} is out of range", fix)
     kds = (rb.kd_clean, rb.kd_natural, rb.kd_adv)
     if any(not (k >= 0 and math.isfinite(k)) for k in kds) or sum(kds) <= 0:
         raise ConfigError(f"the three-way KD weights (clean, natural, adversarial) = {kds} must be ≥ 0, not all 0",
                           "give e.g. kd_clean = kd_natural = kd_adv = 1 in [robustness] (or as keywords)")
+    if rb.student_jsd > 0 and not rb.augmix:
+        raise ConfigError("robustness.student_jsd is set but robustness.augmix is off (the JSD term compares AugMix "
+                          "views)", "drop robustness.student_jsd, or turn robustness.augmix back on")
     for bad, what, fix in (
             (cfg.search.method != "snl", f"--search {cfg.search.method}",
              "use --search snl (the robust objective trains the ReLU masks)"),

@@ -197,6 +197,7 @@ class RobustTrainSettings:
     kd_clean: float = 1.0
     kd_natural: float = 1.0
     kd_adv: float = 1.0
+    student_jsd: float = 0.0            # the student's own AugMix JSD consistency weight (0: off)
     natural_branch: str = "perturbed"   # the DualBN branch the AugMix views run on (adversarial: always perturbed)
 
     @property
@@ -275,6 +276,9 @@ def robust_kd_step(teacher: nn.Module, s: RobustTrainSettings, *, kd_weight: flo
                    clean_teacher: nn.Module | None = None):
     """Three-way distillation step (clean / AugMix / adversarial logits to the robust teacher's); dual-BN aware.
 
+    ``s.student_jsd`` > 0 adds AugMix's Jensen-Shannon consistency over the student's clean logits and two AugMix
+    views (the first is the KD term's), weighted ``student_jsd``, as the teacher's step does with ``jsd_weight``.
+
     ``clean_teacher`` (``robustness.clean_teacher = "dense"``): the clean term distils from this model instead
     (the dense model before the adversarial finetune — MTARD's clean teacher, Zhao et al. 2022); the AugMix and
     adversarial terms keep the robust ``teacher``."""
@@ -288,12 +292,17 @@ def robust_kd_step(teacher: nn.Module, s: RobustTrainSettings, *, kd_weight: flo
         with torch.no_grad():
             t_clean = (teacher if clean_teacher is None else clean_teacher)(x)
         kd = s.kd_clean * kd_loss(logits, t_clean, temperature) if s.kd_clean > 0 else 0.0
-        if s.kd_natural > 0:
+        jsd = s.augmix and s.student_jsd > 0
+        if s.kd_natural > 0 or jsd:
             with route(model, s.natural_branch):
                 xn = px.norm(augmix(x01)) if s.augmix else x
-                with torch.no_grad():
-                    t_nat = teacher(xn)
-                kd = kd + s.kd_natural * kd_loss(model(xn), t_nat, temperature)
+                s_nat = model(xn)
+                if s.kd_natural > 0:
+                    with torch.no_grad():
+                        t_nat = teacher(xn)
+                    kd = kd + s.kd_natural * kd_loss(s_nat, t_nat, temperature)
+                if jsd:                                        # AugMix's consistency on the student: a 2nd view
+                    loss = loss + s.student_jsd * jsd_loss(logits, s_nat, model(px.norm(augmix(x01))))
         with route(model, "perturbed"):
             if s.kd_adv > 0:
                 xa = px.norm(_attack(model, px, x01, y, s, bar))

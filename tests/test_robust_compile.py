@@ -124,6 +124,19 @@ def test_robust_steps_train_and_show_the_attack():
         got_d, _ = robust_kd_step(teacher, s_c, kd_weight=0.5, temperature=4.0, clean_teacher=other)(student3, x, y, None)
     assert torch.allclose(got_r, want["robust"]) and torch.allclose(got_d, want["dense"])
     assert not torch.allclose(want["robust"], want["dense"])
+    # robustness.student_jsd: + w·JSD(student(x), student(aug₁), student(aug₂)) on the AugMix views of the step
+    from relucomp.robust_train import augmix, jsd_loss
+
+    s_j = RobustTrainSettings(mean=(0.5,) * 3, std=(0.25,) * 3, attack_steps=1, kd_natural=0.0, kd_adv=0.0,
+                              student_jsd=3.0)
+    with torch.no_grad():
+        x01 = (x * 0.25 + 0.5).clamp(0, 1)
+        torch.manual_seed(5)
+        v1, v2 = ((augmix(x01) - 0.5) / 0.25 for _ in range(2))
+        want_j = want["robust"] + 3.0 * jsd_loss(out, student3(v1), student3(v2))
+        torch.manual_seed(5)
+        got_j, _ = robust_kd_step(teacher, s_j, kd_weight=0.5, temperature=4.0)(student3, x, y, None)
+    assert torch.allclose(got_j, want_j) and float(want_j - want["robust"]) > 1e-5  # (allclose: rtol 1e-5)
     for attack in ("trades", "pgd"):
         s2 = RobustTrainSettings(mean=(0.5,) * 3, std=(0.25,) * 3, attack_steps=1, attack=attack)
         loss, _ = teacher_step(s2)(_net().train(), x, y, None)
@@ -144,7 +157,10 @@ def test_robust_bad_combinations_are_one_line_errors():
                         ({"natural_branch": "clean"}, "add --robust"),
                         ({"robust": True, "clean_teacher": "clean"}, "robust | dense"),
                         ({"clean_teacher": "dense"}, "add --robust"),
-                        ({"trades_beta": 3.0}, "add --robust")):
+                        ({"trades_beta": 3.0}, "add --robust"),
+                        ({"student_jsd": 12.0}, "add --robust"),
+                        ({"robust": True, "student_jsd": -1.0}, "student_jsd = 12"),
+                        ({"robust": True, "student_jsd": 12.0, "augmix": False}, "robustness.augmix")):
         with pytest.raises(ConfigError) as e:
             validate(resolve_config(None, {**base, **extra}), check_data=False)
         assert frag in f"{e.value.cause} {e.value.fix}", (extra, str(e.value))
@@ -157,7 +173,7 @@ def test_robust_compile_end_to_end_onnx_budget_and_section(tmp_path):
     import onnx
 
     out = tmp_path / "o"
-    (tmp_path / "c.toml").write_text("[robustness]\ncompare_branches = true\n")
+    (tmp_path / "c.toml").write_text("[robustness]\ncompare_branches = true\nstudent_jsd = 12\n")
     r = runner.invoke(app, ["compile", "tinycnn", "-b", "50%", "--out", str(out), "--limit", "200",
                             "--config", str(tmp_path / "c.toml"),
                             "--pretrain-epochs", "1", "--epochs", "1", "--finetune-epochs", "1", "--no-progress",
@@ -169,6 +185,7 @@ def test_robust_compile_end_to_end_onnx_budget_and_section(tmp_path):
     rb = rep["robustness"]
     rc = rb["robust_compile"]
     assert rc["teacher"]["adversarial_finetune"] and rc["teacher"]["train_attack_steps"] == 1
+    assert rc["teacher"]["student_jsd"] == 12.0
     assert rc["dual_bn_layers"] >= 1 and rc["exported_branch"] == "clean"
     assert len(rc["teacher_history"]) == 1
     assert set(rb["models"]) == {"dense", "compiled", "compiled_perturbed_bn"}   # compare_branches
@@ -223,7 +240,7 @@ def test_teacher_cache_key_ignores_student_only_settings():
             "dual_bn": True, "export_branch": "clean", "natural_branch": "perturbed", "clean_teacher": "robust"}
     d = teacher_digest("k", 2, info, 0)
     student = {"kd_weights": {"clean": 1.0, "natural": 3.0, "adversarial": 0.5}, "dual_bn": False,
-               "export_branch": "perturbed", "natural_branch": "clean", "clean_teacher": "dense"}
+               "export_branch": "perturbed", "natural_branch": "clean", "clean_teacher": "dense", "student_jsd": 12.0}
     assert teacher_digest("k", 2, info | student, 0) == d
     for change in ({"trades_beta": 3.0}, {"train_epsilon": 6 / 255}, {"jsd_weight": 0.0}, {"augmix": False}):
         assert teacher_digest("k", 2, info | change, 0) != d, change

@@ -55,12 +55,13 @@ def train_settings(st: RunState) -> RobustTrainSettings:
                                epsilon=parse_epsilon(rb.train_epsilon, "--train-epsilon"),
                                attack_steps=schedule(st.cfg)[1], attack=rb.train_attack, trades_beta=rb.trades_beta,
                                augmix=rb.augmix, jsd_weight=rb.jsd_weight, kd_clean=rb.kd_clean,
-                               kd_natural=rb.kd_natural, kd_adv=rb.kd_adv, natural_branch=rb.natural_branch)
+                               kd_natural=rb.kd_natural, kd_adv=rb.kd_adv, student_jsd=rb.student_jsd,
+                               natural_branch=rb.natural_branch)
 
 
 # settings in the stage's ``info`` that only the student's training reads: not part of the teacher's cache key,
 # so a sweep over them (KD weights, BN branches, the clean KD teacher) reuses one robust teacher
-STUDENT_ONLY = ("dual_bn", "export_branch", "natural_branch", "clean_teacher", "kd_weights")
+STUDENT_ONLY = ("dual_bn", "export_branch", "natural_branch", "clean_teacher", "kd_weights", "student_jsd")
 
 
 def teacher_digest(key: str, epochs: int, info: dict[str, Any], seed: int) -> str:
@@ -90,7 +91,7 @@ def run(st: RunState) -> RobustTeacherOut:
                             "kd_weights": {"clean": s.kd_clean, "natural": s.kd_natural, "adversarial": s.kd_adv},
                             "dual_bn": cfg.robustness.dual_bn, "export_branch": cfg.robustness.export_branch,
                             "natural_branch": cfg.robustness.natural_branch,
-                            "clean_teacher": cfg.robustness.clean_teacher}
+                            "clean_teacher": cfg.robustness.clean_teacher, "student_jsd": s.student_jsd}
     if cfg.robustness.teacher_robust or epochs == 0:
         info["adversarial_finetune"] = False
         info["why"] = "the given model is declared robust" if cfg.robustness.teacher_robust else "teacher_epochs = 0"
