@@ -37,6 +37,7 @@ warnings.filterwarnings("ignore")
 
 from relucomp.api import compile as rc_compile  # noqa: E402
 from relucomp.atomic import atomic_write_json  # noqa: E402
+from relucomp.config import RobustnessSection  # noqa: E402
 
 OUT = Path(__file__).parent / "results" / "robust.json"
 DATA = Path("/work/shared/data/cifar10-jpeg")
@@ -118,8 +119,8 @@ def main() -> None:
     ap.add_argument("--trades-beta", type=float, default=6.0, help="TRADES β of the robust teacher")
     ap.add_argument("--train-epsilon", default="8/255",
                     help="robustness.train_epsilon: the training attack's ε (teacher and KD); AdvA stays at 8/255")
-    ap.add_argument("--jsd-weight", type=float, default=12.0,
-                    help="robustness.jsd_weight: the teacher's AugMix JSD consistency weight")
+    ap.add_argument("--jsd-weight", type=float, default=RobustnessSection().jsd_weight,
+                    help="robustness.jsd_weight: the teacher's AugMix JSD consistency weight (default: the config's)")
     ap.add_argument("--natural-branch", default="perturbed", choices=("perturbed", "clean"),
                     help="robustness.natural_branch: the dual-BN branch the AugMix views train on")
     ap.add_argument("--clean-teacher", default="robust", choices=("robust", "dense"),
@@ -148,8 +149,7 @@ def main() -> None:
         key |= {"clean_teacher": a.clean_teacher}
     if a.train_epsilon != "8/255":
         key |= {"train_epsilon": a.train_epsilon}
-    if a.jsd_weight != 12.0:
-        key |= {"jsd_weight": a.jsd_weight}
+    key |= {"jsd_weight": a.jsd_weight}    # always: the default changed (12 → 48), so keys without it mean 12
     def kept() -> list:
         """Rows of other seeds with the same schedule (one JSON, many seeds), re-read at every write so that
         seeds may run as parallel processes."""

@@ -18,7 +18,10 @@ natural-perturbation (AugMix) KD term weighted 1 (as shipped), 3 and 5 (``robust
 plain compile — does the student keep more of its teacher's NPA?
 
 ``--probe jsd --jsd-weight W`` (→ ``robust_val_jsd.json``): the robust compile whose teacher was trained with AugMix's
-JSD consistency weighted W (``robustness.jsd_weight``; shipped 12), beside the plain compile.
+JSD consistency weighted W (``robustness.jsd_weight``), beside the plain compile.
+
+Every probe's teacher uses JSD weight 12 (the default when they were run; the default is 48 since), pinned here
+so that each file is reproduced by its command; ``--probe jsd`` sets it.
 
 ``--probe student-jsd --student-jsd W1,W2`` (→ ``robust_val_sjsd.json``): the robust compile with AugMix's JSD
 consistency in the student's step too, weighted W (``robustness.student_jsd``; shipped 0 = off, always run as the
@@ -91,9 +94,8 @@ def main() -> None:
             "pretrain_epochs": 20, "search_epochs": 3, "finetune_epochs": 4, "export": False, "progress": False,
             "eval_robustness": True, "corruptions": "all", "severities": "1,2,3,4,5", "robustness_samples": 500,
             "robustness_split": "val", "seed": a.seed}
-    robust = {"robust": True, "robust_teacher_epochs": 20, "trades_beta": 6.0, "train_attack_steps": 2}
-    if a.probe == "jsd":
-        robust["robustness.jsd_weight"] = a.jsd_weight
+    robust = {"robust": True, "robust_teacher_epochs": 20, "trades_beta": 6.0, "train_attack_steps": 2,
+              "robustness.jsd_weight": a.jsd_weight if a.probe == "jsd" else 12.0}
     log = lambda m: print(f"[{time.strftime('%H:%M:%S')}] {m}", flush=True)
     seconds: dict = {}
 
@@ -182,7 +184,7 @@ def report(a, res, seconds: dict, schedule: dict, load0, t_all: float) -> None:
     for k, v in rows.items():
         print(f"{k:24s} CA {v['ca']:5.1f}  NPA {v['npa']:5.2f}  AdvA {v['adva']:5.1f}   − plain "
               f"{v['minus_plain']['ca']:+5.1f} {v['minus_plain']['npa']:+5.2f} {v['minus_plain']['adva']:+5.1f}")
-    run = {"seed": a.seed, "budget": a.budget, "variant": schedule.get("robustness.jsd_weight"), "models": rows,
+    run = {"seed": a.seed, "budget": a.budget, "variant": a.jsd_weight if a.probe == "jsd" else None, "models": rows,
            "seconds": seconds,
            "load_average": {"start": load0, "end": os.getloadavg()}}
     out = Path(a.out)
