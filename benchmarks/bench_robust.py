@@ -123,7 +123,7 @@ def main() -> None:
                     help="robustness.jsd_weight: the teacher's AugMix JSD consistency weight (default: the config's)")
     ap.add_argument("--natural-branch", default="perturbed", choices=("perturbed", "clean"),
                     help="robustness.natural_branch: the dual-BN branch the AugMix views train on")
-    ap.add_argument("--clean-teacher", default="robust", choices=("robust", "dense"),
+    ap.add_argument("--clean-teacher", default="robust", choices=("robust", "dense", "dual"),
                     help="robustness.clean_teacher: the clean KD term's teacher (dense: MTARD's clean teacher)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the whole run (data subset, pretraining, compiles)")
     ap.add_argument("--out", default=str(OUT))

@@ -244,27 +244,34 @@ def _attack(model: nn.Module, px: _Pixels, x01: Tensor, y: Tensor, s: RobustTrai
 
 
 def teacher_step(s: RobustTrainSettings, *, progress: Any = None):
-    """The robust teacher's step: TRADES or PGD adversarial training, plus AugMix + JSD (a train_loop StepFn)."""
+    """The robust teacher's step: TRADES or PGD adversarial training, plus AugMix + JSD (a train_loop StepFn).
+
+    On a dual-BN teacher (``robustness.clean_teacher = "dual"``, AdvProp's auxiliary BN, Xie et al. 2020) the clean
+    forwards run on the ``clean`` branch and the adversarial and AugMix ones on ``perturbed``; on a plain model
+    the routing is a no-op."""
     px = _Pixels(s.mean, s.std)
     bar = _AttackBar(progress, s.attack_steps, f"PGD-{s.attack_steps} ({s.attack})")
 
     def step(model, x, y, g):
         x01 = px.to01(x)
-        logits = model(x)
-        if s.attack == "trades":
-            with torch.no_grad():
-                p_clean = F.softmax(model(x), 1)
-            kl = lambda z, _y: F.kl_div(F.log_softmax(z, 1), p_clean, reduction="sum")  # noqa: E731
-            x_adv = _attack(model, px, x01, y, s, bar, loss=kl)
-            adv_logits = model(px.norm(x_adv))
-            loss = F.cross_entropy(logits, y) + s.trades_beta * F.kl_div(
-                F.log_softmax(adv_logits, 1), F.softmax(logits, 1), reduction="batchmean")
-        else:
-            x_adv = _attack(model, px, x01, y, s, bar)
-            loss = 0.5 * F.cross_entropy(logits, y) + 0.5 * F.cross_entropy(model(px.norm(x_adv)), y)
-        if s.augmix and s.jsd_weight > 0:
-            a1, a2 = model(px.norm(augmix(x01))), model(px.norm(augmix(x01)))
-            loss = loss + s.jsd_weight * jsd_loss(logits, a1, a2)
+        with route(model, "clean"):                            # no-op unless the teacher is dual-BN
+            logits = model(x)
+            if s.attack == "trades":
+                with torch.no_grad():
+                    p_clean = F.softmax(model(x), 1)
+        with route(model, "perturbed"):
+            if s.attack == "trades":
+                kl = lambda z, _y: F.kl_div(F.log_softmax(z, 1), p_clean, reduction="sum")  # noqa: E731
+                x_adv = _attack(model, px, x01, y, s, bar, loss=kl)
+                adv_logits = model(px.norm(x_adv))
+                loss = F.cross_entropy(logits, y) + s.trades_beta * F.kl_div(
+                    F.log_softmax(adv_logits, 1), F.softmax(logits, 1), reduction="batchmean")
+            else:
+                x_adv = _attack(model, px, x01, y, s, bar)
+                loss = 0.5 * F.cross_entropy(logits, y) + 0.5 * F.cross_entropy(model(px.norm(x_adv)), y)
+            if s.augmix and s.jsd_weight > 0:
+                a1, a2 = model(px.norm(augmix(x01))), model(px.norm(augmix(x01)))
+                loss = loss + s.jsd_weight * jsd_loss(logits, a1, a2)
         return loss, logits
 
     step.bar = bar

@@ -141,6 +141,20 @@ def test_robust_steps_train_and_show_the_attack():
         s2 = RobustTrainSettings(mean=(0.5,) * 3, std=(0.25,) * 3, attack_steps=1, attack=attack)
         loss, _ = teacher_step(s2)(_net().train(), x, y, None)
         assert torch.isfinite(loss) and float(loss.detach()) > 0
+    # a dual-BN teacher (clean_teacher = "dual", AdvProp): clean forwards on the clean branch, the TRADES attack,
+    # its adversarial forward and the two AugMix views on the perturbed one; on a plain model the same step
+    # gives the same loss (the routing is a no-op)
+    s3 = RobustTrainSettings(mean=(0.5,) * 3, std=(0.25,) * 3, attack_steps=2)
+    t_dual, t_plain = _net(), _net()
+    dualize(t_dual)
+    torch.manual_seed(3)
+    l_dual, _ = teacher_step(s3)(t_dual.train(), x, y, None)
+    dd = next(m for m in t_dual.modules() if isinstance(m, DualBatchNorm2d))
+    assert int(dd.clean.num_batches_tracked) == 2 and int(dd.perturbed.num_batches_tracked) == 1 + 2  # (the attack runs in eval mode)
+    assert torch.isfinite(l_dual)
+    torch.manual_seed(3)
+    l_plain, _ = teacher_step(s3)(t_plain.train(), x, y, None)
+    assert not torch.allclose(l_dual, l_plain)        # separate BN statistics: a different objective
 
 
 def test_robust_bad_combinations_are_one_line_errors():
@@ -157,6 +171,7 @@ def test_robust_bad_combinations_are_one_line_errors():
                         ({"natural_branch": "clean"}, "add --robust"),
                         ({"robust": True, "clean_teacher": "clean"}, "robust | dense"),
                         ({"clean_teacher": "dense"}, "add --robust"),
+                        ({"robust": True, "clean_teacher": "dual", "teacher_robust": True}, "clean_teacher = robust"),
                         ({"trades_beta": 3.0}, "add --robust"),
                         ({"student_jsd": 12.0}, "add --robust"),
                         ({"robust": True, "student_jsd": -1.0}, "student_jsd = 12"),
@@ -166,6 +181,27 @@ def test_robust_bad_combinations_are_one_line_errors():
         assert frag in f"{e.value.cause} {e.value.fix}", (extra, str(e.value))
     r = runner.invoke(app, ["compile", "tinycnn", "-b", "2k", "--robust", "--search", "layer-drop", "--out", "x"])
     assert r.exit_code == 2 and "error:" in r.output and "fix:" in r.output and "Traceback" not in r.output
+
+
+@needs_ic
+def test_robust_compile_with_a_dual_bn_teacher(tmp_path):
+    """clean_teacher = "dual": the teacher trains with dual BN (own cache key), the student starts from its
+    perturbed branch and distils the clean term from its clean branch; the export is still plain."""
+    import onnx
+
+    out = tmp_path / "o"
+    (tmp_path / "c.toml").write_text('[robustness]\nclean_teacher = "dual"\n')
+    r = runner.invoke(app, ["compile", "tinycnn", "-b", "50%", "--out", str(out), "--limit", "200",
+                            "--config", str(tmp_path / "c.toml"), "--pretrain-epochs", "1", "--epochs", "1",
+                            "--finetune-epochs", "1", "--no-progress", "--robust", "--robust-teacher-epochs", "1",
+                            "--train-attack-steps", "1", "--corruptions", "contrast", "--severities", "3",
+                            "--robustness-samples", "20", "--pgd-steps", "1"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((out / "report.json").read_text())
+    t = rep["robustness"]["robust_compile"]["teacher"]
+    assert t["teacher_dual_bn"] is True and t["clean_teacher"] == "dual"
+    assert "BatchNormalization" not in [n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node]
+    assert rep["relus"]["after"] <= rep["relus"]["budget"]
 
 
 @needs_ic
@@ -242,7 +278,8 @@ def test_teacher_cache_key_ignores_student_only_settings():
     student = {"kd_weights": {"clean": 1.0, "natural": 3.0, "adversarial": 0.5}, "dual_bn": False,
                "export_branch": "perturbed", "natural_branch": "clean", "clean_teacher": "dense", "student_jsd": 12.0}
     assert teacher_digest("k", 2, info | student, 0) == d
-    for change in ({"trades_beta": 3.0}, {"train_epsilon": 6 / 255}, {"jsd_weight": 0.0}, {"augmix": False}):
+    for change in ({"trades_beta": 3.0}, {"train_epsilon": 6 / 255}, {"jsd_weight": 0.0}, {"augmix": False},
+                   {"teacher_dual_bn": True}):
         assert teacher_digest("k", 2, info | change, 0) != d, change
     assert teacher_digest("k", 3, info, 0) != d and teacher_digest("k", 2, info, 1) != d
     assert teacher_digest("other", 2, info, 0) != d

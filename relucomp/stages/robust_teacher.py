@@ -21,7 +21,7 @@ from torch import nn
 from ..cache import cache_dir
 from ..config import CompileConfig
 from ..errors import RelucompError
-from ..robust_train import ROBUST_PRESETS, RobustTrainSettings, teacher_step
+from ..robust_train import ROBUST_PRESETS, RobustTrainSettings, collapse, dualize, teacher_step
 from ..robustness import parse_epsilon
 from ..train import Checkpointer, load_state, make_optimizer, train_loop
 from .base import RunState
@@ -33,6 +33,7 @@ NAME = "robust_teacher"
 class RobustTeacherOut:
     info: dict[str, Any] = field(default_factory=dict)
     plain: nn.Module | None = None          # the dense teacher before the adversarial finetune
+    clean: nn.Module | None = None          # clean_teacher = "dual": the dual-BN teacher's clean branch
 
 
 def when(st: RunState) -> bool:
@@ -92,11 +93,16 @@ def run(st: RunState) -> RobustTeacherOut:
                             "dual_bn": cfg.robustness.dual_bn, "export_branch": cfg.robustness.export_branch,
                             "natural_branch": cfg.robustness.natural_branch,
                             "clean_teacher": cfg.robustness.clean_teacher, "student_jsd": s.student_jsd}
+    dual = cfg.robustness.clean_teacher == "dual"
+    if dual:                                # the teacher's own training changes: part of its cache key
+        info["teacher_dual_bn"] = True
     if cfg.robustness.teacher_robust or epochs == 0:
         info["adversarial_finetune"] = False
         info["why"] = "the given model is declared robust" if cfg.robustness.teacher_robust else "teacher_epochs = 0"
         return RobustTeacherOut(info=info, plain=pre.teacher)
     model = copy.deepcopy(pre.teacher)
+    if dual:
+        dualize(model)
     for p in model.parameters():
         p.requires_grad_(True)
     key = pretrain.cache_key(st, pre.epochs)
@@ -133,7 +139,12 @@ def run(st: RunState) -> RobustTeacherOut:
             Checkpointer(path).save({"state_dict": model.state_dict(),
                                      "info": {"lr": lr, "history": info["history"]}})
     info["adversarial_finetune"] = True
+    clean = None
+    if dual:                                # robust = the perturbed branch; the clean one teaches the clean term
+        clean = copy.deepcopy(model)
+        collapse(clean, "clean")
+        collapse(model, "perturbed")
     st["model"].model.load_state_dict(model.state_dict())   # the student starts from the robust teacher
     plain = pre.teacher
     pre.teacher = _frozen(model)
-    return RobustTeacherOut(info=info, plain=plain)
+    return RobustTeacherOut(info=info, plain=plain, clean=None if clean is None else _frozen(clean))

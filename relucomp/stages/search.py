@@ -49,7 +49,8 @@ def robust_step(st: RunState, kd_weight: float, temperature: float, fair, desc: 
     from ..robust_train import robust_kd_step
     from .robust_teacher import train_settings
 
-    clean = st["robust_teacher"].plain if st.cfg.robustness.clean_teacher == "dense" else None
+    rt = st["robust_teacher"]
+    clean = {"dense": rt.plain, "dual": rt.clean}.get(st.cfg.robustness.clean_teacher)
     return robust_kd_step(st["pretrain"].teacher, train_settings(st), kd_weight=kd_weight, temperature=temperature,
                           extra=fair.extra_loss if fair is not None else None, progress=st.progress, desc=desc,
                           clean_teacher=clean)
