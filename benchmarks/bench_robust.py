@@ -123,8 +123,9 @@ def main() -> None:
                     help="robustness.jsd_weight: the teacher's AugMix JSD consistency weight (default: the config's)")
     ap.add_argument("--natural-branch", default="perturbed", choices=("perturbed", "clean"),
                     help="robustness.natural_branch: the dual-BN branch the AugMix views train on")
-    ap.add_argument("--clean-teacher", default="robust", choices=("robust", "dense", "dual"),
-                    help="robustness.clean_teacher: the clean KD term's teacher (dense: MTARD's clean teacher)")
+    ap.add_argument("--clean-teacher", default=RobustnessSection().clean_teacher, choices=("dual", "robust", "dense"),
+                    help="robustness.clean_teacher: the clean KD term's teacher (dual: the dual-BN teacher's clean "
+                         "branch; dense: MTARD's clean teacher)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the whole run (data subset, pretraining, compiles)")
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--table", action="store_true", help="print the README table from --out and exit")
@@ -145,8 +146,7 @@ def main() -> None:
         key |= {"split": a.split, "trades_beta": a.trades_beta}
     if a.natural_branch != "perturbed":
         key |= {"natural_branch": a.natural_branch}
-    if a.clean_teacher != "robust":
-        key |= {"clean_teacher": a.clean_teacher}
+    key |= {"clean_teacher": a.clean_teacher}  # always: the default changed (robust → dual)
     if a.train_epsilon != "8/255":
         key |= {"train_epsilon": a.train_epsilon}
     key |= {"jsd_weight": a.jsd_weight}    # always: the default changed (12 → 48), so keys without it mean 12

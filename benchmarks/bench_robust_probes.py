@@ -20,8 +20,9 @@ plain compile — does the student keep more of its teacher's NPA?
 ``--probe jsd --jsd-weight W`` (→ ``robust_val_jsd.json``): the robust compile whose teacher was trained with AugMix's
 JSD consistency weighted W (``robustness.jsd_weight``), beside the plain compile.
 
-Every probe's teacher uses JSD weight 12 (the default when they were run; the default is 48 since), pinned here
-so that each file is reproduced by its command; ``--probe jsd`` sets it.
+Every probe's teacher uses JSD weight 12 and one BatchNorm (``clean_teacher = "robust"``): the defaults when
+they were run (48 and ``"dual"`` since), pinned here so that each file is reproduced by its command; ``--probe
+jsd`` sets the weight.
 
 ``--probe student-jsd --student-jsd W1,W2`` (→ ``robust_val_sjsd.json``): the robust compile with AugMix's JSD
 consistency in the student's step too, weighted W (``robustness.student_jsd``; shipped 0 = off, always run as the
@@ -95,7 +96,8 @@ def main() -> None:
             "eval_robustness": True, "corruptions": "all", "severities": "1,2,3,4,5", "robustness_samples": 500,
             "robustness_split": "val", "seed": a.seed}
     robust = {"robust": True, "robust_teacher_epochs": 20, "trades_beta": 6.0, "train_attack_steps": 2,
-              "robustness.jsd_weight": a.jsd_weight if a.probe == "jsd" else 12.0}
+              "robustness.jsd_weight": a.jsd_weight if a.probe == "jsd" else 12.0,
+              "robustness.clean_teacher": "robust"}
     log = lambda m: print(f"[{time.strftime('%H:%M:%S')}] {m}", flush=True)
     seconds: dict = {}
 

@@ -137,9 +137,11 @@ class RobustnessSection(_Section):
     dual_bn: bool = True                # separate BN for clean / perturbed batches while training
     export_branch: str = "clean"        # the DualBN branch folded into the exported model: clean | perturbed
     natural_branch: str = "perturbed"   # the DualBN branch the AugMix (natural-perturbation) views train on
-    clean_teacher: str = "robust"       # the clean KD term's teacher: robust (RLNet) | dense (MTARD: the model
-                                        # before the adversarial finetune; the other two terms keep the robust one)
-                                        # | dual (the teacher trained with dual BN, AdvProp; its clean branch)
+    clean_teacher: str = "dual"         # the clean KD term's teacher: dual (the teacher trained with dual BN,
+                                        # AdvProp: its clean branch; without the teacher's adversarial finetune,
+                                        # the given teacher) | robust (RLNet: the robust teacher) | dense (MTARD:
+                                        # the model before the adversarial finetune); the other two terms keep the
+                                        # robust teacher
     compare_branches: bool = False      # also evaluate the other branch folded (model "compiled_<branch>_bn")
 
 
@@ -643,12 +645,8 @@ def check_robust_compile(cfg: CompileConfig) -> None:
     _one_of(rb.train_attack, ("trades", "pgd"), "--train-attack", "training attack")
     _one_of(rb.export_branch, ("clean", "perturbed"), "--export-branch", "exported BatchNorm branch")
     _one_of(rb.natural_branch, ("clean", "perturbed"), "robustness.natural_branch =", "BatchNorm branch of the AugMix views")
-    _one_of(rb.clean_teacher, ("robust", "dense", "dual"), "robustness.clean_teacher =",
+    _one_of(rb.clean_teacher, ("dual", "robust", "dense"), "robustness.clean_teacher =",
             "teacher of the clean KD term")
-    if rb.clean_teacher == "dual" and (rb.teacher_robust or rb.teacher_epochs == 0):
-        raise ConfigError("robustness.clean_teacher = dual needs the robust teacher's adversarial finetune (it "
-                          "trains the teacher with dual BatchNorm)",
-                          "drop --teacher-robust / --robust-teacher-epochs 0, or use clean_teacher = robust")
     parse_epsilon(rb.train_epsilon, "--train-epsilon")
     for name, v, ok, fix in (
             ("--train-attack-steps", rb.train_attack_steps, rb.train_attack_steps is None or rb.train_attack_steps >= 1,

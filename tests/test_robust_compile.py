@@ -169,9 +169,8 @@ def test_robust_bad_combinations_are_one_line_errors():
                         ({"robust": True, "export_branch": "both"}, "clean | perturbed"),
                         ({"robust": True, "natural_branch": "adv"}, "clean | perturbed"),
                         ({"natural_branch": "clean"}, "add --robust"),
-                        ({"robust": True, "clean_teacher": "clean"}, "robust | dense"),
+                        ({"robust": True, "clean_teacher": "clean"}, "dual | robust | dense"),
                         ({"clean_teacher": "dense"}, "add --robust"),
-                        ({"robust": True, "clean_teacher": "dual", "teacher_robust": True}, "clean_teacher = robust"),
                         ({"trades_beta": 3.0}, "add --robust"),
                         ({"student_jsd": 12.0}, "add --robust"),
                         ({"robust": True, "student_jsd": -1.0}, "student_jsd = 12"),
@@ -184,13 +183,13 @@ def test_robust_bad_combinations_are_one_line_errors():
 
 
 @needs_ic
-def test_robust_compile_with_a_dual_bn_teacher(tmp_path):
-    """clean_teacher = "dual": the teacher trains with dual BN (own cache key), the student starts from its
-    perturbed branch and distils the clean term from its clean branch; the export is still plain."""
+def test_robust_compile_with_a_one_bn_teacher(tmp_path):
+    """clean_teacher = "robust" (RLNet's: one BN in the teacher, the clean term from the robust teacher) beside
+    the default "dual" of the end-to-end test below; the export is plain either way."""
     import onnx
 
     out = tmp_path / "o"
-    (tmp_path / "c.toml").write_text('[robustness]\nclean_teacher = "dual"\n')
+    (tmp_path / "c.toml").write_text('[robustness]\nclean_teacher = "robust"\n')
     r = runner.invoke(app, ["compile", "tinycnn", "-b", "50%", "--out", str(out), "--limit", "200",
                             "--config", str(tmp_path / "c.toml"), "--pretrain-epochs", "1", "--epochs", "1",
                             "--finetune-epochs", "1", "--no-progress", "--robust", "--robust-teacher-epochs", "1",
@@ -199,7 +198,7 @@ def test_robust_compile_with_a_dual_bn_teacher(tmp_path):
     assert r.exit_code == 0, r.output
     rep = json.loads((out / "report.json").read_text())
     t = rep["robustness"]["robust_compile"]["teacher"]
-    assert t["teacher_dual_bn"] is True and t["clean_teacher"] == "dual"
+    assert "teacher_dual_bn" not in t and t["clean_teacher"] == "robust"
     assert "BatchNormalization" not in [n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node]
     assert rep["relus"]["after"] <= rep["relus"]["budget"]
 
@@ -222,6 +221,7 @@ def test_robust_compile_end_to_end_onnx_budget_and_section(tmp_path):
     rc = rb["robust_compile"]
     assert rc["teacher"]["adversarial_finetune"] and rc["teacher"]["train_attack_steps"] == 1
     assert rc["teacher"]["student_jsd"] == 12.0
+    assert rc["teacher"]["teacher_dual_bn"] is True and rc["teacher"]["clean_teacher"] == "dual"   # the default
     assert rc["dual_bn_layers"] >= 1 and rc["exported_branch"] == "clean"
     assert len(rc["teacher_history"]) == 1
     assert set(rb["models"]) == {"dense", "compiled", "compiled_perturbed_bn"}   # compare_branches

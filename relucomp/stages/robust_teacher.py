@@ -93,13 +93,13 @@ def run(st: RunState) -> RobustTeacherOut:
                             "dual_bn": cfg.robustness.dual_bn, "export_branch": cfg.robustness.export_branch,
                             "natural_branch": cfg.robustness.natural_branch,
                             "clean_teacher": cfg.robustness.clean_teacher, "student_jsd": s.student_jsd}
-    dual = cfg.robustness.clean_teacher == "dual"
-    if dual:                                # the teacher's own training changes: part of its cache key
-        info["teacher_dual_bn"] = True
     if cfg.robustness.teacher_robust or epochs == 0:
         info["adversarial_finetune"] = False
         info["why"] = "the given model is declared robust" if cfg.robustness.teacher_robust else "teacher_epochs = 0"
         return RobustTeacherOut(info=info, plain=pre.teacher)
+    dual = cfg.robustness.clean_teacher == "dual"
+    if dual:                                # the teacher's own training changes: part of its cache key
+        info["teacher_dual_bn"] = True
     model = copy.deepcopy(pre.teacher)
     if dual:
         dualize(model)
