@@ -126,6 +126,8 @@ def main() -> None:
     ap.add_argument("--clean-teacher", default=RobustnessSection().clean_teacher, choices=("dual", "robust", "dense"),
                     help="robustness.clean_teacher: the clean KD term's teacher (dual: the dual-BN teacher's clean "
                          "branch; dense: MTARD's clean teacher)")
+    ap.add_argument("--kd-clean", type=float, default=1.0,
+                    help="robustness.kd_clean: weight of the clean term of the three-way KD")
     ap.add_argument("--seed", type=int, default=0, help="seed of the whole run (data subset, pretraining, compiles)")
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--table", action="store_true", help="print the README table from --out and exit")
@@ -146,6 +148,8 @@ def main() -> None:
         key |= {"split": a.split, "trades_beta": a.trades_beta}
     if a.natural_branch != "perturbed":
         key |= {"natural_branch": a.natural_branch}
+    if a.kd_clean != 1.0:
+        key |= {"kd_clean": a.kd_clean}
     key |= {"clean_teacher": a.clean_teacher}  # always: the default changed (robust → dual)
     if a.train_epsilon != "8/255":
         key |= {"train_epsilon": a.train_epsilon}
@@ -164,7 +168,7 @@ def main() -> None:
         t0 = time.perf_counter()
         extra = dict(robust=True, robust_teacher_epochs=a.teacher_epochs, trades_beta=a.trades_beta,
                      train_attack_steps=a.train_attack_steps, compare_branches=True,
-                     natural_branch=a.natural_branch, clean_teacher=a.clean_teacher,
+                     natural_branch=a.natural_branch, clean_teacher=a.clean_teacher, kd_clean=a.kd_clean,
                      train_epsilon=a.train_epsilon, **{"robustness.jsd_weight": a.jsd_weight}) if robust else {}
         res = rc_compile("resnet8", f"cifar10:{a.data}", relu_budget=budget, limit=a.limit,
                          pretrain_epochs=a.pretrain_epochs, search_epochs=a.epochs, finetune_epochs=a.finetune_epochs,
