@@ -286,9 +286,10 @@ def robust_kd_step(teacher: nn.Module, s: RobustTrainSettings, *, kd_weight: flo
     ``s.student_jsd`` > 0 adds AugMix's Jensen-Shannon consistency over the student's clean logits and two AugMix
     views (the first is the KD term's), weighted ``student_jsd``, as the teacher's step does with ``jsd_weight``.
 
-    ``clean_teacher`` (``robustness.clean_teacher = "dense"``): the clean term distils from this model instead
-    (the dense model before the adversarial finetune — MTARD's clean teacher, Zhao et al. 2022); the AugMix and
-    adversarial terms keep the robust ``teacher``."""
+    ``clean_teacher``: the clean term distils from this model instead — the dual-BN teacher's clean branch
+    (``robustness.clean_teacher = "dual"``, the default) or the dense model before the adversarial finetune
+    (``"dense"``, MTARD's clean teacher, Zhao et al. 2022); the AugMix and adversarial terms keep the robust
+    ``teacher``."""
     px = _Pixels(s.mean, s.std)
     bar = _AttackBar(progress, s.attack_steps, f"PGD-{s.attack_steps} on the student ({desc})")
 
