@@ -20,7 +20,12 @@ plain compile — does the student keep more of its teacher's NPA?
 ``--probe jsd --jsd-weight W`` (→ ``robust_val_jsd.json``): the robust compile whose teacher was trained with AugMix's
 JSD consistency weighted W (``robustness.jsd_weight``), beside the plain compile.
 
-Every probe's teacher uses JSD weight 12 and one BatchNorm (``clean_teacher = "robust"``): the defaults when
+``--probe teacher-branches`` (→ ``robust_val_teachers.json``): no robust compile — the robust teachers of today's
+defaults (JSD weight 48), the one-BN teacher and both branches of the dual-BN teacher (``clean_teacher =
+"dual"``: ``perturbed`` teaches the student's AugMix and adversarial terms and is its starting point, ``clean``
+teaches its clean term), beside the dense model and the plain compile.
+
+Every other probe's teacher uses JSD weight 12 and one BatchNorm (``clean_teacher = "robust"``): the defaults when
 they were run (48 and ``"dual"`` since), pinned here so that each file is reproduced by its command; ``--probe
 jsd`` sets the weight.
 
@@ -79,14 +84,16 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--budget", default="10%")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--probe", default="methods", choices=("methods", "kd-natural", "jsd", "student-jsd"))
+    ap.add_argument("--probe", default="methods", choices=("methods", "kd-natural", "jsd", "student-jsd",
+                                                                 "teacher-branches"))
     ap.add_argument("--jsd-weight", type=float, default=24.0, help="--probe jsd: the teacher's JSD weight")
     ap.add_argument("--student-jsd", default="12,48", help="--probe student-jsd: the student's JSD weights")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     a.out = a.out or str({"methods": OUT, "kd-natural": OUT.with_name("robust_val_kdnat.json"),
                           "jsd": OUT.with_name("robust_val_jsd.json"),
-                          "student-jsd": OUT.with_name("robust_val_sjsd.json")}[a.probe])
+                          "student-jsd": OUT.with_name("robust_val_sjsd.json"),
+                          "teacher-branches": OUT.with_name("robust_val_teachers.json")}[a.probe])
     torch.set_num_threads(a.threads)
     if not Path(a.data).is_dir():
         sys.exit(f"no CIFAR-10 folders at {a.data} (pass --data)")
@@ -107,6 +114,8 @@ def main() -> None:
             sel.insert([s.name for s in sel].index("robust_teacher") + 1, extra)
         return run_stages(cfg, Hooks(log=log), sel)
 
+    if a.probe == "teacher-branches":
+        return teacher_branches(a, base, robust, stages, log, load0, t_all)
     t0 = time.perf_counter()
     cfg_r = validate(resolve_config(None, base | robust))
     st = stages(cfg_r)
@@ -173,6 +182,33 @@ def methods(a, st, models: dict, seconds: dict, base: dict, robust: dict, stages
     st_d = stages(validate(resolve_config(None, base | robust)), init)
     models["dense_init"] = exported(st_d["finetune"].gm)
     seconds["dense_init_compile"] = round(time.perf_counter() - t0, 1)
+
+
+def teacher_branches(a, base: dict, robust: dict, stages, log, load0, t_all: float) -> None:
+    """The ``teacher-branches`` probe: the teachers only (cached when a compile of the same settings trained them)."""
+    upto = [s for s in STAGES if s.name in ("data", "model", "pretrain", "robust_teacher")]
+    seconds: dict = {}
+    models: dict = {}
+    t0 = time.perf_counter()
+    for name, ct in (("one_bn", "robust"), ("dual", "dual")):
+        cfg = validate(resolve_config(None, base | robust | {"robustness.jsd_weight": 48.0,
+                                                             "robustness.clean_teacher": ct}))
+        st = run_stages(cfg, Hooks(log=log), upto)
+        models["dense"] = st["robust_teacher"].plain.eval()
+        if name == "one_bn":
+            models["teacher_one_bn"] = st["pretrain"].teacher.eval()
+        else:
+            models["teacher_dual_perturbed"] = st["pretrain"].teacher.eval()
+            models["teacher_dual_clean"] = st["robust_teacher"].clean.eval()
+    seconds["teachers"] = round(time.perf_counter() - t0, 1)
+    t0 = time.perf_counter()
+    st_p = stages(validate(resolve_config(None, base)))
+    models["plain"] = st_p["finetune"].gm.cpu().eval()
+    seconds["plain_compile"] = round(time.perf_counter() - t0, 1)
+    t0 = time.perf_counter()
+    res = evaluate_robustness(models, st_p["data"].bundle.val, robustness_settings(cfg))
+    seconds["evaluation"] = round(time.perf_counter() - t0, 1)
+    report(a, res, seconds, base | robust | {"robustness.jsd_weight": 48.0}, load0, t_all)
 
 
 def report(a, res, seconds: dict, schedule: dict, load0, t_all: float) -> None:
