@@ -147,15 +147,20 @@ def main() -> None:
     else:
         methods(a, st, models, seconds, base, robust, stages, exported)
 
+    finish(a, models, seconds, base, stages, cfg_r, base | robust, load0, t_all)
+
+
+def finish(a, models: dict, seconds: dict, base: dict, stages, cfg, schedule: dict, load0, t_all: float) -> None:
+    """Every probe's tail: the plain compile (reference), all models evaluated on the same validation images in
+    one call, the row merged into ``--out``."""
     t0 = time.perf_counter()
     st_p = stages(validate(resolve_config(None, base)))
     models["plain"] = st_p["finetune"].gm.cpu().eval()
     seconds["plain_compile"] = round(time.perf_counter() - t0, 1)
-
     t0 = time.perf_counter()
-    res = evaluate_robustness(models, st["data"].bundle.val, robustness_settings(cfg_r))
+    res = evaluate_robustness(models, st_p["data"].bundle.val, robustness_settings(cfg))
     seconds["evaluation"] = round(time.perf_counter() - t0, 1)
-    report(a, res, seconds, base | robust, load0, t_all)
+    report(a, res, seconds, schedule, load0, t_all)
 
 
 def methods(a, st, models: dict, seconds: dict, base: dict, robust: dict, stages, exported) -> None:
@@ -201,14 +206,7 @@ def teacher_branches(a, base: dict, robust: dict, stages, log, load0, t_all: flo
             models["teacher_dual_perturbed"] = st["pretrain"].teacher.eval()
             models["teacher_dual_clean"] = st["robust_teacher"].clean.eval()
     seconds["teachers"] = round(time.perf_counter() - t0, 1)
-    t0 = time.perf_counter()
-    st_p = stages(validate(resolve_config(None, base)))
-    models["plain"] = st_p["finetune"].gm.cpu().eval()
-    seconds["plain_compile"] = round(time.perf_counter() - t0, 1)
-    t0 = time.perf_counter()
-    res = evaluate_robustness(models, st_p["data"].bundle.val, robustness_settings(cfg))
-    seconds["evaluation"] = round(time.perf_counter() - t0, 1)
-    report(a, res, seconds, base | robust | {"robustness.jsd_weight": 48.0}, load0, t_all)
+    finish(a, models, seconds, base, stages, cfg, base | robust | {"robustness.jsd_weight": 48.0}, load0, t_all)
 
 
 def report(a, res, seconds: dict, schedule: dict, load0, t_all: float) -> None:
