@@ -101,9 +101,74 @@ AUGMIX_OPS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "shear_x": _shear(0), "shear_y": _shear(1), "translate_x": _translate(0), "translate_y": _translate(1)}
 
 
-def augmix(x: Tensor, *, width: int = 3, max_depth: int = 3, severity: float = 0.3, alpha: float = 1.0) -> Tensor:
-    """AugMix of pixel-space images ``x`` in [0, 1] (every image its own chains, weights and ops)."""
-    n, ops = x.shape[0], list(AUGMIX_OPS.values())
+# --------------------------------------------------------------------------- PRIME's primitives
+# Modas et al., "PRIME: A few primitives can boost robustness to common corruptions" (ECCV 2022), with their
+# CIFAR-10 ranges; every image draws its own parameters (the magnitude argument is not used).
+
+def _prime_filter(x: Tensor, m: Tensor, sigma_max: float = 4.0) -> Tensor:
+    """Spectral: a random 3×3 filter δ + σ·N(0, 1), σ ~ U(0, 4), the same for an image's three channels."""
+    n, c, h, w = x.shape
+    sigma = torch.rand(n, 1, 1) * sigma_max
+    k = sigma * torch.randn(n, 3, 3)
+    k[:, 1, 1] += 1.0
+    out = F.conv2d(x.reshape(1, n * c, h, w), k.repeat_interleave(c, 0).unsqueeze(1), padding=1, groups=n * c)
+    return out.reshape(n, c, h, w)
+
+
+def _prime_color(x: Tensor, m: Tensor, cut_max: int = 100, t_max: float = 0.01) -> Tensor:
+    """Colour: per channel a random smooth intensity curve v + Σ_{k ≤ cut} β_k·sin(kπv), β ~ N(0, T), cut ~
+    U{1..100}, T ~ U(0, 0.01)."""
+    n, c = x.shape[:2]
+    freqs = torch.arange(1, cut_max + 1, dtype=x.dtype)
+    keep = freqs.view(1, -1) <= torch.randint(1, cut_max + 1, (n, 1))                      # n x K
+    beta = torch.randn(n, c, cut_max) * (torch.rand(n, 1, 1) * t_max).sqrt() * keep.unsqueeze(1)
+    levels = 1024                                  # the curve tabulated, then read with linear interpolation
+    grid = torch.linspace(0, 1, levels, dtype=x.dtype)
+    curve = grid + torch.einsum("nck,kl->ncl", beta, torch.sin(math.pi * freqs.view(-1, 1) * grid))  # n x c x L
+    pos = x.clamp(0, 1).flatten(2) * (levels - 1)
+    lo = pos.floor().long().clamp(max=levels - 2)
+    frac = pos - lo
+    return ((1 - frac) * curve.gather(2, lo) + frac * curve.gather(2, lo + 1)).view_as(x)
+
+
+def _prime_diffeo(x: Tensor, m: Tensor, cut_min: int = 2, cut_max: int = 100) -> Tensor:
+    """Spatial: a random smooth deformation (Petrini et al.'s diffeomorphisms): displacement fields made of the
+    sine modes (i, j) with √(i² + j²) < cut + ½, amplitude 1/√(i² + j²), at a temperature T between a
+    half-pixel typical displacement and the largest without folds."""
+    n, _, h, w = x.shape
+    size = max(h, w)
+    k = torch.arange(1, cut_max + 1, dtype=x.dtype)
+    r = (k.view(-1, 1) ** 2 + k.view(1, -1) ** 2).sqrt()                                   # K x K
+    top = torch.randint(cut_min + 1, cut_max + 1, (n,)).to(x.dtype)
+    cut = (torch.distributions.Beta(0.5, 0.5).sample((n,)) * (top + 1 - cut_min) + cut_min).floor()
+    log = torch.log(cut + 1e-6)
+    t1, t2 = 1 / (math.pi * size ** 2 * log), 4 / (math.pi ** 3 * cut ** 2 * log)
+    temp = t1 + torch.distributions.Beta(0.5, 0.5).sample((n,)) * (torch.maximum(t1, t2) - t1)
+    energy = (r.unsqueeze(0) < cut.view(-1, 1, 1) + 0.5) / r                               # n x K x K
+    sy = torch.sin(math.pi * torch.linspace(0, 1, h).view(-1, 1) * k)                       # h x K
+    sx = torch.sin(math.pi * torch.linspace(0, 1, w).view(-1, 1) * k)                       # w x K
+    field = lambda: torch.einsum("nij,xi,yj->nyx", torch.randn(n, cut_max, cut_max) * energy, sx, sy)  # noqa: E731
+    scale = (temp.sqrt() * size).view(-1, 1, 1)
+    dx, dy = scale * field(), scale * field()                                             # pixels
+    gy, gx = torch.meshgrid(torch.arange(h, dtype=x.dtype), torch.arange(w, dtype=x.dtype), indexing="ij")
+    px = ((gx - dx).clamp(0, w - 1) / max(w - 1, 1)) * 2 - 1
+    py = ((gy - dy).clamp(0, h - 1) / max(h - 1, 1)) * 2 - 1
+    return F.grid_sample(x, torch.stack([px, py], -1), mode="bilinear", align_corners=True)
+
+
+PRIME_OPS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "prime_filter": _prime_filter, "prime_color": _prime_color, "prime_diffeo": _prime_diffeo}
+
+#: the op sets AugMix's chains may draw from (``robustness.augmix_ops``)
+OP_SETS: dict[str, dict[str, Callable[[Tensor, Tensor], Tensor]]] = {
+    "augmix": AUGMIX_OPS, "prime": PRIME_OPS, "augmix+prime": {**AUGMIX_OPS, **PRIME_OPS}}
+
+
+def augmix(x: Tensor, *, width: int = 3, max_depth: int = 3, severity: float = 0.3, alpha: float = 1.0,
+           ops: str = "augmix") -> Tensor:
+    """AugMix of pixel-space images ``x`` in [0, 1] (every image its own chains, weights and ops); ``ops`` names
+    the op set of :data:`OP_SETS` (AugMix's own, PRIME's primitives, or both)."""
+    n, ops = x.shape[0], list(OP_SETS[ops].values())
     w = torch.distributions.Dirichlet(torch.full((width,), float(alpha))).sample((n,))        # n x width
     m = torch.distributions.Beta(float(alpha), float(alpha)).sample((n,)).view(-1, 1, 1, 1)
     mix = torch.zeros_like(x)
@@ -193,6 +258,7 @@ class RobustTrainSettings:
     attack: str = "trades"              # trades | pgd (the teacher's objective)
     trades_beta: float = 6.0
     augmix: bool = True
+    augmix_ops: str = "augmix"          # the op set of the AugMix views (OP_SETS)
     jsd_weight: float = 48.0            # AugMix used 12; 48 measured better here (README: robust compile)
     kd_clean: float = 1.0
     kd_natural: float = 1.0
@@ -270,7 +336,7 @@ def teacher_step(s: RobustTrainSettings, *, progress: Any = None):
                 x_adv = _attack(model, px, x01, y, s, bar)
                 loss = 0.5 * F.cross_entropy(logits, y) + 0.5 * F.cross_entropy(model(px.norm(x_adv)), y)
             if s.augmix and s.jsd_weight > 0:
-                a1, a2 = model(px.norm(augmix(x01))), model(px.norm(augmix(x01)))
+                a1, a2 = (model(px.norm(augmix(x01, ops=s.augmix_ops))) for _ in range(2))
                 loss = loss + s.jsd_weight * jsd_loss(logits, a1, a2)
         return loss, logits
 
@@ -303,14 +369,14 @@ def robust_kd_step(teacher: nn.Module, s: RobustTrainSettings, *, kd_weight: flo
         jsd = s.augmix and s.student_jsd > 0
         if s.kd_natural > 0 or jsd:
             with route(model, s.natural_branch):
-                xn = px.norm(augmix(x01)) if s.augmix else x
+                xn = px.norm(augmix(x01, ops=s.augmix_ops)) if s.augmix else x
                 s_nat = model(xn)
                 if s.kd_natural > 0:
                     with torch.no_grad():
                         t_nat = teacher(xn)
                     kd = kd + s.kd_natural * kd_loss(s_nat, t_nat, temperature)
                 if jsd:                                        # AugMix's consistency on the student: a 2nd view
-                    loss = loss + s.student_jsd * jsd_loss(logits, s_nat, model(px.norm(augmix(x01))))
+                    loss = loss + s.student_jsd * jsd_loss(logits, s_nat, model(px.norm(augmix(x01, ops=s.augmix_ops))))
         with route(model, "perturbed"):
             if s.kd_adv > 0:
                 xa = px.norm(_attack(model, px, x01, y, s, bar))

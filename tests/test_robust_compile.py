@@ -71,6 +71,35 @@ def test_augmix_range_shape_mixing_and_jsd():
     assert float(jsd_loss(z, -z, z * 3)) > 0.05
 
 
+def test_prime_primitives_identity_limits_range_and_op_sets():
+    """PRIME's primitives (robustness.augmix_ops): each is the identity at zero strength, changes images at its
+    CIFAR-10 ranges, stays a valid image inside AugMix's chains, and is reproducible for a seed."""
+    from relucomp.robust_train import OP_SETS, PRIME_OPS, _prime_color, _prime_diffeo, _prime_filter
+
+    torch.manual_seed(0)
+    x = torch.rand(16, 3, 32, 32)
+    smooth = torch.nn.functional.avg_pool2d(x, 5, 1, 2)              # a natural-image-like (smooth) batch
+    m = torch.rand(16)
+    torch.testing.assert_close(_prime_filter(x, m, sigma_max=0.0), x)
+    torch.testing.assert_close(_prime_color(x, m, t_max=0.0), x, atol=1e-6, rtol=0)   # tabulated curve: exact
+    for op in PRIME_OPS.values():
+        y = op(smooth, m)
+        assert y.shape == x.shape and torch.isfinite(y).all()
+        assert (y.clamp(0, 1) - smooth).abs().mean() > 1e-3, op
+    # the deformation is small and smooth: a typical displacement of a pixel or less, not a shuffle
+    d = _prime_diffeo(smooth, m)
+    assert (d - smooth).abs().mean() < 0.5 * (smooth - smooth.roll(4, -1)).abs().mean()
+    assert set(OP_SETS["augmix+prime"]) == set(OP_SETS["augmix"]) | set(PRIME_OPS)
+    for name in OP_SETS:
+        torch.manual_seed(3)
+        a = augmix(smooth, ops=name)
+        torch.manual_seed(3)
+        assert torch.equal(a, augmix(smooth, ops=name))
+        assert a.min() >= 0 and a.max() <= 1 and (a - smooth).abs().mean() > 0.005
+    torch.manual_seed(3)
+    assert not torch.equal(augmix(smooth, ops="prime"), augmix(smooth, ops="augmix"))
+
+
 def test_robust_steps_train_and_show_the_attack():
     from relucomp.train import _NullProgress
 
@@ -174,7 +203,10 @@ def test_robust_bad_combinations_are_one_line_errors():
                         ({"trades_beta": 3.0}, "add --robust"),
                         ({"student_jsd": 12.0}, "add --robust"),
                         ({"robust": True, "student_jsd": -1.0}, "student_jsd = 12"),
-                        ({"robust": True, "student_jsd": 12.0, "augmix": False}, "robustness.augmix")):
+                        ({"robust": True, "student_jsd": 12.0, "augmix": False}, "robustness.augmix"),
+                        ({"robust": True, "augmix_ops": "randaugment"}, "augmix | prime | augmix+prime"),
+                        ({"robust": True, "augmix_ops": "prime", "augmix": False}, "turn robustness.augmix back on"),
+                        ({"augmix_ops": "prime"}, "add --robust")):
         with pytest.raises(ConfigError) as e:
             validate(resolve_config(None, {**base, **extra}), check_data=False)
         assert frag in f"{e.value.cause} {e.value.fix}", (extra, str(e.value))
@@ -185,11 +217,11 @@ def test_robust_bad_combinations_are_one_line_errors():
 @needs_ic
 def test_robust_compile_with_a_one_bn_teacher(tmp_path):
     """clean_teacher = "robust" (RLNet's: one BN in the teacher, the clean term from the robust teacher) beside
-    the default "dual" of the end-to-end test below; the export is plain either way."""
+    the default "dual" of the end-to-end test below, with PRIME's op set; the export is plain either way."""
     import onnx
 
     out = tmp_path / "o"
-    (tmp_path / "c.toml").write_text('[robustness]\nclean_teacher = "robust"\n')
+    (tmp_path / "c.toml").write_text('[robustness]\nclean_teacher = "robust"\naugmix_ops = "prime"\n')
     r = runner.invoke(app, ["compile", "tinycnn", "-b", "50%", "--out", str(out), "--limit", "200",
                             "--config", str(tmp_path / "c.toml"), "--pretrain-epochs", "1", "--epochs", "1",
                             "--finetune-epochs", "1", "--no-progress", "--robust", "--robust-teacher-epochs", "1",
@@ -199,6 +231,7 @@ def test_robust_compile_with_a_one_bn_teacher(tmp_path):
     rep = json.loads((out / "report.json").read_text())
     t = rep["robustness"]["robust_compile"]["teacher"]
     assert "teacher_dual_bn" not in t and t["clean_teacher"] == "robust"
+    assert t["augmix_ops"] == "prime"                     # PRIME's primitives in the AugMix views
     assert "BatchNormalization" not in [n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node]
     assert rep["relus"]["after"] <= rep["relus"]["budget"]
 
@@ -221,6 +254,7 @@ def test_robust_compile_end_to_end_onnx_budget_and_section(tmp_path):
     rc = rb["robust_compile"]
     assert rc["teacher"]["adversarial_finetune"] and rc["teacher"]["train_attack_steps"] == 1
     assert rc["teacher"]["student_jsd"] == 12.0
+    assert "augmix_ops" not in rc["teacher"]             # the default op set: teacher cache keys as before
     assert rc["teacher"]["teacher_dual_bn"] is True and rc["teacher"]["clean_teacher"] == "dual"   # the default
     assert rc["dual_bn_layers"] >= 1 and rc["exported_branch"] == "clean"
     assert len(rc["teacher_history"]) == 1
@@ -279,7 +313,7 @@ def test_teacher_cache_key_ignores_student_only_settings():
                "export_branch": "perturbed", "natural_branch": "clean", "clean_teacher": "dense", "student_jsd": 12.0}
     assert teacher_digest("k", 2, info | student, 0) == d
     for change in ({"trades_beta": 3.0}, {"train_epsilon": 6 / 255}, {"jsd_weight": 0.0}, {"augmix": False},
-                   {"teacher_dual_bn": True}):
+                   {"teacher_dual_bn": True}, {"augmix_ops": "prime"}):
         assert teacher_digest("k", 2, info | change, 0) != d, change
     assert teacher_digest("k", 3, info, 0) != d and teacher_digest("k", 2, info, 1) != d
     assert teacher_digest("other", 2, info, 0) != d

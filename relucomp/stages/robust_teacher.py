@@ -55,7 +55,7 @@ def train_settings(st: RunState) -> RobustTrainSettings:
     return RobustTrainSettings(mean=tuple(bundle.train.mean), std=tuple(bundle.train.std),
                                epsilon=parse_epsilon(rb.train_epsilon, "--train-epsilon"),
                                attack_steps=schedule(st.cfg)[1], attack=rb.train_attack, trades_beta=rb.trades_beta,
-                               augmix=rb.augmix, jsd_weight=rb.jsd_weight, kd_clean=rb.kd_clean,
+                               augmix=rb.augmix, augmix_ops=rb.augmix_ops, jsd_weight=rb.jsd_weight, kd_clean=rb.kd_clean,
                                kd_natural=rb.kd_natural, kd_adv=rb.kd_adv, student_jsd=rb.student_jsd,
                                natural_branch=rb.natural_branch)
 
@@ -93,6 +93,8 @@ def run(st: RunState) -> RobustTeacherOut:
                             "dual_bn": cfg.robustness.dual_bn, "export_branch": cfg.robustness.export_branch,
                             "natural_branch": cfg.robustness.natural_branch,
                             "clean_teacher": cfg.robustness.clean_teacher, "student_jsd": s.student_jsd}
+    if s.augmix_ops != "augmix":            # only when set: the teachers cached before the option keep their keys
+        info["augmix_ops"] = s.augmix_ops
     if cfg.robustness.teacher_robust or epochs == 0:
         info["adversarial_finetune"] = False
         info["why"] = "the given model is declared robust" if cfg.robustness.teacher_robust else "teacher_epochs = 0"
