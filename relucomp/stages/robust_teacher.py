@@ -123,7 +123,8 @@ def run(st: RunState) -> RobustTeacherOut:
             path.unlink(missing_ok=True)
     if not loaded:
         st.say(f"robust teacher: {epochs} epochs of {cfg.robustness.train_attack.upper()} adversarial finetuning "
-               f"(PGD-{steps}, ε = {s.epsilon:.4f}) + AugMix/JSD")
+               f"(PGD-{steps}, ε = {s.epsilon:.4f})"
+               + (f" + AugMix/JSD{'' if s.augmix_ops == 'augmix' else f' ({s.augmix_ops} ops)'}" if s.augmix else ""))
         torch.manual_seed(cfg.runtime.seed)
         loader = st["data"].train
         lr = cfg.model.pretrain_lr * 0.2
