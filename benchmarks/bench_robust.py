@@ -130,6 +130,8 @@ def main() -> None:
                     help="robustness.kd_clean: weight of the clean term of the three-way KD")
     ap.add_argument("--augmix-ops", default="augmix", choices=("augmix", "prime", "augmix+prime"),
                     help="robustness.augmix_ops: the op set of the AugMix views (teacher and student)")
+    ap.add_argument("--student-augmix-ops", default=None, choices=("augmix", "prime", "augmix+prime"),
+                    help="robustness.student_augmix_ops: the student's AugMix op set (default: the teacher's)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the whole run (data subset, pretraining, compiles)")
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--table", action="store_true", help="print the README table from --out and exit")
@@ -154,6 +156,8 @@ def main() -> None:
         key |= {"kd_clean": a.kd_clean}
     if a.augmix_ops != "augmix":
         key |= {"augmix_ops": a.augmix_ops}
+    if a.student_augmix_ops is not None:
+        key |= {"student_augmix_ops": a.student_augmix_ops}
     key |= {"clean_teacher": a.clean_teacher}  # always: the default changed (robust → dual)
     if a.train_epsilon != "8/255":
         key |= {"train_epsilon": a.train_epsilon}
@@ -173,7 +177,7 @@ def main() -> None:
         extra = dict(robust=True, robust_teacher_epochs=a.teacher_epochs, trades_beta=a.trades_beta,
                      train_attack_steps=a.train_attack_steps, compare_branches=True,
                      natural_branch=a.natural_branch, clean_teacher=a.clean_teacher, kd_clean=a.kd_clean,
-                     augmix_ops=a.augmix_ops, train_epsilon=a.train_epsilon, **{"robustness.jsd_weight": a.jsd_weight}) if robust else {}
+                     augmix_ops=a.augmix_ops, student_augmix_ops=a.student_augmix_ops, train_epsilon=a.train_epsilon, **{"robustness.jsd_weight": a.jsd_weight}) if robust else {}
         res = rc_compile("resnet8", f"cifar10:{a.data}", relu_budget=budget, limit=a.limit,
                          pretrain_epochs=a.pretrain_epochs, search_epochs=a.epochs, finetune_epochs=a.finetune_epochs,
                          export=False, progress=False, eval_robustness=True, corruptions=a.corruptions,
@@ -210,7 +214,8 @@ def main() -> None:
                             "robust": {"teacher_epochs": a.teacher_epochs, "train_attack": "trades",
                                        "trades_beta": a.trades_beta,
                                        "train_attack_steps": a.train_attack_steps, "train_epsilon": a.train_epsilon,
-                                       "augmix": True, "augmix_ops": a.augmix_ops, "jsd_weight": a.jsd_weight, "dual_bn": True,
+                                       "augmix": True, "augmix_ops": a.augmix_ops,
+                                       "student_augmix_ops": a.student_augmix_ops or a.augmix_ops, "jsd_weight": a.jsd_weight, "dual_bn": True,
                                        "exported_branch": "clean",
                                        "note": f"training attack PGD-{a.train_attack_steps} with random start "
                                                "(CPU budget); evaluation PGD-10"}},

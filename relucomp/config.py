@@ -131,6 +131,7 @@ class RobustnessSection(_Section):
     augmix: bool = True                 # AugMix views (natural-perturbation term) + JSD for the teacher
     augmix_ops: str = "augmix"          # the op set AugMix's chains draw from: augmix (AugMix's own) | prime (PRIME's
                                         # primitives: random filters, colour curves, smooth deformations) | augmix+prime
+    student_augmix_ops: str | None = None  # the student's AugMix views' op set; None: augmix_ops (the teacher's)
     jsd_weight: float = 48.0            # AugMix's 12, ×4: measured on this project's subsets (README, robust.json)
     kd_clean: float = 1.0               # weights of the three KD terms (student vs robust teacher)
     kd_natural: float = 1.0
@@ -287,7 +288,8 @@ KEYWORDS: dict[str, str] = {
     "teacher_robust": "robustness.teacher_robust", "robust_teacher_epochs": "robustness.teacher_epochs",
     "train_attack": "robustness.train_attack", "train_attack_steps": "robustness.train_attack_steps",
     "train_epsilon": "robustness.train_epsilon", "trades_beta": "robustness.trades_beta",
-    "augmix": "robustness.augmix", "augmix_ops": "robustness.augmix_ops", "jsd_weight": "robustness.jsd_weight", "kd_clean": "robustness.kd_clean",
+    "augmix": "robustness.augmix", "augmix_ops": "robustness.augmix_ops",
+    "student_augmix_ops": "robustness.student_augmix_ops", "jsd_weight": "robustness.jsd_weight", "kd_clean": "robustness.kd_clean",
     "kd_natural": "robustness.kd_natural", "kd_adv": "robustness.kd_adv",
     "student_jsd": "robustness.student_jsd", "dual_bn": "robustness.dual_bn",
     "export_branch": "robustness.export_branch", "compare_branches": "robustness.compare_branches",
@@ -629,7 +631,7 @@ def robustness_settings(cfg: CompileConfig):
 
 
 ROBUST_TRAIN_FIELDS = ("teacher_robust", "teacher_epochs", "train_attack", "train_attack_steps", "train_epsilon",
-                       "trades_beta", "augmix", "augmix_ops", "jsd_weight", "kd_clean", "kd_natural", "kd_adv", "student_jsd",
+                       "trades_beta", "augmix", "augmix_ops", "student_augmix_ops", "jsd_weight", "kd_clean", "kd_natural", "kd_adv", "student_jsd",
                        "dual_bn", "export_branch", "compare_branches", "natural_branch", "clean_teacher")
 
 
@@ -650,6 +652,9 @@ def check_robust_compile(cfg: CompileConfig) -> None:
     _one_of(rb.clean_teacher, ("dual", "robust", "dense"), "robustness.clean_teacher =",
             "teacher of the clean KD term")
     _one_of(rb.augmix_ops, ("augmix", "prime", "augmix+prime"), "robustness.augmix_ops =", "AugMix op set")
+    if rb.student_augmix_ops is not None:
+        _one_of(rb.student_augmix_ops, ("augmix", "prime", "augmix+prime"), "robustness.student_augmix_ops =",
+                "AugMix op set")
     parse_epsilon(rb.train_epsilon, "--train-epsilon")
     for name, v, ok, fix in (
             ("--train-attack-steps", rb.train_attack_steps, rb.train_attack_steps is None or rb.train_attack_steps >= 1,
@@ -667,8 +672,8 @@ def check_robust_compile(cfg: CompileConfig) -> None:
     if any(not (k >= 0 and math.isfinite(k)) for k in kds) or sum(kds) <= 0:
         raise ConfigError(f"the three-way KD weights (clean, natural, adversarial) = {kds} must be ≥ 0, not all 0",
                           "give e.g. kd_clean = kd_natural = kd_adv = 1 in [robustness] (or as keywords)")
-    if rb.augmix_ops != "augmix" and not rb.augmix:
-        raise ConfigError(f"robustness.augmix_ops = {rb.augmix_ops} is set but robustness.augmix is off (it picks "
+    if (rb.augmix_ops != "augmix" or rb.student_augmix_ops is not None) and not rb.augmix:
+        raise ConfigError(f"robustness.{'augmix_ops' if rb.augmix_ops != 'augmix' else 'student_augmix_ops'} is set but robustness.augmix is off (it picks "
                           "the ops of the AugMix views)", "drop robustness.augmix_ops, or turn robustness.augmix back on")
     if rb.student_jsd > 0 and not rb.augmix:
         raise ConfigError("robustness.student_jsd is set but robustness.augmix is off (the JSD term compares AugMix "

@@ -206,7 +206,9 @@ def test_robust_bad_combinations_are_one_line_errors():
                         ({"robust": True, "student_jsd": 12.0, "augmix": False}, "robustness.augmix"),
                         ({"robust": True, "augmix_ops": "randaugment"}, "augmix | prime | augmix+prime"),
                         ({"robust": True, "augmix_ops": "prime", "augmix": False}, "turn robustness.augmix back on"),
-                        ({"augmix_ops": "prime"}, "add --robust")):
+                        ({"augmix_ops": "prime"}, "add --robust"),
+                        ({"robust": True, "student_augmix_ops": "cutout"}, "augmix | prime | augmix+prime"),
+                        ({"robust": True, "student_augmix_ops": "augmix", "augmix": False}, "student_augmix_ops")):
         with pytest.raises(ConfigError) as e:
             validate(resolve_config(None, {**base, **extra}), check_data=False)
         assert frag in f"{e.value.cause} {e.value.fix}", (extra, str(e.value))
@@ -221,7 +223,8 @@ def test_robust_compile_with_a_one_bn_teacher(tmp_path):
     import onnx
 
     out = tmp_path / "o"
-    (tmp_path / "c.toml").write_text('[robustness]\nclean_teacher = "robust"\naugmix_ops = "prime"\n')
+    (tmp_path / "c.toml").write_text('[robustness]\nclean_teacher = "robust"\naugmix_ops = "prime"\n'
+                                    'student_augmix_ops = "augmix"\n')
     r = runner.invoke(app, ["compile", "tinycnn", "-b", "50%", "--out", str(out), "--limit", "200",
                             "--config", str(tmp_path / "c.toml"), "--pretrain-epochs", "1", "--epochs", "1",
                             "--finetune-epochs", "1", "--no-progress", "--robust", "--robust-teacher-epochs", "1",
@@ -231,7 +234,7 @@ def test_robust_compile_with_a_one_bn_teacher(tmp_path):
     rep = json.loads((out / "report.json").read_text())
     t = rep["robustness"]["robust_compile"]["teacher"]
     assert "teacher_dual_bn" not in t and t["clean_teacher"] == "robust"
-    assert t["augmix_ops"] == "prime"                     # PRIME's primitives in the AugMix views
+    assert t["augmix_ops"] == "prime" and t["student_augmix_ops"] == "augmix"   # PRIME's ops for the teacher only
     assert "BatchNormalization" not in [n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node]
     assert rep["relus"]["after"] <= rep["relus"]["budget"]
 
@@ -310,7 +313,8 @@ def test_teacher_cache_key_ignores_student_only_settings():
             "dual_bn": True, "export_branch": "clean", "natural_branch": "perturbed", "clean_teacher": "robust"}
     d = teacher_digest("k", 2, info, 0)
     student = {"kd_weights": {"clean": 1.0, "natural": 3.0, "adversarial": 0.5}, "dual_bn": False,
-               "export_branch": "perturbed", "natural_branch": "clean", "clean_teacher": "dense", "student_jsd": 12.0}
+               "export_branch": "perturbed", "natural_branch": "clean", "clean_teacher": "dense", "student_jsd": 12.0,
+               "student_augmix_ops": "augmix"}
     assert teacher_digest("k", 2, info | student, 0) == d
     for change in ({"trades_beta": 3.0}, {"train_epsilon": 6 / 255}, {"jsd_weight": 0.0}, {"augmix": False},
                    {"teacher_dual_bn": True}, {"augmix_ops": "prime"}):

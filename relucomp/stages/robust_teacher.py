@@ -62,7 +62,8 @@ def train_settings(st: RunState) -> RobustTrainSettings:
 
 # settings in the stage's ``info`` that only the student's training reads: not part of the teacher's cache key,
 # so a sweep over them (KD weights, BN branches, the clean KD teacher) reuses one robust teacher
-STUDENT_ONLY = ("dual_bn", "export_branch", "natural_branch", "clean_teacher", "kd_weights", "student_jsd")
+STUDENT_ONLY = ("dual_bn", "export_branch", "natural_branch", "clean_teacher", "kd_weights", "student_jsd",
+                "student_augmix_ops")
 
 
 def teacher_digest(key: str, epochs: int, info: dict[str, Any], seed: int) -> str:
@@ -95,6 +96,8 @@ def run(st: RunState) -> RobustTeacherOut:
                             "clean_teacher": cfg.robustness.clean_teacher, "student_jsd": s.student_jsd}
     if s.augmix_ops != "augmix":            # only when set: the teachers cached before the option keep their keys
         info["augmix_ops"] = s.augmix_ops
+    if cfg.robustness.student_augmix_ops is not None:
+        info["student_augmix_ops"] = cfg.robustness.student_augmix_ops
     if cfg.robustness.teacher_robust or epochs == 0:
         info["adversarial_finetune"] = False
         info["why"] = "the given model is declared robust" if cfg.robustness.teacher_robust else "teacher_epochs = 0"

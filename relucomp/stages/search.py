@@ -49,9 +49,14 @@ def robust_step(st: RunState, kd_weight: float, temperature: float, fair, desc: 
     from ..robust_train import robust_kd_step
     from .robust_teacher import train_settings
 
-    rt = st["robust_teacher"]
-    clean = {"dense": rt.plain, "dual": rt.clean}.get(st.cfg.robustness.clean_teacher)
-    return robust_kd_step(st["pretrain"].teacher, train_settings(st), kd_weight=kd_weight, temperature=temperature,
+    import dataclasses
+
+    rt, rb = st["robust_teacher"], st.cfg.robustness
+    clean = {"dense": rt.plain, "dual": rt.clean}.get(rb.clean_teacher)
+    s = train_settings(st)
+    if rb.student_augmix_ops is not None:      # the student's AugMix views draw from their own op set
+        s = dataclasses.replace(s, augmix_ops=rb.student_augmix_ops)
+    return robust_kd_step(st["pretrain"].teacher, s, kd_weight=kd_weight, temperature=temperature,
                           extra=fair.extra_loss if fair is not None else None, progress=st.progress, desc=desc,
                           clean_teacher=clean)
 
