@@ -100,6 +100,28 @@ def test_prime_primitives_identity_limits_range_and_op_sets():
     assert not torch.equal(augmix(smooth, ops="prime"), augmix(smooth, ops="augmix"))
 
 
+def test_each_step_draws_its_views_from_its_op_set(monkeypatch):
+    """The teacher's and the student's steps pass their settings' op set to AugMix (robustness.augmix_ops /
+    student_augmix_ops), two views for the teacher's JSD, one for the student's natural KD term."""
+    import dataclasses
+
+    import relucomp.robust_train as rt
+
+    seen = []
+    real = rt.augmix
+    monkeypatch.setattr(rt, "augmix", lambda x, **k: (seen.append(k.get("ops")), real(x, **k))[1])
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 8 * 8, 3))
+    x, y = torch.randn(6, 3, 8, 8), torch.tensor([0, 1, 2, 0, 1, 2])
+    s = RobustTrainSettings(mean=(0.5,) * 3, std=(0.25,) * 3, attack_steps=1, augmix_ops="prime")
+    rt.teacher_step(s)(model, x, y, None)
+    assert seen == ["prime", "prime"]
+    seen.clear()
+    rt.robust_kd_step(model, dataclasses.replace(s, augmix_ops="augmix"), kd_weight=0.5,
+                      temperature=4.0)(model, x, y, None)
+    assert seen == ["augmix"]
+
+
 def test_robust_steps_train_and_show_the_attack():
     from relucomp.train import _NullProgress
 
