@@ -289,7 +289,8 @@ KEYWORDS: dict[str, str] = {
     "train_attack": "robustness.train_attack", "train_attack_steps": "robustness.train_attack_steps",
     "train_epsilon": "robustness.train_epsilon", "trades_beta": "robustness.trades_beta",
     "augmix": "robustness.augmix", "augmix_ops": "robustness.augmix_ops",
-    "student_augmix_ops": "robustness.student_augmix_ops", "jsd_weight": "robustness.jsd_weight", "kd_clean": "robustness.kd_clean",
+    "student_augmix_ops": "robustness.student_augmix_ops", "jsd_weight": "robustness.jsd_weight",
+    "kd_clean": "robustness.kd_clean",
     "kd_natural": "robustness.kd_natural", "kd_adv": "robustness.kd_adv",
     "student_jsd": "robustness.student_jsd", "dual_bn": "robustness.dual_bn",
     "export_branch": "robustness.export_branch", "compare_branches": "robustness.compare_branches",
@@ -631,8 +632,8 @@ def robustness_settings(cfg: CompileConfig):
 
 
 ROBUST_TRAIN_FIELDS = ("teacher_robust", "teacher_epochs", "train_attack", "train_attack_steps", "train_epsilon",
-                       "trades_beta", "augmix", "augmix_ops", "student_augmix_ops", "jsd_weight", "kd_clean", "kd_natural", "kd_adv", "student_jsd",
-                       "dual_bn", "export_branch", "compare_branches", "natural_branch", "clean_teacher")
+                       "trades_beta", "augmix", "augmix_ops", "student_augmix_ops", "jsd_weight", "kd_clean",
+                       "kd_natural", "kd_adv", "student_jsd", "dual_bn", "export_branch", "compare_branches", "natural_branch", "clean_teacher")
 
 
 def check_robust_compile(cfg: CompileConfig) -> None:
@@ -673,8 +674,9 @@ def check_robust_compile(cfg: CompileConfig) -> None:
         raise ConfigError(f"the three-way KD weights (clean, natural, adversarial) = {kds} must be ≥ 0, not all 0",
                           "give e.g. kd_clean = kd_natural = kd_adv = 1 in [robustness] (or as keywords)")
     if (rb.augmix_ops != "augmix" or rb.student_augmix_ops is not None) and not rb.augmix:
-        raise ConfigError(f"robustness.{'augmix_ops' if rb.augmix_ops != 'augmix' else 'student_augmix_ops'} is set but robustness.augmix is off (it picks "
-                          "the ops of the AugMix views)", "drop robustness.augmix_ops, or turn robustness.augmix back on")
+        field = "augmix_ops" if rb.augmix_ops != "augmix" else "student_augmix_ops"
+        raise ConfigError(f"robustness.{field} is set but robustness.augmix is off (it picks the ops of the AugMix "
+                          "views)", f"drop robustness.{field}, or turn robustness.augmix back on")
     if rb.student_jsd > 0 and not rb.augmix:
         raise ConfigError("robustness.student_jsd is set but robustness.augmix is off (the JSD term compares AugMix "
                           "views)", "drop robustness.student_jsd, or turn robustness.augmix back on")

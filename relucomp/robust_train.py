@@ -4,7 +4,9 @@
   ``width`` chains of 1-3 random ops (autocontrast, posterize, solarize, rotate, shear x/y, translate x/y —
   AugMix's op set, which excludes the ops that overlap the CIFAR-10-C test corruptions: noise, blur,
   brightness, contrast, colour, sharpness), mixed with Dirichlet(α) weights, then blended with the clean image
-  with a Beta(α, α) weight.  :func:`jsd_loss` is AugMix's Jensen-Shannon consistency term.
+  with a Beta(α, α) weight.  :func:`jsd_loss` is AugMix's Jensen-Shannon consistency term.  ``ops="prime"``
+  draws the chains' ops from PRIME's primitives instead (:data:`PRIME_OPS`: random filters, smooth colour
+  curves, smooth deformations; Modas et al., ECCV'22), ``"augmix+prime"`` from both (:data:`OP_SETS`).
 * :class:`DualBatchNorm2d` — separate running statistics and affine parameters for clean and perturbed
   (corrupted / adversarial) batches, sharing everything else (conv weights, ReLU masks): :func:`dualize`
   swaps every ``BatchNorm2d`` of a graph for one, :func:`route` picks the branch for a forward,
