@@ -128,8 +128,9 @@ def main() -> None:
                          "branch; dense: MTARD's clean teacher)")
     ap.add_argument("--kd-clean", type=float, default=1.0,
                     help="robustness.kd_clean: weight of the clean term of the three-way KD")
-    ap.add_argument("--augmix-ops", default="augmix", choices=("augmix", "prime", "augmix+prime"),
-                    help="robustness.augmix_ops: the op set of the AugMix views (teacher and student)")
+    ap.add_argument("--augmix-ops", default=RobustnessSection().augmix_ops, choices=("augmix", "prime", "augmix+prime"),
+                    help="robustness.augmix_ops: the op set of the AugMix views (default: the config's; files "
+                         "written before session 16 used augmix)")
     ap.add_argument("--student-augmix-ops", default=None, choices=("augmix", "prime", "augmix+prime"),
                     help="robustness.student_augmix_ops: the student's AugMix op set (default: the teacher's)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the whole run (data subset, pretraining, compiles)")
@@ -154,7 +155,7 @@ def main() -> None:
         key |= {"natural_branch": a.natural_branch}
     if a.kd_clean != 1.0:
         key |= {"kd_clean": a.kd_clean}
-    if a.augmix_ops != "augmix":
+    if a.augmix_ops != "augmix":           # keys without it mean AugMix's ops (the default before session 16)
         key |= {"augmix_ops": a.augmix_ops}
     if a.student_augmix_ops is not None:
         key |= {"student_augmix_ops": a.student_augmix_ops}

@@ -27,7 +27,8 @@ teaches its clean term), beside the dense model and the plain compile.
 
 Every other probe's teacher uses JSD weight 12 and one BatchNorm (``clean_teacher = "robust"``): the defaults when
 they were run (48 and ``"dual"`` since), pinned here so that each file is reproduced by its command; ``--probe
-jsd`` sets the weight.
+jsd`` sets the weight.  Every probe uses AugMix's own ops (``robustness.augmix_ops = "augmix"``, the default until
+session 16; PRIME's since), pinned too.
 
 ``--probe student-jsd --student-jsd W1,W2`` (→ ``robust_val_sjsd.json``): the robust compile with AugMix's JSD
 consistency in the student's step too, weighted W (``robustness.student_jsd``; shipped 0 = off, always run as the
@@ -113,8 +114,8 @@ def main() -> None:
             "robustness_split": "val", "seed": a.seed}
     robust = {"robust": True, "robust_teacher_epochs": 20, "trades_beta": 6.0, "train_attack_steps": 2,
               "robustness.jsd_weight": a.jsd_weight if a.probe == "jsd" else 12.0,
-              "robustness.clean_teacher": "robust"}
-    if a.probe == "weights":   # today's defaults
+              "robustness.clean_teacher": "robust", "robustness.augmix_ops": "augmix"}
+    if a.probe == "weights":   # the defaults when it ran (AugMix's ops until session 16's switch to PRIME's)
         robust |= {"robustness.jsd_weight": 48.0, "robustness.clean_teacher": "dual"}
     log = lambda m: print(f"[{time.strftime('%H:%M:%S')}] {m}", flush=True)
     seconds: dict = {}

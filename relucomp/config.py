@@ -129,8 +129,9 @@ class RobustnessSection(_Section):
     train_epsilon: Union[float, str] = "8/255"
     trades_beta: float = 6.0
     augmix: bool = True                 # AugMix views (natural-perturbation term) + JSD for the teacher
-    augmix_ops: str = "augmix"          # the op set AugMix's chains draw from: augmix (AugMix's own) | prime (PRIME's
-                                        # primitives: random filters, colour curves, smooth deformations) | augmix+prime
+    augmix_ops: str = "prime"           # the op set AugMix's chains draw from: prime (PRIME's primitives: random
+                                        # filters, colour curves, smooth deformations; measured better, README) |
+                                        # augmix (AugMix's own, the default before session 16) | augmix+prime
     student_augmix_ops: str | None = None  # the student's AugMix views' op set; None: augmix_ops (the teacher's)
     jsd_weight: float = 48.0            # AugMix's 12, ×4: measured on this project's subsets (README, robust.json)
     kd_clean: float = 1.0               # weights of the three KD terms (student vs robust teacher)
@@ -673,8 +674,8 @@ def check_robust_compile(cfg: CompileConfig) -> None:
     if any(not (k >= 0 and math.isfinite(k)) for k in kds) or sum(kds) <= 0:
         raise ConfigError(f"the three-way KD weights (clean, natural, adversarial) = {kds} must be ≥ 0, not all 0",
                           "give e.g. kd_clean = kd_natural = kd_adv = 1 in [robustness] (or as keywords)")
-    if (rb.augmix_ops != "augmix" or rb.student_augmix_ops is not None) and not rb.augmix:
-        field = "augmix_ops" if rb.augmix_ops != "augmix" else "student_augmix_ops"
+    if (rb.augmix_ops != default.augmix_ops or rb.student_augmix_ops is not None) and not rb.augmix:
+        field = "augmix_ops" if rb.augmix_ops != default.augmix_ops else "student_augmix_ops"
         raise ConfigError(f"robustness.{field} is set but robustness.augmix is off (it picks the ops of the AugMix "
                           "views)", f"drop robustness.{field}, or turn robustness.augmix back on")
     if rb.student_jsd > 0 and not rb.augmix:

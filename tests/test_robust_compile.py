@@ -183,7 +183,7 @@ def test_robust_steps_train_and_show_the_attack():
     with torch.no_grad():
         x01 = (x * 0.25 + 0.5).clamp(0, 1)
         torch.manual_seed(5)
-        v1, v2 = ((augmix(x01) - 0.5) / 0.25 for _ in range(2))
+        v1, v2 = ((augmix(x01, ops=s_j.augmix_ops) - 0.5) / 0.25 for _ in range(2))
         want_j = want["robust"] + 3.0 * jsd_loss(out, student3(v1), student3(v2))
         torch.manual_seed(5)
         got_j, _ = robust_kd_step(teacher, s_j, kd_weight=0.5, temperature=4.0)(student3, x, y, None)
@@ -227,13 +227,14 @@ def test_robust_bad_combinations_are_one_line_errors():
                         ({"robust": True, "student_jsd": -1.0}, "student_jsd = 12"),
                         ({"robust": True, "student_jsd": 12.0, "augmix": False}, "robustness.augmix"),
                         ({"robust": True, "augmix_ops": "randaugment"}, "augmix | prime | augmix+prime"),
-                        ({"robust": True, "augmix_ops": "prime", "augmix": False}, "turn robustness.augmix back on"),
-                        ({"augmix_ops": "prime"}, "add --robust"),
+                        ({"robust": True, "augmix_ops": "augmix", "augmix": False}, "turn robustness.augmix back on"),
+                        ({"augmix_ops": "augmix"}, "add --robust"),
                         ({"robust": True, "student_augmix_ops": "cutout"}, "augmix | prime | augmix+prime"),
                         ({"robust": True, "student_augmix_ops": "augmix", "augmix": False}, "student_augmix_ops")):
         with pytest.raises(ConfigError) as e:
             validate(resolve_config(None, {**base, **extra}), check_data=False)
         assert frag in f"{e.value.cause} {e.value.fix}", (extra, str(e.value))
+    validate(resolve_config(None, {**base, "robust": True, "augmix": False}), check_data=False)  # default op set: fine
     r = runner.invoke(app, ["compile", "tinycnn", "-b", "2k", "--robust", "--search", "layer-drop", "--out", "x"])
     assert r.exit_code == 2 and "error:" in r.output and "fix:" in r.output and "Traceback" not in r.output
 
@@ -241,12 +242,13 @@ def test_robust_bad_combinations_are_one_line_errors():
 @needs_ic
 def test_robust_compile_with_a_one_bn_teacher(tmp_path):
     """clean_teacher = "robust" (RLNet's: one BN in the teacher, the clean term from the robust teacher) beside
-    the default "dual" of the end-to-end test below, with PRIME's op set; the export is plain either way."""
+    the default "dual" of the end-to-end test below, with AugMix's own op set for the teacher and PRIME's for the
+    student; the export is plain either way."""
     import onnx
 
     out = tmp_path / "o"
-    (tmp_path / "c.toml").write_text('[robustness]\nclean_teacher = "robust"\naugmix_ops = "prime"\n'
-                                    'student_augmix_ops = "augmix"\n')
+    (tmp_path / "c.toml").write_text('[robustness]\nclean_teacher = "robust"\naugmix_ops = "augmix"\n'
+                                    'student_augmix_ops = "prime"\n')
     r = runner.invoke(app, ["compile", "tinycnn", "-b", "50%", "--out", str(out), "--limit", "200",
                             "--config", str(tmp_path / "c.toml"), "--pretrain-epochs", "1", "--epochs", "1",
                             "--finetune-epochs", "1", "--no-progress", "--robust", "--robust-teacher-epochs", "1",
@@ -256,7 +258,7 @@ def test_robust_compile_with_a_one_bn_teacher(tmp_path):
     rep = json.loads((out / "report.json").read_text())
     t = rep["robustness"]["robust_compile"]["teacher"]
     assert "teacher_dual_bn" not in t and t["clean_teacher"] == "robust"
-    assert t["augmix_ops"] == "prime" and t["student_augmix_ops"] == "augmix"   # PRIME's ops for the teacher only
+    assert "augmix_ops" not in t and t["student_augmix_ops"] == "prime"   # AugMix's ops: cache keys as before
     assert "BatchNormalization" not in [n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node]
     assert rep["relus"]["after"] <= rep["relus"]["budget"]
 
@@ -279,7 +281,7 @@ def test_robust_compile_end_to_end_onnx_budget_and_section(tmp_path):
     rc = rb["robust_compile"]
     assert rc["teacher"]["adversarial_finetune"] and rc["teacher"]["train_attack_steps"] == 1
     assert rc["teacher"]["student_jsd"] == 12.0
-    assert "augmix_ops" not in rc["teacher"]             # the default op set: teacher cache keys as before
+    assert rc["teacher"]["augmix_ops"] == "prime"          # the default op set: PRIME's primitives
     assert rc["teacher"]["teacher_dual_bn"] is True and rc["teacher"]["clean_teacher"] == "dual"   # the default
     assert rc["dual_bn_layers"] >= 1 and rc["exported_branch"] == "clean"
     assert len(rc["teacher_history"]) == 1

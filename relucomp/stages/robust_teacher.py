@@ -94,7 +94,7 @@ def run(st: RunState) -> RobustTeacherOut:
                             "dual_bn": cfg.robustness.dual_bn, "export_branch": cfg.robustness.export_branch,
                             "natural_branch": cfg.robustness.natural_branch,
                             "clean_teacher": cfg.robustness.clean_teacher, "student_jsd": s.student_jsd}
-    if s.augmix_ops != "augmix":            # only when set: the teachers cached before the option keep their keys
+    if s.augmix_ops != "augmix":            # AugMix's own ops (the default before PRIME's) keep their cache keys
         info["augmix_ops"] = s.augmix_ops
     if cfg.robustness.student_augmix_ops is not None:
         info["student_augmix_ops"] = cfg.robustness.student_augmix_ops
