@@ -37,7 +37,7 @@ warnings.filterwarnings("ignore")
 
 from relucomp.api import compile as rc_compile  # noqa: E402
 from relucomp.atomic import atomic_write_json  # noqa: E402
-from relucomp.config import RobustnessSection  # noqa: E402
+from relucomp.config import AUGMIX_OP_SETS, RobustnessSection  # noqa: E402
 
 OUT = Path(__file__).parent / "results" / "robust.json"
 DATA = Path("/work/shared/data/cifar10-jpeg")
@@ -128,10 +128,10 @@ def main() -> None:
                          "branch; dense: MTARD's clean teacher)")
     ap.add_argument("--kd-clean", type=float, default=1.0,
                     help="robustness.kd_clean: weight of the clean term of the three-way KD")
-    ap.add_argument("--augmix-ops", default=RobustnessSection().augmix_ops, choices=("augmix", "prime", "augmix+prime"),
+    ap.add_argument("--augmix-ops", default=RobustnessSection().augmix_ops, choices=AUGMIX_OP_SETS,
                     help="robustness.augmix_ops: the op set of the AugMix views (default: the config's; files "
                          "written before session 16 used augmix)")
-    ap.add_argument("--student-augmix-ops", default=None, choices=("augmix", "prime", "augmix+prime"),
+    ap.add_argument("--student-augmix-ops", default=None, choices=AUGMIX_OP_SETS,
                     help="robustness.student_augmix_ops: the student's AugMix op set (default: the teacher's)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the whole run (data subset, pretraining, compiles)")
     ap.add_argument("--out", default=str(OUT))
@@ -178,7 +178,8 @@ def main() -> None:
         extra = dict(robust=True, robust_teacher_epochs=a.teacher_epochs, trades_beta=a.trades_beta,
                      train_attack_steps=a.train_attack_steps, compare_branches=True,
                      natural_branch=a.natural_branch, clean_teacher=a.clean_teacher, kd_clean=a.kd_clean,
-                     augmix_ops=a.augmix_ops, student_augmix_ops=a.student_augmix_ops, train_epsilon=a.train_epsilon, **{"robustness.jsd_weight": a.jsd_weight}) if robust else {}
+                     augmix_ops=a.augmix_ops, student_augmix_ops=a.student_augmix_ops, train_epsilon=a.train_epsilon,
+                     **{"robustness.jsd_weight": a.jsd_weight}) if robust else {}
         res = rc_compile("resnet8", f"cifar10:{a.data}", relu_budget=budget, limit=a.limit,
                          pretrain_epochs=a.pretrain_epochs, search_epochs=a.epochs, finetune_epochs=a.finetune_epochs,
                          export=False, progress=False, eval_robustness=True, corruptions=a.corruptions,
@@ -216,7 +217,8 @@ def main() -> None:
                                        "trades_beta": a.trades_beta,
                                        "train_attack_steps": a.train_attack_steps, "train_epsilon": a.train_epsilon,
                                        "augmix": True, "augmix_ops": a.augmix_ops,
-                                       "student_augmix_ops": a.student_augmix_ops or a.augmix_ops, "jsd_weight": a.jsd_weight, "dual_bn": True,
+                                       "student_augmix_ops": a.student_augmix_ops or a.augmix_ops,
+                                       "jsd_weight": a.jsd_weight, "dual_bn": True,
                                        "exported_branch": "clean",
                                        "note": f"training attack PGD-{a.train_attack_steps} with random start "
                                                "(CPU budget); evaluation PGD-10"}},

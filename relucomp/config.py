@@ -45,6 +45,7 @@ REPLACEMENTS = ("affine", "identity")
 DP_PHASES = ("finetune", "search", "both")   # which phases run under DP-SGD (one accountant, one ε)
 DP_ACCOUNTANTS = ("rdp", "prv")
 EXPORT_WEIGHTS = ("last", "ema")
+AUGMIX_OP_SETS = ("augmix", "prime", "augmix+prime")   # robustness.augmix_ops (relucomp.robust_train.OP_SETS)
 #: fewest images that still give every split (train / val / test) samples of every class
 MIN_LIMIT = 100
 
@@ -634,7 +635,8 @@ def robustness_settings(cfg: CompileConfig):
 
 ROBUST_TRAIN_FIELDS = ("teacher_robust", "teacher_epochs", "train_attack", "train_attack_steps", "train_epsilon",
                        "trades_beta", "augmix", "augmix_ops", "student_augmix_ops", "jsd_weight", "kd_clean",
-                       "kd_natural", "kd_adv", "student_jsd", "dual_bn", "export_branch", "compare_branches", "natural_branch", "clean_teacher")
+                       "kd_natural", "kd_adv", "student_jsd", "dual_bn", "export_branch", "compare_branches",
+                       "natural_branch", "clean_teacher")
 
 
 def check_robust_compile(cfg: CompileConfig) -> None:
@@ -653,10 +655,9 @@ def check_robust_compile(cfg: CompileConfig) -> None:
     _one_of(rb.natural_branch, ("clean", "perturbed"), "robustness.natural_branch =", "BatchNorm branch of the AugMix views")
     _one_of(rb.clean_teacher, ("dual", "robust", "dense"), "robustness.clean_teacher =",
             "teacher of the clean KD term")
-    _one_of(rb.augmix_ops, ("augmix", "prime", "augmix+prime"), "robustness.augmix_ops =", "AugMix op set")
-    if rb.student_augmix_ops is not None:
-        _one_of(rb.student_augmix_ops, ("augmix", "prime", "augmix+prime"), "robustness.student_augmix_ops =",
-                "AugMix op set")
+    for field in ("augmix_ops", "student_augmix_ops"):
+        if getattr(rb, field) is not None:
+            _one_of(getattr(rb, field), AUGMIX_OP_SETS, f"robustness.{field} =", "AugMix op set")
     parse_epsilon(rb.train_epsilon, "--train-epsilon")
     for name, v, ok, fix in (
             ("--train-attack-steps", rb.train_attack_steps, rb.train_attack_steps is None or rb.train_attack_steps >= 1,

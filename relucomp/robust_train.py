@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .config import AUGMIX_OP_SETS
 from .train import kd_loss
 
 __all__ = ["augmix", "jsd_loss", "DualBatchNorm2d", "dualize", "collapse", "route", "RobustTrainSettings",
@@ -164,6 +165,7 @@ PRIME_OPS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
 #: the op sets AugMix's chains may draw from (``robustness.augmix_ops``)
 OP_SETS: dict[str, dict[str, Callable[[Tensor, Tensor], Tensor]]] = {
     "augmix": AUGMIX_OPS, "prime": PRIME_OPS, "augmix+prime": {**AUGMIX_OPS, **PRIME_OPS}}
+assert set(OP_SETS) == set(AUGMIX_OP_SETS), "relucomp.config.AUGMIX_OP_SETS names the op sets the config accepts"
 
 
 def augmix(x: Tensor, *, width: int = 3, max_depth: int = 3, severity: float = 0.3, alpha: float = 1.0,

@@ -77,8 +77,10 @@ def compile(  # noqa: A001
     pgd_step: PgdStep = None,
     pgd_steps: PgdSteps = None,
     robust: bool = typer.Option(False, "--robust", help="robust compile (RLNet): adversarially finetuned teacher "
-                                                        "with AugMix-style views (PRIME's primitives; robustness.augmix_ops), mask search and finetune on three-way (clean / "
-                                                        "corrupted / adversarial) distillation, dual BatchNorm; "
+                                                        "with AugMix-style views (PRIME's primitives; "
+                                                        "robustness.augmix_ops), mask search and finetune on "
+                                                        "three-way (clean / corrupted / adversarial) distillation, "
+                                                        "dual BatchNorm; "
                                                         "reports CA / NPA / AdvA"),
     teacher_robust: bool = typer.Option(False, "--teacher-robust", help="with --robust: MODEL is already robust "
                                                                         "(no adversarial finetune of the teacher)"),
