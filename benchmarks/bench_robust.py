@@ -121,6 +121,8 @@ def main() -> None:
                     help="robustness.train_epsilon: the training attack's ε (teacher and KD); AdvA stays at 8/255")
     ap.add_argument("--jsd-weight", type=float, default=RobustnessSection().jsd_weight,
                     help="robustness.jsd_weight: the teacher's AugMix JSD consistency weight (default: the config's)")
+    ap.add_argument("--helper-weight", type=float, default=RobustnessSection().helper_weight,
+                    help="robustness.helper_weight: HAT's helper term in the teacher's step (0: off)")
     ap.add_argument("--natural-branch", default="perturbed", choices=("perturbed", "clean"),
                     help="robustness.natural_branch: the dual-BN branch the AugMix views train on")
     ap.add_argument("--clean-teacher", default=RobustnessSection().clean_teacher, choices=("dual", "robust", "dense"),
@@ -159,6 +161,8 @@ def main() -> None:
         key |= {"augmix_ops": a.augmix_ops}
     if a.student_augmix_ops is not None:
         key |= {"student_augmix_ops": a.student_augmix_ops}
+    if a.helper_weight != 0:               # HAT (session 17); keys without it mean off
+        key |= {"helper_weight": a.helper_weight}
     key |= {"clean_teacher": a.clean_teacher}  # always: the default changed (robust → dual)
     if a.train_epsilon != "8/255":
         key |= {"train_epsilon": a.train_epsilon}
@@ -179,7 +183,8 @@ def main() -> None:
                      train_attack_steps=a.train_attack_steps, compare_branches=True,
                      natural_branch=a.natural_branch, clean_teacher=a.clean_teacher, kd_clean=a.kd_clean,
                      augmix_ops=a.augmix_ops, student_augmix_ops=a.student_augmix_ops, train_epsilon=a.train_epsilon,
-                     **{"robustness.jsd_weight": a.jsd_weight}) if robust else {}
+                     **{"robustness.jsd_weight": a.jsd_weight, "robustness.helper_weight": a.helper_weight}
+                     ) if robust else {}
         res = rc_compile("resnet8", f"cifar10:{a.data}", relu_budget=budget, limit=a.limit,
                          pretrain_epochs=a.pretrain_epochs, search_epochs=a.epochs, finetune_epochs=a.finetune_epochs,
                          export=False, progress=False, eval_robustness=True, corruptions=a.corruptions,
@@ -214,7 +219,7 @@ def main() -> None:
                             "finetune_epochs": a.finetune_epochs, "model": "resnet8", "run_seed": a.seed,
                             "split": a.split,
                             "robust": {"teacher_epochs": a.teacher_epochs, "train_attack": "trades",
-                                       "trades_beta": a.trades_beta,
+                                       "trades_beta": a.trades_beta, "helper_weight": a.helper_weight,
                                        "train_attack_steps": a.train_attack_steps, "train_epsilon": a.train_epsilon,
                                        "augmix": True, "augmix_ops": a.augmix_ops,
                                        "student_augmix_ops": a.student_augmix_ops or a.augmix_ops,

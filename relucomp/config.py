@@ -129,6 +129,9 @@ class RobustnessSection(_Section):
     train_attack_steps: int | None = None  # PGD steps when training (None: the effort's; 2 on quick)
     train_epsilon: Union[float, str] = "8/255"
     trades_beta: float = 6.0
+    helper_weight: float = 0.0          # HAT's helper term in the teacher's step (Rade & Moosavi-Dezfooli 2022):
+                                        # weight γ of CE on x + 2·(x_adv − x), labelled by the dense model's
+                                        # prediction on x_adv; 0: off (HAT's CIFAR-10 setting: 0.5 with β 2.5)
     augmix: bool = True                 # AugMix views (natural-perturbation term) + JSD for the teacher
     augmix_ops: str = "prime"           # the op set AugMix's chains draw from: prime (PRIME's primitives: random
                                         # filters, colour curves, smooth deformations; measured better, README) |
@@ -290,6 +293,7 @@ KEYWORDS: dict[str, str] = {
     "teacher_robust": "robustness.teacher_robust", "robust_teacher_epochs": "robustness.teacher_epochs",
     "train_attack": "robustness.train_attack", "train_attack_steps": "robustness.train_attack_steps",
     "train_epsilon": "robustness.train_epsilon", "trades_beta": "robustness.trades_beta",
+    "helper_weight": "robustness.helper_weight",
     "augmix": "robustness.augmix", "augmix_ops": "robustness.augmix_ops",
     "student_augmix_ops": "robustness.student_augmix_ops", "jsd_weight": "robustness.jsd_weight",
     "kd_clean": "robustness.kd_clean",
@@ -634,8 +638,8 @@ def robustness_settings(cfg: CompileConfig):
 
 
 ROBUST_TRAIN_FIELDS = ("teacher_robust", "teacher_epochs", "train_attack", "train_attack_steps", "train_epsilon",
-                       "trades_beta", "augmix", "augmix_ops", "student_augmix_ops", "jsd_weight", "kd_clean",
-                       "kd_natural", "kd_adv", "student_jsd", "dual_bn", "export_branch", "compare_branches",
+                       "trades_beta", "helper_weight", "augmix", "augmix_ops", "student_augmix_ops", "jsd_weight",
+                       "kd_clean", "kd_natural", "kd_adv", "student_jsd", "dual_bn", "export_branch", "compare_branches",
                        "natural_branch", "clean_teacher")
 
 
@@ -665,6 +669,8 @@ def check_robust_compile(cfg: CompileConfig) -> None:
             ("--robust-teacher-epochs", rb.teacher_epochs, rb.teacher_epochs is None or rb.teacher_epochs >= 0,
              "give --robust-teacher-epochs 2 (0: keep the dense teacher as it is)"),
             ("--trades-beta", rb.trades_beta, rb.trades_beta >= 0 and math.isfinite(rb.trades_beta), "give e.g. --trades-beta 6"),
+            ("robustness.helper_weight", rb.helper_weight,
+             rb.helper_weight >= 0 and math.isfinite(rb.helper_weight), "give e.g. robustness.helper_weight = 0.5 (0: off)"),
             ("robustness.jsd_weight", rb.jsd_weight, rb.jsd_weight >= 0 and math.isfinite(rb.jsd_weight),
              "give e.g. robustness.jsd_weight = 48"),
             ("robustness.student_jsd", rb.student_jsd, rb.student_jsd >= 0 and math.isfinite(rb.student_jsd),
@@ -679,6 +685,10 @@ def check_robust_compile(cfg: CompileConfig) -> None:
         field = "augmix_ops" if rb.augmix_ops != default.augmix_ops else "student_augmix_ops"
         raise ConfigError(f"robustness.{field} is set but robustness.augmix is off (it picks the ops of the AugMix "
                           "views)", f"drop robustness.{field}, or turn robustness.augmix back on")
+    if rb.helper_weight > 0 and (rb.teacher_robust or rb.teacher_epochs == 0):
+        raise ConfigError("robustness.helper_weight is set but the teacher gets no adversarial finetune (HAT's helper "
+                          "term is part of it)", "drop robustness.helper_weight, or --teacher-robust / "
+                          "--robust-teacher-epochs 0")
     if rb.student_jsd > 0 and not rb.augmix:
         raise ConfigError("robustness.student_jsd is set but robustness.augmix is off (the JSD term compares AugMix "
                           "views)", "drop robustness.student_jsd, or turn robustness.augmix back on")

@@ -261,6 +261,7 @@ class RobustTrainSettings:
     attack_steps: int = 2
     attack: str = "trades"              # trades | pgd (the teacher's objective)
     trades_beta: float = 6.0
+    helper_weight: float = 0.0          # HAT's helper CE weight γ (0: off; needs the standard model, teacher_step)
     augmix: bool = True
     augmix_ops: str = "prime"           # the op set of the AugMix views (OP_SETS; PRIME's measured better here)
     jsd_weight: float = 48.0            # AugMix used 12; 48 measured better here (README: robust compile)
@@ -313,12 +314,29 @@ def _attack(model: nn.Module, px: _Pixels, x01: Tensor, y: Tensor, s: RobustTrai
                       loss=loss, on_step=bar)
 
 
-def teacher_step(s: RobustTrainSettings, *, progress: Any = None):
+HELPER_SCALE = 2.0                      # HAT's helper examples: x + 2·(x_adv − x)
+
+
+def helper_examples(x01: Tensor, x_adv01: Tensor, scale: float = HELPER_SCALE) -> Tensor:
+    """HAT's helper examples (pixel space): the adversarial perturbation extended ``scale`` times, clipped to
+    [0, 1] — beyond the ε-ball, where the standard model's label marks how far the decision boundary may move."""
+    return (x01 + scale * (x_adv01 - x01)).clamp(0, 1)
+
+
+def teacher_step(s: RobustTrainSettings, *, progress: Any = None, helper: nn.Module | None = None):
     """The robust teacher's step: TRADES or PGD adversarial training, plus AugMix + JSD (a train_loop StepFn).
+
+    ``s.helper_weight`` > 0 adds HAT's helper term (Rade & Moosavi-Dezfooli, "Reducing excessive margin to achieve
+    a better accuracy vs. robustness trade-off", ICLR 2022): cross-entropy on the helper examples
+    :func:`helper_examples` against the label ``helper`` (the standard, non-robust model; frozen, eval mode, on the
+    step's device) gives to the adversarial example — adversarial training pushes the boundary further than
+    robustness at ε needs, and that excess margin is what costs clean accuracy.
 
     On a dual-BN teacher (``robustness.clean_teacher = "dual"``, AdvProp's auxiliary BN, Xie et al. 2020) the clean
     forwards run on the ``clean`` branch and the adversarial and AugMix ones on ``perturbed``; on a plain model
     the routing is a no-op."""
+    if s.helper_weight > 0 and helper is None:
+        raise ValueError("teacher_step: helper_weight > 0 needs the standard model (helper=)")
     px = _Pixels(s.mean, s.std)
     bar = _AttackBar(progress, s.attack_steps, f"PGD-{s.attack_steps} ({s.attack})")
 
@@ -339,6 +357,10 @@ def teacher_step(s: RobustTrainSettings, *, progress: Any = None):
             else:
                 x_adv = _attack(model, px, x01, y, s, bar)
                 loss = 0.5 * F.cross_entropy(logits, y) + 0.5 * F.cross_entropy(model(px.norm(x_adv)), y)
+            if s.helper_weight > 0:                            # HAT: helper examples, the standard model's labels
+                with torch.no_grad():
+                    y_help = helper(px.norm(x_adv)).argmax(1)
+                loss = loss + s.helper_weight * F.cross_entropy(model(px.norm(helper_examples(x01, x_adv))), y_help)
             if s.augmix and s.jsd_weight > 0:
                 a1, a2 = (model(px.norm(augmix(x01, ops=s.augmix_ops))) for _ in range(2))
                 loss = loss + s.jsd_weight * jsd_loss(logits, a1, a2)

@@ -208,6 +208,42 @@ def test_robust_steps_train_and_show_the_attack():
     assert not torch.allclose(l_dual, l_plain)        # separate BN statistics: a different objective
 
 
+def test_hat_helper_term_is_ce_on_extended_perturbations_labelled_by_the_standard_model(monkeypatch):
+    """robustness.helper_weight (HAT): the teacher's step adds γ·CE(model(x + 2·(x_adv − x)), argmax
+    standard(x_adv)) — exactly that, on the same adversarial example as the TRADES term; helpers stay in [0, 1]."""
+    import dataclasses
+
+    import torch.nn.functional as F
+
+    import relucomp.robust_train as rt
+
+    x01 = torch.tensor([[[[0.1, 0.5, 0.97]]]]).expand(1, 3, 1, 3)
+    adv = (x01 + torch.tensor([0.03, -0.03, 0.03]).view(1, 1, 1, 3)).clamp(0, 1)
+    h = rt.helper_examples(x01, adv)
+    assert torch.allclose(h, torch.tensor([0.16, 0.44, 1.0]).view(1, 1, 1, 3).expand(1, 3, 1, 3))   # 2×, clipped
+    assert float(h.min()) >= 0 and float(h.max()) <= 1
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 8 * 8, 3)).eval()
+    standard = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 3)).eval()
+    px = rt._Pixels((0.5,) * 3, (0.25,) * 3)
+    x, y = torch.randn(6, 3, 8, 8), torch.tensor([0, 1, 2, 0, 1, 2])
+    x_adv = (px.to01(x) + 0.03 * torch.randn_like(x).sign()).clamp(0, 1)
+    monkeypatch.setattr(rt, "_attack", lambda *a, **k: x_adv)
+    s0 = RobustTrainSettings(mean=(0.5,) * 3, std=(0.25,) * 3, attack_steps=1, augmix=False)
+    s1 = dataclasses.replace(s0, helper_weight=0.5)
+    with torch.no_grad():
+        base, _ = rt.teacher_step(s0)(model, x, y, None)
+        got, _ = rt.teacher_step(s1, helper=standard)(model, x, y, None)
+        y_help = standard(px.norm(x_adv)).argmax(1)
+        want = base + 0.5 * F.cross_entropy(model(px.norm(rt.helper_examples(px.to01(x), x_adv))), y_help)
+    assert torch.allclose(got, want) and float(got - base) > 1e-4
+    assert not torch.equal(y_help, y)                  # the helper label is the standard model's, not the truth
+    with pytest.raises(ValueError, match="helper"):
+        rt.teacher_step(s1)
+
+
 def test_robust_bad_combinations_are_one_line_errors():
     base = {"relu_budget": 100}
     for extra, frag in (({"robust": True, "search": "layer-drop"}, "--search snl"),
@@ -230,7 +266,13 @@ def test_robust_bad_combinations_are_one_line_errors():
                         ({"robust": True, "augmix_ops": "augmix", "augmix": False}, "turn robustness.augmix back on"),
                         ({"augmix_ops": "augmix"}, "add --robust"),
                         ({"robust": True, "student_augmix_ops": "cutout"}, "augmix | prime | augmix+prime"),
-                        ({"robust": True, "student_augmix_ops": "augmix", "augmix": False}, "student_augmix_ops")):
+                        ({"robust": True, "student_augmix_ops": "augmix", "augmix": False}, "student_augmix_ops"),
+                        ({"helper_weight": 0.5}, "add --robust"),
+                        ({"robust": True, "helper_weight": -0.5}, "helper_weight = 0.5"),
+                        ({"robust": True, "helper_weight": float("nan")}, "helper_weight = 0.5"),
+                        ({"robust": True, "helper_weight": 0.5, "teacher_robust": True}, "no adversarial finetune"),
+                        ({"robust": True, "helper_weight": 0.5, "robust_teacher_epochs": 0},
+                         "drop robustness.helper_weight")):
         with pytest.raises(ConfigError) as e:
             validate(resolve_config(None, {**base, **extra}), check_data=False)
         assert frag in f"{e.value.cause} {e.value.fix}", (extra, str(e.value))
@@ -248,7 +290,7 @@ def test_robust_compile_with_a_one_bn_teacher(tmp_path):
 
     out = tmp_path / "o"
     (tmp_path / "c.toml").write_text('[robustness]\nclean_teacher = "robust"\naugmix_ops = "augmix"\n'
-                                    'student_augmix_ops = "prime"\n')
+                                    'student_augmix_ops = "prime"\nhelper_weight = 0.5\ntrades_beta = 2.5\n')
     r = runner.invoke(app, ["compile", "tinycnn", "-b", "50%", "--out", str(out), "--limit", "200",
                             "--config", str(tmp_path / "c.toml"), "--pretrain-epochs", "1", "--epochs", "1",
                             "--finetune-epochs", "1", "--no-progress", "--robust", "--robust-teacher-epochs", "1",
@@ -259,6 +301,7 @@ def test_robust_compile_with_a_one_bn_teacher(tmp_path):
     t = rep["robustness"]["robust_compile"]["teacher"]
     assert "teacher_dual_bn" not in t and t["clean_teacher"] == "robust"
     assert "augmix_ops" not in t and t["student_augmix_ops"] == "prime"   # AugMix's ops: cache keys as before
+    assert t["helper_weight"] == 0.5 and t["trades_beta"] == 2.5 and t["adversarial_finetune"]   # HAT's teacher
     assert "BatchNormalization" not in [n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node]
     assert rep["relus"]["after"] <= rep["relus"]["budget"]
 
@@ -341,7 +384,7 @@ def test_teacher_cache_key_ignores_student_only_settings():
                "student_augmix_ops": "augmix"}
     assert teacher_digest("k", 2, info | student, 0) == d
     for change in ({"trades_beta": 3.0}, {"train_epsilon": 6 / 255}, {"jsd_weight": 0.0}, {"augmix": False},
-                   {"teacher_dual_bn": True}, {"augmix_ops": "prime"}):
+                   {"teacher_dual_bn": True}, {"augmix_ops": "prime"}, {"helper_weight": 0.5}):
         assert teacher_digest("k", 2, info | change, 0) != d, change
     assert teacher_digest("k", 3, info, 0) != d and teacher_digest("k", 2, info, 1) != d
     assert teacher_digest("other", 2, info, 0) != d

@@ -55,6 +55,7 @@ def train_settings(st: RunState) -> RobustTrainSettings:
     return RobustTrainSettings(mean=tuple(bundle.train.mean), std=tuple(bundle.train.std),
                                epsilon=parse_epsilon(rb.train_epsilon, "--train-epsilon"),
                                attack_steps=schedule(st.cfg)[1], attack=rb.train_attack, trades_beta=rb.trades_beta,
+                               helper_weight=rb.helper_weight,
                                augmix=rb.augmix, augmix_ops=rb.augmix_ops, jsd_weight=rb.jsd_weight, kd_clean=rb.kd_clean,
                                kd_natural=rb.kd_natural, kd_adv=rb.kd_adv, student_jsd=rb.student_jsd,
                                natural_branch=rb.natural_branch)
@@ -94,6 +95,8 @@ def run(st: RunState) -> RobustTeacherOut:
                             "dual_bn": cfg.robustness.dual_bn, "export_branch": cfg.robustness.export_branch,
                             "natural_branch": cfg.robustness.natural_branch,
                             "clean_teacher": cfg.robustness.clean_teacher, "student_jsd": s.student_jsd}
+    if s.helper_weight > 0:                 # HAT (off before session 17: old cache keys stay)
+        info["helper_weight"] = s.helper_weight
     if s.augmix_ops != "augmix":            # AugMix's own ops (the default before PRIME's) keep their cache keys
         info["augmix_ops"] = s.augmix_ops
     if cfg.robustness.student_augmix_ops is not None:
@@ -134,7 +137,10 @@ def run(st: RunState) -> RobustTeacherOut:
         opt = make_optimizer(model.parameters(), lr=lr)
         total = max(1, epochs * len(loader))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 * (1 + math.cos(math.pi * min(1.0, k / total))))
-        step = teacher_step(s, progress=st.progress)
+        helper = None
+        if s.helper_weight > 0:             # HAT's standard model: the dense teacher before this finetune
+            helper = _frozen(copy.deepcopy(pre.teacher)).to(cfg.runtime.device)
+        step = teacher_step(s, progress=st.progress, helper=helper)
         hist = train_loop(model, loader, epochs=epochs, optimizer=opt, step_fn=step, desc="robust teacher",
                           progress=st.progress, after_step=lambda k: sched.step(), device=cfg.runtime.device)
         step.bar.close()
