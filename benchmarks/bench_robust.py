@@ -130,6 +130,8 @@ def main() -> None:
                          "branch; dense: MTARD's clean teacher)")
     ap.add_argument("--kd-clean", type=float, default=1.0,
                     help="robustness.kd_clean: weight of the clean term of the three-way KD")
+    ap.add_argument("--kd-adv", type=float, default=1.0,
+                    help="robustness.kd_adv: weight of the adversarial term of the three-way KD")
     ap.add_argument("--augmix-ops", default=RobustnessSection().augmix_ops, choices=AUGMIX_OP_SETS,
                     help="robustness.augmix_ops: the op set of the AugMix views (default: the config's; files "
                          "written before session 16 used augmix)")
@@ -157,6 +159,8 @@ def main() -> None:
         key |= {"natural_branch": a.natural_branch}
     if a.kd_clean != 1.0:
         key |= {"kd_clean": a.kd_clean}
+    if a.kd_adv != 1.0:
+        key |= {"kd_adv": a.kd_adv}
     if a.augmix_ops != "augmix":           # keys without it mean AugMix's ops (the default before session 16)
         key |= {"augmix_ops": a.augmix_ops}
     if a.student_augmix_ops is not None:
@@ -182,6 +186,7 @@ def main() -> None:
         extra = dict(robust=True, robust_teacher_epochs=a.teacher_epochs, trades_beta=a.trades_beta,
                      train_attack_steps=a.train_attack_steps, compare_branches=True,
                      natural_branch=a.natural_branch, clean_teacher=a.clean_teacher, kd_clean=a.kd_clean,
+                     kd_adv=a.kd_adv,
                      augmix_ops=a.augmix_ops, student_augmix_ops=a.student_augmix_ops, train_epsilon=a.train_epsilon,
                      **{"robustness.jsd_weight": a.jsd_weight, "robustness.helper_weight": a.helper_weight}
                      ) if robust else {}
@@ -224,6 +229,7 @@ def main() -> None:
                                        "augmix": True, "augmix_ops": a.augmix_ops,
                                        "student_augmix_ops": a.student_augmix_ops or a.augmix_ops,
                                        "jsd_weight": a.jsd_weight, "dual_bn": True,
+                                       "kd_weights": {"clean": a.kd_clean, "natural": 1.0, "adversarial": a.kd_adv},
                                        "exported_branch": "clean",
                                        "note": f"training attack PGD-{a.train_attack_steps} with random start "
                                                "(CPU budget); evaluation PGD-10"}},
