@@ -639,8 +639,8 @@ def robustness_settings(cfg: CompileConfig):
 
 ROBUST_TRAIN_FIELDS = ("teacher_robust", "teacher_epochs", "train_attack", "train_attack_steps", "train_epsilon",
                        "trades_beta", "helper_weight", "augmix", "augmix_ops", "student_augmix_ops", "jsd_weight",
-                       "kd_clean", "kd_natural", "kd_adv", "student_jsd", "dual_bn", "export_branch", "compare_branches",
-                       "natural_branch", "clean_teacher")
+                       "kd_clean", "kd_natural", "kd_adv", "student_jsd", "dual_bn", "export_branch",
+                       "compare_branches", "natural_branch", "clean_teacher")
 
 
 def check_robust_compile(cfg: CompileConfig) -> None:
@@ -669,8 +669,8 @@ def check_robust_compile(cfg: CompileConfig) -> None:
             ("--robust-teacher-epochs", rb.teacher_epochs, rb.teacher_epochs is None or rb.teacher_epochs >= 0,
              "give --robust-teacher-epochs 2 (0: keep the dense teacher as it is)"),
             ("--trades-beta", rb.trades_beta, rb.trades_beta >= 0 and math.isfinite(rb.trades_beta), "give e.g. --trades-beta 6"),
-            ("robustness.helper_weight", rb.helper_weight,
-             rb.helper_weight >= 0 and math.isfinite(rb.helper_weight), "give e.g. robustness.helper_weight = 0.5 (0: off)"),
+            ("robustness.helper_weight", rb.helper_weight, rb.helper_weight >= 0 and math.isfinite(rb.helper_weight),
+             "give e.g. robustness.helper_weight = 0.5 (0: off)"),
             ("robustness.jsd_weight", rb.jsd_weight, rb.jsd_weight >= 0 and math.isfinite(rb.jsd_weight),
              "give e.g. robustness.jsd_weight = 48"),
             ("robustness.student_jsd", rb.student_jsd, rb.student_jsd >= 0 and math.isfinite(rb.student_jsd),
