@@ -169,9 +169,10 @@ assert set(OP_SETS) == set(AUGMIX_OP_SETS), "relucomp.config.AUGMIX_OP_SETS name
 
 
 def augmix(x: Tensor, *, width: int = 3, max_depth: int = 3, severity: float = 0.3, alpha: float = 1.0,
-           ops: str = "augmix") -> Tensor:   # the function's default: AugMix itself; the compile's: robustness.augmix_ops
+           ops: str = "augmix") -> Tensor:
     """AugMix of pixel-space images ``x`` in [0, 1] (every image its own chains, weights and ops); ``ops`` names
-    the op set of :data:`OP_SETS` (AugMix's own, PRIME's primitives, or both)."""
+    the op set of :data:`OP_SETS` (AugMix's own, PRIME's primitives, or both; the function's default is AugMix
+    itself, the compile's is ``robustness.augmix_ops``)."""
     n, ops = x.shape[0], list(OP_SETS[ops].values())
     w = torch.distributions.Dirichlet(torch.full((width,), float(alpha))).sample((n,))        # n x width
     m = torch.distributions.Beta(float(alpha), float(alpha)).sample((n,)).view(-1, 1, 1, 1)
@@ -342,6 +343,7 @@ def teacher_step(s: RobustTrainSettings, *, progress: Any = None, helper: nn.Mod
 
     def step(model, x, y, g):
         x01 = px.to01(x)
+        view = lambda: px.norm(augmix(x01, ops=s.augmix_ops))  # noqa: E731 - an AugMix view, normalised
         with route(model, "clean"):                            # no-op unless the teacher is dual-BN
             logits = model(x)
             if s.attack == "trades":
@@ -362,7 +364,7 @@ def teacher_step(s: RobustTrainSettings, *, progress: Any = None, helper: nn.Mod
                     y_help = helper(px.norm(x_adv)).argmax(1)
                 loss = loss + s.helper_weight * F.cross_entropy(model(px.norm(helper_examples(x01, x_adv))), y_help)
             if s.augmix and s.jsd_weight > 0:
-                a1, a2 = (model(px.norm(augmix(x01, ops=s.augmix_ops))) for _ in range(2))
+                a1, a2 = model(view()), model(view())
                 loss = loss + s.jsd_weight * jsd_loss(logits, a1, a2)
         return loss, logits
 
@@ -387,6 +389,7 @@ def robust_kd_step(teacher: nn.Module, s: RobustTrainSettings, *, kd_weight: flo
 
     def step(model, x, y, g):
         x01 = px.to01(x)
+        view = lambda: px.norm(augmix(x01, ops=s.augmix_ops))  # noqa: E731 - an AugMix view, normalised
         logits = model(x)                                      # clean branch
         loss = (1 - kd_weight) * F.cross_entropy(logits, y)
         with torch.no_grad():
@@ -395,14 +398,14 @@ def robust_kd_step(teacher: nn.Module, s: RobustTrainSettings, *, kd_weight: flo
         jsd = s.augmix and s.student_jsd > 0
         if s.kd_natural > 0 or jsd:
             with route(model, s.natural_branch):
-                xn = px.norm(augmix(x01, ops=s.augmix_ops)) if s.augmix else x
+                xn = view() if s.augmix else x
                 s_nat = model(xn)
                 if s.kd_natural > 0:
                     with torch.no_grad():
                         t_nat = teacher(xn)
                     kd = kd + s.kd_natural * kd_loss(s_nat, t_nat, temperature)
                 if jsd:                                        # AugMix's consistency on the student: a 2nd view
-                    loss = loss + s.student_jsd * jsd_loss(logits, s_nat, model(px.norm(augmix(x01, ops=s.augmix_ops))))
+                    loss = loss + s.student_jsd * jsd_loss(logits, s_nat, model(view()))
         with route(model, "perturbed"):
             if s.kd_adv > 0:
                 xa = px.norm(_attack(model, px, x01, y, s, bar))

@@ -55,9 +55,9 @@ def train_settings(st: RunState) -> RobustTrainSettings:
     return RobustTrainSettings(mean=tuple(bundle.train.mean), std=tuple(bundle.train.std),
                                epsilon=parse_epsilon(rb.train_epsilon, "--train-epsilon"),
                                attack_steps=schedule(st.cfg)[1], attack=rb.train_attack, trades_beta=rb.trades_beta,
-                               helper_weight=rb.helper_weight,
-                               augmix=rb.augmix, augmix_ops=rb.augmix_ops, jsd_weight=rb.jsd_weight, kd_clean=rb.kd_clean,
-                               kd_natural=rb.kd_natural, kd_adv=rb.kd_adv, student_jsd=rb.student_jsd,
+                               helper_weight=rb.helper_weight, augmix=rb.augmix, augmix_ops=rb.augmix_ops,
+                               jsd_weight=rb.jsd_weight, kd_clean=rb.kd_clean, kd_natural=rb.kd_natural,
+                               kd_adv=rb.kd_adv, student_jsd=rb.student_jsd,
                                natural_branch=rb.natural_branch)
 
 

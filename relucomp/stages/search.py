@@ -6,6 +6,7 @@ searched, possibly pruned, weights) and binarizes a warm-start state (sweeps).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,8 +49,6 @@ def robust_step(st: RunState, kd_weight: float, temperature: float, fair, desc: 
         return None
     from ..robust_train import robust_kd_step
     from .robust_teacher import train_settings
-
-    import dataclasses
 
     rt, rb = st["robust_teacher"], st.cfg.robustness
     clean = {"dense": rt.plain, "dual": rt.clean}.get(rb.clean_teacher)
