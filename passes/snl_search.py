@@ -78,7 +78,7 @@ from torch import fx, nn
 from relucomp.infra import Pass, PassResult
 from relucomp.nn import ReLUGate
 from relucomp.passes.insert_gates import gates_of
-from relucomp.train import LoopState, ce_kd_step, train_loop
+from relucomp.train import LoopState, ce_kd_step, on_device, train_loop
 
 
 def soft_count(gates: Iterable[ReLUGate], threshold: float = 1e-2) -> int:
@@ -201,7 +201,8 @@ def refine_masks(gm: nn.Module, gates: dict[str, ReLUGate], batches: list, *, te
         return {"rounds": 0, "swaps": 0}
     was = gm.training
     gm.eval()
-    t_logits = [teacher(x) if teacher is not None else None for x, _ in batches] if teacher is not None else [None] * len(batches)
+    t_logits = ([on_device(teacher, x.device)(x) for x, _ in batches] if teacher is not None
+                else [None] * len(batches))
     if teacher is not None:
         t_logits = [t.detach() for t in t_logits]
     costs = _costs(gl)

@@ -132,6 +132,9 @@ class RobustnessSection(_Section):
     helper_weight: float = 0.0          # HAT's helper term in the teacher's step (Rade & Moosavi-Dezfooli 2022):
                                         # weight γ of CE on x + 2·(x_adv − x), labelled by the dense model's
                                         # prediction on x_adv; 0: off (HAT's CIFAR-10 setting: 0.5 with β 2.5)
+    adv_teacher_beta: float | None = None  # a second robust teacher for the student's adversarial KD term only
+                                        # (MTARD's split of the teachers): TRADES at this β, no helper term, else
+                                        # trained as the robust teacher; None: one teacher for all three terms
     augmix: bool = True                 # AugMix views (natural-perturbation term) + JSD for the teacher
     augmix_ops: str = "prime"           # the op set AugMix's chains draw from: prime (PRIME's primitives: random
                                         # filters, colour curves, smooth deformations; measured better, README) |
@@ -293,7 +296,7 @@ KEYWORDS: dict[str, str] = {
     "teacher_robust": "robustness.teacher_robust", "robust_teacher_epochs": "robustness.teacher_epochs",
     "train_attack": "robustness.train_attack", "train_attack_steps": "robustness.train_attack_steps",
     "train_epsilon": "robustness.train_epsilon", "trades_beta": "robustness.trades_beta",
-    "helper_weight": "robustness.helper_weight",
+    "helper_weight": "robustness.helper_weight", "adv_teacher_beta": "robustness.adv_teacher_beta",
     "augmix": "robustness.augmix", "augmix_ops": "robustness.augmix_ops",
     "student_augmix_ops": "robustness.student_augmix_ops", "jsd_weight": "robustness.jsd_weight",
     "kd_clean": "robustness.kd_clean",
@@ -638,9 +641,9 @@ def robustness_settings(cfg: CompileConfig):
 
 
 ROBUST_TRAIN_FIELDS = ("teacher_robust", "teacher_epochs", "train_attack", "train_attack_steps", "train_epsilon",
-                       "trades_beta", "helper_weight", "augmix", "augmix_ops", "student_augmix_ops", "jsd_weight",
-                       "kd_clean", "kd_natural", "kd_adv", "student_jsd", "dual_bn", "export_branch",
-                       "compare_branches", "natural_branch", "clean_teacher")
+                       "trades_beta", "helper_weight", "adv_teacher_beta", "augmix", "augmix_ops",
+                       "student_augmix_ops", "jsd_weight", "kd_clean", "kd_natural", "kd_adv", "student_jsd",
+                       "dual_bn", "export_branch", "compare_branches", "natural_branch", "clean_teacher")
 
 
 def check_robust_compile(cfg: CompileConfig) -> None:
@@ -689,6 +692,17 @@ def check_robust_compile(cfg: CompileConfig) -> None:
         raise ConfigError("robustness.helper_weight is set but the teacher gets no adversarial finetune (HAT's helper "
                           "term is part of it)", "drop robustness.helper_weight, or --teacher-robust / "
                           "--robust-teacher-epochs 0")
+    if rb.adv_teacher_beta is not None:
+        if not (rb.adv_teacher_beta >= 0 and math.isfinite(rb.adv_teacher_beta)):
+            raise ConfigError(f"robustness.adv_teacher_beta {rb.adv_teacher_beta} is out of range",
+                              "give e.g. robustness.adv_teacher_beta = 6 (TRADES β of the adversarial term's teacher)")
+        if rb.teacher_robust or rb.teacher_epochs == 0:
+            raise ConfigError("robustness.adv_teacher_beta is set but the teacher gets no adversarial finetune (the "
+                              "second teacher is trained the same way)", "drop robustness.adv_teacher_beta, or "
+                              "--teacher-robust / --robust-teacher-epochs 0")
+        if rb.kd_adv == 0:
+            raise ConfigError("robustness.adv_teacher_beta is set but robustness.kd_adv = 0 (the adversarial KD term "
+                              "it teaches is off)", "drop robustness.adv_teacher_beta, or give kd_adv > 0")
     if rb.student_jsd > 0 and not rb.augmix:
         raise ConfigError("robustness.student_jsd is set but robustness.augmix is off (the JSD term compares AugMix "
                           "views)", "drop robustness.student_jsd, or turn robustness.augmix back on")

@@ -53,6 +53,7 @@ from torch import fx, nn
 from .config import CompileConfig, check_dp, load_config
 from .errors import RelucompError
 from .nn import ReLUGate
+from .train import on_device
 
 @dataclass
 class DPOptions:
@@ -537,7 +538,7 @@ def _dp_step(gsm, opt, teacher, x, y, kd_weight, temperature, sample_weights=Non
     yk = y.repeat_interleave(augmult) if augmult > 1 else y
     if teacher is not None and kd_weight > 0 and y.numel():
         with torch.no_grad():
-            t_logits = teacher(x)
+            t_logits = on_device(teacher, x.device)(x)
     logits = gsm(x)
     loss = per_sample_loss(logits, yk, t_logits, kd_weight=kd_weight, temperature=temperature)
     opt.zero_grad(set_to_none=True)
@@ -601,7 +602,7 @@ def heldout_grad_norms(gsm, params, teacher, ds, *, kd_weight: float, temperatur
         t_logits = None
         if teacher is not None and kd_weight > 0:
             with torch.no_grad():
-                t_logits = teacher(x)
+                t_logits = on_device(teacher, x.device)(x)
         _clear_grad_samples(params)
         per_sample_loss(gsm(x), y, t_logits, kd_weight=kd_weight, temperature=temperature).backward()
         v = per_sample_grad_norms(params)

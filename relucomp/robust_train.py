@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import AUGMIX_OP_SETS
-from .train import kd_loss
+from .train import kd_loss, on_device
 
 __all__ = ["augmix", "jsd_loss", "DualBatchNorm2d", "dualize", "collapse", "route", "RobustTrainSettings",
            "teacher_step", "robust_kd_step", "ROBUST_PRESETS"]
@@ -374,7 +374,7 @@ def teacher_step(s: RobustTrainSettings, *, progress: Any = None, helper: nn.Mod
 
 def robust_kd_step(teacher: nn.Module, s: RobustTrainSettings, *, kd_weight: float, temperature: float,
                    extra: Callable | None = None, progress: Any = None, desc: str = "search",
-                   clean_teacher: nn.Module | None = None):
+                   clean_teacher: nn.Module | None = None, adv_teacher: nn.Module | None = None):
     """Three-way distillation step (clean / AugMix / adversarial logits to the robust teacher's); dual-BN aware.
 
     ``s.student_jsd`` > 0 adds AugMix's Jensen-Shannon consistency over the student's clean logits and two AugMix
@@ -383,7 +383,10 @@ def robust_kd_step(teacher: nn.Module, s: RobustTrainSettings, *, kd_weight: flo
     ``clean_teacher``: the clean term distils from this model instead — the dual-BN teacher's clean branch
     (``robustness.clean_teacher = "dual"``, the default) or the dense model before the adversarial finetune
     (``"dense"``, MTARD's clean teacher, Zhao et al. 2022); the AugMix and adversarial terms keep the robust
-    ``teacher``."""
+    ``teacher``.  ``adv_teacher``: the adversarial term distils from this model instead (``robustness.adv_teacher_beta``:
+    a second robust teacher, MTARD's split of the teachers by the inputs they see).
+
+    The teachers are frozen; each is moved to the batch's device at its first use."""
     px = _Pixels(s.mean, s.std)
     bar = _AttackBar(progress, s.attack_steps, f"PGD-{s.attack_steps} on the student ({desc})")
 
@@ -393,7 +396,7 @@ def robust_kd_step(teacher: nn.Module, s: RobustTrainSettings, *, kd_weight: flo
         logits = model(x)                                      # clean branch
         loss = (1 - kd_weight) * F.cross_entropy(logits, y)
         with torch.no_grad():
-            t_clean = (teacher if clean_teacher is None else clean_teacher)(x)
+            t_clean = on_device(teacher if clean_teacher is None else clean_teacher, x.device)(x)
         kd = s.kd_clean * kd_loss(logits, t_clean, temperature) if s.kd_clean > 0 else 0.0
         jsd = s.augmix and s.student_jsd > 0
         if s.kd_natural > 0 or jsd:
@@ -402,7 +405,7 @@ def robust_kd_step(teacher: nn.Module, s: RobustTrainSettings, *, kd_weight: flo
                 s_nat = model(xn)
                 if s.kd_natural > 0:
                     with torch.no_grad():
-                        t_nat = teacher(xn)
+                        t_nat = on_device(teacher, x.device)(xn)
                     kd = kd + s.kd_natural * kd_loss(s_nat, t_nat, temperature)
                 if jsd:                                        # AugMix's consistency on the student: a 2nd view
                     loss = loss + s.student_jsd * jsd_loss(logits, s_nat, model(view()))
@@ -410,7 +413,7 @@ def robust_kd_step(teacher: nn.Module, s: RobustTrainSettings, *, kd_weight: flo
             if s.kd_adv > 0:
                 xa = px.norm(_attack(model, px, x01, y, s, bar))
                 with torch.no_grad():
-                    t_adv = teacher(xa)
+                    t_adv = on_device(teacher if adv_teacher is None else adv_teacher, x.device)(xa)
                 kd = kd + s.kd_adv * kd_loss(model(xa), t_adv, temperature)
         loss = loss + kd_weight * kd
         if extra is not None:

@@ -32,7 +32,7 @@ from torch import nn
 from .atomic import atomic_torch_save
 from .errors import Interrupted, ModelLoadError
 
-__all__ = ["Interrupted", "Checkpointer", "load_state", "train_loop", "ce_kd_step", "kd_loss", "evaluate",
+__all__ = ["Interrupted", "Checkpointer", "load_state", "train_loop", "ce_kd_step", "on_device", "kd_loss", "evaluate",
            "make_optimizer", "progress_bar", "RuntimeOptions", "runtime_options", "current_runtime"]
 
 
@@ -474,6 +474,15 @@ def _die(desc: str, step: int) -> None:  # pragma: no cover - the process ends h
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def on_device(module: nn.Module, device: torch.device) -> nn.Module:
+    """``module`` (a frozen teacher) on ``device``: moved there in place if its parameters are elsewhere (the stages
+    keep teachers on the CPU; a step on ``--device cuda`` moves each at its first batch)."""
+    p = next(module.parameters(), None)
+    if p is not None and p.device != device:
+        module.to(device)
+    return module
+
+
 def ce_kd_step(teacher: nn.Module | None, *, kd_weight: float = 0.5, temperature: float = 4.0,
                extra: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None) -> StepFn:
     """A step function computing ``(1-w)·CE + w·KD(teacher) (+ extra)``."""
@@ -483,7 +492,7 @@ def ce_kd_step(teacher: nn.Module | None, *, kd_weight: float = 0.5, temperature
         loss = F.cross_entropy(logits, y)
         if teacher is not None and kd_weight > 0:
             with torch.no_grad():
-                t_logits = teacher(x)
+                t_logits = on_device(teacher, x.device)(x)
             loss = (1 - kd_weight) * loss + kd_weight * kd_loss(logits, t_logits, temperature)
         if extra is not None:
             loss = loss + extra(logits, y, g)

@@ -9,6 +9,7 @@ student's KD weights or BN branches — trains it once; an interrupted teacher f
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import math
@@ -34,6 +35,7 @@ class RobustTeacherOut:
     info: dict[str, Any] = field(default_factory=dict)
     plain: nn.Module | None = None          # the dense teacher before the adversarial finetune
     clean: nn.Module | None = None          # clean_teacher = "dual": the dual-BN teacher's clean branch
+    adversarial: nn.Module | None = None    # adv_teacher_beta: the adversarial KD term's teacher
 
 
 def when(st: RunState) -> bool:
@@ -64,7 +66,7 @@ def train_settings(st: RunState) -> RobustTrainSettings:
 # settings in the stage's ``info`` that only the student's training reads: not part of the teacher's cache key,
 # so a sweep over them (KD weights, BN branches, the clean KD teacher) reuses one robust teacher
 STUDENT_ONLY = ("dual_bn", "export_branch", "natural_branch", "clean_teacher", "kd_weights", "student_jsd",
-                "student_augmix_ops")
+                "student_augmix_ops", "adv_teacher")
 
 
 def teacher_digest(key: str, epochs: int, info: dict[str, Any], seed: int) -> str:
@@ -83,8 +85,6 @@ def _frozen(model: nn.Module) -> nn.Module:
 
 
 def run(st: RunState) -> RobustTeacherOut:
-    from . import pretrain
-
     cfg, pre = st.cfg, st["pretrain"]
     epochs, steps = schedule(cfg)
     s = train_settings(st)
@@ -108,6 +108,39 @@ def run(st: RunState) -> RobustTeacherOut:
     dual = cfg.robustness.clean_teacher == "dual"
     if dual:                                # the teacher's own training changes: part of its cache key
         info["teacher_dual_bn"] = True
+    beta2 = cfg.robustness.adv_teacher_beta
+    # the adversarial term's teacher: the robust teacher's settings at β2, TRADES, no helper — the key a plain
+    # run at that β would have, so a teacher trained (or cached) by such a run is reused
+    info2 = {k: v for k, v in info.items() if k != "helper_weight"} | {"train_attack": "trades", "trades_beta": beta2}
+    model = _adversarial_finetune(st, s, info, epochs=epochs, dual=dual, what="robust teacher")
+    adversarial = None
+    if beta2 is not None:
+        s2 = dataclasses.replace(s, attack="trades", trades_beta=beta2, helper_weight=0.0)
+        adversarial = _adversarial_finetune(st, s2, info2, epochs=epochs, dual=dual, what="adversarial teacher")
+        if dual:
+            collapse(adversarial, "perturbed")
+        info["adv_teacher"] = {"trades_beta": beta2, "teaches": "the adversarial KD term",
+                               **{k: info2[k] for k in ("cached", "lr", "history") if k in info2}}
+    info["adversarial_finetune"] = True
+    clean = None
+    if dual:                                # robust = the perturbed branch; the clean one teaches the clean term
+        clean = copy.deepcopy(model)
+        collapse(clean, "clean")
+        collapse(model, "perturbed")
+    st["model"].model.load_state_dict(model.state_dict())   # the student starts from the robust teacher
+    plain = pre.teacher
+    pre.teacher = _frozen(model)
+    return RobustTeacherOut(info=info, plain=plain, clean=None if clean is None else _frozen(clean),
+                            adversarial=None if adversarial is None else _frozen(adversarial))
+
+
+def _adversarial_finetune(st: RunState, s: RobustTrainSettings, info: dict[str, Any], *, epochs: int, dual: bool,
+                          what: str) -> nn.Module:
+    """The dense teacher adversarially finetuned with ``s`` (dual-BN if ``dual``): from the cache (key:
+    :func:`teacher_digest` of ``info``) or trained and cached; ``info`` gains ``cached`` or ``lr`` / ``history``."""
+    from . import pretrain
+
+    cfg, pre = st.cfg, st["pretrain"]
     model = copy.deepcopy(pre.teacher)
     if dual:
         dualize(model)
@@ -118,45 +151,34 @@ def run(st: RunState) -> RobustTeacherOut:
     path = None
     if key is not None and models is not None:
         path = models / f"{key}-robust-{teacher_digest(key, epochs, info, cfg.runtime.seed)}.pt"
-    loaded = False
     if path is not None and path.exists():
         try:
             state = load_state(path)
             model.load_state_dict(state["state_dict"])
             info.update(state.get("info", {}), cached=str(path))
-            loaded = True
+            return model
         except (RelucompError, KeyError, RuntimeError):
             path.unlink(missing_ok=True)
-    if not loaded:
-        st.say(f"robust teacher: {epochs} epochs of {cfg.robustness.train_attack.upper()} adversarial finetuning "
-               f"(PGD-{steps}, ε = {s.epsilon:.4f})"
-               + (f" + AugMix/JSD{'' if s.augmix_ops == 'augmix' else f' ({s.augmix_ops} ops)'}" if s.augmix else ""))
-        torch.manual_seed(cfg.runtime.seed)
-        loader = st["data"].train
-        lr = cfg.model.pretrain_lr * 0.2
-        opt = make_optimizer(model.parameters(), lr=lr)
-        total = max(1, epochs * len(loader))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 * (1 + math.cos(math.pi * min(1.0, k / total))))
-        helper = None
-        if s.helper_weight > 0:             # HAT's standard model: the dense teacher before this finetune
-            helper = _frozen(copy.deepcopy(pre.teacher)).to(cfg.runtime.device)
-        step = teacher_step(s, progress=st.progress, helper=helper)
-        hist = train_loop(model, loader, epochs=epochs, optimizer=opt, step_fn=step, desc="robust teacher",
-                          progress=st.progress, after_step=lambda k: sched.step(), device=cfg.runtime.device)
-        step.bar.close()
-        model.cpu()
-        info.update(lr=lr, history=[{k: (round(v, 4) if isinstance(v, float) else v) for k, v in h.items()}
-                                    for h in hist])
-        if path is not None:
-            Checkpointer(path).save({"state_dict": model.state_dict(),
-                                     "info": {"lr": lr, "history": info["history"]}})
-    info["adversarial_finetune"] = True
-    clean = None
-    if dual:                                # robust = the perturbed branch; the clean one teaches the clean term
-        clean = copy.deepcopy(model)
-        collapse(clean, "clean")
-        collapse(model, "perturbed")
-    st["model"].model.load_state_dict(model.state_dict())   # the student starts from the robust teacher
-    plain = pre.teacher
-    pre.teacher = _frozen(model)
-    return RobustTeacherOut(info=info, plain=plain, clean=None if clean is None else _frozen(clean))
+    st.say(f"{what}: {epochs} epochs of {s.attack.upper()} adversarial finetuning "
+           f"(PGD-{s.attack_steps}, ε = {s.epsilon:.4f}"
+           + (f", β = {s.trades_beta:g}" if s.attack == "trades" else "") + ")"
+           + (f" + AugMix/JSD{'' if s.augmix_ops == 'augmix' else f' ({s.augmix_ops} ops)'}" if s.augmix else ""))
+    torch.manual_seed(cfg.runtime.seed)
+    loader = st["data"].train
+    lr = cfg.model.pretrain_lr * 0.2
+    opt = make_optimizer(model.parameters(), lr=lr)
+    total = max(1, epochs * len(loader))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 * (1 + math.cos(math.pi * min(1.0, k / total))))
+    helper = None
+    if s.helper_weight > 0:                 # HAT's standard model: the dense teacher before this finetune
+        helper = _frozen(copy.deepcopy(pre.teacher)).to(cfg.runtime.device)
+    step = teacher_step(s, progress=st.progress, helper=helper)
+    hist = train_loop(model, loader, epochs=epochs, optimizer=opt, step_fn=step, desc=what, progress=st.progress,
+                      after_step=lambda k: sched.step(), device=cfg.runtime.device)
+    step.bar.close()
+    model.cpu()
+    info.update(lr=lr, history=[{k: (round(v, 4) if isinstance(v, float) else v) for k, v in h.items()}
+                                for h in hist])
+    if path is not None:
+        Checkpointer(path).save({"state_dict": model.state_dict(), "info": {"lr": lr, "history": info["history"]}})
+    return model

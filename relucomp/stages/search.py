@@ -57,7 +57,7 @@ def robust_step(st: RunState, kd_weight: float, temperature: float, fair, desc: 
         s = dataclasses.replace(s, augmix_ops=rb.student_augmix_ops)
     return robust_kd_step(st["pretrain"].teacher, s, kd_weight=kd_weight, temperature=temperature,
                           extra=fair.extra_loss if fair is not None else None, progress=st.progress, desc=desc,
-                          clean_teacher=clean)
+                          clean_teacher=clean, adv_teacher=rt.adversarial)
 
 
 def run(st: RunState) -> SearchOut:
