@@ -244,6 +244,53 @@ def test_hat_helper_term_is_ce_on_extended_perturbations_labelled_by_the_standar
         rt.teacher_step(s1)
 
 
+def test_adv_teacher_teaches_the_adversarial_term_only(monkeypatch):
+    """robustness.adv_teacher_beta (two teachers): the student's adversarial KD term distils from ``adv_teacher``
+    on the same adversarial example — exactly (1 − w)·CE(x) + w·KD(s(x_adv), t_adv(x_adv)) with the other terms
+    off — and the clean term still from the robust teacher."""
+    import torch.nn.functional as F
+
+    import relucomp.robust_train as rt
+    from relucomp.train import kd_loss
+
+    torch.manual_seed(0)
+    student, teacher, adv = _net().eval(), _net().eval(), _net().eval()
+    with torch.no_grad():
+        for prm in adv.parameters():
+            prm.add_(torch.randn_like(prm))
+    px = rt._Pixels((0.5,) * 3, (0.25,) * 3)
+    x, y = torch.randn(6, 3, 8, 8), torch.tensor([0, 1, 2, 0, 1, 2])
+    x_adv = (px.to01(x) + 0.03 * torch.randn_like(x).sign()).clamp(0, 1)
+    monkeypatch.setattr(rt, "_attack", lambda *a, **k: x_adv)
+    s = RobustTrainSettings(mean=(0.5,) * 3, std=(0.25,) * 3, attack_steps=1, augmix=False, kd_clean=0.0,
+                            kd_natural=0.0)
+    with torch.no_grad():
+        xa = px.norm(x_adv)
+        ce = F.cross_entropy(student(x), y)
+        want = {name: 0.5 * ce + 0.5 * kd_loss(student(xa), t(xa), 4.0) for name, t in (("one", teacher), ("two", adv))}
+        got_one, _ = robust_kd_step(teacher, s, kd_weight=0.5, temperature=4.0)(student, x, y, None)
+        got_two, _ = robust_kd_step(teacher, s, kd_weight=0.5, temperature=4.0, adv_teacher=adv)(student, x, y, None)
+        s_c = RobustTrainSettings(mean=(0.5,) * 3, std=(0.25,) * 3, attack_steps=1, augmix=False, kd_adv=0.0,
+                                  kd_natural=0.0)          # the clean term ignores the adversarial teacher
+        got_c, _ = robust_kd_step(teacher, s_c, kd_weight=0.5, temperature=4.0, adv_teacher=adv)(student, x, y, None)
+        want_c = 0.5 * ce + 0.5 * kd_loss(student(x), teacher(x), 4.0)
+    assert torch.allclose(got_one, want["one"]) and torch.allclose(got_two, want["two"])
+    assert not torch.allclose(want["one"], want["two"]) and torch.allclose(got_c, want_c)
+
+
+def test_teachers_follow_the_batch_to_its_device():
+    """KD teachers live on the CPU between stages; the steps move each to the batch's device at first use
+    (``on_device``: under --device cuda the teacher's forward met a CUDA batch). Checked with the meta device."""
+    from relucomp.train import ce_kd_step, on_device
+
+    teacher = _net().eval()
+    assert on_device(teacher, torch.device("cpu")) is teacher
+    student = _net().to("meta")
+    x, y = torch.randn(4, 3, 8, 8, device="meta"), torch.zeros(4, dtype=torch.long, device="meta")
+    loss, _ = ce_kd_step(teacher, kd_weight=0.5)(student, x, y, None)
+    assert loss.device.type == "meta" and next(teacher.parameters()).device.type == "meta"
+
+
 def test_robust_bad_combinations_are_one_line_errors():
     base = {"relu_budget": 100}
     for extra, frag in (({"robust": True, "search": "layer-drop"}, "--search snl"),
@@ -272,7 +319,12 @@ def test_robust_bad_combinations_are_one_line_errors():
                         ({"robust": True, "helper_weight": float("nan")}, "helper_weight = 0.5"),
                         ({"robust": True, "helper_weight": 0.5, "teacher_robust": True}, "no adversarial finetune"),
                         ({"robust": True, "helper_weight": 0.5, "robust_teacher_epochs": 0},
-                         "drop robustness.helper_weight")):
+                         "drop robustness.helper_weight"),
+                        ({"adv_teacher_beta": 6.0}, "add --robust"),
+                        ({"robust": True, "adv_teacher_beta": -1.0}, "adv_teacher_beta = 6"),
+                        ({"robust": True, "adv_teacher_beta": float("inf")}, "adv_teacher_beta = 6"),
+                        ({"robust": True, "adv_teacher_beta": 6.0, "teacher_robust": True}, "no adversarial finetune"),
+                        ({"robust": True, "adv_teacher_beta": 6.0, "kd_adv": 0.0}, "kd_adv > 0")):
         with pytest.raises(ConfigError) as e:
             validate(resolve_config(None, {**base, **extra}), check_data=False)
         assert frag in f"{e.value.cause} {e.value.fix}", (extra, str(e.value))
@@ -304,6 +356,29 @@ def test_robust_compile_with_a_one_bn_teacher(tmp_path):
     assert t["helper_weight"] == 0.5 and t["trades_beta"] == 2.5 and t["adversarial_finetune"]   # HAT's teacher
     assert "BatchNormalization" not in [n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node]
     assert rep["relus"]["after"] <= rep["relus"]["budget"]
+
+
+@needs_ic
+def test_two_teacher_compile_reuses_the_single_teacher_run_s_cache(tmp_path, rc_cache):
+    """robustness.adv_teacher_beta = 6 beside HAT's teacher: a second robust teacher is trained (and cached) for the
+    adversarial term under the key a one-teacher run at β 6 has, so that run then trains no teacher at all."""
+    args = ["--limit", "200", "--pretrain-epochs", "1", "--epochs", "1", "--finetune-epochs", "1", "--no-progress",
+            "--robust", "--robust-teacher-epochs", "1", "--train-attack-steps", "1", "--corruptions", "contrast",
+            "--severities", "3", "--robustness-samples", "20", "--pgd-steps", "1"]
+    (tmp_path / "c.toml").write_text("[robustness]\nhelper_weight = 0.5\ntrades_beta = 2.5\nadv_teacher_beta = 6\n")
+    r = runner.invoke(app, ["compile", "tinycnn", "-b", "50%", "--out", str(tmp_path / "a"),
+                            "--config", str(tmp_path / "c.toml"), *args])
+    assert r.exit_code == 0, r.output
+    t = json.loads((tmp_path / "a" / "report.json").read_text())["robustness"]["robust_compile"]["teacher"]
+    assert t["trades_beta"] == 2.5 and t["helper_weight"] == 0.5 and "cached" not in t
+    assert t["adv_teacher"]["trades_beta"] == 6.0 and len(t["adv_teacher"]["history"]) == 1   # trained: 1 epoch
+    files = sorted(rc_cache.rglob("*-robust-*.pt"))
+    assert len(files) == 2                                  # two teachers, two keys
+    r = runner.invoke(app, ["compile", "tinycnn", "-b", "50%", "--out", str(tmp_path / "b"), *args])
+    assert r.exit_code == 0, r.output
+    t1 = json.loads((tmp_path / "b" / "report.json").read_text())["robustness"]["robust_compile"]["teacher"]
+    assert t1["trades_beta"] == 6.0 and "adv_teacher" not in t1 and t1["cached"] in map(str, files)
+    assert sorted(rc_cache.rglob("*-robust-*.pt")) == files  # nothing trained
 
 
 @needs_ic
