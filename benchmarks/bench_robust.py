@@ -126,6 +126,9 @@ def main() -> None:
     ap.add_argument("--adv-teacher-beta", type=float, default=None,
                     help="robustness.adv_teacher_beta: a second robust teacher (TRADES at this β, no helper) for the "
                          "student's adversarial KD term (default: one teacher)")
+    ap.add_argument("--student-init", default="robust", choices=("robust", "adversarial"),
+                    help="robustness.student_init: the student starts from the robust teacher (default) or the "
+                         "adversarial one (--adv-teacher-beta)")
     ap.add_argument("--natural-branch", default="perturbed", choices=("perturbed", "clean"),
                     help="robustness.natural_branch: the dual-BN branch the AugMix views train on")
     ap.add_argument("--clean-teacher", default=RobustnessSection().clean_teacher, choices=("dual", "robust", "dense"),
@@ -172,6 +175,8 @@ def main() -> None:
         key |= {"helper_weight": a.helper_weight}
     if a.adv_teacher_beta is not None:     # two teachers (session 18); keys without it mean one
         key |= {"adv_teacher_beta": a.adv_teacher_beta}
+    if a.student_init != "robust":
+        key |= {"student_init": a.student_init}
     key |= {"clean_teacher": a.clean_teacher}  # always: the default changed (robust → dual)
     if a.train_epsilon != "8/255":
         key |= {"train_epsilon": a.train_epsilon}
@@ -194,7 +199,8 @@ def main() -> None:
                      kd_adv=a.kd_adv,
                      augmix_ops=a.augmix_ops, student_augmix_ops=a.student_augmix_ops, train_epsilon=a.train_epsilon,
                      **{"robustness.jsd_weight": a.jsd_weight, "robustness.helper_weight": a.helper_weight,
-                        "robustness.adv_teacher_beta": a.adv_teacher_beta}
+                        "robustness.adv_teacher_beta": a.adv_teacher_beta,
+                        "robustness.student_init": a.student_init}
                      ) if robust else {}
         res = rc_compile("resnet8", f"cifar10:{a.data}", relu_budget=budget, limit=a.limit,
                          pretrain_epochs=a.pretrain_epochs, search_epochs=a.epochs, finetune_epochs=a.finetune_epochs,
@@ -231,7 +237,7 @@ def main() -> None:
                             "split": a.split,
                             "robust": {"teacher_epochs": a.teacher_epochs, "train_attack": "trades",
                                        "trades_beta": a.trades_beta, "helper_weight": a.helper_weight,
-                                       "adv_teacher_beta": a.adv_teacher_beta,
+                                       "adv_teacher_beta": a.adv_teacher_beta, "student_init": a.student_init,
                                        "train_attack_steps": a.train_attack_steps, "train_epsilon": a.train_epsilon,
                                        "augmix": True, "augmix_ops": a.augmix_ops,
                                        "student_augmix_ops": a.student_augmix_ops or a.augmix_ops,

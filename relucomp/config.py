@@ -135,6 +135,8 @@ class RobustnessSection(_Section):
     adv_teacher_beta: float | None = None  # a second robust teacher for the student's adversarial KD term only
                                         # (MTARD's split of the teachers): TRADES at this β, no helper term, else
                                         # trained as the robust teacher; None: one teacher for all three terms
+    student_init: str = "robust"        # the weights the student starts from: robust (the robust teacher's) |
+                                        # adversarial (the adv_teacher_beta teacher's)
     augmix: bool = True                 # AugMix views (natural-perturbation term) + JSD for the teacher
     augmix_ops: str = "prime"           # the op set AugMix's chains draw from: prime (PRIME's primitives: random
                                         # filters, colour curves, smooth deformations; measured better, README) |
@@ -297,6 +299,7 @@ KEYWORDS: dict[str, str] = {
     "train_attack": "robustness.train_attack", "train_attack_steps": "robustness.train_attack_steps",
     "train_epsilon": "robustness.train_epsilon", "trades_beta": "robustness.trades_beta",
     "helper_weight": "robustness.helper_weight", "adv_teacher_beta": "robustness.adv_teacher_beta",
+    "student_init": "robustness.student_init",
     "augmix": "robustness.augmix", "augmix_ops": "robustness.augmix_ops",
     "student_augmix_ops": "robustness.student_augmix_ops", "jsd_weight": "robustness.jsd_weight",
     "kd_clean": "robustness.kd_clean",
@@ -641,7 +644,7 @@ def robustness_settings(cfg: CompileConfig):
 
 
 ROBUST_TRAIN_FIELDS = ("teacher_robust", "teacher_epochs", "train_attack", "train_attack_steps", "train_epsilon",
-                       "trades_beta", "helper_weight", "adv_teacher_beta", "augmix", "augmix_ops",
+                       "trades_beta", "helper_weight", "adv_teacher_beta", "student_init", "augmix", "augmix_ops",
                        "student_augmix_ops", "jsd_weight", "kd_clean", "kd_natural", "kd_adv", "student_jsd",
                        "dual_bn", "export_branch", "compare_branches", "natural_branch", "clean_teacher")
 
@@ -703,6 +706,11 @@ def check_robust_compile(cfg: CompileConfig) -> None:
         if rb.kd_adv == 0:
             raise ConfigError("robustness.adv_teacher_beta is set but robustness.kd_adv = 0 (the adversarial KD term "
                               "it teaches is off)", "drop robustness.adv_teacher_beta, or give kd_adv > 0")
+    _one_of(rb.student_init, ("robust", "adversarial"), "robustness.student_init =", "student's initial weights")
+    if rb.student_init == "adversarial" and rb.adv_teacher_beta is None:
+        raise ConfigError("robustness.student_init = \"adversarial\" needs the adversarial teacher, and "
+                          "robustness.adv_teacher_beta is not set", "give e.g. robustness.adv_teacher_beta = 6, or "
+                          "drop robustness.student_init")
     if rb.student_jsd > 0 and not rb.augmix:
         raise ConfigError("robustness.student_jsd is set but robustness.augmix is off (the JSD term compares AugMix "
                           "views)", "drop robustness.student_jsd, or turn robustness.augmix back on")

@@ -278,6 +278,48 @@ def test_adv_teacher_teaches_the_adversarial_term_only(monkeypatch):
     assert not torch.allclose(want["one"], want["two"]) and torch.allclose(got_c, want_c)
 
 
+def test_student_starts_from_the_teacher_student_init_names(monkeypatch):
+    """robustness.student_init: the student's initial weights are the robust teacher's perturbed branch (default)
+    or, with "adversarial", the adv_teacher_beta teacher's; the KD roles stay (robust teacher: clean branch for the
+    clean term, perturbed for the natural one; the adversarial teacher for the adversarial term)."""
+    from types import SimpleNamespace
+
+    import relucomp.stages.robust_teacher as stage
+    from relucomp.stages.base import Hooks, RunState
+
+    def trained(seed):                                  # a dual-BN "teacher" with weights of its own
+        torch.manual_seed(seed)
+        m = fx.symbolic_trace(_net())
+        dualize(m)
+        with torch.no_grad():
+            for prm in m.parameters():
+                prm.normal_()
+        return m
+
+    teachers = {"robust teacher": trained(1), "adversarial teacher": trained(2)}
+    monkeypatch.setattr(stage, "_adversarial_finetune", lambda st, s, info, *, epochs, dual, what: teachers[what])
+    want = {}
+    for what, m in teachers.items():
+        p = __import__("copy").deepcopy(m)
+        collapse(p, "perturbed")
+        want[what] = p.state_dict()
+    bundle = SimpleNamespace(train=SimpleNamespace(mean=(0.5,) * 3, std=(0.25,) * 3))
+    for init, source in (("robust", "robust teacher"), ("adversarial", "adversarial teacher")):
+        cfg = resolve_config(None, {"relu_budget": 100, "robust": True, "robust_teacher_epochs": 1,
+                                    "adv_teacher_beta": 6.0, "student_init": init})
+        validate(cfg, check_data=False)
+        st = RunState(cfg=cfg, hooks=Hooks())
+        student = fx.symbolic_trace(_net())
+        st.results.update(pretrain=SimpleNamespace(teacher=_net().eval(), epochs=1),
+                          data=SimpleNamespace(bundle=bundle), model=SimpleNamespace(model=student))
+        out = stage.run(st)
+        got = student.state_dict()
+        assert all(torch.equal(got[k], want[source][k]) for k in want[source]), init
+        assert out.info["student_init"] == init and out.info["adv_teacher"]["trades_beta"] == 6.0
+        assert all(torch.equal(a, b) for a, b in zip(out.adversarial.state_dict().values(),
+                                                      want["adversarial teacher"].values()))
+
+
 def test_teachers_follow_the_batch_to_its_device():
     """KD teachers live on the CPU between stages; the steps move each to the batch's device at first use
     (``on_device``: under --device cuda the teacher's forward met a CUDA batch). Checked with the meta device."""
@@ -324,7 +366,10 @@ def test_robust_bad_combinations_are_one_line_errors():
                         ({"robust": True, "adv_teacher_beta": -1.0}, "adv_teacher_beta = 6"),
                         ({"robust": True, "adv_teacher_beta": float("inf")}, "adv_teacher_beta = 6"),
                         ({"robust": True, "adv_teacher_beta": 6.0, "teacher_robust": True}, "no adversarial finetune"),
-                        ({"robust": True, "adv_teacher_beta": 6.0, "kd_adv": 0.0}, "kd_adv > 0")):
+                        ({"robust": True, "adv_teacher_beta": 6.0, "kd_adv": 0.0}, "kd_adv > 0"),
+                        ({"robust": True, "student_init": "adversarial"}, "adv_teacher_beta = 6"),
+                        ({"robust": True, "student_init": "dense"}, "robust | adversarial"),
+                        ({"student_init": "adversarial"}, "add --robust")):
         with pytest.raises(ConfigError) as e:
             validate(resolve_config(None, {**base, **extra}), check_data=False)
         assert frag in f"{e.value.cause} {e.value.fix}", (extra, str(e.value))

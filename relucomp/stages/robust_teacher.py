@@ -66,7 +66,7 @@ def train_settings(st: RunState) -> RobustTrainSettings:
 # settings in the stage's ``info`` that only the student's training reads: not part of the teacher's cache key,
 # so a sweep over them (KD weights, BN branches, the clean KD teacher) reuses one robust teacher
 STUDENT_ONLY = ("dual_bn", "export_branch", "natural_branch", "clean_teacher", "kd_weights", "student_jsd",
-                "student_augmix_ops", "adv_teacher")
+                "student_augmix_ops", "adv_teacher", "student_init")
 
 
 def teacher_digest(key: str, epochs: int, info: dict[str, Any], seed: int) -> str:
@@ -127,7 +127,9 @@ def run(st: RunState) -> RobustTeacherOut:
         clean = copy.deepcopy(model)
         collapse(clean, "clean")
         collapse(model, "perturbed")
-    st["model"].model.load_state_dict(model.state_dict())   # the student starts from the robust teacher
+    start = adversarial if cfg.robustness.student_init == "adversarial" else model
+    st["model"].model.load_state_dict(start.state_dict())   # the student starts from the robust teacher (or the other)
+    info["student_init"] = cfg.robustness.student_init
     plain = pre.teacher
     pre.teacher = _frozen(model)
     return RobustTeacherOut(info=info, plain=plain, clean=None if clean is None else _frozen(clean),
