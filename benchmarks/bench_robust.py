@@ -116,19 +116,22 @@ def main() -> None:
     ap.add_argument("--modes", default="plain,robust")
     ap.add_argument("--split", default="test", choices=("test", "val"),
                     help="the split CA / NPA / AdvA are measured on (val: to choose settings without the test split)")
-    ap.add_argument("--trades-beta", type=float, default=6.0, help="TRADES β of the robust teacher")
+    ap.add_argument("--trades-beta", type=float, default=RobustnessSection().trades_beta,
+                    help="TRADES β of the robust teacher (default: the config's)")
     ap.add_argument("--train-epsilon", default="8/255",
                     help="robustness.train_epsilon: the training attack's ε (teacher and KD); AdvA stays at 8/255")
     ap.add_argument("--jsd-weight", type=float, default=RobustnessSection().jsd_weight,
                     help="robustness.jsd_weight: the teacher's AugMix JSD consistency weight (default: the config's)")
     ap.add_argument("--helper-weight", type=float, default=RobustnessSection().helper_weight,
                     help="robustness.helper_weight: HAT's helper term in the teacher's step (0: off)")
-    ap.add_argument("--adv-teacher-beta", type=float, default=None,
-                    help="robustness.adv_teacher_beta: a second robust teacher (TRADES at this β, no helper) for the "
-                         "student's adversarial KD term (default: one teacher)")
-    ap.add_argument("--student-init", default="robust", choices=("robust", "adversarial"),
-                    help="robustness.student_init: the student starts from the robust teacher (default) or the "
-                         "adversarial one (--adv-teacher-beta)")
+    ap.add_argument("--adv-teacher-beta", type=float, default=RobustnessSection().adv_teacher_beta,
+                    help="robustness.adv_teacher_beta: TRADES β of the second robust teacher (no helper), the "
+                         "student's adversarial KD term's")
+    ap.add_argument("--one-teacher", action="store_true",
+                    help="robustness.adv_teacher = false: one robust teacher for all three KD terms (before session 18)")
+    ap.add_argument("--student-init", default=RobustnessSection().student_init, choices=("robust", "adversarial"),
+                    help="robustness.student_init: the student starts from the adversarial term's teacher (default) "
+                         "or the robust one")
     ap.add_argument("--natural-branch", default="perturbed", choices=("perturbed", "clean"),
                     help="robustness.natural_branch: the dual-BN branch the AugMix views train on")
     ap.add_argument("--clean-teacher", default=RobustnessSection().clean_teacher, choices=("dual", "robust", "dense"),
@@ -173,9 +176,10 @@ def main() -> None:
         key |= {"student_augmix_ops": a.student_augmix_ops}
     if a.helper_weight != 0:               # HAT (session 17); keys without it mean off
         key |= {"helper_weight": a.helper_weight}
-    if a.adv_teacher_beta is not None:     # two teachers (session 18); keys without it mean one
+    two = not a.one_teacher and (a.trades_beta, a.helper_weight) != (a.adv_teacher_beta, 0)
+    if two:                                # two teachers (session 18); keys without it mean one
         key |= {"adv_teacher_beta": a.adv_teacher_beta}
-    if a.student_init != "robust":
+    if two and a.student_init != "robust":  # one teacher: both inits are the robust teacher
         key |= {"student_init": a.student_init}
     key |= {"clean_teacher": a.clean_teacher}  # always: the default changed (robust → dual)
     if a.train_epsilon != "8/255":
@@ -199,8 +203,8 @@ def main() -> None:
                      kd_adv=a.kd_adv,
                      augmix_ops=a.augmix_ops, student_augmix_ops=a.student_augmix_ops, train_epsilon=a.train_epsilon,
                      **{"robustness.jsd_weight": a.jsd_weight, "robustness.helper_weight": a.helper_weight,
-                        "robustness.adv_teacher_beta": a.adv_teacher_beta,
-                        "robustness.student_init": a.student_init}
+                        "robustness.adv_teacher": not a.one_teacher,
+                        "robustness.adv_teacher_beta": a.adv_teacher_beta, "robustness.student_init": a.student_init}
                      ) if robust else {}
         res = rc_compile("resnet8", f"cifar10:{a.data}", relu_budget=budget, limit=a.limit,
                          pretrain_epochs=a.pretrain_epochs, search_epochs=a.epochs, finetune_epochs=a.finetune_epochs,
@@ -237,7 +241,8 @@ def main() -> None:
                             "split": a.split,
                             "robust": {"teacher_epochs": a.teacher_epochs, "train_attack": "trades",
                                        "trades_beta": a.trades_beta, "helper_weight": a.helper_weight,
-                                       "adv_teacher_beta": a.adv_teacher_beta, "student_init": a.student_init,
+                                       "adv_teacher_beta": a.adv_teacher_beta if two else None,
+                                       "student_init": a.student_init if two else "robust",
                                        "train_attack_steps": a.train_attack_steps, "train_epsilon": a.train_epsilon,
                                        "augmix": True, "augmix_ops": a.augmix_ops,
                                        "student_augmix_ops": a.student_augmix_ops or a.augmix_ops,

@@ -114,7 +114,8 @@ def main() -> None:
             "robustness_split": "val", "seed": a.seed}
     robust = {"robust": True, "robust_teacher_epochs": 20, "trades_beta": 6.0, "train_attack_steps": 2,
               "robustness.jsd_weight": a.jsd_weight if a.probe == "jsd" else 12.0,
-              "robustness.clean_teacher": "robust", "robustness.augmix_ops": "augmix"}
+              "robustness.clean_teacher": "robust", "robustness.augmix_ops": "augmix",
+              "robustness.helper_weight": 0.0, "robustness.adv_teacher": False}   # one TRADES teacher (< session 18)
     if a.probe == "weights":   # the defaults when it ran (AugMix's ops until session 16's switch to PRIME's)
         robust |= {"robustness.jsd_weight": 48.0, "robustness.clean_teacher": "dual"}
     log = lambda m: print(f"[{time.strftime('%H:%M:%S')}] {m}", flush=True)

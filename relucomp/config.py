@@ -128,15 +128,17 @@ class RobustnessSection(_Section):
     train_attack: str = "trades"        # the teacher's objective: trades | pgd
     train_attack_steps: int | None = None  # PGD steps when training (None: the effort's; 2 on quick)
     train_epsilon: Union[float, str] = "8/255"
-    trades_beta: float = 6.0
-    helper_weight: float = 0.0          # HAT's helper term in the teacher's step (Rade & Moosavi-Dezfooli 2022):
+    trades_beta: float = 2.5            # HAT's CIFAR-10 setting with helper_weight 0.5 (TRADES's 6 before session 18)
+    helper_weight: float = 0.5          # HAT's helper term in the teacher's step (Rade & Moosavi-Dezfooli 2022):
                                         # weight γ of CE on x + 2·(x_adv − x), labelled by the dense model's
-                                        # prediction on x_adv; 0: off (HAT's CIFAR-10 setting: 0.5 with β 2.5)
-    adv_teacher_beta: float | None = None  # a second robust teacher for the student's adversarial KD term only
-                                        # (MTARD's split of the teachers): TRADES at this β, no helper term, else
-                                        # trained as the robust teacher; None: one teacher for all three terms
-    student_init: str = "robust"        # the weights the student starts from: robust (the robust teacher's) |
-                                        # adversarial (the adv_teacher_beta teacher's)
+                                        # prediction on x_adv; 0: off (the default before session 18)
+    adv_teacher: bool = True            # a second robust teacher for the student's adversarial KD term (MTARD's
+                                        # split of the teachers): TRADES at adv_teacher_beta, no helper term, else
+                                        # trained as the robust teacher; false: one teacher for all three terms
+    adv_teacher_beta: float = 6.0
+    student_init: str = "adversarial"   # the weights the student starts from: adversarial (the adversarial KD
+                                        # term's teacher; with one teacher the robust teacher) | robust (the robust
+                                        # teacher's, the clean and natural terms' teacher)
     augmix: bool = True                 # AugMix views (natural-perturbation term) + JSD for the teacher
     augmix_ops: str = "prime"           # the op set AugMix's chains draw from: prime (PRIME's primitives: random
                                         # filters, colour curves, smooth deformations; measured better, README) |
@@ -298,8 +300,8 @@ KEYWORDS: dict[str, str] = {
     "teacher_robust": "robustness.teacher_robust", "robust_teacher_epochs": "robustness.teacher_epochs",
     "train_attack": "robustness.train_attack", "train_attack_steps": "robustness.train_attack_steps",
     "train_epsilon": "robustness.train_epsilon", "trades_beta": "robustness.trades_beta",
-    "helper_weight": "robustness.helper_weight", "adv_teacher_beta": "robustness.adv_teacher_beta",
-    "student_init": "robustness.student_init",
+    "helper_weight": "robustness.helper_weight", "adv_teacher": "robustness.adv_teacher",
+    "adv_teacher_beta": "robustness.adv_teacher_beta", "student_init": "robustness.student_init",
     "augmix": "robustness.augmix", "augmix_ops": "robustness.augmix_ops",
     "student_augmix_ops": "robustness.student_augmix_ops", "jsd_weight": "robustness.jsd_weight",
     "kd_clean": "robustness.kd_clean",
@@ -644,8 +646,8 @@ def robustness_settings(cfg: CompileConfig):
 
 
 ROBUST_TRAIN_FIELDS = ("teacher_robust", "teacher_epochs", "train_attack", "train_attack_steps", "train_epsilon",
-                       "trades_beta", "helper_weight", "adv_teacher_beta", "student_init", "augmix", "augmix_ops",
-                       "student_augmix_ops", "jsd_weight", "kd_clean", "kd_natural", "kd_adv", "student_jsd",
+                       "trades_beta", "helper_weight", "adv_teacher", "adv_teacher_beta", "student_init", "augmix",
+                       "augmix_ops", "student_augmix_ops", "jsd_weight", "kd_clean", "kd_natural", "kd_adv", "student_jsd",
                        "dual_bn", "export_branch", "compare_branches", "natural_branch", "clean_teacher")
 
 
@@ -677,6 +679,9 @@ def check_robust_compile(cfg: CompileConfig) -> None:
             ("--trades-beta", rb.trades_beta, rb.trades_beta >= 0 and math.isfinite(rb.trades_beta), "give e.g. --trades-beta 6"),
             ("robustness.helper_weight", rb.helper_weight, rb.helper_weight >= 0 and math.isfinite(rb.helper_weight),
              "give e.g. robustness.helper_weight = 0.5 (0: off)"),
+            ("robustness.adv_teacher_beta", rb.adv_teacher_beta,
+             rb.adv_teacher_beta >= 0 and math.isfinite(rb.adv_teacher_beta),
+             "give e.g. robustness.adv_teacher_beta = 6 (TRADES β of the adversarial term's teacher)"),
             ("robustness.jsd_weight", rb.jsd_weight, rb.jsd_weight >= 0 and math.isfinite(rb.jsd_weight),
              "give e.g. robustness.jsd_weight = 48"),
             ("robustness.student_jsd", rb.student_jsd, rb.student_jsd >= 0 and math.isfinite(rb.student_jsd),
@@ -691,26 +696,16 @@ def check_robust_compile(cfg: CompileConfig) -> None:
         field = "augmix_ops" if rb.augmix_ops != default.augmix_ops else "student_augmix_ops"
         raise ConfigError(f"robustness.{field} is set but robustness.augmix is off (it picks the ops of the AugMix "
                           "views)", f"drop robustness.{field}, or turn robustness.augmix back on")
-    if rb.helper_weight > 0 and (rb.teacher_robust or rb.teacher_epochs == 0):
-        raise ConfigError("robustness.helper_weight is set but the teacher gets no adversarial finetune (HAT's helper "
-                          "term is part of it)", "drop robustness.helper_weight, or --teacher-robust / "
-                          "--robust-teacher-epochs 0")
-    if rb.adv_teacher_beta is not None:
-        if not (rb.adv_teacher_beta >= 0 and math.isfinite(rb.adv_teacher_beta)):
-            raise ConfigError(f"robustness.adv_teacher_beta {rb.adv_teacher_beta} is out of range",
-                              "give e.g. robustness.adv_teacher_beta = 6 (TRADES β of the adversarial term's teacher)")
-        if rb.teacher_robust or rb.teacher_epochs == 0:
-            raise ConfigError("robustness.adv_teacher_beta is set but the teacher gets no adversarial finetune (the "
-                              "second teacher is trained the same way)", "drop robustness.adv_teacher_beta, or "
-                              "--teacher-robust / --robust-teacher-epochs 0")
-        if rb.kd_adv == 0:
-            raise ConfigError("robustness.adv_teacher_beta is set but robustness.kd_adv = 0 (the adversarial KD term "
-                              "it teaches is off)", "drop robustness.adv_teacher_beta, or give kd_adv > 0")
-    _one_of(rb.student_init, ("robust", "adversarial"), "robustness.student_init =", "student's initial weights")
-    if rb.student_init == "adversarial" and rb.adv_teacher_beta is None:
-        raise ConfigError("robustness.student_init = \"adversarial\" needs the adversarial teacher, and "
-                          "robustness.adv_teacher_beta is not set", "give e.g. robustness.adv_teacher_beta = 6, or "
-                          "drop robustness.student_init")
+    no_finetune = rb.teacher_robust or rb.teacher_epochs == 0
+    for field, what in (("helper_weight", "HAT's helper term is part of it"),
+                        ("adv_teacher_beta", "the second teacher is trained the same way")):
+        if getattr(rb, field) != getattr(default, field) and no_finetune:   # the defaults go unused, silently
+            raise ConfigError(f"robustness.{field} is set but the teacher gets no adversarial finetune ({what})",
+                              f"drop robustness.{field}, or --teacher-robust / --robust-teacher-epochs 0")
+    if rb.adv_teacher_beta != default.adv_teacher_beta and not rb.adv_teacher:
+        raise ConfigError("robustness.adv_teacher_beta is set but robustness.adv_teacher = false (one teacher)",
+                          "drop robustness.adv_teacher_beta, or set robustness.adv_teacher = true")
+    _one_of(rb.student_init, ("adversarial", "robust"), "robustness.student_init =", "student's initial weights")
     if rb.student_jsd > 0 and not rb.augmix:
         raise ConfigError("robustness.student_jsd is set but robustness.augmix is off (the JSD term compares AugMix "
                           "views)", "drop robustness.student_jsd, or turn robustness.augmix back on")

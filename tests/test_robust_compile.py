@@ -279,9 +279,10 @@ def test_adv_teacher_teaches_the_adversarial_term_only(monkeypatch):
 
 
 def test_student_starts_from_the_teacher_student_init_names(monkeypatch):
-    """robustness.student_init: the student's initial weights are the robust teacher's perturbed branch (default)
-    or, with "adversarial", the adv_teacher_beta teacher's; the KD roles stay (robust teacher: clean branch for the
-    clean term, perturbed for the natural one; the adversarial teacher for the adversarial term)."""
+    """robustness.student_init: the student's initial weights are the adversarial term's teacher's perturbed branch
+    (the default, with the default two teachers) or the robust teacher's ("robust"); the KD roles stay. One
+    teacher (adv_teacher = false, or the robust teacher's settings equal to the second's) trains no second one,
+    and the student starts from the robust teacher either way."""
     from types import SimpleNamespace
 
     import relucomp.stages.robust_teacher as stage
@@ -297,27 +298,39 @@ def test_student_starts_from_the_teacher_student_init_names(monkeypatch):
         return m
 
     teachers = {"robust teacher": trained(1), "adversarial teacher": trained(2)}
-    monkeypatch.setattr(stage, "_adversarial_finetune", lambda st, s, info, *, epochs, dual, what: teachers[what])
+    calls = []
+
+    def fake(st, s, key_info, *, epochs, dual, what, out):
+        calls.append((what, s.trades_beta, s.helper_weight, key_info.get("helper_weight")))
+        return __import__("copy").deepcopy(teachers[what])
+
+    monkeypatch.setattr(stage, "_adversarial_finetune", fake)
     want = {}
     for what, m in teachers.items():
         p = __import__("copy").deepcopy(m)
         collapse(p, "perturbed")
         want[what] = p.state_dict()
     bundle = SimpleNamespace(train=SimpleNamespace(mean=(0.5,) * 3, std=(0.25,) * 3))
-    for init, source in (("robust", "robust teacher"), ("adversarial", "adversarial teacher")):
-        cfg = resolve_config(None, {"relu_budget": 100, "robust": True, "robust_teacher_epochs": 1,
-                                    "adv_teacher_beta": 6.0, "student_init": init})
+    for extra, source, n in (({}, "adversarial teacher", 2), ({"student_init": "robust"}, "robust teacher", 2),
+                             ({"adv_teacher": False}, "robust teacher", 1),
+                             ({"trades_beta": 6.0, "helper_weight": 0.0}, "robust teacher", 1)):
+        cfg = resolve_config(None, {"relu_budget": 100, "robust": True, "robust_teacher_epochs": 1, **extra})
         validate(cfg, check_data=False)
         st = RunState(cfg=cfg, hooks=Hooks())
         student = fx.symbolic_trace(_net())
         st.results.update(pretrain=SimpleNamespace(teacher=_net().eval(), epochs=1),
                           data=SimpleNamespace(bundle=bundle), model=SimpleNamespace(model=student))
+        calls.clear()
         out = stage.run(st)
         got = student.state_dict()
-        assert all(torch.equal(got[k], want[source][k]) for k in want[source]), init
-        assert out.info["student_init"] == init and out.info["adv_teacher"]["trades_beta"] == 6.0
-        assert all(torch.equal(a, b) for a, b in zip(out.adversarial.state_dict().values(),
-                                                      want["adversarial teacher"].values()))
+        assert all(torch.equal(got[k], want[source][k]) for k in want[source]), extra
+        assert out.info["student_init"] == source and len(calls) == n, (extra, calls)
+        if n == 2:                                      # the second: TRADES β 6, no helper, none in its key
+            assert calls[1] == ("adversarial teacher", 6.0, 0.0, None) and out.info["adv_teacher"]["trades_beta"] == 6
+            assert all(torch.equal(a, b) for a, b in zip(out.adversarial.state_dict().values(),
+                                                          want["adversarial teacher"].values()))
+        else:
+            assert out.adversarial is None and "adv_teacher" not in out.info
 
 
 def test_teachers_follow_the_batch_to_its_device():
@@ -356,24 +369,26 @@ def test_robust_bad_combinations_are_one_line_errors():
                         ({"augmix_ops": "augmix"}, "add --robust"),
                         ({"robust": True, "student_augmix_ops": "cutout"}, "augmix | prime | augmix+prime"),
                         ({"robust": True, "student_augmix_ops": "augmix", "augmix": False}, "student_augmix_ops"),
-                        ({"helper_weight": 0.5}, "add --robust"),
+                        ({"helper_weight": 1.0}, "add --robust"),
                         ({"robust": True, "helper_weight": -0.5}, "helper_weight = 0.5"),
                         ({"robust": True, "helper_weight": float("nan")}, "helper_weight = 0.5"),
-                        ({"robust": True, "helper_weight": 0.5, "teacher_robust": True}, "no adversarial finetune"),
-                        ({"robust": True, "helper_weight": 0.5, "robust_teacher_epochs": 0},
+                        ({"robust": True, "helper_weight": 1.0, "teacher_robust": True}, "no adversarial finetune"),
+                        ({"robust": True, "helper_weight": 0.0, "robust_teacher_epochs": 0},
                          "drop robustness.helper_weight"),
-                        ({"adv_teacher_beta": 6.0}, "add --robust"),
+                        ({"adv_teacher_beta": 4.0}, "add --robust"),
+                        ({"adv_teacher": False}, "add --robust"),
                         ({"robust": True, "adv_teacher_beta": -1.0}, "adv_teacher_beta = 6"),
                         ({"robust": True, "adv_teacher_beta": float("inf")}, "adv_teacher_beta = 6"),
-                        ({"robust": True, "adv_teacher_beta": 6.0, "teacher_robust": True}, "no adversarial finetune"),
-                        ({"robust": True, "adv_teacher_beta": 6.0, "kd_adv": 0.0}, "kd_adv > 0"),
-                        ({"robust": True, "student_init": "adversarial"}, "adv_teacher_beta = 6"),
-                        ({"robust": True, "student_init": "dense"}, "robust | adversarial"),
-                        ({"student_init": "adversarial"}, "add --robust")):
+                        ({"robust": True, "adv_teacher_beta": 4.0, "teacher_robust": True}, "no adversarial finetune"),
+                        ({"robust": True, "adv_teacher_beta": 4.0, "adv_teacher": False}, "adv_teacher = true"),
+                        ({"robust": True, "student_init": "dense"}, "adversarial | robust"),
+                        ({"student_init": "robust"}, "add --robust")):
         with pytest.raises(ConfigError) as e:
             validate(resolve_config(None, {**base, **extra}), check_data=False)
         assert frag in f"{e.value.cause} {e.value.fix}", (extra, str(e.value))
     validate(resolve_config(None, {**base, "robust": True, "augmix": False}), check_data=False)  # default op set: fine
+    for no_finetune in ({"teacher_robust": True}, {"robust_teacher_epochs": 0}):   # the teacher defaults go unused
+        validate(resolve_config(None, {**base, "robust": True, **no_finetune}), check_data=False)
     r = runner.invoke(app, ["compile", "tinycnn", "-b", "2k", "--robust", "--search", "layer-drop", "--out", "x"])
     assert r.exit_code == 2 and "error:" in r.output and "fix:" in r.output and "Traceback" not in r.output
 
@@ -405,24 +420,27 @@ def test_robust_compile_with_a_one_bn_teacher(tmp_path):
 
 @needs_ic
 def test_two_teacher_compile_reuses_the_single_teacher_run_s_cache(tmp_path, rc_cache):
-    """robustness.adv_teacher_beta = 6 beside HAT's teacher: a second robust teacher is trained (and cached) for the
-    adversarial term under the key a one-teacher run at β 6 has, so that run then trains no teacher at all."""
+    """The default robust compile trains two teachers — HAT's (β 2.5, helper 0.5) and a TRADES β 6 one for the
+    adversarial term, the student starting from the latter — and caches the second under the key a one-teacher run
+    at β 6 (the defaults before session 18) has, so that run then trains no teacher at all."""
     args = ["--limit", "200", "--pretrain-epochs", "1", "--epochs", "1", "--finetune-epochs", "1", "--no-progress",
             "--robust", "--robust-teacher-epochs", "1", "--train-attack-steps", "1", "--corruptions", "contrast",
             "--severities", "3", "--robustness-samples", "20", "--pgd-steps", "1"]
-    (tmp_path / "c.toml").write_text("[robustness]\nhelper_weight = 0.5\ntrades_beta = 2.5\nadv_teacher_beta = 6\n")
-    r = runner.invoke(app, ["compile", "tinycnn", "-b", "50%", "--out", str(tmp_path / "a"),
-                            "--config", str(tmp_path / "c.toml"), *args])
+    r = runner.invoke(app, ["compile", "tinycnn", "-b", "50%", "--out", str(tmp_path / "a"), *args])
     assert r.exit_code == 0, r.output
     t = json.loads((tmp_path / "a" / "report.json").read_text())["robustness"]["robust_compile"]["teacher"]
     assert t["trades_beta"] == 2.5 and t["helper_weight"] == 0.5 and "cached" not in t
     assert t["adv_teacher"]["trades_beta"] == 6.0 and len(t["adv_teacher"]["history"]) == 1   # trained: 1 epoch
+    assert t["student_init"] == "adversarial teacher"
     files = sorted(rc_cache.rglob("*-robust-*.pt"))
     assert len(files) == 2                                  # two teachers, two keys
-    r = runner.invoke(app, ["compile", "tinycnn", "-b", "50%", "--out", str(tmp_path / "b"), *args])
+    (tmp_path / "one.toml").write_text("[robustness]\ntrades_beta = 6.0\nhelper_weight = 0.0\nadv_teacher = false\n")
+    r = runner.invoke(app, ["compile", "tinycnn", "-b", "50%", "--out", str(tmp_path / "b"),
+                            "--config", str(tmp_path / "one.toml"), *args])
     assert r.exit_code == 0, r.output
     t1 = json.loads((tmp_path / "b" / "report.json").read_text())["robustness"]["robust_compile"]["teacher"]
     assert t1["trades_beta"] == 6.0 and "adv_teacher" not in t1 and t1["cached"] in map(str, files)
+    assert t1["student_init"] == "robust teacher"
     assert sorted(rc_cache.rglob("*-robust-*.pt")) == files  # nothing trained
 
 

@@ -108,18 +108,21 @@ def run(st: RunState) -> RobustTeacherOut:
     dual = cfg.robustness.clean_teacher == "dual"
     if dual:                                # the teacher's own training changes: part of its cache key
         info["teacher_dual_bn"] = True
-    beta2 = cfg.robustness.adv_teacher_beta
-    # the adversarial term's teacher: the robust teacher's settings at β2, TRADES, no helper — the key a plain
-    # run at that β would have, so a teacher trained (or cached) by such a run is reused
-    info2 = {k: v for k, v in info.items() if k != "helper_weight"} | {"train_attack": "trades", "trades_beta": beta2}
-    model = _adversarial_finetune(st, s, info, epochs=epochs, dual=dual, what="robust teacher")
+    rb = cfg.robustness
+    model = _adversarial_finetune(st, s, dict(info), epochs=epochs, dual=dual, what="robust teacher", out=info)
+    # the adversarial term's teacher: the robust teacher's settings at adv_teacher_beta, TRADES, no helper — the key
+    # a one-teacher run at that β has, so a teacher trained (or cached) by such a run is reused; not trained when
+    # nothing would read it, and the robust teacher itself when the settings agree
+    s2 = dataclasses.replace(s, attack="trades", trades_beta=rb.adv_teacher_beta, helper_weight=0.0)
     adversarial = None
-    if beta2 is not None:
-        s2 = dataclasses.replace(s, attack="trades", trades_beta=beta2, helper_weight=0.0)
-        adversarial = _adversarial_finetune(st, s2, info2, epochs=epochs, dual=dual, what="adversarial teacher")
+    if rb.adv_teacher and s2 != s and (s.kd_adv > 0 or rb.student_init == "adversarial"):
+        info2 = {k: v for k, v in info.items() if k not in ("helper_weight", "cached", "lr", "history")}
+        info2 |= {"train_attack": "trades", "trades_beta": s2.trades_beta}
+        adversarial = _adversarial_finetune(st, s2, info2, epochs=epochs, dual=dual, what="adversarial teacher",
+                                            out=info2)
         if dual:
             collapse(adversarial, "perturbed")
-        info["adv_teacher"] = {"trades_beta": beta2, "teaches": "the adversarial KD term",
+        info["adv_teacher"] = {"trades_beta": s2.trades_beta, "teaches": "the adversarial KD term",
                                **{k: info2[k] for k in ("cached", "lr", "history") if k in info2}}
     info["adversarial_finetune"] = True
     clean = None
@@ -127,19 +130,20 @@ def run(st: RunState) -> RobustTeacherOut:
         clean = copy.deepcopy(model)
         collapse(clean, "clean")
         collapse(model, "perturbed")
-    start = adversarial if cfg.robustness.student_init == "adversarial" else model
-    st["model"].model.load_state_dict(start.state_dict())   # the student starts from the robust teacher (or the other)
-    info["student_init"] = cfg.robustness.student_init
+    start = adversarial if rb.student_init == "adversarial" and adversarial is not None else model
+    st["model"].model.load_state_dict(start.state_dict())   # the student starts from a robust teacher's weights
+    info["student_init"] = "adversarial teacher" if start is adversarial else "robust teacher"
     plain = pre.teacher
     pre.teacher = _frozen(model)
     return RobustTeacherOut(info=info, plain=plain, clean=None if clean is None else _frozen(clean),
                             adversarial=None if adversarial is None else _frozen(adversarial))
 
 
-def _adversarial_finetune(st: RunState, s: RobustTrainSettings, info: dict[str, Any], *, epochs: int, dual: bool,
-                          what: str) -> nn.Module:
+def _adversarial_finetune(st: RunState, s: RobustTrainSettings, key_info: dict[str, Any], *, epochs: int,
+                          dual: bool, what: str, out: dict[str, Any]) -> nn.Module:
     """The dense teacher adversarially finetuned with ``s`` (dual-BN if ``dual``): from the cache (key:
-    :func:`teacher_digest` of ``info``) or trained and cached; ``info`` gains ``cached`` or ``lr`` / ``history``."""
+    :func:`teacher_digest` of ``key_info``) or trained and cached; ``out`` gains ``cached`` or ``lr`` /
+    ``history``."""
     from . import pretrain
 
     cfg, pre = st.cfg, st["pretrain"]
@@ -152,12 +156,12 @@ def _adversarial_finetune(st: RunState, s: RobustTrainSettings, info: dict[str, 
     models = cache_dir("models")
     path = None
     if key is not None and models is not None:
-        path = models / f"{key}-robust-{teacher_digest(key, epochs, info, cfg.runtime.seed)}.pt"
+        path = models / f"{key}-robust-{teacher_digest(key, epochs, key_info, cfg.runtime.seed)}.pt"
     if path is not None and path.exists():
         try:
             state = load_state(path)
             model.load_state_dict(state["state_dict"])
-            info.update(state.get("info", {}), cached=str(path))
+            out.update(state.get("info", {}), cached=str(path))
             return model
         except (RelucompError, KeyError, RuntimeError):
             path.unlink(missing_ok=True)
@@ -179,8 +183,8 @@ def _adversarial_finetune(st: RunState, s: RobustTrainSettings, info: dict[str, 
                       after_step=lambda k: sched.step(), device=cfg.runtime.device)
     step.bar.close()
     model.cpu()
-    info.update(lr=lr, history=[{k: (round(v, 4) if isinstance(v, float) else v) for k, v in h.items()}
-                                for h in hist])
+    out.update(lr=lr, history=[{k: (round(v, 4) if isinstance(v, float) else v) for k, v in h.items()}
+                               for h in hist])
     if path is not None:
-        Checkpointer(path).save({"state_dict": model.state_dict(), "info": {"lr": lr, "history": info["history"]}})
+        Checkpointer(path).save({"state_dict": model.state_dict(), "info": {"lr": lr, "history": out["history"]}})
     return model
