@@ -76,11 +76,11 @@ def compile(  # noqa: A001
     pgd_epsilon: PgdEpsilon = None,
     pgd_step: PgdStep = None,
     pgd_steps: PgdSteps = None,
-    robust: bool = typer.Option(False, "--robust", help="robust compile (RLNet): adversarially finetuned teacher "
-                                                        "with AugMix-style views (PRIME's primitives; "
-                                                        "robustness.augmix_ops), mask search and finetune on "
-                                                        "three-way (clean / corrupted / adversarial) distillation, "
-                                                        "dual BatchNorm; "
+    robust: bool = typer.Option(False, "--robust", help="robust compile (RLNet): two adversarially finetuned "
+                                                        "teachers (HAT's; a TRADES β 6 one for the adversarial term "
+                                                        "and the student's start) with AugMix-style views (PRIME's "
+                                                        "primitives), mask search and finetune on three-way (clean / "
+                                                        "corrupted / adversarial) distillation, dual BatchNorm; "
                                                         "reports CA / NPA / AdvA"),
     teacher_robust: bool = typer.Option(False, "--teacher-robust", help="with --robust: MODEL is already robust "
                                                                         "(no adversarial finetune of the teacher)"),
@@ -91,7 +91,9 @@ def compile(  # noqa: A001
                                                "objective, trades (default) | pgd"),
     train_attack_steps: Optional[int] = typer.Option(None, "--train-attack-steps", help="with --robust: PGD steps of "
                                                      "the training attack (default: the effort's; 2 on quick)"),
-    trades_beta: Optional[float] = typer.Option(None, "--trades-beta", help="with --robust: TRADES β (default 6)"),
+    trades_beta: Optional[float] = typer.Option(None, "--trades-beta", help="with --robust: TRADES β of the robust "
+                                                "teacher (default 2.5, with HAT's helper term; the adversarial "
+                                                "term's teacher: robustness.adv_teacher_beta, 6)"),
     export_branch: Optional[str] = typer.Option(None, "--export-branch", help="with --robust: the dual-BN branch "
                                                 "folded into the export, clean (default) | perturbed"),
     nproc: int = typer.Option(1, "--nproc", help="training processes on this machine (torch.distributed, DDP; starts "
