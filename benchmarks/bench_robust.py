@@ -128,7 +128,8 @@ def main() -> None:
                     help="robustness.adv_teacher_beta: TRADES β of the second robust teacher (no helper), the "
                          "student's adversarial KD term's")
     ap.add_argument("--one-teacher", action="store_true",
-                    help="robustness.adv_teacher = false: one robust teacher for all three KD terms (before session 18)")
+                    help="robustness.adv_teacher = false: one robust teacher for all three KD terms (the default "
+                         "before session 18)")
     ap.add_argument("--student-init", default=RobustnessSection().student_init, choices=("robust", "adversarial"),
                     help="robustness.student_init: the student starts from the adversarial term's teacher (default) "
                          "or the robust one")

@@ -647,8 +647,9 @@ def robustness_settings(cfg: CompileConfig):
 
 ROBUST_TRAIN_FIELDS = ("teacher_robust", "teacher_epochs", "train_attack", "train_attack_steps", "train_epsilon",
                        "trades_beta", "helper_weight", "adv_teacher", "adv_teacher_beta", "student_init", "augmix",
-                       "augmix_ops", "student_augmix_ops", "jsd_weight", "kd_clean", "kd_natural", "kd_adv", "student_jsd",
-                       "dual_bn", "export_branch", "compare_branches", "natural_branch", "clean_teacher")
+                       "augmix_ops", "student_augmix_ops", "jsd_weight", "kd_clean", "kd_natural", "kd_adv",
+                       "student_jsd", "dual_bn", "export_branch", "compare_branches", "natural_branch",
+                       "clean_teacher")
 
 
 def check_robust_compile(cfg: CompileConfig) -> None:

@@ -383,7 +383,7 @@ def robust_kd_step(teacher: nn.Module, s: RobustTrainSettings, *, kd_weight: flo
     ``clean_teacher``: the clean term distils from this model instead — the dual-BN teacher's clean branch
     (``robustness.clean_teacher = "dual"``, the default) or the dense model before the adversarial finetune
     (``"dense"``, MTARD's clean teacher, Zhao et al. 2022); the AugMix and adversarial terms keep the robust
-    ``teacher``.  ``adv_teacher``: the adversarial term distils from this model instead (``robustness.adv_teacher_beta``:
+    ``teacher``.  ``adv_teacher``: the adversarial term distils from this model instead (``robustness.adv_teacher``:
     a second robust teacher, MTARD's split of the teachers by the inputs they see).
 
     The teachers are frozen; each is moved to the batch's device at its first use."""

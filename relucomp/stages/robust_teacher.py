@@ -1,9 +1,12 @@
 """Stage ``robust_teacher`` (``--robust``): make the dense teacher robust — adversarial finetune (TRADES or PGD,
-few attack steps) with AugMix + JSD (:func:`relucomp.robust_train.teacher_step`) — unless the given model is
-already robust (``robustness.teacher_robust``).  The student (the model the gates are inserted into) starts
-from the robust teacher's weights.  The result is cached next to the pretrained models (key: the pretraining
-key + the settings the teacher's training reads, :func:`teacher_digest`), so a budget sweep — or one over the
-student's KD weights or BN branches — trains it once; an interrupted teacher finetune starts again.
+few attack steps) with AugMix + JSD (:func:`relucomp.robust_train.teacher_step`; HAT's helper term by default) —
+unless the given model is already robust (``robustness.teacher_robust``).  By default a second robust teacher is
+made the same way at TRADES ``robustness.adv_teacher_beta`` without the helper term (``robustness.adv_teacher``):
+it teaches the student's adversarial KD term, and the student (the model the gates are inserted into) starts from
+its weights (``robustness.student_init``; "robust": the first teacher's).  Each teacher is cached next to the
+pretrained models (key: the pretraining key + the settings the teacher's training reads, :func:`teacher_digest`),
+so a budget sweep — or one over the student's KD weights or BN branches — trains it once; an interrupted teacher
+finetune starts again.
 """
 
 from __future__ import annotations
