@@ -130,9 +130,10 @@ def main() -> None:
     ap.add_argument("--one-teacher", action="store_true",
                     help="robustness.adv_teacher = false: one robust teacher for all three KD terms (the default "
                          "before session 18)")
-    ap.add_argument("--student-init", default=RobustnessSection().student_init, choices=("robust", "adversarial"),
-                    help="robustness.student_init: the student starts from the adversarial term's teacher (default) "
-                         "or the robust one")
+    ap.add_argument("--student-init", default=RobustnessSection().student_init,
+                    help="robustness.student_init: the student starts from the adversarial term's teacher (default), "
+                         "the robust one (robust), or a weight average of the two (a number: the adversarial one's "
+                         "weight)")
     ap.add_argument("--natural-branch", default="perturbed", choices=("perturbed", "clean"),
                     help="robustness.natural_branch: the dual-BN branch the AugMix views train on")
     ap.add_argument("--clean-teacher", default=RobustnessSection().clean_teacher, choices=("dual", "robust", "dense"),

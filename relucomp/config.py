@@ -136,9 +136,10 @@ class RobustnessSection(_Section):
                                         # split of the teachers): TRADES at adv_teacher_beta, no helper term, else
                                         # trained as the robust teacher; false: one teacher for all three terms
     adv_teacher_beta: float = 6.0
-    student_init: str = "adversarial"   # the weights the student starts from: adversarial (the adversarial KD
-                                        # term's teacher; with one teacher the robust teacher) | robust (the robust
-                                        # teacher's, the clean and natural terms' teacher)
+    student_init: Union[str, float] = "adversarial"  # the weights the student starts from: adversarial (the
+                                        # adversarial KD term's teacher; with one teacher the robust teacher) |
+                                        # robust (the robust teacher's, the clean and natural terms' teacher) | a
+                                        # number w in (0, 1): the weight average (1 − w)·robust + w·adversarial
     augmix: bool = True                 # AugMix views (natural-perturbation term) + JSD for the teacher
     augmix_ops: str = "prime"           # the op set AugMix's chains draw from: prime (PRIME's primitives: random
                                         # filters, colour curves, smooth deformations; measured better, README) |
@@ -158,6 +159,20 @@ class RobustnessSection(_Section):
                                         # the model before the adversarial finetune); the other two terms keep the
                                         # robust teacher
     compare_branches: bool = False      # also evaluate the other branch folded (model "compiled_<branch>_bn")
+
+    @field_validator("student_init", mode="before")
+    @classmethod
+    def _name_or_weight(cls, v: Any) -> Any:
+        """Text from the CLI or a config override: a number becomes a float (a weight average), a name stays
+        (unknown names are left for :func:`check_robust_compile` to name)."""
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return float(v)
+        if isinstance(v, str):
+            try:
+                return float(v)
+            except ValueError:
+                return v
+        return v
 
 
 class DPSection(_Section):
@@ -706,7 +721,12 @@ def check_robust_compile(cfg: CompileConfig) -> None:
     if rb.adv_teacher_beta != default.adv_teacher_beta and not rb.adv_teacher:
         raise ConfigError("robustness.adv_teacher_beta is set but robustness.adv_teacher = false (one teacher)",
                           "drop robustness.adv_teacher_beta, or set robustness.adv_teacher = true")
-    _one_of(rb.student_init, ("adversarial", "robust"), "robustness.student_init =", "student's initial weights")
+    if not isinstance(rb.student_init, float):
+        _one_of(rb.student_init, ("adversarial", "robust"), "robustness.student_init =", "student's initial weights")
+    elif not 0 < rb.student_init < 1:
+        raise ConfigError(f"robustness.student_init {rb.student_init} is out of range (a weight average's weight of "
+                          "the adversarial teacher)", "give a number between 0 and 1 (e.g. 0.5), or adversarial | "
+                          "robust")
     if rb.student_jsd > 0 and not rb.augmix:
         raise ConfigError("robustness.student_jsd is set but robustness.augmix is off (the JSD term compares AugMix "
                           "views)", "drop robustness.student_jsd, or turn robustness.augmix back on")

@@ -118,7 +118,7 @@ def run(st: RunState) -> RobustTeacherOut:
     # nothing would read it, and the robust teacher itself when the settings agree
     s2 = dataclasses.replace(s, attack="trades", trades_beta=rb.adv_teacher_beta, helper_weight=0.0)
     adversarial = None
-    if rb.adv_teacher and s2 != s and (s.kd_adv > 0 or rb.student_init == "adversarial"):
+    if rb.adv_teacher and s2 != s and (s.kd_adv > 0 or rb.student_init != "robust"):
         info2 = {k: v for k, v in info.items() if k not in ("helper_weight", "cached", "lr", "history")}
         info2 |= {"train_attack": "trades", "trades_beta": s2.trades_beta}
         adversarial = _adversarial_finetune(st, s2, info2, epochs=epochs, dual=dual, what="adversarial teacher",
@@ -133,13 +133,25 @@ def run(st: RunState) -> RobustTeacherOut:
         clean = copy.deepcopy(model)
         collapse(clean, "clean")
         collapse(model, "perturbed")
-    start = adversarial if rb.student_init == "adversarial" and adversarial is not None else model
-    st["model"].model.load_state_dict(start.state_dict())   # the student starts from a robust teacher's weights
-    info["student_init"] = "adversarial teacher" if start is adversarial else "robust teacher"
+    # the student starts from a robust teacher's weights: the adversarial one's, the robust one's, or an average
+    w = {"adversarial": 1.0, "robust": 0.0}.get(rb.student_init, rb.student_init) if adversarial is not None else 0.0
+    if w in (0.0, 1.0):
+        start = (adversarial if w == 1.0 else model).state_dict()
+        info["student_init"] = "adversarial teacher" if w == 1.0 else "robust teacher"
+    else:
+        start = _average(model.state_dict(), adversarial.state_dict(), w)
+        info["student_init"] = f"weight average: {1 - w:g} robust teacher + {w:g} adversarial teacher"
+    st["model"].model.load_state_dict(start)
     plain = pre.teacher
     pre.teacher = _frozen(model)
     return RobustTeacherOut(info=info, plain=plain, clean=None if clean is None else _frozen(clean),
                             adversarial=None if adversarial is None else _frozen(adversarial))
+
+
+def _average(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], w: float) -> dict[str, torch.Tensor]:
+    """``(1 − w)·a + w·b`` over two state dicts of one architecture (weights and BN statistics; integer buffers
+    such as BN's batch counters are ``a``'s) — a two-model soup (Wortsman et al. 2022)."""
+    return {k: torch.lerp(v, b[k], w) if v.is_floating_point() else v for k, v in a.items()}
 
 
 def _adversarial_finetune(st: RunState, s: RobustTrainSettings, key_info: dict[str, Any], *, epochs: int,
