@@ -171,7 +171,7 @@ class RobustnessSection(_Section):
             try:
                 return float(v)
             except ValueError:
-                return v
+                pass
         return v
 
 

@@ -112,14 +112,15 @@ def run(st: RunState) -> RobustTeacherOut:
     if dual:                                # the teacher's own training changes: part of its cache key
         info["teacher_dual_bn"] = True
     rb = cfg.robustness
-    model = _adversarial_finetune(st, s, dict(info), epochs=epochs, dual=dual, what="robust teacher", out=info)
+    key_info = dict(info)                   # the teacher's cache key reads these (out= adds cached / lr / history)
+    model = _adversarial_finetune(st, s, key_info, epochs=epochs, dual=dual, what="robust teacher", out=info)
     # the adversarial term's teacher: the robust teacher's settings at adv_teacher_beta, TRADES, no helper — the key
     # a one-teacher run at that β has, so a teacher trained (or cached) by such a run is reused; not trained when
     # nothing would read it, and the robust teacher itself when the settings agree
     s2 = dataclasses.replace(s, attack="trades", trades_beta=rb.adv_teacher_beta, helper_weight=0.0)
     adversarial = None
     if rb.adv_teacher and s2 != s and (s.kd_adv > 0 or rb.student_init != "robust"):
-        info2 = {k: v for k, v in info.items() if k not in ("helper_weight", "cached", "lr", "history")}
+        info2 = {k: v for k, v in key_info.items() if k != "helper_weight"}
         info2 |= {"train_attack": "trades", "trades_beta": s2.trades_beta}
         adversarial = _adversarial_finetune(st, s2, info2, epochs=epochs, dual=dual, what="adversarial teacher",
                                             out=info2)
