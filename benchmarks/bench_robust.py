@@ -113,6 +113,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--teacher-epochs", type=int, default=3)
     ap.add_argument("--train-attack-steps", type=int, default=2)
+    ap.add_argument("--teacher-lr", type=float, default=None,
+                    help="robustness.teacher_lr: the teachers' peak learning rate (default: 0.2 × the pretraining's)")
     ap.add_argument("--modes", default="plain,robust")
     ap.add_argument("--split", default="test", choices=("test", "val"),
                     help="the split CA / NPA / AdvA are measured on (val: to choose settings without the test split)")
@@ -186,6 +188,8 @@ def main() -> None:
     key |= {"clean_teacher": a.clean_teacher}  # always: the default changed (robust → dual)
     if a.train_epsilon != "8/255":
         key |= {"train_epsilon": a.train_epsilon}
+    if a.teacher_lr is not None:           # keys without it mean 0.2 × the pretraining learning rate
+        key |= {"teacher_lr": a.teacher_lr}
     key |= {"jsd_weight": a.jsd_weight}    # always: the default changed (12 → 48), so keys without it mean 12
     def kept() -> list:
         """Rows of other seeds with the same schedule (one JSON, many seeds), re-read at every write so that
@@ -206,7 +210,8 @@ def main() -> None:
                      augmix_ops=a.augmix_ops, student_augmix_ops=a.student_augmix_ops, train_epsilon=a.train_epsilon,
                      **{"robustness.jsd_weight": a.jsd_weight, "robustness.helper_weight": a.helper_weight,
                         "robustness.adv_teacher": not a.one_teacher,
-                        "robustness.adv_teacher_beta": a.adv_teacher_beta, "robustness.student_init": a.student_init}
+                        "robustness.adv_teacher_beta": a.adv_teacher_beta, "robustness.student_init": a.student_init,
+                        "robustness.teacher_lr": a.teacher_lr}
                      ) if robust else {}
         res = rc_compile("resnet8", f"cifar10:{a.data}", relu_budget=budget, limit=a.limit,
                          pretrain_epochs=a.pretrain_epochs, search_epochs=a.epochs, finetune_epochs=a.finetune_epochs,
@@ -242,6 +247,7 @@ def main() -> None:
                             "finetune_epochs": a.finetune_epochs, "model": "resnet8", "run_seed": a.seed,
                             "split": a.split,
                             "robust": {"teacher_epochs": a.teacher_epochs, "train_attack": "trades",
+                                       "teacher_lr": a.teacher_lr if a.teacher_lr is not None else "0.2 x pretrain lr",
                                        "trades_beta": a.trades_beta, "helper_weight": a.helper_weight,
                                        "adv_teacher_beta": a.adv_teacher_beta if two else None,
                                        "student_init": a.student_init if two else "robust",

@@ -125,6 +125,7 @@ class RobustnessSection(_Section):
     # the robust compile (relucomp.robust_train; only with robust = true)
     teacher_robust: bool = False        # the given model is already robust: no adversarial finetune of the teacher
     teacher_epochs: int | None = None   # adversarial finetune of the dense teacher; None: the effort's
+    teacher_lr: float | None = None     # its peak learning rate (cosine to 0); None: 0.2 × model.pretrain_lr
     train_attack: str = "trades"        # the teacher's objective: trades | pgd
     train_attack_steps: int | None = None  # PGD steps when training (None: the effort's; 2 on quick)
     train_epsilon: Union[float, str] = "8/255"
@@ -660,7 +661,7 @@ def robustness_settings(cfg: CompileConfig):
                                    seed=cfg.runtime.seed)
 
 
-ROBUST_TRAIN_FIELDS = ("teacher_robust", "teacher_epochs", "train_attack", "train_attack_steps", "train_epsilon",
+ROBUST_TRAIN_FIELDS = ("teacher_robust", "teacher_epochs", "teacher_lr", "train_attack", "train_attack_steps", "train_epsilon",
                        "trades_beta", "helper_weight", "adv_teacher", "adv_teacher_beta", "student_init", "augmix",
                        "augmix_ops", "student_augmix_ops", "jsd_weight", "kd_clean", "kd_natural", "kd_adv",
                        "student_jsd", "dual_bn", "export_branch", "compare_branches", "natural_branch",
@@ -692,6 +693,9 @@ def check_robust_compile(cfg: CompileConfig) -> None:
              "give --train-attack-steps 2 (or more)"),
             ("--robust-teacher-epochs", rb.teacher_epochs, rb.teacher_epochs is None or rb.teacher_epochs >= 0,
              "give --robust-teacher-epochs 2 (0: keep the dense teacher as it is)"),
+            ("robustness.teacher_lr", rb.teacher_lr,
+             rb.teacher_lr is None or (rb.teacher_lr > 0 and math.isfinite(rb.teacher_lr)),
+             "give e.g. robustness.teacher_lr = 0.01, or drop it (0.2 × the pretraining learning rate)"),
             ("--trades-beta", rb.trades_beta, rb.trades_beta >= 0 and math.isfinite(rb.trades_beta), "give e.g. --trades-beta 6"),
             ("robustness.helper_weight", rb.helper_weight, rb.helper_weight >= 0 and math.isfinite(rb.helper_weight),
              "give e.g. robustness.helper_weight = 0.5 (0: off)"),
@@ -714,6 +718,7 @@ def check_robust_compile(cfg: CompileConfig) -> None:
                           "views)", f"drop robustness.{field}, or turn robustness.augmix back on")
     no_finetune = rb.teacher_robust or rb.teacher_epochs == 0
     for field, what in (("helper_weight", "HAT's helper term is part of it"),
+                        ("teacher_lr", "it is the finetune's learning rate"),
                         ("adv_teacher_beta", "the second teacher is trained the same way")):
         if getattr(rb, field) != getattr(default, field) and no_finetune:   # the defaults go unused, silently
             raise ConfigError(f"robustness.{field} is set but the teacher gets no adversarial finetune ({what})",

@@ -100,6 +100,8 @@ def run(st: RunState) -> RobustTeacherOut:
                             "clean_teacher": cfg.robustness.clean_teacher, "student_jsd": s.student_jsd}
     if s.helper_weight > 0:                 # HAT (off before session 17: old cache keys stay)
         info["helper_weight"] = s.helper_weight
+    if cfg.robustness.teacher_lr is not None:   # both teachers' (unset: the earlier cache keys stay)
+        info["teacher_lr"] = cfg.robustness.teacher_lr
     if s.augmix_ops != "augmix":            # AugMix's own ops (the default before PRIME's) keep their cache keys
         info["augmix_ops"] = s.augmix_ops
     if cfg.robustness.student_augmix_ops is not None:
@@ -187,7 +189,7 @@ def _adversarial_finetune(st: RunState, s: RobustTrainSettings, key_info: dict[s
            + (f" + AugMix/JSD{'' if s.augmix_ops == 'augmix' else f' ({s.augmix_ops} ops)'}" if s.augmix else ""))
     torch.manual_seed(cfg.runtime.seed)
     loader = st["data"].train
-    lr = cfg.model.pretrain_lr * 0.2
+    lr = cfg.model.pretrain_lr * 0.2 if cfg.robustness.teacher_lr is None else cfg.robustness.teacher_lr
     opt = make_optimizer(model.parameters(), lr=lr)
     total = max(1, epochs * len(loader))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 * (1 + math.cos(math.pi * min(1.0, k / total))))
