@@ -314,6 +314,7 @@ KEYWORDS: dict[str, str] = {
     "robustness_split": "robustness.split",
     "pgd_epsilon": "robustness.pgd_epsilon", "pgd_step": "robustness.pgd_step", "pgd_steps": "robustness.pgd_steps",
     "teacher_robust": "robustness.teacher_robust", "robust_teacher_epochs": "robustness.teacher_epochs",
+    "robust_teacher_lr": "robustness.teacher_lr",
     "train_attack": "robustness.train_attack", "train_attack_steps": "robustness.train_attack_steps",
     "train_epsilon": "robustness.train_epsilon", "trades_beta": "robustness.trades_beta",
     "helper_weight": "robustness.helper_weight", "adv_teacher": "robustness.adv_teacher",

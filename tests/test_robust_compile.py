@@ -388,7 +388,11 @@ def test_robust_bad_combinations_are_one_line_errors():
                         ({"robust": True, "adv_teacher_beta": 4.0, "adv_teacher": False}, "adv_teacher = true"),
                         ({"robust": True, "student_init": "dense"}, "adversarial | robust"),
                         ({"robust": True, "student_init": 1.5}, "between 0 and 1"),
-                        ({"student_init": "robust"}, "add --robust")):
+                        ({"student_init": "robust"}, "add --robust"),
+                        ({"robust_teacher_lr": 0.05}, "add --robust"),
+                        ({"robust": True, "robust_teacher_lr": 0.0}, "teacher_lr = 0.01"),
+                        ({"robust": True, "robust_teacher_lr": float("nan")}, "teacher_lr = 0.01"),
+                        ({"robust": True, "robust_teacher_lr": 0.05, "teacher_robust": True}, "no adversarial finetune")):
         with pytest.raises(ConfigError) as e:
             validate(resolve_config(None, {**base, **extra}), check_data=False)
         assert frag in f"{e.value.cause} {e.value.fix}", (extra, str(e.value))
@@ -408,7 +412,8 @@ def test_robust_compile_with_a_one_bn_teacher(tmp_path):
 
     out = tmp_path / "o"
     (tmp_path / "c.toml").write_text('[robustness]\nclean_teacher = "robust"\naugmix_ops = "augmix"\n'
-                                    'student_augmix_ops = "prime"\nhelper_weight = 0.5\ntrades_beta = 2.5\n')
+                                    'student_augmix_ops = "prime"\nhelper_weight = 0.5\ntrades_beta = 2.5\n'
+                                    'teacher_lr = 0.003\n')
     r = runner.invoke(app, ["compile", "tinycnn", "-b", "50%", "--out", str(out), "--limit", "200",
                             "--config", str(tmp_path / "c.toml"), "--pretrain-epochs", "1", "--epochs", "1",
                             "--finetune-epochs", "1", "--no-progress", "--robust", "--robust-teacher-epochs", "1",
@@ -420,6 +425,7 @@ def test_robust_compile_with_a_one_bn_teacher(tmp_path):
     assert "teacher_dual_bn" not in t and t["clean_teacher"] == "robust"
     assert "augmix_ops" not in t and t["student_augmix_ops"] == "prime"   # AugMix's ops: cache keys as before
     assert t["helper_weight"] == 0.5 and t["trades_beta"] == 2.5 and t["adversarial_finetune"]   # HAT's teacher
+    assert t["teacher_lr"] == t["lr"] == t["adv_teacher"]["lr"] == 0.003    # both teachers' optimizer, in the key
     assert "BatchNormalization" not in [n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node]
     assert rep["relus"]["after"] <= rep["relus"]["budget"]
 
@@ -528,7 +534,7 @@ def test_teacher_cache_key_ignores_student_only_settings():
                "student_augmix_ops": "augmix"}
     assert teacher_digest("k", 2, info | student, 0) == d
     for change in ({"trades_beta": 3.0}, {"train_epsilon": 6 / 255}, {"jsd_weight": 0.0}, {"augmix": False},
-                   {"teacher_dual_bn": True}, {"augmix_ops": "prime"}, {"helper_weight": 0.5}):
+                   {"teacher_dual_bn": True}, {"augmix_ops": "prime"}, {"helper_weight": 0.5}, {"teacher_lr": 0.05}):
         assert teacher_digest("k", 2, info | change, 0) != d, change
     assert teacher_digest("k", 3, info, 0) != d and teacher_digest("k", 2, info, 1) != d
     assert teacher_digest("other", 2, info, 0) != d
