@@ -115,6 +115,8 @@ def main() -> None:
     ap.add_argument("--train-attack-steps", type=int, default=2)
     ap.add_argument("--teacher-lr", type=float, default=None,
                     help="robustness.teacher_lr: the teachers' peak learning rate (default: 0.2 × the pretraining's)")
+    ap.add_argument("--adv-teacher-lr", type=float, default=None,
+                    help="robustness.adv_teacher_lr: the second teacher's (default: --teacher-lr's)")
     ap.add_argument("--modes", default="plain,robust")
     ap.add_argument("--split", default="test", choices=("test", "val"),
                     help="the split CA / NPA / AdvA are measured on (val: to choose settings without the test split)")
@@ -190,6 +192,8 @@ def main() -> None:
         key |= {"train_epsilon": a.train_epsilon}
     if a.teacher_lr is not None:           # keys without it mean 0.2 × the pretraining learning rate
         key |= {"teacher_lr": a.teacher_lr}
+    if a.adv_teacher_lr is not None:
+        key |= {"adv_teacher_lr": a.adv_teacher_lr}
     key |= {"jsd_weight": a.jsd_weight}    # always: the default changed (12 → 48), so keys without it mean 12
     def kept() -> list:
         """Rows of other seeds with the same schedule (one JSON, many seeds), re-read at every write so that
@@ -211,7 +215,7 @@ def main() -> None:
                      **{"robustness.jsd_weight": a.jsd_weight, "robustness.helper_weight": a.helper_weight,
                         "robustness.adv_teacher": not a.one_teacher,
                         "robustness.adv_teacher_beta": a.adv_teacher_beta, "robustness.student_init": a.student_init,
-                        "robustness.teacher_lr": a.teacher_lr}
+                        "robustness.teacher_lr": a.teacher_lr, "robustness.adv_teacher_lr": a.adv_teacher_lr}
                      ) if robust else {}
         res = rc_compile("resnet8", f"cifar10:{a.data}", relu_budget=budget, limit=a.limit,
                          pretrain_epochs=a.pretrain_epochs, search_epochs=a.epochs, finetune_epochs=a.finetune_epochs,
@@ -248,6 +252,8 @@ def main() -> None:
                             "split": a.split,
                             "robust": {"teacher_epochs": a.teacher_epochs, "train_attack": "trades",
                                        "teacher_lr": a.teacher_lr if a.teacher_lr is not None else "0.2 x pretrain lr",
+                                       "adv_teacher_lr": (a.adv_teacher_lr if a.adv_teacher_lr is not None
+                                                          else "teacher_lr") if two else None,
                                        "trades_beta": a.trades_beta, "helper_weight": a.helper_weight,
                                        "adv_teacher_beta": a.adv_teacher_beta if two else None,
                                        "student_init": a.student_init if two else "robust",

@@ -137,6 +137,7 @@ class RobustnessSection(_Section):
                                         # split of the teachers): TRADES at adv_teacher_beta, no helper term, else
                                         # trained as the robust teacher; false: one teacher for all three terms
     adv_teacher_beta: float = 6.0
+    adv_teacher_lr: float | None = None  # the second teacher's peak learning rate; None: teacher_lr's
     student_init: Union[str, float] = "adversarial"  # the weights the student starts from: adversarial (the
                                         # adversarial KD term's teacher; with one teacher the robust teacher) |
                                         # robust (the robust teacher's, the clean and natural terms' teacher) | a
@@ -318,7 +319,8 @@ KEYWORDS: dict[str, str] = {
     "train_attack": "robustness.train_attack", "train_attack_steps": "robustness.train_attack_steps",
     "train_epsilon": "robustness.train_epsilon", "trades_beta": "robustness.trades_beta",
     "helper_weight": "robustness.helper_weight", "adv_teacher": "robustness.adv_teacher",
-    "adv_teacher_beta": "robustness.adv_teacher_beta", "student_init": "robustness.student_init",
+    "adv_teacher_beta": "robustness.adv_teacher_beta", "adv_teacher_lr": "robustness.adv_teacher_lr",
+    "student_init": "robustness.student_init",
     "augmix": "robustness.augmix", "augmix_ops": "robustness.augmix_ops",
     "student_augmix_ops": "robustness.student_augmix_ops", "jsd_weight": "robustness.jsd_weight",
     "kd_clean": "robustness.kd_clean",
@@ -663,7 +665,7 @@ def robustness_settings(cfg: CompileConfig):
 
 
 ROBUST_TRAIN_FIELDS = ("teacher_robust", "teacher_epochs", "teacher_lr", "train_attack", "train_attack_steps", "train_epsilon",
-                       "trades_beta", "helper_weight", "adv_teacher", "adv_teacher_beta", "student_init", "augmix",
+                       "trades_beta", "helper_weight", "adv_teacher", "adv_teacher_beta", "adv_teacher_lr", "student_init", "augmix",
                        "augmix_ops", "student_augmix_ops", "jsd_weight", "kd_clean", "kd_natural", "kd_adv",
                        "student_jsd", "dual_bn", "export_branch", "compare_branches", "natural_branch",
                        "clean_teacher")
@@ -703,6 +705,9 @@ def check_robust_compile(cfg: CompileConfig) -> None:
             ("robustness.adv_teacher_beta", rb.adv_teacher_beta,
              rb.adv_teacher_beta >= 0 and math.isfinite(rb.adv_teacher_beta),
              "give e.g. robustness.adv_teacher_beta = 6 (TRADES β of the adversarial term's teacher)"),
+            ("robustness.adv_teacher_lr", rb.adv_teacher_lr,
+             rb.adv_teacher_lr is None or (rb.adv_teacher_lr > 0 and math.isfinite(rb.adv_teacher_lr)),
+             "give e.g. robustness.adv_teacher_lr = 0.01, or drop it (the robust teacher's)"),
             ("robustness.jsd_weight", rb.jsd_weight, rb.jsd_weight >= 0 and math.isfinite(rb.jsd_weight),
              "give e.g. robustness.jsd_weight = 48"),
             ("robustness.student_jsd", rb.student_jsd, rb.student_jsd >= 0 and math.isfinite(rb.student_jsd),
@@ -720,13 +725,15 @@ def check_robust_compile(cfg: CompileConfig) -> None:
     no_finetune = rb.teacher_robust or rb.teacher_epochs == 0
     for field, what in (("helper_weight", "HAT's helper term is part of it"),
                         ("teacher_lr", "it is the finetune's learning rate"),
-                        ("adv_teacher_beta", "the second teacher is trained the same way")):
+                        ("adv_teacher_beta", "the second teacher is trained the same way"),
+                        ("adv_teacher_lr", "the second teacher is trained the same way")):
         if getattr(rb, field) != getattr(default, field) and no_finetune:   # the defaults go unused, silently
             raise ConfigError(f"robustness.{field} is set but the teacher gets no adversarial finetune ({what})",
                               f"drop robustness.{field}, or --teacher-robust / --robust-teacher-epochs 0")
-    if rb.adv_teacher_beta != default.adv_teacher_beta and not rb.adv_teacher:
-        raise ConfigError("robustness.adv_teacher_beta is set but robustness.adv_teacher = false (one teacher)",
-                          "drop robustness.adv_teacher_beta, or set robustness.adv_teacher = true")
+    for field in ("adv_teacher_beta", "adv_teacher_lr"):
+        if getattr(rb, field) != getattr(default, field) and not rb.adv_teacher:
+            raise ConfigError(f"robustness.{field} is set but robustness.adv_teacher = false (one teacher)",
+                              f"drop robustness.{field}, or set robustness.adv_teacher = true")
     if not isinstance(rb.student_init, float):
         _one_of(rb.student_init, ("adversarial", "robust"), "robustness.student_init =", "student's initial weights")
     elif not 0 < rb.student_init < 1:

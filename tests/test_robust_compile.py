@@ -300,8 +300,11 @@ def test_student_starts_from_the_teacher_student_init_names(monkeypatch):
     teachers = {"robust teacher": trained(1), "adversarial teacher": trained(2)}
     calls = []
 
-    def fake(st, s, key_info, *, epochs, dual, what, out):
+    lrs = []
+
+    def fake(st, s, key_info, *, epochs, lr, dual, what, out):
         calls.append((what, s.trades_beta, s.helper_weight, key_info.get("helper_weight")))
+        lrs.append((round(lr, 12), key_info.get("teacher_lr")))
         return __import__("copy").deepcopy(teachers[what])
 
     monkeypatch.setattr(stage, "_adversarial_finetune", fake)
@@ -318,7 +321,12 @@ def test_student_starts_from_the_teacher_student_init_names(monkeypatch):
                              ({"student_init": "0.25"}, "weight average: 0.75 robust teacher + 0.25 adversarial "
                                                         "teacher", 2),
                              ({"adv_teacher": False}, "robust teacher", 1),
-                             ({"trades_beta": 6.0, "helper_weight": 0.0}, "robust teacher", 1)):
+                             ({"trades_beta": 6.0, "helper_weight": 0.0}, "robust teacher", 1),
+                             ({"robust_teacher_lr": 0.01}, "adversarial teacher", 2),   # = the default: no key
+                             ({"adv_teacher_lr": 0.02}, "adversarial teacher", 2),
+                             ({"robust_teacher_lr": 0.03}, "adversarial teacher", 2),
+                             ({"trades_beta": 6.0, "helper_weight": 0.0, "adv_teacher_lr": 0.02},
+                              "adversarial teacher", 2)):
         cfg = resolve_config(None, {"relu_budget": 100, "robust": True, "robust_teacher_epochs": 1, **extra})
         validate(cfg, check_data=False)
         st = RunState(cfg=cfg, hooks=Hooks())
@@ -326,6 +334,7 @@ def test_student_starts_from_the_teacher_student_init_names(monkeypatch):
         st.results.update(pretrain=SimpleNamespace(teacher=_net().eval(), epochs=1),
                           data=SimpleNamespace(bundle=bundle), model=SimpleNamespace(model=student))
         calls.clear()
+        lrs.clear()
         out = stage.run(st)
         got = student.state_dict()
         assert all(torch.allclose(got[k], want[source][k]) for k in want[source]), extra
@@ -336,6 +345,14 @@ def test_student_starts_from_the_teacher_student_init_names(monkeypatch):
                                                           want["adversarial teacher"].values()))
         else:
             assert out.adversarial is None and "adv_teacher" not in out.info
+        # learning rates (the default 0.2 × pretrain_lr = 0.01): the second's is the first's unless set; a
+        # teacher's key names its rate only when it is not the default
+        lr1 = extra.get("robust_teacher_lr", 0.01)
+        want_lrs = [(lr1, None if lr1 == 0.01 else lr1)]
+        if n == 2:
+            lr2 = extra.get("adv_teacher_lr", lr1)
+            want_lrs.append((lr2, None if lr2 == 0.01 else lr2))
+        assert lrs == want_lrs, (extra, lrs)
 
 
 def test_teachers_follow_the_batch_to_its_device():
@@ -392,7 +409,10 @@ def test_robust_bad_combinations_are_one_line_errors():
                         ({"robust_teacher_lr": 0.05}, "add --robust"),
                         ({"robust": True, "robust_teacher_lr": 0.0}, "teacher_lr = 0.01"),
                         ({"robust": True, "robust_teacher_lr": float("nan")}, "teacher_lr = 0.01"),
-                        ({"robust": True, "robust_teacher_lr": 0.05, "teacher_robust": True}, "no adversarial finetune")):
+                        ({"robust": True, "robust_teacher_lr": 0.05, "teacher_robust": True}, "no adversarial finetune"),
+                        ({"robust": True, "adv_teacher_lr": -1.0}, "adv_teacher_lr = 0.01"),
+                        ({"robust": True, "adv_teacher_lr": 0.02, "adv_teacher": False}, "adv_teacher = true"),
+                        ({"adv_teacher_lr": 0.02}, "add --robust")):
         with pytest.raises(ConfigError) as e:
             validate(resolve_config(None, {**base, **extra}), check_data=False)
         assert frag in f"{e.value.cause} {e.value.fix}", (extra, str(e.value))

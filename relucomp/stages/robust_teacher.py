@@ -72,6 +72,14 @@ STUDENT_ONLY = ("dual_bn", "export_branch", "natural_branch", "clean_teacher", "
                 "student_augmix_ops", "adv_teacher", "student_init")
 
 
+def teacher_lrs(cfg: CompileConfig) -> tuple[float, float]:
+    """The two teachers' peak learning rates: ``robustness.teacher_lr`` (default 0.2 × the pretraining's) and
+    ``adv_teacher_lr`` (default: the first's)."""
+    rb = cfg.robustness
+    lr = cfg.model.pretrain_lr * 0.2 if rb.teacher_lr is None else rb.teacher_lr
+    return lr, lr if rb.adv_teacher_lr is None else rb.adv_teacher_lr
+
+
 def teacher_digest(key: str, epochs: int, info: dict[str, Any], seed: int) -> str:
     """The robust teacher's cache digest: the pretraining key, the epochs, the settings the teacher's own
     training reads (``info`` less :data:`STUDENT_ONLY`) and the seed."""
@@ -100,8 +108,9 @@ def run(st: RunState) -> RobustTeacherOut:
                             "clean_teacher": cfg.robustness.clean_teacher, "student_jsd": s.student_jsd}
     if s.helper_weight > 0:                 # HAT (off before session 17: old cache keys stay)
         info["helper_weight"] = s.helper_weight
-    if cfg.robustness.teacher_lr is not None:   # both teachers' (unset: the earlier cache keys stay)
-        info["teacher_lr"] = cfg.robustness.teacher_lr
+    lr, lr2 = teacher_lrs(cfg)
+    if not math.isclose(lr, cfg.model.pretrain_lr * 0.2):   # in the key only when not the default (earlier keys stay)
+        info["teacher_lr"] = lr
     if s.augmix_ops != "augmix":            # AugMix's own ops (the default before PRIME's) keep their cache keys
         info["augmix_ops"] = s.augmix_ops
     if cfg.robustness.student_augmix_ops is not None:
@@ -115,17 +124,19 @@ def run(st: RunState) -> RobustTeacherOut:
         info["teacher_dual_bn"] = True
     rb = cfg.robustness
     key_info = dict(info)                   # the teacher's cache key reads these (out= adds cached / lr / history)
-    model = _adversarial_finetune(st, s, key_info, epochs=epochs, dual=dual, what="robust teacher", out=info)
+    model = _adversarial_finetune(st, s, key_info, epochs=epochs, lr=lr, dual=dual, what="robust teacher", out=info)
     # the adversarial term's teacher: the robust teacher's settings at adv_teacher_beta, TRADES, no helper — the key
     # a one-teacher run at that β has, so a teacher trained (or cached) by such a run is reused; not trained when
     # nothing would read it, and the robust teacher itself when the settings agree
     s2 = dataclasses.replace(s, attack="trades", trades_beta=rb.adv_teacher_beta, helper_weight=0.0)
     adversarial = None
-    if rb.adv_teacher and s2 != s and (s.kd_adv > 0 or rb.student_init != "robust"):
-        info2 = {k: v for k, v in key_info.items() if k != "helper_weight"}
+    if rb.adv_teacher and (s2 != s or not math.isclose(lr2, lr)) and (s.kd_adv > 0 or rb.student_init != "robust"):
+        info2 = {k: v for k, v in key_info.items() if k not in ("helper_weight", "teacher_lr")}
         info2 |= {"train_attack": "trades", "trades_beta": s2.trades_beta}
-        adversarial = _adversarial_finetune(st, s2, info2, epochs=epochs, dual=dual, what="adversarial teacher",
-                                            out=info2)
+        if not math.isclose(lr2, cfg.model.pretrain_lr * 0.2):
+            info2["teacher_lr"] = lr2
+        adversarial = _adversarial_finetune(st, s2, info2, epochs=epochs, lr=lr2, dual=dual,
+                                            what="adversarial teacher", out=info2)
         if dual:
             collapse(adversarial, "perturbed")
         info["adv_teacher"] = {"trades_beta": s2.trades_beta, "teaches": "the adversarial KD term",
@@ -158,7 +169,7 @@ def _average(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], w: float) -
 
 
 def _adversarial_finetune(st: RunState, s: RobustTrainSettings, key_info: dict[str, Any], *, epochs: int,
-                          dual: bool, what: str, out: dict[str, Any]) -> nn.Module:
+                          lr: float, dual: bool, what: str, out: dict[str, Any]) -> nn.Module:
     """The dense teacher adversarially finetuned with ``s`` (dual-BN if ``dual``): from the cache (key:
     :func:`teacher_digest` of ``key_info``) or trained and cached; ``out`` gains ``cached`` or ``lr`` /
     ``history``."""
@@ -189,7 +200,6 @@ def _adversarial_finetune(st: RunState, s: RobustTrainSettings, key_info: dict[s
            + (f" + AugMix/JSD{'' if s.augmix_ops == 'augmix' else f' ({s.augmix_ops} ops)'}" if s.augmix else ""))
     torch.manual_seed(cfg.runtime.seed)
     loader = st["data"].train
-    lr = cfg.model.pretrain_lr * 0.2 if cfg.robustness.teacher_lr is None else cfg.robustness.teacher_lr
     opt = make_optimizer(model.parameters(), lr=lr)
     total = max(1, epochs * len(loader))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 * (1 + math.cos(math.pi * min(1.0, k / total))))
