@@ -664,11 +664,11 @@ def robustness_settings(cfg: CompileConfig):
                                    seed=cfg.runtime.seed)
 
 
-ROBUST_TRAIN_FIELDS = ("teacher_robust", "teacher_epochs", "teacher_lr", "train_attack", "train_attack_steps", "train_epsilon",
-                       "trades_beta", "helper_weight", "adv_teacher", "adv_teacher_beta", "adv_teacher_lr", "student_init", "augmix",
-                       "augmix_ops", "student_augmix_ops", "jsd_weight", "kd_clean", "kd_natural", "kd_adv",
-                       "student_jsd", "dual_bn", "export_branch", "compare_branches", "natural_branch",
-                       "clean_teacher")
+ROBUST_TRAIN_FIELDS = ("teacher_robust", "teacher_epochs", "teacher_lr", "train_attack", "train_attack_steps",
+                       "train_epsilon", "trades_beta", "helper_weight", "adv_teacher", "adv_teacher_beta",
+                       "adv_teacher_lr", "student_init", "augmix", "augmix_ops", "student_augmix_ops", "jsd_weight",
+                       "kd_clean", "kd_natural", "kd_adv", "student_jsd", "dual_bn", "export_branch",
+                       "compare_branches", "natural_branch", "clean_teacher")
 
 
 def check_robust_compile(cfg: CompileConfig) -> None:
