@@ -138,6 +138,8 @@ def inspect_onnx(path: str | Path) -> dict[str, Any]:
         raise RelucompError(f"ONNX file {path} does not exist", "check the path")
     try:
         counts = walk(path)
+    except RelucompError:                   # readable, but the walker names what is wrong with it
+        raise
     except Exception as exc:  # noqa: BLE001
         raise RelucompError(f"{path} is not a readable ONNX file ({type(exc).__name__})", "re-export it") from exc
     rows = [{k: r[k] for k in ("name", "kind", "shape", "relus", "relus_kept", "macs", "comparisons")}

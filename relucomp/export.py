@@ -34,7 +34,7 @@ from torch import nn
 
 from . import __version__
 from .atomic import atomic_write
-from .errors import ExportCheckError, ExportError
+from .errors import ExportCheckError, ExportError, RelucompError
 from .onnx_graph import walk
 
 __all__ = ["export_onnx", "ort_run", "read_metadata", "ExportError", "ExportCheckError"]
@@ -107,7 +107,10 @@ def export_onnx(
         _torch_export(model, example[:1].contiguous(), tmp, opset)
         proto = onnx.load(tmp)
         meta = {"relucomp_version": __version__, **{k: v for k, v in (metadata or {}).items()}}
-        counts = walk(proto, include_maxpool=include_maxpool)
+        try:
+            counts = walk(proto, include_maxpool=include_maxpool)
+        except RelucompError as exc:        # our own export: its shapes are ours to get right
+            raise ExportCheckError(f"the exported graph cannot be walked: {exc.cause}") from exc
         meta["onnx_relu_count"] = counts["relus"]
         meta["onnx_comparisons"] = counts["comparisons"]
         del proto.metadata_props[:]

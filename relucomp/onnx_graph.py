@@ -215,7 +215,11 @@ def walk(model: Any, *, include_maxpool: bool = False) -> dict[str, Any]:
             n = _comparisons(node, shapes, consts)
             if n is None:
                 if op == "Relu":
-                    raise ValueError(f"cannot infer a static per-image shape for Relu input {node.input[0]!r}")
+                    from .errors import ModelLoadError
+
+                    raise ModelLoadError(f"cannot infer a static per-image shape for Relu input {node.input[0]!r} "
+                                         "(its ReLUs cannot be counted)", "export the ONNX with a leading batch axis "
+                                         "and static per-image shapes (e.g. N x C x H x W; torch.onnx.export does)")
                 if len(shapes.get(node.output[0], [])) >= 2 or not shapes.get(node.output[0]):
                     uncounted.append(node.name or op)
                 n = 0

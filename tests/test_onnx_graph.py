@@ -135,3 +135,27 @@ def test_onnx_counts_agree_with_the_fx_side():
         c = walk(Path(d) / "m.onnx")
     assert fx_side["relu"] == c["relus"] == 5 * 32
     assert sum(fx_side.values()) == c["comparisons"] == 5 * 32 + 2 * 32 + 32 + 32 + 32 + 32 + 2 * 32 + 32 + 32
+
+
+def test_a_graph_without_a_batch_axis_is_a_one_line_user_error(tmp_path):
+    """A Relu whose input has no per-image shape (the batch axis flattened away) cannot be counted: inspect,
+    estimate and pi-bench say so with a fix and exit 2 (it was an internal error, exit 3)."""
+    from typer.testing import CliRunner
+
+    from relucomp.cli import app
+    from relucomp.errors import ModelLoadError
+
+    g = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "s"], ["f"]), helper.make_node("Gather", ["f", "i"], ["k"]),
+         helper.make_node("Relu", ["k"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        initializer=[numpy_helper.from_array(np.array([4], np.int64), "s"),
+                     numpy_helper.from_array(np.array([0, 2], np.int64), "i")])
+    path = tmp_path / "nobatch.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    with pytest.raises(ModelLoadError, match="per-image shape"):
+        walk(str(path))
+    for cmd in ("inspect", "estimate"):
+        r = CliRunner().invoke(app, [cmd, str(path)])
+        assert r.exit_code == 2 and "leading batch axis" in r.output and "Traceback" not in r.output, r.output
