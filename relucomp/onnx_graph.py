@@ -59,7 +59,17 @@ def load_proto(model: Any):
 
     if isinstance(model, onnx.ModelProto):
         return model
-    return onnx.load(str(model) if isinstance(model, Path) else model)
+    try:
+        return onnx.load(str(model) if isinstance(model, Path) else model)
+    except FileNotFoundError:
+        from .errors import ModelLoadError
+
+        raise ModelLoadError(f"ONNX file {model} does not exist", "check the path") from None
+    except Exception as exc:  # noqa: BLE001 — protobuf's DecodeError and friends: not an ONNX file
+        from .errors import ModelLoadError
+
+        raise ModelLoadError(f"{model} is not a readable ONNX file ({type(exc).__name__}: {exc})",
+                             "re-export it, or check that the path names an .onnx file") from None
 
 
 def _dims(vi) -> list:

@@ -139,7 +139,8 @@ def test_onnx_counts_agree_with_the_fx_side():
 
 def test_a_graph_without_a_batch_axis_is_a_one_line_user_error(tmp_path):
     """A Relu whose input has no per-image shape (the batch axis flattened away) cannot be counted: inspect,
-    estimate and pi-bench say so with a fix and exit 2 (it was an internal error, exit 3)."""
+    estimate and pi-bench say so with a fix and exit 2 (it was an internal error, exit 3); so do they for a
+    file that is not ONNX."""
     from typer.testing import CliRunner
 
     from relucomp.cli import app
@@ -159,3 +160,8 @@ def test_a_graph_without_a_batch_axis_is_a_one_line_user_error(tmp_path):
     for cmd in ("inspect", "estimate"):
         r = CliRunner().invoke(app, [cmd, str(path)])
         assert r.exit_code == 2 and "leading batch axis" in r.output and "Traceback" not in r.output, r.output
+    bad = tmp_path / "bad.onnx"                              # not ONNX at all: it was an internal error too
+    bad.write_text("not onnx")
+    for cmd in ("inspect", "estimate"):
+        r = CliRunner().invoke(app, [cmd, str(bad)])
+        assert r.exit_code == 2 and "not a readable ONNX file" in r.output and "fix:" in r.output, r.output
