@@ -578,9 +578,10 @@ def validate(cfg: CompileConfig, *, warm_start: bool = False, check_data: bool =
             check_relu_budget(early, 1)
     for name, v, lo in (("--epochs", s.epochs, 0), ("--finetune-epochs", cfg.finetune.epochs, 0),
                         ("--pretrain-epochs", cfg.model.pretrain_epochs, 0), ("--batch-size", r.batch_size, 1),
-                        ("--image-size", d.image_size, 4)):
+                        ("--image-size", d.image_size, 4), ("--seed", cfg.runtime.seed, 0)):
         if v is not None and v < lo:
-            raise ConfigError(f"{name} {v} must be ≥ {lo}", f"give {name} {max(lo, 1)} or more")
+            raise ConfigError(f"{name} {v} must be ≥ {lo}", f"give {name} {max(lo, 1)} or more"
+                              if lo else f"give {name} 0 or more (numpy seeds are non-negative)")
     if warm_start and cfg.dp.epsilon is not None and cfg.dp.phase != "finetune":
         raise ConfigError(f"--dp-phase {cfg.dp.phase} with a warm-started search (budget sweep): the shared search "
                           "state was not searched under DP-SGD", "use --dp-phase finetune in sweeps, or compile "

@@ -81,6 +81,7 @@ def test_config_file_errors(tmp_path):
     (["--limit", "5"], ["--limit 5 is too small", "--limit 100 or more"]),
     (["--limit", "50"], ["--limit 50 is too small"]),
     (["--epochs", "0"], ["--epochs 0 with --search snl", "--epochs 1 or more"]),
+    (["--seed", "-3"], ["--seed -3 must be ≥ 0", "--seed 0 or more"]),     # was an internal error (numpy)
     (["--data", "utkface:/no/such/dir"], ["data path /no/such/dir does not exist"]),
     (["--data", "imagenet:/x"], ["unknown data spec kind 'imagenet'"]),
 ])
