@@ -141,7 +141,9 @@ class RobustnessSection(_Section):
     student_init: Union[str, float] = "adversarial"  # the weights the student starts from: adversarial (the
                                         # adversarial KD term's teacher; with one teacher the robust teacher) |
                                         # robust (the robust teacher's, the clean and natural terms' teacher) | a
-                                        # number w in (0, 1): the weight average (1 − w)·robust + w·adversarial
+                                        # number w in (0, 1): the weight average (1 − w)·robust + w·adversarial |
+                                        # "T:prefix" (T adversarial or robust): layer-wise — T's parameters before
+                                        # the first one named prefix…, the other teacher's from there on
     augmix: bool = True                 # AugMix views (natural-perturbation term) + JSD for the teacher
     augmix_ops: str = "prime"           # the op set AugMix's chains draw from: prime (PRIME's primitives: random
                                         # filters, colour curves, smooth deformations; measured better, README) |
@@ -672,6 +674,23 @@ ROBUST_TRAIN_FIELDS = ("teacher_robust", "teacher_epochs", "teacher_lr", "train_
                        "compare_branches", "natural_branch", "clean_teacher")
 
 
+def check_student_init_layers(cfg: CompileConfig, names: list[str]) -> None:
+    """A layer-wise ``robustness.student_init`` ("T:prefix") must name a parameter prefix of the student past its
+    first tensor (``names``: the model's state-dict names, in order) — checked by the model stage, before any
+    training."""
+    init = cfg.robustness.student_init
+    if not (cfg.robustness.robust and isinstance(init, str) and ":" in init):
+        return
+    prefix = init.partition(":")[2]
+    hits = [i for i, k in enumerate(names) if k.startswith(prefix)]
+    if not hits or hits[0] == 0:
+        blocks = list(dict.fromkeys(k.rsplit(".", 1)[0] for k in names if "." in k))[1:13]   # module names
+        raise ConfigError(f"robustness.student_init {init!r}: {prefix!r} "
+                          + ("is the student's first layer (nothing comes before it)" if hits else
+                             "names no parameter of the student"),
+                          f"give a later layer's name prefix, e.g. one of {', '.join(blocks) or names[-1]}")
+
+
 def check_robust_compile(cfg: CompileConfig) -> None:
     """The robust compile's options (``robustness.robust`` / ``--robust``) and the combinations it refuses."""
     rb, default = cfg.robustness, RobustnessSection()
@@ -735,7 +754,13 @@ def check_robust_compile(cfg: CompileConfig) -> None:
         if getattr(rb, field) != getattr(default, field) and not rb.adv_teacher:
             raise ConfigError(f"robustness.{field} is set but robustness.adv_teacher = false (one teacher)",
                               f"drop robustness.{field}, or set robustness.adv_teacher = true")
-    if not isinstance(rb.student_init, float):
+    if isinstance(rb.student_init, str) and ":" in rb.student_init:   # layer-wise: first:prefix
+        first, _, prefix = rb.student_init.partition(":")
+        _one_of(first, ("adversarial", "robust"), "robustness.student_init =", "teacher of the student's early layers")
+        if not prefix.strip():
+            raise ConfigError(f"robustness.student_init {rb.student_init!r} names no layer to switch teachers at",
+                              'give e.g. robustness.student_init = "adversarial:layers.2" (parameter-name prefix)')
+    elif not isinstance(rb.student_init, float):
         _one_of(rb.student_init, ("adversarial", "robust"), "robustness.student_init =", "student's initial weights")
     elif not 0 < rb.student_init < 1:
         raise ConfigError(f"robustness.student_init {rb.student_init} is out of range (a weight average's weight of "

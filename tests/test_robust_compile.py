@@ -317,9 +317,15 @@ def test_student_starts_from_the_teacher_student_init_names(monkeypatch):
     soup = {k: torch.lerp(v, want["adversarial teacher"][k], 0.25) if v.is_floating_point() else v
             for k, v in want["robust teacher"].items()}
     want["weight average: 0.75 robust teacher + 0.25 adversarial teacher"] = soup
+    keys = list(want["robust teacher"])                 # layer-wise: the adversarial one's before module 3
+    cut = keys.index("3.weight")
+    layered = {k: want["adversarial teacher" if i < cut else "robust teacher"][k] for i, k in enumerate(keys)}
+    want[f"layer-wise: adversarial teacher before 3 ({cut} tensors), robust teacher from it on"] = layered
     for extra, source, n in (({}, "adversarial teacher", 2), ({"student_init": "robust"}, "robust teacher", 2),
                              ({"student_init": "0.25"}, "weight average: 0.75 robust teacher + 0.25 adversarial "
                                                         "teacher", 2),
+                             ({"student_init": "adversarial:3"}, f"layer-wise: adversarial teacher before 3 ({cut} "
+                                                                 "tensors), robust teacher from it on", 2),
                              ({"adv_teacher": False}, "robust teacher", 1),
                              ({"trades_beta": 6.0, "helper_weight": 0.0}, "robust teacher", 1),
                              ({"robust_teacher_lr": 0.01}, "adversarial teacher", 2),   # = the default: no key
@@ -353,6 +359,23 @@ def test_student_starts_from_the_teacher_student_init_names(monkeypatch):
             lr2 = extra.get("adv_teacher_lr", lr1)
             want_lrs.append((lr2, None if lr2 == 0.01 else lr2))
         assert lrs == want_lrs, (extra, lrs)
+
+
+def test_layer_wise_student_init_names_a_layer_of_the_student():
+    """"T:prefix" is checked against the student's parameter names by the model stage, before any training: a
+    prefix that names nothing, or the first layer (nothing before it), is one error with the layers to choose."""
+    from relucomp.config import check_student_init_layers
+
+    names = list(fx.symbolic_trace(_net()).state_dict())
+    ok = validate(resolve_config(None, {"relu_budget": 100, "robust": True, "student_init": "robust:3"}),
+                  check_data=False)
+    check_student_init_layers(ok, names)
+    for prefix, frag in (("9", "names no parameter"), ("0", "first layer")):
+        cfg = validate(resolve_config(None, {"relu_budget": 100, "robust": True, "student_init": f"robust:{prefix}"}),
+                       check_data=False)
+        with pytest.raises(ConfigError) as e:
+            check_student_init_layers(cfg, names)
+        assert frag in e.value.cause and "1, 3, 4" in e.value.fix, str(e.value)
 
 
 def test_teachers_follow_the_batch_to_its_device():
@@ -406,6 +429,8 @@ def test_robust_bad_combinations_are_one_line_errors():
                         ({"robust": True, "student_init": "dense"}, "adversarial | robust"),
                         ({"robust": True, "student_init": 1.5}, "between 0 and 1"),
                         ({"student_init": "robust"}, "add --robust"),
+                        ({"robust": True, "student_init": "dense:layers.2"}, "adversarial | robust"),
+                        ({"robust": True, "student_init": "adversarial: "}, "names no layer"),
                         ({"robust_teacher_lr": 0.05}, "add --robust"),
                         ({"robust": True, "robust_teacher_lr": 0.0}, "teacher_lr = 0.01"),
                         ({"robust": True, "robust_teacher_lr": float("nan")}, "teacher_lr = 0.01"),

@@ -55,6 +55,10 @@ def run(st: RunState) -> ModelOut:
         from ..config import check_dp
 
         check_dp(cfg, len(data.bundle.train))
+    if cfg.robustness.robust:               # a layer-wise student_init names the student's layers
+        from ..config import check_student_init_layers
+
+        check_student_init_layers(cfg, list(dense.state_dict()))
     st.say(f"model: {before['relus']:,} ReLUs, {before['macs']:,} MACs; budget {budget:,}"
            + (f" ({gate_budget:,} for the gates)" if gate_budget != budget else ""))
     return ModelOut(model=model, spec=spec, trained=trained, dense_gm=dense, before_rows=layer_table(dense),

@@ -149,7 +149,13 @@ def run(st: RunState) -> RobustTeacherOut:
         collapse(model, "perturbed")
     # the student starts from a robust teacher's weights: the adversarial one's, the robust one's, or an average
     w = {"adversarial": 1.0, "robust": 0.0}.get(rb.student_init, rb.student_init) if adversarial is not None else 0.0
-    if w in (0.0, 1.0):
+    if isinstance(w, str):                  # layer-wise: "first:prefix"
+        first, _, prefix = w.partition(":")
+        a, b = (adversarial, model) if first == "adversarial" else (model, adversarial)
+        start, k = _layered(a.state_dict(), b.state_dict(), prefix)
+        other = "robust" if first == "adversarial" else "adversarial"
+        info["student_init"] = f"layer-wise: {first} teacher before {prefix} ({k} tensors), {other} teacher from it on"
+    elif w in (0.0, 1.0):
         start = (adversarial if w == 1.0 else model).state_dict()
         info["student_init"] = "adversarial teacher" if w == 1.0 else "robust teacher"
     else:
@@ -160,6 +166,15 @@ def run(st: RunState) -> RobustTeacherOut:
     pre.teacher = _frozen(model)
     return RobustTeacherOut(info=info, plain=plain, clean=None if clean is None else _frozen(clean),
                             adversarial=None if adversarial is None else _frozen(adversarial))
+
+
+def _layered(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], prefix: str
+             ) -> tuple[dict[str, torch.Tensor], int]:
+    """``a``'s tensors before the first one whose name starts with ``prefix`` (state-dict order: the network's
+    order), ``b``'s from there on; and how many came from ``a``."""
+    keys = list(a)
+    cut = next(i for i, k in enumerate(keys) if k.startswith(prefix))
+    return {k: (a if i < cut else b)[k] for i, k in enumerate(keys)}, cut
 
 
 def _average(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], w: float) -> dict[str, torch.Tensor]:
