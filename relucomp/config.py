@@ -674,6 +674,12 @@ ROBUST_TRAIN_FIELDS = ("teacher_robust", "teacher_epochs", "teacher_lr", "train_
                        "compare_branches", "natural_branch", "clean_teacher")
 
 
+def layer_cut(names: list[str], prefix: str) -> int | None:
+    """The index of the first of ``names`` (state-dict order) that starts with ``prefix``; None if none does —
+    where a layer-wise ``student_init`` switches from one teacher's tensors to the other's."""
+    return next((i for i, k in enumerate(names) if k.startswith(prefix)), None)
+
+
 def check_student_init_layers(cfg: CompileConfig, names: list[str]) -> None:
     """A layer-wise ``robustness.student_init`` ("T:prefix") must name a parameter prefix of the student past its
     first tensor (``names``: the model's state-dict names, in order) — checked by the model stage, before any
@@ -682,11 +688,11 @@ def check_student_init_layers(cfg: CompileConfig, names: list[str]) -> None:
     if not (cfg.robustness.robust and isinstance(init, str) and ":" in init):
         return
     prefix = init.partition(":")[2]
-    hits = [i for i, k in enumerate(names) if k.startswith(prefix)]
-    if not hits or hits[0] == 0:
+    cut = layer_cut(names, prefix)
+    if not cut:
         blocks = list(dict.fromkeys(k.rsplit(".", 1)[0] for k in names if "." in k))[1:13]   # module names
         raise ConfigError(f"robustness.student_init {init!r}: {prefix!r} "
-                          + ("is the student's first layer (nothing comes before it)" if hits else
+                          + ("is the student's first layer (nothing comes before it)" if cut == 0 else
                              "names no parameter of the student"),
                           f"give a later layer's name prefix, e.g. one of {', '.join(blocks) or names[-1]}")
 

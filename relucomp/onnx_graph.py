@@ -42,6 +42,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from .errors import ModelLoadError
+
 __all__ = ["walk", "load_proto", "budgeted_comparisons", "COMPARISON_OPS", "POOL_OPS", "OTHER_NONLINEAR"]
 
 ONE_PER_ELEMENT = ("Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "ThresholdedRelu", "Abs",
@@ -62,12 +64,8 @@ def load_proto(model: Any):
     try:
         return onnx.load(str(model) if isinstance(model, Path) else model)
     except FileNotFoundError:
-        from .errors import ModelLoadError
-
         raise ModelLoadError(f"ONNX file {model} does not exist", "check the path") from None
     except Exception as exc:  # noqa: BLE001 — protobuf's DecodeError and friends: not an ONNX file
-        from .errors import ModelLoadError
-
         raise ModelLoadError(f"{model} is not a readable ONNX file ({type(exc).__name__}: {exc})",
                              "re-export it, or check that the path names an .onnx file") from None
 
@@ -225,8 +223,6 @@ def walk(model: Any, *, include_maxpool: bool = False) -> dict[str, Any]:
             n = _comparisons(node, shapes, consts)
             if n is None:
                 if op == "Relu":
-                    from .errors import ModelLoadError
-
                     raise ModelLoadError(f"cannot infer a static per-image shape for Relu input {node.input[0]!r} "
                                          "(its ReLUs cannot be counted)", "export the ONNX with a leading batch axis "
                                          "and static per-image shapes (e.g. N x C x H x W; torch.onnx.export does)")

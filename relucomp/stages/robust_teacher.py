@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..cache import cache_dir
-from ..config import CompileConfig
+from ..config import CompileConfig, layer_cut
 from ..errors import RelucompError
 from ..robust_train import ROBUST_PRESETS, RobustTrainSettings, collapse, dualize, teacher_step
 from ..robustness import parse_epsilon
@@ -72,12 +72,13 @@ STUDENT_ONLY = ("dual_bn", "export_branch", "natural_branch", "clean_teacher", "
                 "student_augmix_ops", "adv_teacher", "student_init")
 
 
-def teacher_lrs(cfg: CompileConfig) -> tuple[float, float]:
-    """The two teachers' peak learning rates: ``robustness.teacher_lr`` (default 0.2 × the pretraining's) and
-    ``adv_teacher_lr`` (default: the first's)."""
+def teacher_lrs(cfg: CompileConfig) -> tuple[float, float, float]:
+    """The two teachers' peak learning rates — ``robustness.teacher_lr`` (default 0.2 × the pretraining's) and
+    ``adv_teacher_lr`` (default: the first's) — and that default (a rate equal to it stays out of cache keys)."""
     rb = cfg.robustness
-    lr = cfg.model.pretrain_lr * 0.2 if rb.teacher_lr is None else rb.teacher_lr
-    return lr, lr if rb.adv_teacher_lr is None else rb.adv_teacher_lr
+    default = cfg.model.pretrain_lr * 0.2
+    lr = default if rb.teacher_lr is None else rb.teacher_lr
+    return lr, lr if rb.adv_teacher_lr is None else rb.adv_teacher_lr, default
 
 
 def teacher_digest(key: str, epochs: int, info: dict[str, Any], seed: int) -> str:
@@ -108,8 +109,8 @@ def run(st: RunState) -> RobustTeacherOut:
                             "clean_teacher": cfg.robustness.clean_teacher, "student_jsd": s.student_jsd}
     if s.helper_weight > 0:                 # HAT (off before session 17: old cache keys stay)
         info["helper_weight"] = s.helper_weight
-    lr, lr2 = teacher_lrs(cfg)
-    if not math.isclose(lr, cfg.model.pretrain_lr * 0.2):   # in the key only when not the default (earlier keys stay)
+    lr, lr2, default_lr = teacher_lrs(cfg)
+    if not math.isclose(lr, default_lr):    # in the key only when not the default (earlier cache keys stay)
         info["teacher_lr"] = lr
     if s.augmix_ops != "augmix":            # AugMix's own ops (the default before PRIME's) keep their cache keys
         info["augmix_ops"] = s.augmix_ops
@@ -133,7 +134,7 @@ def run(st: RunState) -> RobustTeacherOut:
     if rb.adv_teacher and (s2 != s or not math.isclose(lr2, lr)) and (s.kd_adv > 0 or rb.student_init != "robust"):
         info2 = {k: v for k, v in key_info.items() if k not in ("helper_weight", "teacher_lr")}
         info2 |= {"train_attack": "trades", "trades_beta": s2.trades_beta}
-        if not math.isclose(lr2, cfg.model.pretrain_lr * 0.2):
+        if not math.isclose(lr2, default_lr):
             info2["teacher_lr"] = lr2
         adversarial = _adversarial_finetune(st, s2, info2, epochs=epochs, lr=lr2, dual=dual,
                                             what="adversarial teacher", out=info2)
@@ -172,9 +173,8 @@ def _layered(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], prefix: str
              ) -> tuple[dict[str, torch.Tensor], int]:
     """``a``'s tensors before the first one whose name starts with ``prefix`` (state-dict order: the network's
     order), ``b``'s from there on; and how many came from ``a``."""
-    keys = list(a)
-    cut = next(i for i, k in enumerate(keys) if k.startswith(prefix))
-    return {k: (a if i < cut else b)[k] for i, k in enumerate(keys)}, cut
+    cut = layer_cut(list(a), prefix)       # checked by the model stage: a later layer of the student
+    return {k: (a if i < cut else b)[k] for i, k in enumerate(a)}, cut
 
 
 def _average(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], w: float) -> dict[str, torch.Tensor]:
