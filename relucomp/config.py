@@ -18,6 +18,7 @@ one entry in :data:`KEYWORDS` (``keyword -> "section.field"``) and a check in
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import tomllib
@@ -258,7 +259,7 @@ class CompileConfig(_Section):
         """A copy with ``{"section.field": value}`` applied (validated types)."""
         data = self.model_dump()
         for dotted, v in values.items():
-            sec, field = _split(dotted)
+            sec, field = split_key(dotted)
             data[sec][field] = v
         return _build(data, "override")
 
@@ -333,13 +334,18 @@ KEYWORDS: dict[str, str] = {
 }
 
 
-def _split(dotted: str) -> tuple[str, str]:
+def split_key(dotted: str) -> tuple[str, str]:
+    """``"section.field"`` → ``(section, field)``; an unknown key is a :class:`ConfigError`."""
     sec, _, field = dotted.partition(".")
-    if sec not in CompileConfig.model_fields or field not in CompileConfig.model_fields[sec].annotation.model_fields:
-        raise ConfigError(f"unknown config option {dotted!r}",
-                          f"use one of the sections {', '.join(CompileConfig.model_fields)} and their fields "
-                          "(relucomp compile --print-config shows them all)")
-    return sec, field
+    sections = CompileConfig.model_fields
+    if sec in sections and field in sections[sec].annotation.model_fields:
+        return sec, field
+    known = [f"{s}.{f}" for s in sections for f in sections[s].annotation.model_fields]
+    close = difflib.get_close_matches(dotted, known, n=1, cutoff=0.6)
+    raise ConfigError(f"unknown config option {dotted!r}",
+                      (f"did you mean {close[0]!r}? " if close else "")
+                      + f"use one of the sections {', '.join(sections)} and their fields "
+                      "(relucomp compile --print-config shows them all)")
 
 
 def _build(data: dict[str, Any], where: str) -> CompileConfig:

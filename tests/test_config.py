@@ -135,6 +135,42 @@ def test_print_config_shows_resolved_toml(tmp_path):
     one_line_error(invoke(["compile", "-b", "2k", "--effort", "max"]), "unknown effort 'max'", "--effort quick")
 
 
+def test_any_config_option_overrides_from_the_command_line(tmp_path):
+    f = tmp_path / "run.toml"
+    f.write_text('[search]\nalpha_lr = 0.5\n[robustness]\nsamples = 64\n')
+    # spaCy-style --section.field VALUE / =VALUE, dashes or underscores, before MODEL or after it; values read as TOML
+    r = invoke(["compile", "--search.alpha-lr", "0.1", "tinycnn", "--config", f, "--robustness.pgd_epsilon=8/255",
+                "--robustness.eval", "--data.limit", "300", "--fairness.method", "null", "--print-config"])
+    assert r.exit_code == 0, r.output
+    printed = load_config_text(r.stdout, tmp_path)
+    assert printed.model.spec == "tinycnn" and printed.search.alpha_lr == 0.1  # the override beats the file
+    assert printed.robustness.samples == 64 and printed.robustness.pgd_epsilon == "8/255"
+    assert printed.robustness.eval is True and printed.data.limit == 300 and printed.fairness.method is None
+    r = invoke(["compile", "--search.epochs", "4", "--print-config"])  # no MODEL: the override is not taken for it
+    printed = load_config_text(r.stdout, tmp_path)
+    assert printed.model.spec is None and printed.search.epochs == 4
+    # sweep takes them too: this one reaches validation (a teacher rate without --robust), before any work
+    one_line_error(invoke(["sweep", "--budgets", "1k", "--out", tmp_path / "s", "--robustness.teacher_lr", "0.01"]),
+                   "teacher_lr")
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("args,fragments", [
+    (["compile", "--robustnes.teacher_lr", "1"], ["unknown config option 'robustnes.teacher_lr'",
+                                                 "did you mean 'robustness.teacher_lr'?"]),
+    (["compile", "--relu-budgt", "5k"], ["no such option: --relu-budgt", "did you mean --relu-budget?"]),
+    (["compile", "tinycnn", "extra"], ["unexpected argument 'extra'"]),
+    (["compile", "--epochs", "3", "--search.epochs", "2"], ["search.epochs given twice (as --epochs and as "
+                                                            "--search.epochs)"]),
+    (["compile", "--search.epochs", "2", "--search.epochs=3"], ["search.epochs given twice"]),
+    (["compile", "--search.epochs", "two"], ["search.epochs = 'two'"]),
+    (["sweep", "--budgets", "1k", "--search.relu_budget", "5k"], ["--search.relu_budget does not apply to a sweep",
+                                                                  "give --budgets instead"]),
+])
+def test_bad_command_line_overrides_fail_in_one_line(args, fragments):
+    one_line_error(invoke(args + ["--print-config"] if args[0] == "compile" else args), *fragments)
+
+
 def load_config_text(text: str, tmp_path: Path) -> CompileConfig:
     p = tmp_path / "printed.toml"
     p.write_text(text)

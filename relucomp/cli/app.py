@@ -10,7 +10,9 @@ say so, say how to report them and exit 3; Ctrl-C exits 130.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import os
+import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Iterator, Optional
 
@@ -21,7 +23,7 @@ from rich.table import Table
 
 from ..budget import human
 from ..errors import (BUG_REPORT, INTERNAL_ERROR_EXIT, INTERRUPTED_EXIT, USER_ERROR_EXIT, AlreadyFinished,
-                      InternalError, Interrupted, RelucompError)
+                      ConfigError, InternalError, Interrupted, RelucompError)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Compile PyTorch models to a ReLU budget for private inference, fairly, to verified ONNX.")
@@ -114,6 +116,78 @@ def given(ctx: typer.Context, *, skip: tuple[str, ...] = ()) -> dict[str, Any]:
         else:
             out[RENAMES.get(name, name)] = str(value) if isinstance(value, Path) else value
     return out
+
+
+#: context settings of the commands that take config overrides (``--section.field VALUE``, as spaCy's CLI)
+OVERRIDES = {"allow_extra_args": True, "ignore_unknown_options": True}
+OVERRIDES_HELP = ("Any config option can be set as --section.field VALUE (or --section.field=VALUE), e.g. "
+                  "--robustness.teacher_lr 0.005; `relucomp compile --print-config` lists them all. Values are "
+                  "read as TOML (numbers, true/false, [lists]), else as text; null resets an option to its default.")
+
+
+def _override_value(raw: str) -> Any:
+    if raw == "null":
+        return None
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def config_overrides(ctx: typer.Context, model: str | None = None) -> tuple[str | None, dict[str, Any]]:
+    """``(MODEL, {"section.field": value})`` from the words left after the command's own options.
+
+    The commands with :data:`OVERRIDES` pass unknown words through; an override given before MODEL was taken
+    for MODEL by the parser (and MODEL left among the words): both are put right here.  Anything that is not ``--section.field [VALUE]`` with a
+    known section and field is a :class:`~relucomp.errors.ConfigError` naming the closest option.
+    """
+    from ..config import split_key
+
+    args = list(ctx.args)
+    if model is not None and model.startswith("-"):
+        args.insert(0, model)
+        model = None
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        word = args[i]
+        name, eq, raw = word.partition("=")
+        if model is None and not word.startswith("-"):  # MODEL after an override the parser took for it
+            model, i = word, i + 1
+            continue
+        if not name.startswith("--") or "." not in name:
+            opts = [o for p in ctx.command.params for o in getattr(p, "opts", []) if o.startswith("--")]
+            if not word.startswith("-"):
+                raise ConfigError(f"unexpected argument {word!r}",
+                                  "give MODEL once; options take their value after them (relucomp "
+                                  f"{ctx.command.name} --help)")
+            close = difflib.get_close_matches(name, opts, n=1, cutoff=0.6)
+            raise ConfigError(f"no such option: {name}", (f"did you mean {close[0]}? " if close else "")
+                              + f"see relucomp {ctx.command.name} --help; config options go as --section.field VALUE")
+        sec, field = split_key(name[2:].replace("-", "_"))
+        if not eq:
+            if i + 1 < len(args) and not args[i + 1].startswith("--"):
+                raw, i = args[i + 1], i + 1
+            else:
+                raw = "true"
+        key = f"{sec}.{field}"
+        if key in out:
+            raise ConfigError(f"config option {key} given twice", "give it once")
+        out[key] = _override_value(raw)
+        i += 1
+    return model, out
+
+
+def merge_overrides(flags: dict[str, Any], dotted: dict[str, Any]) -> dict[str, Any]:
+    """The flags' and the ``--section.field`` overrides together; one option given both ways is refused."""
+    from ..config import KEYWORDS
+
+    for kw in flags:
+        key = KEYWORDS.get(kw, kw)
+        if key in dotted:
+            flag = "--" + next((k for k, v in RENAMES.items() if v == kw), kw).replace("_", "-")
+            raise ConfigError(f"{key} given twice (as {flag} and as --{key})", "give it once")
+    return {**flags, **dotted}
 
 
 def log(s: str) -> None:

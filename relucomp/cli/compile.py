@@ -13,16 +13,18 @@ from rich.table import Table
 
 from ..budget import human
 from ..distributed import torchrun_env
-from .app import (AsJson, BatchSize, BudgetIncludesMaxpool, Checkpoint, ConfigFile, Corruptions, Device, DPAugmult, DPBatchSize,
-                  DPDelta, DPEpsilon, DPMaxGradNorm, DPPhase, Effort, EvalRobustness, ExportTarget, ExportWeights,
-                  FinetuneEpochs, ImageSize, LeafModule, Limit, Lr, NoProgress, NumClasses, PgdEpsilon, PgdStep, PgdSteps,
-                  Pretrained, PretrainEpochs, Replacement, RobustnessSamples, RobustnessSplit, SearchEpochs, Seed, Severities, Target, app,
-                  errors_handled, given, layer_table, log, out_console, quiet_torch_logs, robustness_table)
+from .app import (OVERRIDES, OVERRIDES_HELP, AsJson, BatchSize, BudgetIncludesMaxpool, Checkpoint, ConfigFile,
+                  Corruptions, DPAugmult, DPBatchSize, DPDelta, DPEpsilon, DPMaxGradNorm, DPPhase, Device, Effort,
+                  EvalRobustness, ExportTarget, ExportWeights, FinetuneEpochs, ImageSize, LeafModule, Limit, Lr,
+                  NoProgress, NumClasses, PgdEpsilon, PgdStep, PgdSteps, PretrainEpochs, Pretrained, Replacement,
+                  RobustnessSamples, RobustnessSplit, SearchEpochs, Seed, Severities, Target, app, config_overrides,
+                  errors_handled, given, layer_table, log, merge_overrides, out_console, quiet_torch_logs,
+                  robustness_table)
 
 DEFAULT_OUT = "relucomp-out"
 
 
-@app.command()
+@app.command(context_settings=OVERRIDES, epilog=OVERRIDES_HELP)
 def compile(  # noqa: A001
     ctx: typer.Context,
     model: Optional[str] = typer.Argument(None, help="built-in name (resnet18, resnet20...), file.py:factory or "
@@ -108,14 +110,18 @@ def compile(  # noqa: A001
     """Compress MODEL to a ReLU budget and write OUT/model.onnx (and/or OUT/model.edge.onnx), OUT/model.pt, OUT/report.json."""
     from ..config import load_config, resolve_config, to_toml, validate
 
-    overrides = given(ctx, skip=("model", "data", "config", "print_config"))
+    flags = given(ctx, skip=("model", "data", "config", "print_config"))
     with errors_handled():
-        cfg = load_config(config)
-        if "out_dir" not in overrides and cfg.runtime.out_dir is None:
-            overrides["out_dir"] = DEFAULT_OUT
+        model, dotted = config_overrides(ctx, model)
         if model is not None:
-            overrides["model.spec"] = model
-        if ctx.get_parameter_source("data").name == "COMMANDLINE" or config is None:
+            flags["model.spec"] = model
+        if ctx.get_parameter_source("data").name == "COMMANDLINE":
+            flags["data.spec"] = data
+        overrides = merge_overrides(flags, dotted)
+        cfg = load_config(config)
+        if "out_dir" not in overrides and "runtime.out_dir" not in overrides and cfg.runtime.out_dir is None:
+            overrides["out_dir"] = DEFAULT_OUT
+        if config is None and "data.spec" not in overrides:
             overrides["data.spec"] = data
         cfg = resolve_config(cfg, overrides)
         if print_config:

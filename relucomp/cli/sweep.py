@@ -8,10 +8,12 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from .app import (BatchSize, BudgetIncludesMaxpool, Checkpoint, ConfigFile, Device, DPAugmult, DPBatchSize, DPDelta, DPEpsilon,
-                  DPMaxGradNorm, DPPhase, Effort, ExportTarget, ExportWeights, FinetuneEpochs, ImageSize, Limit, Lr,
-                  NoProgress, PretrainEpochs, Replacement, SearchEpochs, Seed, Target, app, errors_handled, given, log,
-                  out_console, quiet_torch_logs)
+from ..errors import ConfigError
+from .app import (OVERRIDES, OVERRIDES_HELP, BatchSize, BudgetIncludesMaxpool, Checkpoint, ConfigFile, DPAugmult,
+                  DPBatchSize, DPDelta, DPEpsilon, DPMaxGradNorm, DPPhase, Device, Effort, ExportTarget, ExportWeights,
+                  FinetuneEpochs, ImageSize, Limit, Lr, NoProgress, PretrainEpochs, Replacement, SearchEpochs, Seed,
+                  Target, app, config_overrides, errors_handled, given, log, merge_overrides, out_console,
+                  quiet_torch_logs)
 
 
 # the sweep's own fairness options (several methods compared; one search shared when the constraints act in the finetune)
@@ -24,7 +26,11 @@ GRANULARITY = typer.Option("pixel", "--granularity", help="pixel | channel | lay
 SEARCH = typer.Option("snl", "--search", help="snl (one shared search) | layer-drop")
 
 
-@app.command("sweep")
+#: config options a sweep sets itself, and where the user gives them instead
+SWEEP_OWN = {"model.spec": "MODEL", "data.spec": "--data", "search.relu_budget": "--budgets", "runtime.out_dir": "--out"}
+
+
+@app.command("sweep", context_settings=OVERRIDES, epilog=OVERRIDES_HELP)
 def sweep_cmd(
     ctx: typer.Context,
     model: Optional[str] = typer.Argument(None, help="built-in name, file.py:factory or package.module:factory; "
@@ -73,12 +79,17 @@ def sweep_cmd(
     from ..sweep import sweep
 
     quiet_torch_logs()
-    overrides = given(ctx, skip=("model", "data", "budgets", "out_dir", "out", "fair_method", "no_export",
-                                 "keep_snapshots", "report", "config"))
+    flags = given(ctx, skip=("model", "data", "budgets", "out_dir", "out", "fair_method", "no_export",
+                             "keep_snapshots", "report", "config"))
     if no_export:
-        overrides["export"] = False
+        flags["export"] = False
     methods = [m.strip() for m in fair_method.split(",") if m.strip()] if fair_method else None
     with errors_handled("run the same command again (finished budgets are skipped)"):
+        model, dotted = config_overrides(ctx, model)
+        for key, own in SWEEP_OWN.items():
+            if key in dotted:
+                raise ConfigError(f"--{key} does not apply to a sweep (it sets it per run)", f"give {own} instead")
+        overrides = merge_overrides(flags, dotted)
         res = sweep(model, data, budgets=budgets, out_dir=out, fair_methods=methods, config=config,
                     keep_snapshots=keep_snapshots, log=log, **overrides)
     print_sweep(res)
