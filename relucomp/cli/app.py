@@ -138,8 +138,9 @@ def config_overrides(ctx: typer.Context, model: str | None = None) -> tuple[str 
     """``(MODEL, {"section.field": value})`` from the words left after the command's own options.
 
     The commands with :data:`OVERRIDES` pass unknown words through; an override given before MODEL was taken
-    for MODEL by the parser (and MODEL left among the words): both are put right here.  Anything that is not ``--section.field [VALUE]`` with a
-    known section and field is a :class:`~relucomp.errors.ConfigError` naming the closest option.
+    for MODEL by the parser (and MODEL left among the words): both are put right here.  Anything that is not
+    ``--section.field [VALUE]`` with a known section and field is a :class:`~relucomp.errors.ConfigError`
+    naming the closest option.
     """
     from ..config import split_key
 
@@ -185,7 +186,8 @@ def merge_overrides(flags: dict[str, Any], dotted: dict[str, Any]) -> dict[str, 
     for kw in flags:
         key = KEYWORDS.get(kw, kw)
         if key in dotted:
-            flag = "--" + next((k for k, v in RENAMES.items() if v == kw), kw).replace("_", "-")
+            flag = {"model.spec": "MODEL", "data.spec": "--data"}.get(kw) or \
+                "--" + next((k for k, v in RENAMES.items() if v == kw), kw).replace("_", "-")
             raise ConfigError(f"{key} given twice (as {flag} and as --{key})", "give it once")
     return {**flags, **dotted}
 
