@@ -6,34 +6,16 @@ import json
 
 import pytest
 import torch
-from typer.testing import CliRunner
-
 import relucomp.api as api
 from relucomp.cli import app
 from relucomp.errors import BudgetError
 from relucomp.export import export_onnx
 from relucomp.models import tinycnn
 
-runner = CliRunner()
+from _cli import invoke, squash
+from _cli import one_line_error as assert_user_error
+
 QUICK = ["--limit", "300", "--pretrain-epochs", "0", "--epochs", "1", "--finetune-epochs", "1", "--no-progress"]
-
-
-def squash(s: str) -> str:
-    """Drop all whitespace: rich wraps long messages at the console width."""
-    return "".join(s.split())
-
-
-def invoke(args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def assert_user_error(result, *fragments):
-    assert result.exit_code == 2, result.output
-    text = squash(result.output)
-    assert "error:" in text and "fix:" in text, result.output
-    assert "Traceback" not in result.output
-    for f in fragments:
-        assert squash(f) in text, (f, result.output)
 
 
 def test_inspect_resnet18_json():

@@ -8,26 +8,12 @@ import time
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
-
-from relucomp.cli import app
 from relucomp.config import KEYWORDS, CompileConfig, load_config, resolve_config, to_toml, validate
 from relucomp.errors import ConfigError, RelucompError
 
-runner = CliRunner()
+from _cli import invoke, one_line_error
+
 QUICK = ["--limit", "300", "--pretrain-epochs", "0", "--epochs", "1", "--finetune-epochs", "1", "--no-progress"]
-
-
-def invoke(args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def one_line_error(r, *fragments):
-    assert r.exit_code == 2, r.output
-    text = "".join(r.output.split())
-    assert "error:" in text and "fix:" in text and "Traceback" not in r.output, r.output
-    for f in fragments:
-        assert "".join(f.split()) in text, (f, r.output)
 
 
 # --------------------------------------------------------------------------- the config type

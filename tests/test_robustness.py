@@ -9,27 +9,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from typer.testing import CliRunner
-
-from relucomp.cli import app
 from relucomp.config import resolve_config, validate
 from relucomp.data import GroupedDataset
 from relucomp.errors import ConfigError, DataError
 from relucomp.robustness import (CORRUPTIONS, Normalized, RobustnessSettings, check_rgb_images, corrupt_images,
                                  evaluate_robustness, parse_epsilon, pgd_attack, resolve_corruptions)
 
-runner = CliRunner()
+from _cli import invoke, one_line_error
+
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 needs_ic = pytest.mark.skipif(__import__("importlib").util.find_spec("imagecorruptions") is None,
                               reason="imagecorruptions not installed (pip install 'relucomp[robust]')")
-
-
-def one_line_error(r, *fragments):
-    assert r.exit_code == 2, r.output
-    text = "".join(r.output.split())
-    assert "error:" in text and "fix:" in text and "Traceback" not in r.output, r.output
-    for f in fragments:
-        assert "".join(f.split()) in text, (f, r.output)
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +158,7 @@ def test_cli_refuses_bad_robustness_options_before_any_data(args, fragments, tmp
     import relucomp.data.load as load
 
     monkeypatch.setattr(load, "load_data", lambda *a, **k: pytest.fail("data loaded before validation"))
-    r = runner.invoke(app, ["compile", "tinycnn", "-b", "2k", "--out", str(tmp_path / "o"), "--eval-robustness", *args])
+    r = invoke(["compile", "tinycnn", "-b", "2k", "--out", str(tmp_path / "o"), "--eval-robustness", *args])
     one_line_error(r, *fragments)
     assert not (tmp_path / "o").exists()
 
@@ -183,7 +173,7 @@ def test_cli_refuses_greyscale_folder_before_decoding(tmp_path, monkeypatch):
         for i in range(3):
             Image.fromarray(np.full((32, 32), 40 * i, dtype=np.uint8), mode="L").save(tmp_path / "grey" / c / f"{i}.png")
     monkeypatch.setattr(load, "load_data", lambda *a, **k: pytest.fail("data loaded before validation"))
-    r = runner.invoke(app, ["compile", "tinycnn", "-b", "2k", "--data", f"folder:{tmp_path / 'grey'}",
+    r = invoke(["compile", "tinycnn", "-b", "2k", "--data", f"folder:{tmp_path / 'grey'}",
                             "--out", str(tmp_path / "o"), "--eval-robustness"])
     one_line_error(r, "greyscale image (mode L)", "RGB")
 
@@ -192,7 +182,7 @@ def test_cli_refuses_greyscale_folder_before_decoding(tmp_path, monkeypatch):
 def test_compile_eval_robustness_report_html_and_evaluate_command(tmp_path):
     out = tmp_path / "o"
     quick = ["--limit", "300", "--pretrain-epochs", "0", "--epochs", "1", "--finetune-epochs", "1", "--no-progress"]
-    r = runner.invoke(app, ["compile", "tinycnn", "-b", "50%", "--out", str(out), *quick, "--eval-robustness",
+    r = invoke(["compile", "tinycnn", "-b", "50%", "--out", str(out), *quick, "--eval-robustness",
                             "--corruptions", "gaussian_noise,contrast", "--severities", "1,5",
                             "--robustness-samples", "40", "--pgd-steps", "2"])
     assert r.exit_code == 0, r.output
@@ -212,14 +202,14 @@ def test_compile_eval_robustness_report_html_and_evaluate_command(tmp_path):
     assert "Robustness: clean, corrupted and adversarial accuracy" in html and "NPA per corruption" in html
 
     before = dict(rep)
-    r = runner.invoke(app, ["evaluate", str(out), "--corruptions", "fog", "--severities", "2",
+    r = invoke(["evaluate", str(out), "--corruptions", "fog", "--severities", "2",
                             "--robustness-samples", "30", "--pgd-steps", "1", "--no-progress"])
     assert r.exit_code == 0, r.output
     rep2 = json.loads((out / "report.json").read_text())
     assert rep2["robustness"]["settings"]["corruptions"] == ["fog"] and rep2["robustness"]["samples"] == 30
     assert {k: v for k, v in rep2.items() if k != "robustness"} == {k: v for k, v in before.items() if k != "robustness"}
     # the rebuilt compiled model is the compiled model: same clean accuracy on the same images as in the compile
-    r = runner.invoke(app, ["evaluate", str(out), "--corruptions", "gaussian_noise,contrast", "--severities", "1,5",
+    r = invoke(["evaluate", str(out), "--corruptions", "gaussian_noise,contrast", "--severities", "1,5",
                             "--robustness-samples", "40", "--pgd-steps", "2", "--no-progress"])
     rep3 = json.loads((out / "report.json").read_text())
     for model in ("dense", "compiled"):
@@ -228,9 +218,9 @@ def test_compile_eval_robustness_report_html_and_evaluate_command(tmp_path):
     # --robustness-split val: the validation split (for tuning), recorded in the section
     splits = {k: v["n"] for k, v in rep["data"]["summary"]["splits"].items()}
     assert splits["val"] != splits["test"] and rb["settings"]["split"] == "test"
-    r = runner.invoke(app, ["evaluate", str(out), "--robustness-split", "val", "--corruptions", "fog", "--severities",
+    r = invoke(["evaluate", str(out), "--robustness-split", "val", "--corruptions", "fog", "--severities",
                             "2", "--robustness-samples", "100000", "--pgd-steps", "1", "--no-progress", "--no-dense"])
     assert r.exit_code == 0, r.output
     rv = json.loads((out / "report.json").read_text())["robustness"]
     assert rv["settings"]["split"] == "val" and rv["samples"] == splits["val"] and set(rv["models"]) == {"compiled"}
-    one_line_error(runner.invoke(app, ["evaluate", str(tmp_path)]), "not a finished relucomp compile output")
+    one_line_error(invoke(["evaluate", str(tmp_path)]), "not a finished relucomp compile output")
