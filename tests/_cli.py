@@ -14,8 +14,8 @@ def squash(s: str) -> str:
     return "".join(s.split())
 
 
-def invoke(args):
-    return runner.invoke(app, [str(a) for a in args])
+def invoke(args, **kw):
+    return runner.invoke(app, [str(a) for a in args], **kw)
 
 
 def one_line_error(result, *fragments):

@@ -196,3 +196,18 @@ def test_inspect_wrong_input_shape(tmp_path):
     f.write_text(ONE_CHANNEL)
     r = invoke(["inspect", f"{f}:make"])
     assert_user_error(r, "does not accept inputs of shape")
+
+
+def test_compile_help_groups_options_by_config_section():
+    import re
+
+    text = invoke(["compile", "--help"], env={"COLUMNS": "160"}).output
+    panels = re.findall(r"─ ([A-Z][\w ]+) · \[(\w+)\] ─", text)
+    assert {sec for _, sec in panels} == {"data", "model", "search", "finetune", "fairness", "robustness", "dp",
+                                          "pruning", "export", "runtime"}, panels
+    robustness = text.split("Robustness · [robustness]")[1].split("╰")[0]
+    assert "--pgd-epsilon" in robustness and "--robust " in robustness and "--relu-budget" not in robustness
+    assert "--relu-budget" in text.split("Mask search · [search]")[1].split("╰")[0]
+    assert "--section.field VALUE" in squash(text) or "--section.fieldVALUE" in squash(text)
+    # the shared option objects were copied: other commands keep one plain panel
+    assert "·" not in invoke(["evaluate", "--help"], env={"COLUMNS": "160"}).output

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import inspect
 import os
 import tomllib
 from pathlib import Path
@@ -116,6 +117,47 @@ def given(ctx: typer.Context, *, skip: tuple[str, ...] = ()) -> dict[str, Any]:
         else:
             out[RENAMES.get(name, name)] = str(value) if isinstance(value, Path) else value
     return out
+
+
+#: ``--help`` panel of each config section (a command's options are grouped by the section they set)
+PANELS = {"data": "Data", "model": "Model", "search": "Mask search", "finetune": "Finetune",
+          "fairness": "Fairness", "robustness": "Robustness", "dp": "Differential privacy",
+          "pruning": "Pruning", "export": "Export", "runtime": "Run"}
+
+
+def help_panels(fn):
+    """Group ``fn``'s options in ``--help`` by the config section each sets (``KEYWORDS``): one panel per section.
+
+    Options that set no config field (``--config``, ``--print-config``, ...) stay under "Options".  The
+    shared option objects are copied, so other commands' ``--help`` is left as it was.
+    """
+    import copy
+    import typing
+
+    from ..keywords import KEYWORDS
+
+    def panel(info: Any, section: str) -> Any:
+        if not isinstance(info, typer.models.OptionInfo):
+            return info
+        info = copy.copy(info)
+        info.rich_help_panel = f"{PANELS[section]} · " + escape(f"[{section}]")
+        return info
+
+    hints = typing.get_type_hints(fn, include_extras=True)
+    sig = inspect.signature(fn)
+    params = []
+    for name, param in sig.parameters.items():
+        dotted = ({"data": "data.spec", "no_progress": "runtime.progress"}.get(name)
+                  or KEYWORDS.get(RENAMES.get(name, name), ""))
+        section = dotted.partition(".")[0]
+        hint = hints.get(name, param.annotation)
+        if section in PANELS:
+            if typing.get_origin(hint) is Annotated:
+                hint = Annotated[(hint.__origin__, *(panel(m, section) for m in hint.__metadata__))]
+            param = param.replace(default=panel(param.default, section))
+        params.append(param.replace(annotation=hint))
+    fn.__signature__ = sig.replace(parameters=params)
+    return fn
 
 
 #: context settings of the commands that take config overrides (``--section.field VALUE``, as spaCy's CLI)

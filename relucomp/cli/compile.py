@@ -18,13 +18,14 @@ from .app import (OVERRIDES, OVERRIDES_HELP, AsJson, BatchSize, BudgetIncludesMa
                   EvalRobustness, ExportTarget, ExportWeights, FinetuneEpochs, ImageSize, LeafModule, Limit, Lr,
                   NoProgress, NumClasses, PgdEpsilon, PgdStep, PgdSteps, PretrainEpochs, Pretrained, Replacement,
                   RobustnessSamples, RobustnessSplit, SearchEpochs, Seed, Severities, Target, app, config_overrides,
-                  errors_handled, given, layer_table, log, merge_overrides, out_console, quiet_torch_logs,
+                  errors_handled, given, help_panels, layer_table, log, merge_overrides, out_console, quiet_torch_logs,
                   robustness_table)
 
 DEFAULT_OUT = "relucomp-out"
 
 
 @app.command(context_settings=OVERRIDES, epilog=OVERRIDES_HELP)
+@help_panels
 def compile(  # noqa: A001
     ctx: typer.Context,
     model: Optional[str] = typer.Argument(None, help="built-in name (resnet18, resnet20...), file.py:factory or "

@@ -12,7 +12,7 @@ from ..errors import ConfigError
 from .app import (OVERRIDES, OVERRIDES_HELP, BatchSize, BudgetIncludesMaxpool, Checkpoint, ConfigFile, DPAugmult,
                   DPBatchSize, DPDelta, DPEpsilon, DPMaxGradNorm, DPPhase, Device, Effort, ExportTarget, ExportWeights,
                   FinetuneEpochs, ImageSize, Limit, Lr, NoProgress, PretrainEpochs, Replacement, SearchEpochs, Seed,
-                  Target, app, config_overrides, errors_handled, given, log, merge_overrides, out_console,
+                  Target, app, config_overrides, errors_handled, given, help_panels, log, merge_overrides, out_console,
                   quiet_torch_logs)
 
 
@@ -31,6 +31,7 @@ SWEEP_OWN = {"model.spec": "MODEL", "data.spec": "--data", "search.relu_budget":
 
 
 @app.command("sweep", context_settings=OVERRIDES, epilog=OVERRIDES_HELP)
+@help_panels
 def sweep_cmd(
     ctx: typer.Context,
     model: Optional[str] = typer.Argument(None, help="built-in name, file.py:factory or package.module:factory; "
