@@ -22,6 +22,7 @@ import difflib
 import math
 import os
 import tomllib
+import typing
 from pathlib import Path
 from typing import Any, Union
 
@@ -299,6 +300,13 @@ def split_key(dotted: str) -> tuple[str, str]:
                       (f"did you mean {close[0]!r}? " if close else "")
                       + f"use one of the sections {', '.join(sections)} and their fields "
                       "(relucomp compile --print-config shows them all)")
+
+
+def is_flag(dotted: str) -> bool:
+    """Whether the config field ``"section.field"`` is a plain on/off switch (``bool``)."""
+    sec, field = split_key(dotted)
+    ann = CompileConfig.model_fields[sec].annotation.model_fields[field].annotation
+    return bool in (ann, *typing.get_args(ann))
 
 
 def _build(data: dict[str, Any], where: str) -> CompileConfig:

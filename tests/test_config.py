@@ -132,6 +132,9 @@ def test_any_config_option_overrides_from_the_command_line(tmp_path):
     assert printed.model.spec == "tinycnn" and printed.search.alpha_lr == 0.1  # the override beats the file
     assert printed.robustness.samples == 64 and printed.robustness.pgd_epsilon == "8/255"
     assert printed.robustness.eval is True and printed.data.limit == 300 and printed.fairness.method is None
+    r = invoke(["compile", "--runtime.pin_memory", "--finetune.ema", "false", "--print-config"])  # bare = true
+    printed = load_config_text(r.stdout, tmp_path)
+    assert printed.runtime.pin_memory is True and printed.finetune.ema is False
     r = invoke(["compile", "--search.epochs", "4", "--print-config"])  # no MODEL: the override is not taken for it
     printed = load_config_text(r.stdout, tmp_path)
     assert printed.model.spec is None and printed.search.epochs == 4
@@ -150,6 +153,7 @@ def test_any_config_option_overrides_from_the_command_line(tmp_path):
                                                             "--search.epochs)"]),
     (["compile", "--search.epochs", "2", "--search.epochs=3"], ["search.epochs given twice"]),
     (["compile", "--search.epochs", "two"], ["search.epochs = 'two'"]),
+    (["compile", "--search.epochs"], ["--search.epochs needs a value", "--search.epochs=VALUE"]),
     (["sweep", "--budgets", "1k", "--search.relu_budget", "5k"], ["--search.relu_budget does not apply to a sweep",
                                                                   "give --budgets instead"]),
 ])

@@ -184,7 +184,7 @@ def config_overrides(ctx: typer.Context, model: str | None = None) -> tuple[str 
     ``--section.field [VALUE]`` with a known section and field is a :class:`~relucomp.errors.ConfigError`
     naming the closest option.
     """
-    from ..config import split_key
+    from ..config import is_flag, split_key
 
     args = list(ctx.args)
     if model is not None and model.startswith("-"):
@@ -208,12 +208,14 @@ def config_overrides(ctx: typer.Context, model: str | None = None) -> tuple[str 
             raise ConfigError(f"no such option: {name}", (f"did you mean {close[0]}? " if close else "")
                               + f"see relucomp {ctx.command.name} --help; config options go as --section.field VALUE")
         sec, field = split_key(name[2:].replace("-", "_"))
+        key = f"{sec}.{field}"
         if not eq:
             if i + 1 < len(args) and not args[i + 1].startswith("--"):
                 raw, i = args[i + 1], i + 1
-            else:
+            elif is_flag(key):
                 raw = "true"
-        key = f"{sec}.{field}"
+            else:
+                raise ConfigError(f"--{key} needs a value", f"give it as --{key} VALUE or --{key}=VALUE")
         if key in out:
             raise ConfigError(f"config option {key} given twice", "give it once")
         out[key] = _override_value(raw)
