@@ -225,7 +225,7 @@ def config_overrides(ctx: typer.Context, model: str | None = None) -> tuple[str 
 
 def merge_overrides(flags: dict[str, Any], dotted: dict[str, Any]) -> dict[str, Any]:
     """The flags' and the ``--section.field`` overrides together; one option given both ways is refused."""
-    from ..config import KEYWORDS
+    from ..keywords import KEYWORDS
 
     for kw in flags:
         key = KEYWORDS.get(kw, kw)
