@@ -167,8 +167,11 @@ def test_unwritable_out(tmp_path, rc_cache):
 
 
 def test_version():
-    r = invoke(["version"])
-    assert r.exit_code == 0 and r.stdout.strip() == "0.1.0"
+    from relucomp import __version__
+
+    for args in (["version"], ["--version"], ["--version", "compile"]):   # --version is eager: nothing else runs
+        r = invoke(args)
+        assert r.exit_code == 0 and r.stdout.strip() == __version__ == "0.1.0", (args, r.output)
 
 
 # --------------------------------------------------------------------------- regressions (bugs found by these tests)

@@ -31,6 +31,21 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 console = Console(stderr=True)
 out_console = Console()
 
+
+def _print_version(value: bool) -> None:
+    if value:
+        from .. import __version__
+
+        out_console.print(__version__)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(_version: Annotated[bool, typer.Option(
+        "--version", callback=_print_version, is_eager=True, help="print the relucomp version and exit")] = False,
+          ) -> None:
+    """Compile PyTorch models to a ReLU budget for private inference, fairly, to verified ONNX."""
+
 # -- options shared by several commands (one definition each) ------------------------------------
 Target = Annotated[Optional[str], typer.Option("--target", help="label to predict (data-set specific)")]
 Checkpoint = Annotated[Optional[Path], typer.Option("--checkpoint", help="state_dict for MODEL")]
