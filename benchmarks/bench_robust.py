@@ -140,6 +140,8 @@ def main() -> None:
                          "weight)")
     ap.add_argument("--natural-branch", default="perturbed", choices=("perturbed", "clean"),
                     help="robustness.natural_branch: the dual-BN branch the AugMix views train on")
+    ap.add_argument("--search-objective", default="robust", choices=("robust", "clean"),
+                    help="robustness.search_objective: the mask search's loss (clean: its clean KD term only)")
     ap.add_argument("--clean-teacher", default=RobustnessSection().clean_teacher, choices=("dual", "robust", "dense"),
                     help="robustness.clean_teacher: the clean KD term's teacher (dual: the dual-BN teacher's clean "
                          "branch; dense: MTARD's clean teacher)")
@@ -187,6 +189,8 @@ def main() -> None:
         key |= {"adv_teacher_beta": a.adv_teacher_beta}
     if two and a.student_init != "robust":  # one teacher: both inits are the robust teacher
         key |= {"student_init": a.student_init}
+    if a.search_objective != "robust":     # session 21; keys without it mean the robust search
+        key |= {"search_objective": a.search_objective}
     key |= {"clean_teacher": a.clean_teacher}  # always: the default changed (robust → dual)
     if a.train_epsilon != "8/255":
         key |= {"train_epsilon": a.train_epsilon}
@@ -215,7 +219,8 @@ def main() -> None:
                      **{"robustness.jsd_weight": a.jsd_weight, "robustness.helper_weight": a.helper_weight,
                         "robustness.adv_teacher": not a.one_teacher,
                         "robustness.adv_teacher_beta": a.adv_teacher_beta, "robustness.student_init": a.student_init,
-                        "robustness.teacher_lr": a.teacher_lr, "robustness.adv_teacher_lr": a.adv_teacher_lr}
+                        "robustness.teacher_lr": a.teacher_lr, "robustness.adv_teacher_lr": a.adv_teacher_lr,
+                        "robustness.search_objective": a.search_objective}
                      ) if robust else {}
         res = rc_compile("resnet8", f"cifar10:{a.data}", relu_budget=budget, limit=a.limit,
                          pretrain_epochs=a.pretrain_epochs, search_epochs=a.epochs, finetune_epochs=a.finetune_epochs,
@@ -262,7 +267,7 @@ def main() -> None:
                                        "student_augmix_ops": a.student_augmix_ops or a.augmix_ops,
                                        "jsd_weight": a.jsd_weight, "dual_bn": True,
                                        "kd_weights": {"clean": a.kd_clean, "natural": 1.0, "adversarial": a.kd_adv},
-                                       "exported_branch": "clean",
+                                       "exported_branch": "clean", "search_objective": a.search_objective,
                                        "note": f"training attack PGD-{a.train_attack_steps} with random start "
                                                "(CPU budget); evaluation PGD-10"}},
                "goal": "RLNet: robust − plain ≥ +10 AdvA, ≥ +3 NPA, ≥ −2 CA at the same budget",

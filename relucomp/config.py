@@ -166,6 +166,8 @@ class RobustnessSection(_Section):
                                         # the model before the adversarial finetune); the other two terms keep the
                                         # robust teacher
     compare_branches: bool = False      # also evaluate the other branch folded (model "compiled_<branch>_bn")
+    search_objective: str = "robust"    # the mask search's loss: robust (three-way KD, as the finetune) | clean
+                                        # (its clean KD term only; the finetune stays three-way)
 
     @field_validator("student_init", mode="before")
     @classmethod
@@ -638,7 +640,7 @@ ROBUST_TRAIN_FIELDS = ("teacher_robust", "teacher_epochs", "teacher_lr", "train_
                        "train_epsilon", "trades_beta", "helper_weight", "adv_teacher", "adv_teacher_beta",
                        "adv_teacher_lr", "student_init", "augmix", "augmix_ops", "student_augmix_ops", "jsd_weight",
                        "kd_clean", "kd_natural", "kd_adv", "student_jsd", "dual_bn", "export_branch",
-                       "compare_branches", "natural_branch", "clean_teacher")
+                       "compare_branches", "natural_branch", "clean_teacher", "search_objective")
 
 
 def layer_cut(names: list[str], prefix: str) -> int | None:
@@ -680,6 +682,7 @@ def check_robust_compile(cfg: CompileConfig) -> None:
     _one_of(rb.natural_branch, ("clean", "perturbed"), "robustness.natural_branch =", "BatchNorm branch of the AugMix views")
     _one_of(rb.clean_teacher, ("dual", "robust", "dense"), "robustness.clean_teacher =",
             "teacher of the clean KD term")
+    _one_of(rb.search_objective, ("robust", "clean"), "robustness.search_objective =", "mask-search objective")
     for field in ("augmix_ops", "student_augmix_ops"):
         if getattr(rb, field) is not None:
             _one_of(getattr(rb, field), AUGMIX_OP_SETS, f"robustness.{field} =", "AugMix op set")

@@ -51,4 +51,5 @@ KEYWORDS: dict[str, str] = {
     "student_jsd": "robustness.student_jsd", "dual_bn": "robustness.dual_bn",
     "export_branch": "robustness.export_branch", "compare_branches": "robustness.compare_branches",
     "natural_branch": "robustness.natural_branch", "clean_teacher": "robustness.clean_teacher",
+    "search_objective": "robustness.search_objective",
 }

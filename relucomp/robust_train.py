@@ -388,7 +388,8 @@ def robust_kd_step(teacher: nn.Module, s: RobustTrainSettings, *, kd_weight: flo
 
     The teachers are frozen; each is moved to the batch's device at its first use."""
     px = _Pixels(s.mean, s.std)
-    bar = _AttackBar(progress, s.attack_steps, f"PGD-{s.attack_steps} on the student ({desc})")
+    bar = _AttackBar(progress if s.kd_adv > 0 else None,      # no attack, no row
+                     s.attack_steps, f"PGD-{s.attack_steps} on the student ({desc})")
 
     def step(model, x, y, g):
         x01 = px.to01(x)

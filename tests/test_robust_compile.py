@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -103,8 +104,6 @@ def test_prime_primitives_identity_limits_range_and_op_sets():
 def test_each_step_draws_its_views_from_its_op_set(monkeypatch):
     """The teacher's and the student's steps pass their settings' op set to AugMix (robustness.augmix_ops /
     student_augmix_ops), two views for the teacher's JSD, one for the student's natural KD term."""
-    import dataclasses
-
     import relucomp.robust_train as rt
 
     seen = []
@@ -147,6 +146,9 @@ def test_robust_steps_train_and_show_the_attack():
     loss.backward()
     assert torch.isfinite(loss) and logits.shape == (8, 3)
     assert "PGD-2" in prog.desc and [u["completed"] for u in prog.updates] == [1, 2]
+    idle = Prog()                                    # no adversarial term (a clean search): no attack row
+    robust_kd_step(teacher, dataclasses.replace(s, kd_adv=0.0), kd_weight=0.5, temperature=4.0, progress=idle)
+    assert not hasattr(idle, "desc")
     # the perturbed forwards went through the perturbed BN branch (its statistics moved), the clean one too
     d = next(m for m in student.modules() if isinstance(m, DualBatchNorm2d))
     assert int(d.perturbed.num_batches_tracked) == 2 and int(d.clean.num_batches_tracked) == 1
@@ -405,6 +407,8 @@ def test_robust_bad_combinations_are_one_line_errors():
                         ({"natural_branch": "clean"}, "add --robust"),
                         ({"robust": True, "clean_teacher": "clean"}, "dual | robust | dense"),
                         ({"clean_teacher": "dense"}, "add --robust"),
+                        ({"robust": True, "search_objective": "adversarial"}, "robust | clean"),
+                        ({"search_objective": "clean"}, "add --robust"),
                         ({"trades_beta": 3.0}, "add --robust"),
                         ({"student_jsd": 12.0}, "add --robust"),
                         ({"robust": True, "student_jsd": -1.0}, "student_jsd = 12"),
@@ -449,16 +453,27 @@ def test_robust_bad_combinations_are_one_line_errors():
 
 
 @needs_ic
-def test_robust_compile_with_a_one_bn_teacher(tmp_path):
+def test_robust_compile_with_a_one_bn_teacher(tmp_path, monkeypatch):
     """clean_teacher = "robust" (RLNet's: one BN in the teacher, the clean term from the robust teacher) beside
     the default "dual" of the end-to-end test below, with AugMix's own op set for the teacher and PRIME's for the
-    student; the export is plain either way."""
+    student; the export is plain either way.  search_objective = "clean": the mask search's step has its clean
+    KD term only, the finetune's all three."""
     import onnx
+
+    import relucomp.robust_train as rt
+
+    steps, real = [], rt.robust_kd_step
+
+    def spy(teacher, s, **kw):
+        steps.append((kw["desc"], s.kd_clean, s.kd_natural, s.kd_adv))
+        return real(teacher, s, **kw)
+
+    monkeypatch.setattr(rt, "robust_kd_step", spy)
 
     out = tmp_path / "o"
     (tmp_path / "c.toml").write_text('[robustness]\nclean_teacher = "robust"\naugmix_ops = "augmix"\n'
                                     'student_augmix_ops = "prime"\nhelper_weight = 0.5\ntrades_beta = 2.5\n'
-                                    'teacher_lr = 0.003\n')
+                                    'teacher_lr = 0.003\nsearch_objective = "clean"\n')
     r = runner.invoke(app, ["compile", "tinycnn", "-b", "50%", "--out", str(out), "--limit", "200",
                             "--config", str(tmp_path / "c.toml"), "--pretrain-epochs", "1", "--epochs", "1",
                             "--finetune-epochs", "1", "--no-progress", "--robust", "--robust-teacher-epochs", "1",
@@ -471,6 +486,7 @@ def test_robust_compile_with_a_one_bn_teacher(tmp_path):
     assert "augmix_ops" not in t and t["student_augmix_ops"] == "prime"   # AugMix's ops: cache keys as before
     assert t["helper_weight"] == 0.5 and t["trades_beta"] == 2.5 and t["adversarial_finetune"]   # HAT's teacher
     assert t["teacher_lr"] == t["lr"] == t["adv_teacher"]["lr"] == 0.003    # both teachers' optimizer, in the key
+    assert t["search_objective"] == "clean" and steps == [("search", 1.0, 0.0, 0.0), ("finetune", 1.0, 1.0, 1.0)]
     assert "BatchNormalization" not in [n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node]
     assert rep["relus"]["after"] <= rep["relus"]["budget"]
 
@@ -576,7 +592,7 @@ def test_teacher_cache_key_ignores_student_only_settings():
     d = teacher_digest("k", 2, info, 0)
     student = {"kd_weights": {"clean": 1.0, "natural": 3.0, "adversarial": 0.5}, "dual_bn": False,
                "export_branch": "perturbed", "natural_branch": "clean", "clean_teacher": "dense", "student_jsd": 12.0,
-               "student_augmix_ops": "augmix"}
+               "student_augmix_ops": "augmix", "search_objective": "clean"}
     assert teacher_digest("k", 2, info | student, 0) == d
     for change in ({"trades_beta": 3.0}, {"train_epsilon": 6 / 255}, {"jsd_weight": 0.0}, {"augmix": False},
                    {"teacher_dual_bn": True}, {"augmix_ops": "prime"}, {"helper_weight": 0.5}, {"teacher_lr": 0.05}):

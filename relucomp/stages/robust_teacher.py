@@ -69,7 +69,7 @@ def train_settings(st: RunState) -> RobustTrainSettings:
 # settings in the stage's ``info`` that only the student's training reads: not part of the teacher's cache key,
 # so a sweep over them (KD weights, BN branches, the clean KD teacher) reuses one robust teacher
 STUDENT_ONLY = ("dual_bn", "export_branch", "natural_branch", "clean_teacher", "kd_weights", "student_jsd",
-                "student_augmix_ops", "adv_teacher", "student_init")
+                "student_augmix_ops", "adv_teacher", "student_init", "search_objective")
 
 
 def teacher_lrs(cfg: CompileConfig) -> tuple[float, float, float]:
@@ -106,7 +106,8 @@ def run(st: RunState) -> RobustTeacherOut:
                             "kd_weights": {"clean": s.kd_clean, "natural": s.kd_natural, "adversarial": s.kd_adv},
                             "dual_bn": cfg.robustness.dual_bn, "export_branch": cfg.robustness.export_branch,
                             "natural_branch": cfg.robustness.natural_branch,
-                            "clean_teacher": cfg.robustness.clean_teacher, "student_jsd": s.student_jsd}
+                            "clean_teacher": cfg.robustness.clean_teacher, "student_jsd": s.student_jsd,
+                            "search_objective": cfg.robustness.search_objective}
     if s.helper_weight > 0:                 # HAT (off before session 17: old cache keys stay)
         info["helper_weight"] = s.helper_weight
     lr, lr2, default_lr = teacher_lrs(cfg)

@@ -43,8 +43,9 @@ def fair_phase(st: RunState, phase: str, ema_model=None) -> FairPhase:
                      ema_decay=st.cfg.finetune.ema_decay, ema_warmup=bool(st.cfg.finetune.ema_warmup))
 
 
-def robust_step(st: RunState, kd_weight: float, temperature: float, fair, desc: str):
-    """The robust compile's three-way distillation step (``--robust``), else None (CE + KD)."""
+def robust_step(st: RunState, kd_weight: float, temperature: float, fair, desc: str, *, clean_only: bool = False):
+    """The robust compile's three-way distillation step (``--robust``), else None (CE + KD).  ``clean_only``: its
+    clean KD term alone (same teacher, no AugMix or adversarial term) — ``robustness.search_objective = "clean"``."""
     if not st.cfg.robustness.robust:
         return None
     from ..robust_train import robust_kd_step
@@ -55,6 +56,8 @@ def robust_step(st: RunState, kd_weight: float, temperature: float, fair, desc: 
     s = train_settings(st)
     if rb.student_augmix_ops is not None:      # the student's AugMix views draw from their own op set
         s = dataclasses.replace(s, augmix_ops=rb.student_augmix_ops)
+    if clean_only:
+        s = dataclasses.replace(s, kd_natural=0.0, kd_adv=0.0, student_jsd=0.0)
     return robust_kd_step(st["pretrain"].teacher, s, kd_weight=kd_weight, temperature=temperature,
                           extra=fair.extra_loss if fair is not None else None, progress=st.progress, desc=desc,
                           clean_teacher=clean, adv_teacher=rt.adversarial)
@@ -101,7 +104,8 @@ def run(st: RunState) -> SearchOut:
                            snapshots=snaps, on_snapshot=on_snap,
                            warmup=s.warmup, hysteresis=s.hysteresis, refine=s.refine, seed=cfg.runtime.seed,
                            clip_grad_norm=s.clip_grad_norm,
-                           loss_step=robust_step(st, s.kd_weight, s.kd_temperature, sfair, NAME))
+                           loss_step=robust_step(st, s.kd_weight, s.kd_temperature, sfair, NAME,
+                                                 clean_only=cfg.robustness.search_objective == "clean"))
         stats = PassManager([sp]).run(gm).stats["passes"][0]["stats"]
         if sfair is not None:
             stats["fair_trajectory"] = sfair.trajectory
