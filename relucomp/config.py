@@ -304,6 +304,13 @@ def split_key(dotted: str) -> tuple[str, str]:
                       "(relucomp compile --print-config shows them all)")
 
 
+def field_keys(field: str) -> list[str]:
+    """Every ``"section.field"`` whose field is named ``field`` (``"search_objective"`` →
+    ``["robustness.search_objective"]``)."""
+    sections = CompileConfig.model_fields
+    return [f"{s}.{field}" for s in sections if field in sections[s].annotation.model_fields]
+
+
 def is_flag(dotted: str) -> bool:
     """Whether the config field ``"section.field"`` is a plain on/off switch (``bool``)."""
     sec, field = split_key(dotted)

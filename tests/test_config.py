@@ -148,6 +148,7 @@ def test_any_config_option_overrides_from_the_command_line(tmp_path):
     (["compile", "--robustnes.teacher_lr", "1"], ["unknown config option 'robustnes.teacher_lr'",
                                                  "did you mean 'robustness.teacher_lr'?"]),
     (["compile", "--relu-budgt", "5k"], ["no such option: --relu-budgt", "did you mean --relu-budget?"]),
+    (["compile", "--teacher-lr", "0.1"], ["no such option: --teacher-lr", "did you mean --robustness.teacher_lr?"]),
     (["compile", "tinycnn", "extra"], ["unexpected argument 'extra'"]),
     (["compile", "--epochs", "3", "--search.epochs", "2"], ["search.epochs given twice (as --epochs and as "
                                                             "--search.epochs)"]),

@@ -199,7 +199,7 @@ def config_overrides(ctx: typer.Context, model: str | None = None) -> tuple[str 
     ``--section.field [VALUE]`` with a known section and field is a :class:`~relucomp.errors.ConfigError`
     naming the closest option.
     """
-    from ..config import is_flag, split_key
+    from ..config import field_keys, is_flag, split_key
 
     args = list(ctx.args)
     if model is not None and model.startswith("-"):
@@ -219,7 +219,8 @@ def config_overrides(ctx: typer.Context, model: str | None = None) -> tuple[str 
                 raise ConfigError(f"unexpected argument {word!r}",
                                   "give MODEL once; options take their value after them (relucomp "
                                   f"{ctx.command.name} --help)")
-            close = difflib.get_close_matches(name, opts, n=1, cutoff=0.6)
+            close = ([f"--{k}" for k in field_keys(name[2:].replace("-", "_"))]   # a config field without its section
+                     or difflib.get_close_matches(name, opts, n=1, cutoff=0.6))
             raise ConfigError(f"no such option: {name}", (f"did you mean {close[0]}? " if close else "")
                               + f"see relucomp {ctx.command.name} --help; config options go as --section.field VALUE")
         sec, field = split_key(name[2:].replace("-", "_"))
