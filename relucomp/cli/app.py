@@ -32,11 +32,16 @@ console = Console(stderr=True)
 out_console = Console()
 
 
+def print_version() -> None:
+    """``relucomp version`` and ``relucomp --version``."""
+    from .. import __version__
+
+    out_console.print(__version__)
+
+
 def _print_version(value: bool) -> None:
     if value:
-        from .. import __version__
-
-        out_console.print(__version__)
+        print_version()
         raise typer.Exit()
 
 
@@ -210,6 +215,7 @@ def config_overrides(ctx: typer.Context, model: str | None = None) -> tuple[str 
     while i < len(args):
         word = args[i]
         name, eq, raw = word.partition("=")
+        bare = name[2:].replace("-", "_")
         if model is None and not word.startswith("-"):  # MODEL after an override the parser took for it
             model, i = word, i + 1
             continue
@@ -219,11 +225,11 @@ def config_overrides(ctx: typer.Context, model: str | None = None) -> tuple[str 
                 raise ConfigError(f"unexpected argument {word!r}",
                                   "give MODEL once; options take their value after them (relucomp "
                                   f"{ctx.command.name} --help)")
-            close = ([f"--{k}" for k in field_keys(name[2:].replace("-", "_"))]   # a config field without its section
+            close = ([f"--{k}" for k in field_keys(bare)]   # a config field without its section
                      or difflib.get_close_matches(name, opts, n=1, cutoff=0.6))
             raise ConfigError(f"no such option: {name}", (f"did you mean {close[0]}? " if close else "")
                               + f"see relucomp {ctx.command.name} --help; config options go as --section.field VALUE")
-        sec, field = split_key(name[2:].replace("-", "_"))
+        sec, field = split_key(bare)
         key = f"{sec}.{field}"
         if not eq:
             if i + 1 < len(args) and not args[i + 1].startswith("--"):

@@ -18,8 +18,8 @@ from .app import (OVERRIDES, OVERRIDES_HELP, AsJson, BatchSize, BudgetIncludesMa
                   EvalRobustness, ExportTarget, ExportWeights, FinetuneEpochs, ImageSize, LeafModule, Limit, Lr,
                   NoProgress, NumClasses, PgdEpsilon, PgdStep, PgdSteps, PretrainEpochs, Pretrained, Replacement,
                   RobustnessSamples, RobustnessSplit, SearchEpochs, Seed, Severities, Target, app, config_overrides,
-                  errors_handled, given, help_panels, layer_table, log, merge_overrides, out_console, quiet_torch_logs,
-                  robustness_table)
+                  errors_handled, given, help_panels, layer_table, log, merge_overrides, out_console, print_version,
+                  quiet_torch_logs, robustness_table)
 
 DEFAULT_OUT = "relucomp-out"
 
@@ -278,7 +278,5 @@ def inspect(
 @app.command()
 def version() -> None:
     """Print the relucomp version."""
-    from .. import __version__
-
-    out_console.print(__version__)
+    print_version()
 
