@@ -10,7 +10,7 @@
 3. Accuracy vs ReLU budget on the default synthetic data (resnet8) for pixel,
    channel and layer gates (SNL) and the DeepReDuce-style layer-drop baseline.
 
-Usage: python benchmarks/bench_core.py [--budgets 1k,2k,5k] [--skip-accuracy] [--quick]
+Usage: python benchmarks/bench_core.py [--budgets 2k,5k,10k] [--skip-accuracy]   (the defaults: core.json's schedule)
 """
 
 from __future__ import annotations
@@ -169,8 +169,8 @@ def accuracy_vs_budget(budgets: list[int], search_epochs: int, finetune_epochs: 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--budgets", default="1k,2k,5k")
-    ap.add_argument("--search-epochs", type=int, default=4)
+    ap.add_argument("--budgets", default="2k,5k,10k")
+    ap.add_argument("--search-epochs", type=int, default=3)
     ap.add_argument("--finetune-epochs", type=int, default=3)
     ap.add_argument("--skip-accuracy", action="store_true")
     ap.add_argument("--out", type=Path, default=OUT)

@@ -16,19 +16,19 @@ averaged (EMA) weights, ε spent (accountant), δ, noise multiplier.  The script
 is incremental: the JSON is rewritten after every run and finished runs are
 skipped on a re-run (the search state is kept under the relucomp cache).
 
-Usage: python benchmarks/bench_dp.py [--budget 4k] [--eps inf,8,3,1] [--limit N]
-dp_clip30.json: python benchmarks/bench_dp.py --eps 8 --seeds 0,1,2,3 --dp-grid 8:0.00333 --dp-clip 30 \
-                    --out benchmarks/results/dp_clip30.json      (rows named eps=8+C30; C ∈ {1, 3, 8}: seed 0 alike)
-dp_clipauto.json: dp_clip30.json copied, then python benchmarks/bench_dp.py --eps 8 --seeds 0,1,2,3 \
+Usage: python benchmarks/bench_dp.py [--budget 4k] [--eps 8,inf,1,3] [--limit N]   (the defaults: dp.json's schedule)
+The defaults are dp.json's schedule.  The files, in today's options (the defaults changed in session 22 from
+--dp-clip 1 --dp-grid 1:0.1,4:0.1,8:0.1,4:0.2 --seeds 0,1 without --ceag to dp.json's):
+dp_clip30.json: python benchmarks/bench_dp.py --eps 8 --no-ceag --out benchmarks/results/dp_clip30.json
+                    (rows named eps=8+C30; C ∈ {1, 3, 8}: --dp-clip C --dp-grid 8:0.1/C, seed 0 alike)
+dp_clipauto.json: dp_clip30.json copied, then python benchmarks/bench_dp.py --eps 8 --no-ceag \
                     --dp-grid 8:recipe --dp-clip auto --out benchmarks/results/dp_clipauto.json
                     (--dp-max-grad-norm auto and the library's default DP LR; rows named eps=8+Cauto)
 dp.json: dp_clip30.json copied to dp.json, then two processes filling its other rows (merge_disk):
-    python benchmarks/bench_dp.py --eps 8,inf --tune-eps 8 --seeds 0,1,2,3 --dp-grid 8:0.00333 --dp-clip 30 \
-        --ceag --threads 1
-    python benchmarks/bench_dp.py --eps 8,1,3 --tune-eps 8 --seeds 0,1,2,3 --dp-grid 8:0.00333 --dp-clip 30 \
-        --threads 1
+    python benchmarks/bench_dp.py --eps 8,inf --threads 1
+    python benchmarks/bench_dp.py --eps 8,1,3 --tune-eps 8 --no-ceag --threads 1
 dp_C1.json (the C = 1 table, an earlier machine's dense model and masks):
-    python benchmarks/bench_dp.py --dp-grid 8:0.1 --seeds 0,1,2,3 --tune-eps 8 --ceag --threads 1
+    python benchmarks/bench_dp.py --dp-clip 1 --dp-grid 8:0.1 --threads 1
 """
 
 from __future__ import annotations
@@ -126,7 +126,8 @@ def machine() -> dict:
             "torch_threads": torch.get_num_threads(), "loadavg": os.getloadavg()}
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
+    """The options; their defaults are dp.json's schedule (``tests/test_benchmarks.py`` checks it)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=None)
     ap.add_argument("--budget", default="4k")
@@ -135,12 +136,13 @@ def main(argv=None) -> int:
     ap.add_argument("--pretrain-epochs", type=int, default=8)
     ap.add_argument("--search-epochs", type=int, default=1)
     ap.add_argument("--finetune-epochs", type=int, default=2)
-    ap.add_argument("--dp-grid", default="1:0.1,4:0.1,8:0.1,4:0.2",
+    ap.add_argument("--dp-grid", default="8:0.00333",
                     help="DP finetune schedules EPOCHS:LR tried at the first ε of --eps (seed 0); the one with the "
                          "best *validation* accuracy of the averaged weights (ties: lower validation max ψ_g) is "
-                         "used for every ε and seed (never the test split)")
+                         "used for every ε and seed (never the test split). Default: dp.json's, the one chosen "
+                         "on validation (dp_clip*.json; the earlier grid was 1:0.1,4:0.1,8:0.1,4:0.2 at C = 1)")
     ap.add_argument("--dp-batch-size", type=int, default=512, help="expected Poisson batch (Berrada et al.: large)")
-    ap.add_argument("--seeds", default="0,1",
+    ap.add_argument("--seeds", default="0,1,2,3",
                     help="seeds of the finetunes (non-private and DP: batch order, Poisson sampling, noise; with "
                          "--no-shared-dense also of the dense model each seed pretrains); the data split and the "
                          "searched masks / starting weights (seed 0's) are shared")
@@ -154,15 +156,15 @@ def main(argv=None) -> int:
     ap.add_argument("--tune-eps", default=None,
                     help="the ε the DP schedule is chosen at (default: the first of --eps); lets a second process "
                          "run other ε rows against the same tuning")
-    ap.add_argument("--ceag", action="store_true",
-                    help="also run the rows 'non-private+ceag' (the non-private compile with CEAG) and 'eps=8+ceag' "
+    ap.add_argument("--ceag", action=argparse.BooleanOptionalAction, default=True,
+                    help="(default on, as dp.json) also run the rows 'non-private+ceag' (the non-private compile with CEAG) and 'eps=8+ceag' "
                          "(DP-SGD at the tuning ε with --fair-method ceag: duals on the validation split, weighted "
                          "clipped gradients; relucomp.dp_fairness), same schedule and seeds")
     ap.add_argument("--dp-dual-lr", type=float, default=0.2,
                     help="fairness.heldout_dual_lr of the 'eps=8+ceag' row (the held-out duals' step; 0.2 was "
                          "chosen over 0.05 on validation, seeds 0 and 1)")
-    ap.add_argument("--dp-clip", type=clip_arg, default=1.0,
-                    help="per-sample clipping norm C (with C > 1, scale the --dp-grid LRs by 1/C to keep the step "
+    ap.add_argument("--dp-clip", type=clip_arg, default=30.0,
+                    help="per-sample clipping norm C (default 30, dp.json's, chosen on validation; 1 before) (with C > 1, scale the --dp-grid LRs by 1/C to keep the step "
                          "size of clipped samples): a larger C keeps more of the per-sample gradients' relative size "
                          "(less clipping bias against hard groups) at the price of more noise (σ·C)")
     ap.add_argument("--dp-augmult", type=int, default=1,
@@ -176,7 +178,11 @@ def main(argv=None) -> int:
     ap.add_argument("--fair-splits", default="val,test", help="splits the fairness section evaluates")
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--table", action="store_true", help="print the README table from --out and exit")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
     if args.table:
         print(table(json.loads(args.out.read_text())))
         return 0

@@ -14,7 +14,7 @@ state), so the methods differ only in their finetune:
 For each: overall accuracy, max ψ_g and Ψ_PW on train and test, for the last
 and the EMA weights, and the multiplier trajectories.
 
-Usage: python benchmarks/bench_fairness.py [--budget 3k] [--limit N] [--data SPEC]
+Usage: python benchmarks/bench_fairness.py [--budget 4k] [--limit N] [--data SPEC]
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def summarize(rep: dict) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=None, help="data spec (default: utkface from ../shared if present)")
-    ap.add_argument("--budget", default="3k")
+    ap.add_argument("--budget", default="4k")
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--pretrain-epochs", type=int, default=15)
     ap.add_argument("--search-epochs", type=int, default=4)

@@ -58,7 +58,7 @@ def run(name: str, spec: str, *, budget: str, limit: int | None, epochs: tuple[i
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", type=Path, default=OUT)
-    ap.add_argument("--cifar-limit", type=int, default=12000)
+    ap.add_argument("--cifar-limit", type=int, default=8000, help="real_data.json's (default 8000)")
     ap.add_argument("--only", choices=["utkface", "cifar10"], default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     args = ap.parse_args(argv)

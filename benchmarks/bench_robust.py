@@ -16,7 +16,15 @@ are made once per process (``relucomp.robustness`` memoises them), so the 4 eval
 75 (corruption, severity) sets once.  Seeds may run as parallel processes writing one JSON.  Times measured
 under load are upper bounds.
 
-Usage: python benchmarks/bench_robust.py [--data PATH] [--limit 3000] [--budgets 10%,30%] [--samples 500]
+The defaults are the schedule of record: ``robust.json`` was made by exactly these commands (two seeds at a time as
+two parallel 1-thread processes writing one JSON; each row keeps the command that made it, ``argv``)::
+
+    python benchmarks/bench_robust.py --seed 0 --threads 1 & python benchmarks/bench_robust.py --seed 1 --threads 1
+    python benchmarks/bench_robust.py --seed 2 --threads 1 & python benchmarks/bench_robust.py --seed 3 --threads 1
+
+(``tests/test_benchmarks.py`` checks that the defaults' ``schedule_key`` is the one in ``robust.json``.)  The probes'
+files are the same command with the options named in the README's result index.  ``--quick`` is a smoke run
+(short schedules, 200 evaluation images, written to ``robust_quick.json``), not a result.
 """
 
 from __future__ import annotations
@@ -99,19 +107,25 @@ def table(doc: dict) -> str:
     return "\n".join(rows)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+#: the schedule of record (robust.json) and --quick's smoke schedule
+RECORD = {"pretrain_epochs": 20, "epochs": 3, "finetune_epochs": 4, "teacher_epochs": 20, "samples": 500}
+QUICK = {"pretrain_epochs": 4, "epochs": 1, "finetune_epochs": 1, "teacher_epochs": 2, "samples": 200}
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description="CA / NPA / AdvA of the plain and the robust compile (issue 12)")
     ap.add_argument("--data", default=str(DATA))
     ap.add_argument("--limit", type=int, default=3000)
     ap.add_argument("--budgets", default="10%,30%")
-    ap.add_argument("--samples", type=int, default=500)
+    ap.add_argument("--samples", type=int, default=None, help=f"evaluation images (default {RECORD['samples']})")
     ap.add_argument("--corruptions", default=CORRUPTIONS)
     ap.add_argument("--severities", default="1,2,3,4,5")
-    ap.add_argument("--pretrain-epochs", type=int, default=10)
-    ap.add_argument("--epochs", type=int, default=2)
-    ap.add_argument("--finetune-epochs", type=int, default=2)
+    ap.add_argument("--pretrain-epochs", type=int, default=None, help=f"default {RECORD['pretrain_epochs']}")
+    ap.add_argument("--epochs", type=int, default=None, help=f"mask-search epochs (default {RECORD['epochs']})")
+    ap.add_argument("--finetune-epochs", type=int, default=None, help=f"default {RECORD['finetune_epochs']}")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--teacher-epochs", type=int, default=3)
+    ap.add_argument("--teacher-epochs", type=int, default=None,
+                    help=f"each robust teacher's epochs (default {RECORD['teacher_epochs']})")
     ap.add_argument("--train-attack-steps", type=int, default=2)
     ap.add_argument("--teacher-lr", type=float, default=None,
                     help="robustness.teacher_lr: the teachers' peak learning rate (default: 0.2 × the pretraining's)")
@@ -155,17 +169,28 @@ def main() -> None:
     ap.add_argument("--student-augmix-ops", default=None, choices=AUGMIX_OP_SETS,
                     help="robustness.student_augmix_ops: the student's AugMix op set (default: the teacher's)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the whole run (data subset, pretraining, compiles)")
-    ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--quick", action="store_true",
+                    help=f"smoke run: {QUICK} unless given, written to robust_quick.json unless --out")
+    ap.add_argument("--out", default=None, help=f"default {OUT} (robust_quick.json with --quick)")
     ap.add_argument("--table", action="store_true", help="print the README table from --out and exit")
-    a = ap.parse_args()
-    if a.table:
-        print(table(json.loads(Path(a.out).read_text())))
-        return
-    torch.set_num_threads(a.threads)
-    if not Path(a.data).is_dir():
-        sys.exit(f"no CIFAR-10 folders at {a.data} (pass --data)")
-    info = machine()
-    runs, t_all = [], time.perf_counter()
+    ap.add_argument("--command", metavar="FILE", default=None,
+                    help="print the options that regenerate FILE (a robust*.json) with today's defaults, and exit")
+    return ap
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """The options, with the schedule's unset values filled from RECORD (or QUICK with --quick)."""
+    a = parser().parse_args(argv)
+    for k, v in (QUICK if a.quick else RECORD).items():
+        if getattr(a, k) is None:
+            setattr(a, k, v)
+    if a.out is None:
+        a.out = str(OUT.with_name("robust_quick.json") if a.quick else OUT)
+    return a
+
+
+def schedule_key(a: argparse.Namespace) -> dict:
+    """What makes two runs' rows comparable: the rows of one JSON share it (seeds are added, never mixed)."""
     key = {"limit": a.limit, "budgets": a.budgets, "samples": a.samples, "corruptions": a.corruptions,
            "severities": a.severities, "pretrain_epochs": a.pretrain_epochs, "search_epochs": a.epochs,
            "finetune_epochs": a.finetune_epochs, "teacher_epochs": a.teacher_epochs,
@@ -184,10 +209,9 @@ def main() -> None:
         key |= {"student_augmix_ops": a.student_augmix_ops}
     if a.helper_weight != 0:               # HAT (session 17); keys without it mean off
         key |= {"helper_weight": a.helper_weight}
-    two = not a.one_teacher and (a.trades_beta, a.helper_weight) != (a.adv_teacher_beta, 0)
-    if two:                                # two teachers (session 18); keys without it mean one
+    if two_teachers(a):                    # two teachers (session 18); keys without it mean one
         key |= {"adv_teacher_beta": a.adv_teacher_beta}
-    if two and a.student_init != "robust":  # one teacher: both inits are the robust teacher
+    if two_teachers(a) and a.student_init != "robust":  # one teacher: both inits are the robust teacher
         key |= {"student_init": a.student_init}
     if a.search_objective != "robust":     # session 21; keys without it mean the robust search
         key |= {"search_objective": a.search_objective}
@@ -199,6 +223,68 @@ def main() -> None:
     if a.adv_teacher_lr is not None:
         key |= {"adv_teacher_lr": a.adv_teacher_lr}
     key |= {"jsd_weight": a.jsd_weight}    # always: the default changed (12 → 48), so keys without it mean 12
+    return key
+
+
+#: what a schedule key without the field meant when it was written (see the comments in schedule_key)
+KEY_ABSENT = {"split": "test", "trades_beta": 6.0, "natural_branch": "perturbed", "kd_clean": 1.0, "kd_adv": 1.0,
+              "augmix_ops": "augmix", "student_augmix_ops": None, "helper_weight": 0.0, "search_objective": "robust",
+              "clean_teacher": "robust", "train_epsilon": "8/255", "teacher_lr": None, "adv_teacher_lr": None,
+              "jsd_weight": 12.0}
+#: schedule-key field → option
+KEY_OPTION = {"search_epochs": "epochs"}
+
+
+def normalized(key: dict) -> dict:
+    """``key`` with every field it leaves out filled with what leaving it out meant (keys written before an option
+    existed compare equal to today's keys of the same schedule)."""
+    full = KEY_ABSENT | {"student_init": "robust"} | dict(key)
+    if "adv_teacher_beta" not in key:        # one teacher: both inits are it
+        full["student_init"] = "robust"
+    return full
+
+
+def command_for(key: dict) -> list[str]:
+    """The options that make today's script write rows under ``key`` (a recorded ``schedule_key``): the command
+    that regenerates a file written under earlier defaults (``--command FILE``)."""
+    want = normalized(key)
+    now = parse([])
+    argv: list[str] = []
+    if "adv_teacher_beta" not in key and two_teachers(now):
+        argv.append("--one-teacher")
+    for field, value in want.items():
+        opt = KEY_OPTION.get(field, field)
+        if field == "student_init" and "adv_teacher_beta" not in key:
+            continue                         # one teacher: the key never holds it
+        if getattr(now, opt) != value and value is not None:
+            argv += [f"--{opt.replace('_', '-')}", f"{value:g}" if isinstance(value, float) else str(value)]
+    return argv
+
+
+def two_teachers(a: argparse.Namespace) -> bool:
+    return not a.one_teacher and (a.trades_beta, a.helper_weight) != (a.adv_teacher_beta, 0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = parse(argv)
+    if a.command:
+        key = json.loads(Path(a.command).read_text()).get("schedule_key")
+        if key is None:
+            sys.exit(f"{a.command} has no schedule_key (not written by this script)")
+        print(" ".join(["python", "benchmarks/bench_robust.py", *command_for(key)]))
+        return
+    if a.table:
+        print(table(json.loads(Path(a.out).read_text())))
+        return
+    torch.set_num_threads(a.threads)
+    if not Path(a.data).is_dir():
+        sys.exit(f"no CIFAR-10 folders at {a.data} (pass --data)")
+    info = machine()
+    runs, t_all = [], time.perf_counter()
+    key = schedule_key(a)
+    two = two_teachers(a)
+    argv_used = list(sys.argv[1:] if argv is None else argv)
+
     def kept() -> list:
         """Rows of other seeds with the same schedule (one JSON, many seeds), re-read at every write so that
         seeds may run as parallel processes."""
@@ -279,7 +365,7 @@ def main() -> None:
     splits: dict = {}
     modes = a.modes.split(",")
     for budget in a.budgets.split(","):
-        row: dict = {"budget": budget, "seed": a.seed}
+        row: dict = {"budget": budget, "seed": a.seed, "argv": argv_used}
         for mode in modes:
             row[mode], rep = one(budget, mode == "robust")
             settings.update(rep.robustness["settings"], samples_evaluated=rep.robustness["samples"])

@@ -1,0 +1,103 @@
+"""The benchmark commands the README names reproduce the files they name (no training: the schedule keys only)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def bench_robust():
+    return _load("bench_robust")
+
+
+@pytest.fixture(scope="module")
+def bench_dp():
+    return _load("bench_dp")
+
+
+def test_the_defaults_are_robust_json_s_schedule(bench_robust):
+    """`python benchmarks/bench_robust.py --seed N` writes rows under robust.json's key (no option needed), and the
+    file holds the four seeds the README's table averages."""
+    doc = json.loads((RESULTS / "robust.json").read_text())
+    a = bench_robust.parse([])
+    assert bench_robust.schedule_key(a) == doc["schedule_key"]
+    assert (a.pretrain_epochs, a.epochs, a.finetune_epochs, a.teacher_epochs, a.samples) == (20, 3, 4, 20, 500)
+    assert Path(a.out) == RESULTS / "robust.json"
+    assert doc["seeds"] == [0, 1, 2, 3] and doc["complete"]
+
+
+def test_quick_is_a_smoke_run_that_never_lands_in_the_record(bench_robust):
+    a = bench_robust.parse(["--quick"])
+    assert Path(a.out).name == "robust_quick.json"
+    assert bench_robust.schedule_key(a) != bench_robust.schedule_key(bench_robust.parse([]))
+    assert (a.pretrain_epochs, a.teacher_epochs) == (4, 2)
+    # an explicit option wins over the preset
+    assert bench_robust.parse(["--quick", "--teacher-epochs", "5"]).teacher_epochs == 5
+
+
+def test_command_for_every_result_file_round_trips(bench_robust):
+    """--command FILE: today's options for a file written under earlier defaults give the same schedule."""
+    files = [f for f in sorted(RESULTS.glob("robust*.json")) if "schedule_key" in json.loads(f.read_text())]
+    assert len(files) >= 30
+    for f in files:
+        key = json.loads(f.read_text())["schedule_key"]
+        argv = bench_robust.command_for(key)
+        got = bench_robust.schedule_key(bench_robust.parse(argv))
+        assert bench_robust.normalized(got) == bench_robust.normalized(key), (f.name, argv)
+    # keys written before an option existed mean its old default
+    old = json.loads((RESULTS / "robust_6000.json").read_text())["schedule_key"]
+    assert "jsd_weight" not in old and "clean_teacher" not in old
+    argv = bench_robust.command_for(old)
+    assert argv[argv.index("--jsd-weight") + 1] == "12" and argv[argv.index("--clean-teacher") + 1] == "robust"
+    assert "--one-teacher" in argv and argv[argv.index("--trades-beta") + 1] == "6"
+
+
+def test_every_readme_command_reproduces_its_file(bench_robust):
+    readme = (ROOT / "README.md").read_text()
+    pairs = re.findall(r"`bench_robust\.py((?: [^`]*)?)` → `(robust[^`]*\.json)`", readme)
+    assert len(pairs) >= 30
+    named = set(re.findall(r"`(robust[a-z0-9_]*\.json)`", readme)) - {"robust_quick.json"}  # --quick's, not a result
+    keyed = {f for f in named if "schedule_key" in json.loads((RESULTS / f).read_text())}
+    assert keyed <= {f for _, f in pairs}, keyed - {f for _, f in pairs}
+    for args, f in pairs:
+        key = json.loads((RESULTS / f).read_text())["schedule_key"]
+        got = bench_robust.schedule_key(bench_robust.parse(shlex.split(args)))
+        assert bench_robust.normalized(got) == bench_robust.normalized(key), (f, args)
+
+
+def _dp_schedule(bench_dp, argv: list[str], recorded: dict) -> dict:
+    return bench_dp.schedule(bench_dp.parser().parse_args(argv), recorded["data"], recorded["budget"])
+
+
+def test_bench_dp_defaults_are_dp_json_s_schedule(bench_dp):
+    rec = json.loads((RESULTS / "dp.json").read_text())
+    assert _dp_schedule(bench_dp, [], rec["schedule"]) == rec["schedule"]
+    assert bench_dp.parser().parse_args([]).ceag and "non-private+ceag" in rec["results"]
+    assert "eps=8+C30" in rec["results"]          # the rows' names follow C (row_suffix)
+    assert bench_dp.row_suffix(bench_dp.parser().parse_args([])) == "+C30"
+
+
+def test_every_readme_bench_dp_command_reproduces_its_file(bench_dp):
+    """Runs are kept per seed (a second process may add seeds), so the seeds are the one field not compared."""
+    pairs = re.findall(r"`bench_dp\.py((?: [^`]*)?)` → `(dp[A-Za-z0-9_]*\.json)`", (ROOT / "README.md").read_text())
+    assert {f for _, f in pairs} >= {"dp.json", "dp_C1.json", "dp_clipauto.json", "dp_perseed_dense.json"}
+    for args, f in pairs:
+        rec = json.loads((RESULTS / f).read_text())["schedule"]
+        got = _dp_schedule(bench_dp, shlex.split(args), rec)
+        assert {k: v for k, v in got.items() if k != "seeds"} == {k: v for k, v in rec.items() if k != "seeds"}, f
