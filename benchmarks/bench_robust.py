@@ -22,7 +22,9 @@ two parallel 1-thread processes writing one JSON; each row keeps the command tha
     python benchmarks/bench_robust.py --seed 0 --threads 1 & python benchmarks/bench_robust.py --seed 1 --threads 1
     python benchmarks/bench_robust.py --seed 2 --threads 1 & python benchmarks/bench_robust.py --seed 3 --threads 1
 
-(``tests/test_benchmarks.py`` checks that the defaults' ``schedule_key`` is the one in ``robust.json``.)  The probes'
+(``tests/test_benchmarks.py`` checks that the defaults' ``schedule_key`` is the one in ``robust.json``.)  The JSON is
+the checkpoint: rerun the same command after a stop and the seed's finished (budget, mode) compiles are kept
+(``--no-resume`` recomputes them; the dense model and the teachers come from the relucomp cache either way).  The probes'
 files are the same command with the options named in the README's result index.  ``--quick`` is a smoke run
 (short schedules, 200 evaluation images, written to ``robust_quick.json``), not a result.
 """
@@ -169,6 +171,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--student-augmix-ops", default=None, choices=AUGMIX_OP_SETS,
                     help="robustness.student_augmix_ops: the student's AugMix op set (default: the teacher's)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the whole run (data subset, pretraining, compiles)")
+    ap.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                    help="keep this seed's finished (budget, mode) results from --out when its schedule key is the "
+                         "same (the JSON is the checkpoint: a stopped run restarts at the compile it was in); "
+                         "--no-resume recomputes them")
     ap.add_argument("--quick", action="store_true",
                     help=f"smoke run: {QUICK} unless given, written to robust_quick.json unless --out")
     ap.add_argument("--out", default=None, help=f"default {OUT} (robust_quick.json with --quick)")
@@ -363,10 +369,24 @@ def main(argv: list[str] | None = None) -> None:
 
     settings: dict = {}
     splits: dict = {}
+    done_rows: dict = {}
+    if a.resume and Path(a.out).exists():
+        prev = json.loads(Path(a.out).read_text())
+        if prev.get("schedule_key") == key:
+            done_rows = {r["budget"]: r for r in prev.get("runs", []) if r.get("seed", 0) == a.seed}
+            if done_rows:
+                settings.update(prev.get("settings", {}))   # write() sets the script's own keys over these
+                splits.update(prev.get("data", {}).get("splits") or {})
     modes = a.modes.split(",")
     for budget in a.budgets.split(","):
         row: dict = {"budget": budget, "seed": a.seed, "argv": argv_used}
         for mode in modes:
+            if mode in done_rows.get(budget, {}):
+                row[mode] = done_rows[budget][mode]
+                row.setdefault("argv_resumed_from", done_rows[budget].get("argv"))
+                print(f"[{time.strftime('%H:%M:%S')}] {budget} {mode}: kept from {a.out} (--no-resume recomputes)",
+                      flush=True)
+                continue
             row[mode], rep = one(budget, mode == "robust")
             settings.update(rep.robustness["settings"], samples_evaluated=rep.robustness["samples"])
             splits.update({k: v["n"] for k, v in (rep.data.get("summary", {}).get("splits") or {}).items()})

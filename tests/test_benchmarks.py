@@ -9,6 +9,7 @@ import shlex
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -101,3 +102,58 @@ def test_every_readme_bench_dp_command_reproduces_its_file(bench_dp):
         rec = json.loads((RESULTS / f).read_text())["schedule"]
         got = _dp_schedule(bench_dp, shlex.split(args), rec)
         assert {k: v for k, v in got.items() if k != "seeds"} == {k: v for k, v in rec.items() if k != "seeds"}, f
+
+
+class _FakeReport:
+    """What bench_robust reads from a compile's report, with CA = 40 + 10·robust + calls (so reruns show)."""
+
+    def __init__(self, robust: bool, n: int):
+        m = lambda ca: {"ca": ca, "npa": ca / 2, "adva": 10.0 * robust, "npa_by_corruption": {"fog": ca / 2},  # noqa: E731
+                        "npa_by_severity": {"1": ca / 2}}
+        ca = 40.0 + 10 * robust + n
+        self.relus_after, self.relus_before, self.test_accuracy = 100, 1000, (50.0, ca)
+        self.robustness = {"models": {"dense": m(50.0), "compiled": m(ca)}, "settings": {"pgd_steps": 10},
+                           "samples": 8, "robust_compile": {"teacher": {"ca": 45.0}, "teacher_history": []}}
+        self.phases_seconds = {"finetune": 1.0}
+        self.data = {"summary": {"splits": {"train": {"n": 6}, "val": {"n": 2}, "test": {"n": 8}}}}
+
+
+def test_bench_robust_resumes_from_its_json(bench_robust, tmp_path, monkeypatch):
+    """The JSON is the checkpoint: a rerun keeps the seed's finished (budget, mode) compiles; --no-resume redoes them."""
+    calls: list[bool] = []
+
+    def fake_compile(model, data, **kw):
+        calls.append(bool(kw.get("robust")))
+        return type("R", (), {"report": _FakeReport(bool(kw.get("robust")), len(calls))})()
+
+    monkeypatch.setattr(bench_robust, "rc_compile", fake_compile)
+    out = tmp_path / "r.json"
+    argv = ["--quick", "--data", str(tmp_path), "--budgets", "10%,30%", "--out", str(out),
+            "--threads", str(torch.get_num_threads())]     # main() sets it process-wide
+    bench_robust.main(argv)
+    assert calls == [False, True, False, True]
+    doc = json.loads(out.read_text())
+    assert doc["complete"] and [r["robust_minus_plain"]["ca"] for r in doc["runs"]] == [11.0, 11.0]
+    assert doc["runs"][0]["argv"] == argv
+
+    # a run stopped after 30 %'s plain compile: the rerun does only 30 %'s robust compile
+    doc["runs"][1].pop("robust")
+    doc["runs"][1].pop("robust_minus_plain")
+    doc["complete"] = False
+    out.write_text(json.dumps(doc))
+    calls.clear()
+    bench_robust.main(argv)
+    assert calls == [True]
+    doc = json.loads(out.read_text())
+    assert doc["complete"] and doc["runs"][0]["plain"]["compiled"]["ca"] == 41.0
+    assert doc["runs"][1]["robust"]["compiled"]["ca"] == 51.0 and doc["settings"]["pgd_steps"] == 10
+
+    calls.clear()
+    bench_robust.main(argv)                      # everything finished: no compile at all
+    assert calls == []
+    bench_robust.main([*argv, "--no-resume"])    # recompute
+    assert calls == [False, True, False, True]
+    # another schedule never takes this file's rows
+    calls.clear()
+    bench_robust.main([*argv, "--teacher-epochs", "3"])
+    assert calls == [False, True, False, True]
