@@ -157,14 +157,16 @@ def parser() -> argparse.ArgumentParser:
                     help="the ε the DP schedule is chosen at (default: the first of --eps); lets a second process "
                          "run other ε rows against the same tuning")
     ap.add_argument("--ceag", action=argparse.BooleanOptionalAction, default=True,
-                    help="(default on, as dp.json) also run the rows 'non-private+ceag' (the non-private compile with CEAG) and 'eps=8+ceag' "
+                    help="(default on, as dp.json) also run the rows 'non-private+ceag' (the non-private compile "
+                         "with CEAG) and 'eps=8+ceag' "
                          "(DP-SGD at the tuning ε with --fair-method ceag: duals on the validation split, weighted "
                          "clipped gradients; relucomp.dp_fairness), same schedule and seeds")
     ap.add_argument("--dp-dual-lr", type=float, default=0.2,
                     help="fairness.heldout_dual_lr of the 'eps=8+ceag' row (the held-out duals' step; 0.2 was "
                          "chosen over 0.05 on validation, seeds 0 and 1)")
     ap.add_argument("--dp-clip", type=clip_arg, default=30.0,
-                    help="per-sample clipping norm C (default 30, dp.json's, chosen on validation; 1 before) (with C > 1, scale the --dp-grid LRs by 1/C to keep the step "
+                    help="per-sample clipping norm C (default 30, dp.json's, chosen on validation; 1 before) "
+                         "(with C > 1, scale the --dp-grid LRs by 1/C to keep the step "
                          "size of clipped samples): a larger C keeps more of the per-sample gradients' relative size "
                          "(less clipping bias against hard groups) at the price of more noise (σ·C)")
     ap.add_argument("--dp-augmult", type=int, default=1,

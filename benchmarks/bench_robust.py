@@ -16,16 +16,17 @@ are made once per process (``relucomp.robustness`` memoises them), so the 4 eval
 75 (corruption, severity) sets once.  Seeds may run as parallel processes writing one JSON.  Times measured
 under load are upper bounds.
 
-The defaults are the schedule of record: ``robust.json`` was made by exactly these commands (two seeds at a time as
-two parallel 1-thread processes writing one JSON; each row keeps the command that made it, ``argv``)::
+The defaults are the schedule of record: ``robust.json``'s rows are what these commands write (they were made in
+session 18 with the same schedule spelled out as options; two seeds at a time as two parallel 1-thread processes
+writing one JSON; rows written since keep the command that made them, ``argv``)::
 
     python benchmarks/bench_robust.py --seed 0 --threads 1 & python benchmarks/bench_robust.py --seed 1 --threads 1
     python benchmarks/bench_robust.py --seed 2 --threads 1 & python benchmarks/bench_robust.py --seed 3 --threads 1
 
 (``tests/test_benchmarks.py`` checks that the defaults' ``schedule_key`` is the one in ``robust.json``.)  The JSON is
 the checkpoint: rerun the same command after a stop and the seed's finished (budget, mode) compiles are kept
-(``--no-resume`` recomputes them; the dense model and the teachers come from the relucomp cache either way).  The probes'
-files are the same command with the options named in the README's result index.  ``--quick`` is a smoke run
+(``--no-resume`` recomputes them; the dense model and the teachers come from the relucomp cache either way).
+The probes' files are the same command with the options named in the README's result index.  ``--quick`` is a smoke run
 (short schedules, 200 evaluation images, written to ``robust_quick.json``), not a result.
 """
 
@@ -383,7 +384,8 @@ def main(argv: list[str] | None = None) -> None:
         for mode in modes:
             if mode in done_rows.get(budget, {}):
                 row[mode] = done_rows[budget][mode]
-                row.setdefault("argv_resumed_from", done_rows[budget].get("argv"))
+                if done_rows[budget].get("argv") is not None:
+                    row.setdefault("argv_resumed_from", done_rows[budget]["argv"])
                 print(f"[{time.strftime('%H:%M:%S')}] {budget} {mode}: kept from {a.out} (--no-resume recomputes)",
                       flush=True)
                 continue

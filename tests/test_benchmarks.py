@@ -108,8 +108,10 @@ class _FakeReport:
     """What bench_robust reads from a compile's report, with CA = 40 + 10·robust + calls (so reruns show)."""
 
     def __init__(self, robust: bool, n: int):
-        m = lambda ca: {"ca": ca, "npa": ca / 2, "adva": 10.0 * robust, "npa_by_corruption": {"fog": ca / 2},  # noqa: E731
-                        "npa_by_severity": {"1": ca / 2}}
+        def m(ca: float) -> dict:
+            return {"ca": ca, "npa": ca / 2, "adva": 10.0 * robust, "npa_by_corruption": {"fog": ca / 2},
+                    "npa_by_severity": {"1": ca / 2}}
+
         ca = 40.0 + 10 * robust + n
         self.relus_after, self.relus_before, self.test_accuracy = 100, 1000, (50.0, ca)
         self.robustness = {"models": {"dense": m(50.0), "compiled": m(ca)}, "settings": {"pgd_steps": 10},
@@ -119,7 +121,8 @@ class _FakeReport:
 
 
 def test_bench_robust_resumes_from_its_json(bench_robust, tmp_path, monkeypatch):
-    """The JSON is the checkpoint: a rerun keeps the seed's finished (budget, mode) compiles; --no-resume redoes them."""
+    """The JSON is the checkpoint: a rerun keeps the seed's finished (budget, mode) compiles; --no-resume redoes
+    them."""
     calls: list[bool] = []
 
     def fake_compile(model, data, **kw):
