@@ -49,7 +49,7 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import fx, nn
+from torch import fx
 
 from relucomp.infra import Pass, PassResult
 from relucomp.ir import meta, module_of

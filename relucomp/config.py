@@ -33,7 +33,7 @@ from .keywords import KEYWORDS
 
 __all__ = ["CompileConfig", "load_config", "resolve_config", "resolve_effort", "validate", "to_toml", "KEYWORDS",
            "check_dp", "GRANULARITIES", "SEARCH_METHODS", "FAIR_METHODS", "FAIR_PHASES", "GATE_FORMS", "EXPORT_TARGETS",
-           "MIN_LIMIT", "DEFAULT_ARCH", "EFFORTS", "REPLACEMENTS"]
+           "MIN_LIMIT", "DEFAULT_ARCH", "REPLACEMENTS"]
 
 DEFAULT_ARCH = "resnet8"
 GRANULARITIES = ("pixel", "channel", "layer")

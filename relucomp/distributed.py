@@ -392,7 +392,6 @@ def sync_batchnorm(model: nn.Module) -> Iterator[None]:
     passes unchanged); only their ``forward`` is swapped for the duration.
     One process: nothing changes.
     """
-    import torch
     from torch import nn  # noqa: F401
 
     if not active():

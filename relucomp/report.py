@@ -673,7 +673,7 @@ def _robustness_tables(data: ReportData) -> dict[str, Any] | None:
     rc = first.get("robust_compile")
     if rc:
         t = rc.get("teacher", {})
-        note += (f" Robust compile (--robust): dense = the robust teacher ("
+        note += (" Robust compile (--robust): dense = the robust teacher ("
                  + (f"{t.get('teacher_epochs')} epochs {str(t.get('train_attack')).upper()} PGD-"
                     f"{t.get('train_attack_steps')} + AugMix" if t.get("adversarial_finetune") else "given as robust")
                  + f"); dual BN, exported branch: {rc.get('exported_branch')}.")

@@ -1,5 +1,3 @@
-import json
-import warnings
 
 import pytest
 import torch
@@ -222,7 +220,6 @@ def test_config_and_input_validation():
 def _compile_path(model, teacher, loader, phase, epochs=1, lr=0.05):
     """The one fairness training path: FinetunePass with FairPhase's hooks (as the finetune stage runs it)."""
     from relucomp.infra import PassManager
-    from relucomp.ir import trace
     from relucomp.passes.finetune import FinetunePass
 
     fp = FinetunePass(train_loader=loader, teacher=teacher, epochs=epochs, lr=lr, extra_loss=phase.extra_loss,
