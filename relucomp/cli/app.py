@@ -67,7 +67,9 @@ PretrainEpochs = Annotated[Optional[int], typer.Option(
 Replacement = Annotated[str, typer.Option(
     "--replacement", help="removed ReLUs become: affine (learned per-channel s·x+b, no comparison; default) | "
                           "identity (SNL)")]
-Lr = Annotated[float, typer.Option("--lr")]
+Lr = Annotated[float, typer.Option(
+    "--lr", help="the weights' SGD learning rate during the mask search (the gates' is --search.alpha_lr; the "
+                 "finetune's --finetune.lr)")]
 Limit = Annotated[Optional[int], typer.Option("--limit", help="use at most this many images (quick runs)")]
 ImageSize = Annotated[int, typer.Option("--image-size")]
 NumClasses = Annotated[int, typer.Option("--num-classes")]
