@@ -71,9 +71,10 @@ Lr = Annotated[float, typer.Option(
     "--lr", help="the weights' SGD learning rate during the mask search (the gates' is --search.alpha_lr; the "
                  "finetune's --finetune.lr)")]
 Limit = Annotated[Optional[int], typer.Option("--limit", help="use at most this many images (quick runs)")]
-ImageSize = Annotated[int, typer.Option("--image-size")]
-NumClasses = Annotated[int, typer.Option("--num-classes")]
-Seed = Annotated[int, typer.Option("--seed")]
+ImageSize = Annotated[int, typer.Option(
+    "--image-size", help="input height = width in pixels (data images are resized to it)")]
+NumClasses = Annotated[int, typer.Option("--num-classes", help="output classes of a built-in model")]
+Seed = Annotated[int, typer.Option("--seed", help="seed of the data split, initialisation and batch order")]
 NoProgress = Annotated[bool, typer.Option("--no-progress", help="no progress bars")]
 Device = Annotated[str, typer.Option("--device", help="cpu or cuda")]
 AsJson = Annotated[bool, typer.Option("--json", help="print JSON instead of a table")]

@@ -246,7 +246,7 @@ def inspect(
     target: str = typer.Argument(..., help="model name / file.py:factory / module:factory, or a .onnx file"),
     num_classes: NumClasses = 10,
     image_size: ImageSize = 32,
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint"),
+    checkpoint: Checkpoint = None,
     as_json: AsJson = False,
 ) -> None:
     """Per-layer ReLU and MAC table of a model or an ONNX file."""
