@@ -214,3 +214,21 @@ def test_compile_help_groups_options_by_config_section():
     assert "--section.field VALUE" in squash(text) or "--section.fieldVALUE" in squash(text)
     # the shared option objects were copied: other commands keep one plain panel
     assert "·" not in invoke(["evaluate", "--help"], env={"COLUMNS": "160"}).output
+
+
+def test_every_option_of_every_command_says_what_it_does():
+    """`relucomp CMD --help` has a help line for each option (the section overrides `--section.field` are listed
+    in one shared help paragraph, not as options)."""
+    import typer
+    from typer.core import TyperOption
+
+    root = typer.main.get_command(app)
+    missing = []
+    for name, cmd in root.commands.items():
+        subs = cmd.commands.items() if hasattr(cmd, "commands") else [(None, cmd)]
+        for sub, c in subs:
+            for p in c.params:
+                if isinstance(p, TyperOption) and not p.hidden and not (p.help or "").strip():
+                    missing.append(f"relucomp {name}{' ' + sub if sub else ''} {p.opts[0]}")
+    assert len(root.commands) >= 8
+    assert not missing, missing
