@@ -110,6 +110,34 @@ def table(doc: dict) -> str:
     return "\n".join(rows)
 
 
+def ca_gap(doc: dict) -> str:
+    """Markdown table: where robust − plain CA comes from, per budget (means over the seeds of ``doc``).
+
+    robust − plain CA = (teacher − dense) + (robust student − teacher) − (plain − dense): what the robust teacher
+    pays for its robustness, what compressing it costs the student, and what compressing the dense model costs
+    the plain compile.  The teacher is the robust compile's ``dense`` row (the clean-term teacher, evaluated on the
+    same images, clean BN branch)."""
+    rows = ["| budget (seeds) | dense CA | teacher CA (AdvA) | teacher − dense | plain − dense | robust student − "
+            "teacher | **robust − plain** |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for budget in dict.fromkeys(r["budget"] for r in doc["runs"]):
+        rs = [r for r in doc["runs"] if r["budget"] == budget and "robust" in r and "plain" in r]
+        if not rs:
+            continue
+
+        def mean(fn) -> float:     # rounded as summary() rounds, so the last column is the summary's mean
+            return round(statistics.fmean(fn(r) for r in rs), 2)
+
+        dense = mean(lambda r: r["plain"]["dense"]["ca"])
+        teacher = mean(lambda r: r["robust"]["dense"]["ca"])
+        plain = mean(lambda r: r["plain"]["compiled"]["ca"])
+        student = mean(lambda r: r["robust"]["compiled"]["ca"])
+        gap = mean(lambda r: r["robust"]["compiled"]["ca"] - r["plain"]["compiled"]["ca"])
+        rows.append(f"| {budget} ({len(rs)}) | {dense:.1f} | {teacher:.1f} "
+                    f"({mean(lambda r: r['robust']['dense']['adva']):.1f}) | {teacher - dense:+.1f} | "
+                    f"{plain - dense:+.1f} | {student - teacher:+.1f} | **{gap:+.1f}** |")
+    return "\n".join(rows)
+
+
 #: the schedule of record (robust.json) and --quick's smoke schedule
 RECORD = {"pretrain_epochs": 20, "epochs": 3, "finetune_epochs": 4, "teacher_epochs": 20, "samples": 500}
 QUICK = {"pretrain_epochs": 4, "epochs": 1, "finetune_epochs": 1, "teacher_epochs": 2, "samples": 200}
@@ -281,7 +309,8 @@ def main(argv: list[str] | None = None) -> None:
         print(" ".join(["python", "benchmarks/bench_robust.py", *command_for(key)]))
         return
     if a.table:
-        print(table(json.loads(Path(a.out).read_text())))
+        doc = json.loads(Path(a.out).read_text())
+        print(table(doc) + "\n\nWhere robust − plain CA comes from:\n\n" + ca_gap(doc))
         return
     torch.set_num_threads(a.threads)
     if not Path(a.data).is_dir():

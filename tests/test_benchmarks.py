@@ -160,3 +160,19 @@ def test_bench_robust_resumes_from_its_json(bench_robust, tmp_path, monkeypatch)
     calls.clear()
     bench_robust.main([*argv, "--teacher-epochs", "3"])
     assert calls == [False, True, False, True]
+
+
+def test_ca_gap_splits_robust_minus_plain_into_its_three_parts(bench_robust):
+    def run(budget, dense, teacher, plain, student):
+        return {"budget": budget, "plain": {"dense": {"ca": dense}, "compiled": {"ca": plain}},
+                "robust": {"dense": {"ca": teacher, "adva": 9.0}, "compiled": {"ca": student}}}
+
+    doc = {"runs": [run("30%", 50.0, 45.0, 49.0, 47.0), run("30%", 52.0, 47.0, 51.0, 49.0)]}
+    row = bench_robust.ca_gap(doc).splitlines()[-1]
+    assert row == "| 30% (2) | 51.0 | 46.0 (9.0) | -5.0 | -1.0 | +2.0 | **-2.0** |"
+    # on the record, the last column is the summary's robust − plain CA
+    rec = json.loads((RESULTS / "robust.json").read_text())
+    lines = bench_robust.ca_gap(rec).splitlines()[2:]
+    for line, (budget, s) in zip(lines, rec["summary"].items()):
+        assert line.startswith(f"| {budget} (4) |")
+        assert line.endswith(f"**{s['robust_minus_plain']['ca']['mean']:+.1f}** |")
