@@ -149,6 +149,9 @@ def test_any_config_option_overrides_from_the_command_line(tmp_path):
                                                  "did you mean 'robustness.teacher_lr'?"]),
     (["compile", "--relu-budgt", "5k"], ["no such option: --relu-budgt", "did you mean --relu-budget?"]),
     (["compile", "--teacher-lr", "0.1"], ["no such option: --teacher-lr", "did you mean --robustness.teacher_lr?"]),
+    # a field that has a flag is named by the flag; flags that end in the word are offered beside it
+    (["compile", "--epsilon", "8"], ["no such option: --epsilon", "did you mean --dp-epsilon or --pgd-epsilon?"]),
+    (["compile", "--steps", "3"], ["no such option: --steps", "did you mean --pgd-steps or --train-attack-steps?"]),
     (["compile", "tinycnn", "extra"], ["unexpected argument 'extra'"]),
     (["compile", "--epochs", "3", "--search.epochs", "2"], ["search.epochs given twice (as --epochs and as "
                                                             "--search.epochs)"]),

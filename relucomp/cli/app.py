@@ -208,6 +208,7 @@ def config_overrides(ctx: typer.Context, model: str | None = None) -> tuple[str 
     naming the closest option.
     """
     from ..config import field_keys, is_flag, split_key
+    from ..keywords import KEYWORDS
 
     args = list(ctx.args)
     if model is not None and model.startswith("-"):
@@ -228,9 +229,15 @@ def config_overrides(ctx: typer.Context, model: str | None = None) -> tuple[str 
                 raise ConfigError(f"unexpected argument {word!r}",
                                   "give MODEL once; options take their value after them (relucomp "
                                   f"{ctx.command.name} --help)")
-            close = ([f"--{k}" for k in field_keys(bare)]   # a config field without its section
-                     or difflib.get_close_matches(name, opts, n=1, cutoff=0.6))
-            raise ConfigError(f"no such option: {name}", (f"did you mean {close[0]}? " if close else "")
+            flag_for = {KEYWORDS[p.name]: next(o for o in p.opts if o.startswith("--"))
+                        for p in ctx.command.params if p.name in KEYWORDS and getattr(p, "opts", None)}
+            close = list(dict.fromkeys(
+                [flag_for.get(k, f"--{k}") for k in field_keys(bare)]  # a config field without its section
+                + [o for o in opts if o.endswith("-" + name[2:])]))[:3]  # a flag that names it with a prefix
+            close = close or difflib.get_close_matches(name, opts, n=1, cutoff=0.6)
+            hint = ("did you mean " + (" or ".join(close) if len(close) < 3 else f"{close[0]}, {close[1]} or {close[2]}")
+                    + "? ") if close else ""
+            raise ConfigError(f"no such option: {name}", hint
                               + f"see relucomp {ctx.command.name} --help; config options go as --section.field VALUE")
         sec, field = split_key(bare)
         key = f"{sec}.{field}"
