@@ -60,7 +60,26 @@ def export_model(model: torch.nn.Module, out_path: str | Path, target: str, *, e
                       metadata=target_metadata(target, metadata), max_relus=budget if target == "pi" else None,
                       **export_kwargs)
     res["export_target"] = target
+    if target == "edge":
+        res["partial_layers"] = partial_layers(model)
     return res
+
+
+def partial_layers(model: torch.nn.Module) -> int:
+    """Partially linearized layers of an edge-lowered model (pixel or channel masks): each costs an extra pass over
+    its activation in onnxruntime, where the dense model's ReLUs are fused into its convolutions for free."""
+    from .passes.edge_lowering import MaskedReLU
+
+    return sum(isinstance(m, MaskedReLU) for m in model.modules())
+
+
+def edge_note(n_partial: int) -> str:
+    """What an edge export with ``n_partial`` partially linearized layers costs in plaintext (measured,
+    ``benchmarks/results/export.json``), and the alternative."""
+    if not n_partial:
+        return ""
+    return (f"{n_partial} partially linearized layer{'s' if n_partial != 1 else ''}: in onnxruntime about 1.1-1.45x "
+            "the dense model's latency (export.json); --granularity layer runs at parity")
 
 
 def export_compiled(out_dir: str | Path, target: str = "both", *, verify_batch: torch.Tensor | None = None,
@@ -118,4 +137,4 @@ def describe(meta: dict[str, Any]) -> str | None:
 
 
 __all__ = ["TARGETS", "CHOICES", "FILENAMES", "parse_target", "export_model", "export_compiled", "describe",
-           "target_metadata"]
+           "target_metadata", "partial_layers", "edge_note"]

@@ -119,6 +119,12 @@ def test_export_compiled_both_targets(tmp_path):
     torch.manual_seed(9)
     res = export_compiled(tmp_path, "both", model=Net(), verify_batch=torch.randn(4, 3, 6, 6))
     assert set(res) == {"pi", "edge"}
+    # every gated layer of _gated is partial (one kept and one linear entry at least): each is an extra pass
+    partial = [g for g in gates_of(gm).values() if 0 < int(g.mask.sum()) < g.mask.numel()]
+    assert res["edge"]["partial_layers"] == len(partial) > 0 and "partial_layers" not in res["pi"]
+    from relucomp.cli.compile import export_line
+    assert f"{len(partial)} partially linearized layers" in export_line(res["edge"])
+    assert "--granularity layer" in export_line(res["edge"]) and "partially" not in export_line(res["pi"])
     assert (tmp_path / "model.onnx").exists() and (tmp_path / "model.edge.onnx").exists()
     assert read_metadata(tmp_path / "model.onnx")["export_target"] == "pi"
     meta = read_metadata(tmp_path / "model.edge.onnx")
@@ -174,6 +180,8 @@ def test_compile_export_target_both(tmp_path, monkeypatch):
     r = CliRunner().invoke(app, ["export", str(out), "--export-target", "edge"])
     assert r.exit_code == 0, r.output
     assert "edge:" in r.output and read_metadata(out / "model.edge.onnx")["export_target"] == "edge"
+    n = res.report.exports["edge"]["partial_layers"]
+    assert (f"{n} partially linearized layer" in " ".join(r.output.split())) == (n > 0)
     assert read_metadata(out / "model.edge.onnx")["accuracy_test"] == meta["accuracy_test"]  # carried from model.onnx
     assert np.allclose(ort_run(out / "model.edge.onnx", xs), ref, atol=1e-4, rtol=1e-3)
 

@@ -223,7 +223,11 @@ def print_summary(rep) -> None:
 
 
 def export_line(e: dict) -> str:
-    return f"{e['path']} ({e['onnx_relus']:,} ReLUs in graph, ort |diff| {e['ort_max_abs_diff']:.1e})"
+    from ..export_targets import edge_note
+
+    note = edge_note(e.get("partial_layers", 0)) if e.get("export_target") == "edge" else ""
+    return (f"{e['path']} ({e['onnx_relus']:,} ReLUs in graph, ort |diff| {e['ort_max_abs_diff']:.1e})"
+            + (f"; {note}" if note else ""))
 
 
 @app.command("export")
