@@ -185,7 +185,7 @@ def print_summary(rep) -> None:
                   f"C {d.max_grad_norm:g}, q {d.sample_rate:.4f}, {d.steps} steps"
                   + (f", augmult {d.augmult}" if d.augmult > 1 else ""))
     for target, e in (rep.exports or ({"pi": rep.export} if rep.export else {})).items():
-        t.add_row(f"ONNX ({target})", "", export_line(e) + f", {rep.export_weights} weights")
+        t.add_row(f"ONNX ({target})", "", export_line(e, f", {rep.export_weights} weights"))
     out_console.print(t)
     if rep.robustness:
         out_console.print(robustness_table(rep.robustness_result))
@@ -222,12 +222,15 @@ def print_summary(rep) -> None:
     out_console.print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in rep.phases_seconds.items()))
 
 
-def export_line(e: dict) -> str:
+def export_line(e: dict, extra: str = "") -> str:
+    """One line per written ONNX file: the ReLUs its graph keeps (pi; an edge file is plaintext, its budget is not
+    checked), the onnxruntime check, ``extra``, and for edge what its partially linearized layers cost."""
     from ..export_targets import edge_note
 
-    note = edge_note(e.get("partial_layers", 0)) if e.get("export_target") == "edge" else ""
-    return (f"{e['path']} ({e['onnx_relus']:,} ReLUs in graph, ort |diff| {e['ort_max_abs_diff']:.1e})"
-            + (f"; {note}" if note else ""))
+    edge = e.get("export_target") == "edge"
+    what = "plaintext" if edge else f"{e['onnx_relus']:,} ReLUs in graph"
+    note = edge_note(e.get("partial_layers", 0)) if edge else ""
+    return f"{e['path']} ({what}, ort |diff| {e['ort_max_abs_diff']:.1e}{extra})" + (f"; {note}" if note else "")
 
 
 @app.command("export")
