@@ -125,6 +125,7 @@ def test_export_compiled_both_targets(tmp_path):
     from relucomp.cli.compile import export_line
     assert f"{len(partial)} partially linearized layers" in export_line(res["edge"])
     assert "--granularity layer" in export_line(res["edge"]) and "partially" not in export_line(res["pi"])
+    assert "(plaintext," in export_line(res["edge"]) and f"({kept:,} ReLUs in graph" in export_line(res["pi"])
     assert (tmp_path / "model.onnx").exists() and (tmp_path / "model.edge.onnx").exists()
     assert read_metadata(tmp_path / "model.onnx")["export_target"] == "pi"
     meta = read_metadata(tmp_path / "model.edge.onnx")
