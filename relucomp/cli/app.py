@@ -229,14 +229,14 @@ def config_overrides(ctx: typer.Context, model: str | None = None) -> tuple[str 
                 raise ConfigError(f"unexpected argument {word!r}",
                                   "give MODEL once; options take their value after them (relucomp "
                                   f"{ctx.command.name} --help)")
-            flag_for = {KEYWORDS[p.name]: next(o for o in p.opts if o.startswith("--"))
-                        for p in ctx.command.params if p.name in KEYWORDS and getattr(p, "opts", None)}
+            flag_for = {KEYWORDS[p.name]: o for p in ctx.command.params if p.name in KEYWORDS
+                        for o in getattr(p, "opts", [])[:1] if o.startswith("--")}
             close = list(dict.fromkeys(
                 [flag_for.get(k, f"--{k}") for k in field_keys(bare)]  # a config field without its section
                 + [o for o in opts if o.endswith("-" + name[2:])]))[:3]  # a flag that names it with a prefix
             close = close or difflib.get_close_matches(name, opts, n=1, cutoff=0.6)
-            hint = ("did you mean " + (" or ".join(close) if len(close) < 3 else f"{close[0]}, {close[1]} or {close[2]}")
-                    + "? ") if close else ""
+            listed = ", ".join(close[:-1]) + " or " + close[-1] if len(close) > 1 else "".join(close)
+            hint = f"did you mean {listed}? " if close else ""
             raise ConfigError(f"no such option: {name}", hint
                               + f"see relucomp {ctx.command.name} --help; config options go as --section.field VALUE")
         sec, field = split_key(bare)
