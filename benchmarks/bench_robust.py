@@ -147,6 +147,9 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description="CA / NPA / AdvA of the plain and the robust compile (issue 12)")
     ap.add_argument("--data", default=str(DATA))
     ap.add_argument("--limit", type=int, default=3000)
+    ap.add_argument("--model", default="resnet8",
+                    help="the compiled model: a built-in name or file.py:factory (e.g. "
+                         "benchmarks/wide_models.py:resnet8_w2); default resnet8")
     ap.add_argument("--budgets", default="10%,30%")
     ap.add_argument("--samples", type=int, default=None, help=f"evaluation images (default {RECORD['samples']})")
     ap.add_argument("--corruptions", default=CORRUPTIONS)
@@ -230,6 +233,8 @@ def schedule_key(a: argparse.Namespace) -> dict:
            "severities": a.severities, "pretrain_epochs": a.pretrain_epochs, "search_epochs": a.epochs,
            "finetune_epochs": a.finetune_epochs, "teacher_epochs": a.teacher_epochs,
            "train_attack_steps": a.train_attack_steps, "modes": a.modes}
+    if a.model != "resnet8":               # keys without it mean resnet8
+        key |= {"model": a.model}
     if a.split != "test" or a.trades_beta != 6.0:   # keys of earlier results (test split, β 6) stay valid
         key |= {"split": a.split, "trades_beta": a.trades_beta}
     if a.natural_branch != "perturbed":
@@ -265,7 +270,7 @@ def schedule_key(a: argparse.Namespace) -> dict:
 KEY_ABSENT = {"split": "test", "trades_beta": 6.0, "natural_branch": "perturbed", "kd_clean": 1.0, "kd_adv": 1.0,
               "augmix_ops": "augmix", "student_augmix_ops": None, "helper_weight": 0.0, "search_objective": "robust",
               "clean_teacher": "robust", "train_epsilon": "8/255", "teacher_lr": None, "adv_teacher_lr": None,
-              "jsd_weight": 12.0}
+              "jsd_weight": 12.0, "model": "resnet8"}
 #: schedule-key field → option
 KEY_OPTION = {"search_epochs": "epochs"}
 
@@ -344,7 +349,7 @@ def main(argv: list[str] | None = None) -> None:
                         "robustness.teacher_lr": a.teacher_lr, "robustness.adv_teacher_lr": a.adv_teacher_lr,
                         "robustness.search_objective": a.search_objective}
                      ) if robust else {}
-        res = rc_compile("resnet8", f"cifar10:{a.data}", relu_budget=budget, limit=a.limit,
+        res = rc_compile(a.model, f"cifar10:{a.data}", relu_budget=budget, limit=a.limit,
                          pretrain_epochs=a.pretrain_epochs, search_epochs=a.epochs, finetune_epochs=a.finetune_epochs,
                          export=False, progress=False, eval_robustness=True, corruptions=a.corruptions,
                          severities=a.severities, robustness_samples=a.samples, robustness_split=a.split, seed=a.seed,
@@ -375,7 +380,7 @@ def main(argv: list[str] | None = None) -> None:
                         "note": "CIFAR-10 as quality-75 JPEG folders; a stratified --limit subset of the official "
                                 "split, 32x32"},
                "settings": {**settings, "pretrain_epochs": a.pretrain_epochs, "search_epochs": a.epochs,
-                            "finetune_epochs": a.finetune_epochs, "model": "resnet8", "run_seed": a.seed,
+                            "finetune_epochs": a.finetune_epochs, "model": a.model, "run_seed": a.seed,
                             "split": a.split,
                             "robust": {"teacher_epochs": a.teacher_epochs, "train_attack": "trades",
                                        "teacher_lr": a.teacher_lr if a.teacher_lr is not None else "0.2 x pretrain lr",
