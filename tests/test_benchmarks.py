@@ -69,6 +69,19 @@ def test_command_for_every_result_file_round_trips(bench_robust):
     assert "--one-teacher" in argv and argv[argv.index("--trades-beta") + 1] == "6"
 
 
+def test_model_option_enters_the_key_only_when_not_resnet8(bench_robust):
+    """--model keeps resnet8's files valid (no key field) and a wider model's rows apart (their own key)."""
+    plain = bench_robust.schedule_key(bench_robust.parse([]))
+    assert "model" not in plain
+    wide = bench_robust.schedule_key(bench_robust.parse(["--model", "benchmarks/wide_models.py:resnet8_w2"]))
+    assert wide == plain | {"model": "benchmarks/wide_models.py:resnet8_w2"}
+    assert bench_robust.command_for(wide) == ["--model", "benchmarks/wide_models.py:resnet8_w2"]
+    wide_models = _load("wide_models")
+    m = wide_models.resnet8_w2(num_classes=10)
+    assert m(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    assert (m.conv1.out_channels, m.fc.in_features) == (32, 128)   # resnet8's 16 / 64, doubled
+
+
 def test_every_readme_command_reproduces_its_file(bench_robust):
     readme = (ROOT / "README.md").read_text()
     pairs = re.findall(r"`bench_robust\.py((?: [^`]*)?)` → `(robust[^`]*\.json)`", readme)
