@@ -1,6 +1,7 @@
 """Robustness benchmark (issue 12) → benchmarks/results/robust.json.
 
-resnet8 on a subset of the CIFAR-10 JPEG folders (/work/shared/data/cifar10-jpeg, ``--limit`` images drawn
+resnet8 (``--model``: another built-in or file.py:factory, e.g. benchmarks/wide_models.py:resnet8_w2) on a subset
+of the CIFAR-10 JPEG folders (/work/shared/data/cifar10-jpeg, ``--limit`` images drawn
 stratified from the official train/test split; quality-75 JPEG re-encodes, so accuracies are not the published
 CIFAR-10 figures), compiled (plain compile: SNL search + finetune) at 2 ReLU budgets with
 ``eval_robustness=True``: clean (CA), natural-perturbation (NPA, mean over the 15 CIFAR-10-C corruptions at
