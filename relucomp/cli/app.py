@@ -229,8 +229,8 @@ def config_overrides(ctx: typer.Context, model: str | None = None) -> tuple[str 
                 raise ConfigError(f"unexpected argument {word!r}",
                                   "give MODEL once; options take their value after them (relucomp "
                                   f"{ctx.command.name} --help)")
-            flag_for = {KEYWORDS[p.name]: o for p in ctx.command.params if p.name in KEYWORDS
-                        for o in [o for o in getattr(p, "opts", []) if o.startswith("--")][:1]}
+            flag_for = {KEYWORDS[p.name]: long[0] for p in ctx.command.params if p.name in KEYWORDS
+                        if (long := [o for o in getattr(p, "opts", []) if o.startswith("--")])}
             close = list(dict.fromkeys(
                 [flag_for.get(k, f"--{k}") for k in field_keys(bare)]  # a config field without its section
                 + [o for o in opts if o.endswith("-" + name[2:])]))[:3]  # a flag that names it with a prefix
