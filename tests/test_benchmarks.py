@@ -189,3 +189,25 @@ def test_ca_gap_splits_robust_minus_plain_into_its_three_parts(bench_robust):
     for line, (budget, s) in zip(lines, rec["summary"].items()):
         assert line.startswith(f"| {budget} (4) |")
         assert line.endswith(f"**{s['robust_minus_plain']['ca']['mean']:+.1f}** |")
+
+
+def test_robust_frontier_fits_the_line_and_judges_the_goal(tmp_path):
+    fr = _load("robust_frontier")
+
+    def pt(adva, ca, npa=4.0, family="current", budget="30%"):
+        return {"adva": adva, "ca": ca, "npa": npa, "family": family, "budget": budget, "file": f"{adva}.json",
+                "label": str(adva)}
+
+    # on the exact line CA = 5 − 0.8·AdvA: slope −0.8, CA −3 at the goal's AdvA +10, no residual
+    pts = [pt(8.0, -1.4), pt(9.0, -2.2), pt(11.0, -3.8), pt(12.0, 2.0, family="older")]
+    s = fr.analyse(pts)["30%"]
+    assert s["line"]["slope_ca_per_adva"] == -0.8 and s["line"]["ca_at_goal_adva"] == -3.0
+    assert s["line"]["residual_std"] == 0.0 and s["fitted_over"] == ["8.0.json", "9.0.json", "11.0.json"]
+    assert s["meet_goal"] == ["12.0.json (12.0)"]            # the only point with AdvA ≥ 10, CA ≥ −2, NPA ≥ 3
+    assert not fr.meets(pt(12.0, 2.0, npa=2.9)) and not fr.meets(pt(9.9, 0.0)) and fr.meets(pt(10.0, -2.0, npa=3.0))
+    # the committed JSON is what the committed inputs give (no stale figures in the README)
+    out = tmp_path / "f.json"
+    assert fr.main(["--out", str(out), "--no-figure"]) == 0
+    fresh, rec = json.loads(out.read_text()), json.loads((RESULTS / "robust_frontier.json").read_text())
+    assert fresh == rec
+    assert rec["budgets"]["30%"]["meet_goal"] == [] and rec["budgets"]["30%"]["line"]["ca_at_goal_adva"] < -2
