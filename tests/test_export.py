@@ -158,3 +158,44 @@ def test_export_unwritable_directory(lowered, tmp_path):
     with pytest.raises(ExportError):
         export_onnx(gm, blocker / "model.onnx", example=x[:1])
     assert blocker.read_text() == "not a directory"
+
+
+def test_the_export_cleanup_writes_the_optimizer_s_graph_from_the_lifted_graph(tmp_path):
+    """_torch_export lifts and folds the TorchScript graph's constants before onnxscript's optimizer (whose
+    pattern rewriter costs per node): the nodes and initializers are those the optimizer alone makes from the
+    raw export, for a graph of many Slices (the `runs` lowering's shape) with a Flatten the rewriter rewrites."""
+    import contextlib
+    import io
+    import warnings
+
+    from onnx import numpy_helper
+    from onnxscript import optimizer
+
+    class Runs(torch.nn.Module):
+        def forward(self, x):
+            f = torch.flatten(x, 1)
+            parts = [torch.relu(f[:, i:i + 3]) if i % 2 else f[:, i:i + 3] for i in range(0, 60, 3)]
+            return torch.cat(parts, 1) * 2.0
+
+    x = torch.randn(1, 2, 5, 6)
+    fast = tmp_path / "fast.onnx"
+    export_mod._torch_export(Runs().eval(), x, str(fast), 18)
+    raw = tmp_path / "raw.onnx"
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Runs().eval(), (x,), str(raw), dynamo=False, input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=18)
+    a, b = onnx.load(fast), optimizer.optimize(onnx.load(raw))
+    assert len(onnx.load(raw).graph.node) > 2 * len(b.graph.node)      # the raw graph is mostly Constant nodes
+
+    def nodes(m):
+        return [(n.op_type, list(n.input), list(n.output), [onnx.helper.get_attribute_value(t) for t in n.attribute])
+                for n in m.graph.node]
+
+    def inits(m):
+        return {i.name: numpy_helper.to_array(i).tolist() for i in m.graph.initializer}
+
+    assert nodes(a) == nodes(b) and inits(a) == inits(b)
+    ops = [n.op_type for n in a.graph.node]
+    assert ops.count("Slice") == 20 and "Flatten" not in ops and "Constant" not in ops
+    np.testing.assert_allclose(ort_run(fast, x.numpy()), Runs()(x).numpy(), rtol=1e-6)
