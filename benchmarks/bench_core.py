@@ -47,9 +47,11 @@ OUT = Path(__file__).parent / "results" / "core.json"
 
 
 def machine() -> dict:
+    from relucomp.pi.bench import machine_info
+
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": "cpu",
-            "torch": torch.__version__}
+            "cpu": machine_info()["cpu"], "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "device": "cpu", "torch": torch.__version__, "load_average_at_start": os.getloadavg()}
 
 
 def pass_times(budget: int = 50_000) -> dict:
@@ -178,14 +180,18 @@ def main(argv=None) -> int:
     ap.add_argument("--update-timings", action="store_true",
                     help="re-measure pass times and step cost only, keeping the accuracy rows of --out")
     args = ap.parse_args(argv)
-    result = {"benchmark": "core", "machine": machine(), "pass_times": pass_times(), "gated_step_cost": step_cost()}
+    result = {"benchmark": "core", "machine": machine(), "pass_times": pass_times(), "gated_step_cost": step_cost(),
+              "gated_step_cost_resnet18": step_cost("resnet18", batch=32)}
     if args.update_timings and args.out.exists():
         old = json.loads(args.out.read_text())
-        if "accuracy_vs_budget" in old:
-            result["accuracy_vs_budget"] = old["accuracy_vs_budget"]
+        result = {k: v for k, v in old.items() if k not in result} | result   # accuracy rows and other sections kept
+        if "accuracy_vs_budget" in result:                                   # ... with the machine they ran on
+            result["accuracy_vs_budget"].setdefault("machine", old.get("machine"))
         args.skip_accuracy = True
     print(json.dumps(result["pass_times"], indent=1))
     print(json.dumps(result["gated_step_cost"], indent=1))
+    print(json.dumps(result["gated_step_cost_resnet18"], indent=1))
+    result["machine"]["load_average_at_end"] = os.getloadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if not args.skip_accuracy:
         budgets = [parse_count(b) for b in args.budgets.split(",")]

@@ -33,7 +33,7 @@ def parse_target(target: str) -> tuple[str, ...]:
     """``"pi" | "edge" | "both"`` → the targets to export; a clear error otherwise."""
     t = str(target).strip().lower()
     if t not in CHOICES:
-        raise RelucompError(f"unknown export target {target!r}", "use --export-target pi, edge or both")
+        raise RelucompError(f"unknown export target {target!r}", "use --export-target pi | edge | both")
     return TARGETS if t == "both" else (t,)
 
 

@@ -211,3 +211,21 @@ def test_robust_frontier_fits_the_line_and_judges_the_goal(tmp_path):
     fresh, rec = json.loads(out.read_text()), json.loads((RESULTS / "robust_frontier.json").read_text())
     assert fresh == rec
     assert rec["budgets"]["30%"]["meet_goal"] == [] and rec["budgets"]["30%"]["line"]["ca_at_goal_adva"] < -2
+
+
+def test_bench_core_update_timings_keeps_what_it_does_not_remeasure(tmp_path, monkeypatch):
+    """--update-timings re-measures pass times and step costs only: the accuracy rows, with the machine they ran
+    on, and any other section of the file stay as they were."""
+    bc = _load("bench_core")
+    monkeypatch.setattr(bc, "pass_times", lambda: {"seconds": {"trace": 0.1}})
+    monkeypatch.setattr(bc, "step_cost", lambda arch="resnet8", batch=64: {"model": arch, "ratio": 1.2})
+    out = tmp_path / "core.json"
+    rows = [{"budget": 2000, "acc_test": 64.3}]
+    out.write_text(json.dumps({"benchmark": "core", "machine": {"cpu": "first"}, "pass_times": {"seconds": {}},
+                               "accuracy_vs_budget": {"rows": rows}, "extra_section": {"kept": True}}))
+    assert bc.main(["--update-timings", "--out", str(out)]) == 0
+    d = json.loads(out.read_text())
+    assert d["accuracy_vs_budget"] == {"rows": rows, "machine": {"cpu": "first"}}
+    assert d["extra_section"] == {"kept": True} and d["pass_times"] == {"seconds": {"trace": 0.1}}
+    assert d["gated_step_cost_resnet18"] == {"model": "resnet18", "ratio": 1.2}
+    assert d["machine"]["cpu"] != "first" and "load_average_at_end" in d["machine"]
