@@ -34,11 +34,13 @@ The probes' files are the same command with the options named in the README's re
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -203,6 +205,10 @@ def parser() -> argparse.ArgumentParser:
                          "written before session 16 used augmix)")
     ap.add_argument("--student-augmix-ops", default=None, choices=AUGMIX_OP_SETS,
                     help="robustness.student_augmix_ops: the student's AugMix op set (default: the teacher's)")
+    ap.add_argument("--distill-from", default=None, metavar="MODEL",
+                    help="robust compile: the second (adversarial) teacher distilled from MODEL's own TRADES β 6 "
+                         "teacher (made by this script's robust_teacher stage on MODEL, same seed and schedule, "
+                         "cached) — robustness.adv_teacher_from; e.g. benchmarks/wide_models.py:resnet8_w2")
     ap.add_argument("--seed", type=int, default=0, help="seed of the whole run (data subset, pretraining, compiles)")
     ap.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                     help="keep this seed's finished (budget, mode) results from --out when its schedule key is the "
@@ -264,6 +270,8 @@ def schedule_key(a: argparse.Namespace) -> dict:
     if a.adv_teacher_lr is not None:
         key |= {"adv_teacher_lr": a.adv_teacher_lr}
     key |= {"jsd_weight": a.jsd_weight}    # always: the default changed (12 → 48), so keys without it mean 12
+    if a.distill_from is not None:         # session 25; keys without it mean plain TRADES teachers
+        key |= {"distill_from": a.distill_from}
     return key
 
 
@@ -271,7 +279,7 @@ def schedule_key(a: argparse.Namespace) -> dict:
 KEY_ABSENT = {"split": "test", "trades_beta": 6.0, "natural_branch": "perturbed", "kd_clean": 1.0, "kd_adv": 1.0,
               "augmix_ops": "augmix", "student_augmix_ops": None, "helper_weight": 0.0, "search_objective": "robust",
               "clean_teacher": "robust", "train_epsilon": "8/255", "teacher_lr": None, "adv_teacher_lr": None,
-              "jsd_weight": 12.0, "model": "resnet8"}
+              "jsd_weight": 12.0, "model": "resnet8", "distill_from": None}
 #: schedule-key field → option
 KEY_OPTION = {"search_epochs": "epochs"}
 
@@ -300,6 +308,58 @@ def command_for(key: dict) -> list[str]:
         if getattr(now, opt) != value and value is not None:
             argv += [f"--{opt.replace('_', '-')}", f"{value:g}" if isinstance(value, float) else str(value)]
     return argv
+
+
+def robust_kwargs(a: argparse.Namespace) -> dict:
+    """The compile keywords of a robust run with ``a``'s options (the robust teachers' cache keys follow from them)."""
+    kw = dict(robust=True, robust_teacher_epochs=a.teacher_epochs, trades_beta=a.trades_beta,
+              train_attack_steps=a.train_attack_steps, natural_branch=a.natural_branch, clean_teacher=a.clean_teacher,
+              kd_clean=a.kd_clean, kd_adv=a.kd_adv, augmix_ops=a.augmix_ops, student_augmix_ops=a.student_augmix_ops,
+              train_epsilon=a.train_epsilon,
+              **{"robustness.jsd_weight": a.jsd_weight, "robustness.helper_weight": a.helper_weight,
+                 "robustness.adv_teacher": not a.one_teacher, "robustness.adv_teacher_beta": a.adv_teacher_beta,
+                 "robustness.student_init": a.student_init, "robustness.teacher_lr": a.teacher_lr,
+                 "robustness.adv_teacher_lr": a.adv_teacher_lr, "robustness.search_objective": a.search_objective})
+    if a.distill_from is not None:
+        kw |= {"robustness.adv_teacher_from": a.distill_from,
+               "robustness.adv_teacher_from_checkpoint": str(distill_source(a))}
+    return kw
+
+
+def robust_teachers(a: argparse.Namespace, model: str | None = None):
+    """The run state after the data, model, pretrain and robust_teacher stages of ``a``'s robust compile (on
+    ``model`` instead of ``a.model`` when given): the dense model and the robust teachers, from the relucomp cache
+    when ``bench_robust.py`` runs made them."""
+    from relucomp.api import split_arguments
+    from relucomp.config import resolve_config, validate
+    from relucomp.stages import STAGES, run as run_stages
+
+    spec = model or a.model
+    hooks, ov = split_arguments(spec, f"cifar10:{a.data}", dict(
+        relu_budget="30%", limit=a.limit, pretrain_epochs=a.pretrain_epochs, search_epochs=a.epochs,
+        finetune_epochs=a.finetune_epochs, export=False, progress=False, seed=a.seed,
+        log=lambda m: print(f"[{time.strftime('%H:%M:%S')}] {m}", flush=True),
+        **robust_kwargs(argparse.Namespace(**{**vars(a), "distill_from": None}))))
+    cfg = validate(resolve_config(None, ov), check_data=True)
+    wanted = ("data", "model", "pretrain", "robust_teacher")
+    return run_stages(cfg, hooks, [s for s in STAGES if s.name in wanted]), cfg
+
+
+def distill_source(a: argparse.Namespace) -> Path:
+    """``--distill-from MODEL``: MODEL's TRADES β 6 teacher (the robust_teacher stage's second teacher, its perturbed
+    BN branch) for ``a``'s seed and schedule, saved once as a state_dict in the relucomp cache."""
+    from relucomp.cache import cache_dir
+
+    tag = hashlib.sha1(json.dumps([a.distill_from, a.seed, schedule_key(argparse.Namespace(
+        **{**vars(a), "distill_from": None}))], sort_keys=True).encode()).hexdigest()[:12]
+    path = (cache_dir("models") or Path(tempfile.gettempdir())) / f"distill-source-{tag}.pt"
+    if not path.exists():
+        st, _ = robust_teachers(a, a.distill_from)
+        teacher = st["robust_teacher"].adversarial
+        if teacher is None:
+            sys.exit("--distill-from needs two teachers (the source is the second one): drop --one-teacher")
+        torch.save(teacher.state_dict(), path)
+    return path
 
 
 def two_teachers(a: argparse.Namespace) -> bool:
@@ -339,17 +399,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def one(budget: str, robust: bool) -> dict:
         t0 = time.perf_counter()
-        extra = dict(robust=True, robust_teacher_epochs=a.teacher_epochs, trades_beta=a.trades_beta,
-                     train_attack_steps=a.train_attack_steps, compare_branches=True,
-                     natural_branch=a.natural_branch, clean_teacher=a.clean_teacher, kd_clean=a.kd_clean,
-                     kd_adv=a.kd_adv,
-                     augmix_ops=a.augmix_ops, student_augmix_ops=a.student_augmix_ops, train_epsilon=a.train_epsilon,
-                     **{"robustness.jsd_weight": a.jsd_weight, "robustness.helper_weight": a.helper_weight,
-                        "robustness.adv_teacher": not a.one_teacher,
-                        "robustness.adv_teacher_beta": a.adv_teacher_beta, "robustness.student_init": a.student_init,
-                        "robustness.teacher_lr": a.teacher_lr, "robustness.adv_teacher_lr": a.adv_teacher_lr,
-                        "robustness.search_objective": a.search_objective}
-                     ) if robust else {}
+        extra = dict(robust_kwargs(a), compare_branches=True) if robust else {}
         res = rc_compile(a.model, f"cifar10:{a.data}", relu_budget=budget, limit=a.limit,
                          pretrain_epochs=a.pretrain_epochs, search_epochs=a.epochs, finetune_epochs=a.finetune_epochs,
                          export=False, progress=False, eval_robustness=True, corruptions=a.corruptions,

@@ -141,6 +141,11 @@ class RobustnessSection(_Section):
                                         # trained as the robust teacher; false: one teacher for all three terms
     adv_teacher_beta: float = 6.0
     adv_teacher_lr: float | None = None  # the second teacher's peak learning rate; None: teacher_lr's
+    adv_teacher_from: str | None = None  # a robust model of the same task (built-in name or file.py:factory, its
+                                        # weights in adv_teacher_from_checkpoint) the second teacher is distilled
+                                        # from: TRADES's robust term targets that model's clean output instead of
+                                        # the teacher's own (e.g. a wider robust model); None: plain TRADES
+    adv_teacher_from_checkpoint: str | None = None
     student_init: Union[str, float] = "adversarial"  # the weights the student starts from: adversarial (the
                                         # adversarial KD term's teacher; with one teacher the robust teacher) |
                                         # robust (the robust teacher's, the clean and natural terms' teacher) | a
@@ -645,7 +650,7 @@ def robustness_settings(cfg: CompileConfig):
 
 ROBUST_TRAIN_FIELDS = ("teacher_robust", "teacher_epochs", "teacher_lr", "train_attack", "train_attack_steps",
                        "train_epsilon", "trades_beta", "helper_weight", "adv_teacher", "adv_teacher_beta",
-                       "adv_teacher_lr", "student_init", "augmix", "augmix_ops", "student_augmix_ops", "jsd_weight",
+                       "adv_teacher_lr", "adv_teacher_from", "adv_teacher_from_checkpoint", "student_init", "augmix", "augmix_ops", "student_augmix_ops", "jsd_weight",
                        "kd_clean", "kd_natural", "kd_adv", "student_jsd", "dual_bn", "export_branch",
                        "compare_branches", "natural_branch", "clean_teacher", "search_objective")
 
@@ -729,11 +734,22 @@ def check_robust_compile(cfg: CompileConfig) -> None:
     for field, what in (("helper_weight", "HAT's helper term is part of it"),
                         ("teacher_lr", "it is the finetune's learning rate"),
                         ("adv_teacher_beta", "the second teacher is trained the same way"),
-                        ("adv_teacher_lr", "the second teacher is trained the same way")):
+                        ("adv_teacher_lr", "the second teacher is trained the same way"),
+                        ("adv_teacher_from", "the second teacher is trained the same way")):
         if getattr(rb, field) != getattr(default, field) and no_finetune:   # the defaults go unused, silently
             raise ConfigError(f"robustness.{field} is set but the teacher gets no adversarial finetune ({what})",
                               f"drop robustness.{field}, or --teacher-robust / --robust-teacher-epochs 0")
-    for field in ("adv_teacher_beta", "adv_teacher_lr"):
+    if (rb.adv_teacher_from is None) != (rb.adv_teacher_from_checkpoint is None):
+        given, missing = (("adv_teacher_from", "adv_teacher_from_checkpoint") if rb.adv_teacher_from is not None
+                          else ("adv_teacher_from_checkpoint", "adv_teacher_from"))
+        raise ConfigError(f"robustness.{given} is set without robustness.{missing} (the robust model to distil the "
+                          "second teacher from, and its weights)",
+                          f"give both, e.g. robustness.adv_teacher_from = \"wide.py:factory\" and "
+                          f"robustness.adv_teacher_from_checkpoint = \"wide_robust.pt\", or neither")
+    if rb.adv_teacher_from_checkpoint is not None and not Path(rb.adv_teacher_from_checkpoint).is_file():
+        raise ConfigError(f"robustness.adv_teacher_from_checkpoint {rb.adv_teacher_from_checkpoint!r} is not a file",
+                          "give the path of the robust model's state_dict (torch.save(model.state_dict(), path))")
+    for field in ("adv_teacher_beta", "adv_teacher_lr", "adv_teacher_from"):
         if getattr(rb, field) != getattr(default, field) and not rb.adv_teacher:
             raise ConfigError(f"robustness.{field} is set but robustness.adv_teacher = false (one teacher)",
                               f"drop robustness.{field}, or set robustness.adv_teacher = true")

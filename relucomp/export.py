@@ -68,12 +68,12 @@ def _torch_export(model: nn.Module, example: torch.Tensor, path: str, opset: int
         # lowering holds Constant nodes for every Slice/Gather operand (2,040 nodes for 470 in the demo's `runs`
         # form), and the optimizer's pattern rewriter costs per node and rule (9 s there); run on the lifted
         # graph, the optimizer makes the same nodes in a fraction of the time
-        model = ir.serde.deserialize_model(onnx.load(path))
-        optimizer.fold_constants(model)
-        ir.passes.common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
-        optimizer.remove_unused_nodes(model)
-        optimizer.optimize_ir(model)
-        onnx.save(ir.serde.serialize_model(model), path)
+        graph = ir.serde.deserialize_model(onnx.load(path))
+        optimizer.fold_constants(graph)
+        ir.passes.common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(graph)
+        optimizer.remove_unused_nodes(graph)
+        optimizer.optimize_ir(graph)
+        onnx.save(ir.serde.serialize_model(graph), path)
 
 
 def ort_run(path: str | Path, x: np.ndarray) -> np.ndarray:

@@ -324,7 +324,8 @@ def helper_examples(x01: Tensor, x_adv01: Tensor, scale: float = HELPER_SCALE) -
     return (x01 + scale * (x_adv01 - x01)).clamp(0, 1)
 
 
-def teacher_step(s: RobustTrainSettings, *, progress: Any = None, helper: nn.Module | None = None):
+def teacher_step(s: RobustTrainSettings, *, progress: Any = None, helper: nn.Module | None = None,
+                 distill: nn.Module | None = None):
     """The robust teacher's step: TRADES or PGD adversarial training, plus AugMix + JSD (a train_loop StepFn).
 
     ``s.helper_weight`` > 0 adds HAT's helper term (Rade & Moosavi-Dezfooli, "Reducing excessive margin to achieve
@@ -335,9 +336,17 @@ def teacher_step(s: RobustTrainSettings, *, progress: Any = None, helper: nn.Mod
 
     On a dual-BN teacher (``robustness.clean_teacher = "dual"``, AdvProp's auxiliary BN, Xie et al. 2020) the clean
     forwards run on the ``clean`` branch and the adversarial and AugMix ones on ``perturbed``; on a plain model
-    the routing is a no-op."""
+    the routing is a no-op.
+
+    ``distill`` (a robust model of the same task, frozen, eval mode, on the step's device; TRADES only): the robust
+    term's target — what the attack pulls the output away from and the loss pulls it back to — is ``distill``'s
+    clean output instead of the teacher's own, ``CE(f(x), y) + β·KL(f(x_adv) ‖ t(x))`` with ``x_adv`` maximising
+    the KL: TRADES with a robust teacher's soft labels, as in robust distillation (ARD, Goldblum et al. 2020;
+    RSLAD, Zi et al. 2021), keeping TRADES's label term."""
     if s.helper_weight > 0 and helper is None:
         raise ValueError("teacher_step: helper_weight > 0 needs the standard model (helper=)")
+    if distill is not None and s.attack != "trades":
+        raise ValueError("teacher_step: distill= needs the TRADES objective")
     px = _Pixels(s.mean, s.std)
     bar = _AttackBar(progress, s.attack_steps, f"PGD-{s.attack_steps} ({s.attack})")
 
@@ -348,14 +357,15 @@ def teacher_step(s: RobustTrainSettings, *, progress: Any = None, helper: nn.Mod
             logits = model(x)
             if s.attack == "trades":
                 with torch.no_grad():
-                    p_clean = F.softmax(model(x), 1)
+                    p_clean = F.softmax((model if distill is None else distill)(x), 1)
         with route(model, "perturbed"):
             if s.attack == "trades":
                 kl = lambda z, _y: F.kl_div(F.log_softmax(z, 1), p_clean, reduction="sum")  # noqa: E731
                 x_adv = _attack(model, px, x01, y, s, bar, loss=kl)
                 adv_logits = model(px.norm(x_adv))
+                target = F.softmax(logits, 1) if distill is None else p_clean
                 loss = F.cross_entropy(logits, y) + s.trades_beta * F.kl_div(
-                    F.log_softmax(adv_logits, 1), F.softmax(logits, 1), reduction="batchmean")
+                    F.log_softmax(adv_logits, 1), target, reduction="batchmean")
             else:
                 x_adv = _attack(model, px, x01, y, s, bar)
                 loss = 0.5 * F.cross_entropy(logits, y) + 0.5 * F.cross_entropy(model(px.norm(x_adv)), y)

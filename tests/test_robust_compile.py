@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 
@@ -280,6 +281,41 @@ def test_adv_teacher_teaches_the_adversarial_term_only(monkeypatch):
     assert not torch.allclose(want["one"], want["two"]) and torch.allclose(got_c, want_c)
 
 
+def test_a_distilled_teacher_s_robust_term_targets_the_robust_model_s_clean_output(monkeypatch):
+    """teacher_step(distill=t): CE(f(x), y) + β·KL(f(x_adv) ‖ t(x)) — the attack and the robust term take t's clean
+    output as their target; with t an exact copy of f (no BatchNorm: the same function) the loss is TRADES's."""
+    import torch.nn.functional as F
+
+    import relucomp.robust_train as rt
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(8, 3))
+    other = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(8, 3)).eval()
+    px = rt._Pixels((0.5,) * 3, (0.25,) * 3)
+    x, y = torch.randn(6, 3, 8, 8), torch.tensor([0, 1, 2, 0, 1, 2])
+    x_adv = (px.to01(x) + 0.03 * torch.randn_like(x).sign()).clamp(0, 1)
+    targets = []
+
+    def attack(model, px_, x01, y_, s_, bar, loss=None):
+        targets.append(loss(torch.zeros(6, 3), None))      # KL(uniform ‖ target), summed: names the target
+        return x_adv
+
+    monkeypatch.setattr(rt, "_attack", attack)
+    s = RobustTrainSettings(mean=(0.5,) * 3, std=(0.25,) * 3, attack_steps=1, augmix=False, trades_beta=6.0)
+    plain, _ = teacher_step(s)(net, x, y, None)
+    same, _ = teacher_step(s, distill=copy.deepcopy(net).eval())(net, x, y, None)
+    dist, _ = teacher_step(s, distill=other)(net, x, y, None)
+    with torch.no_grad():
+        want = F.cross_entropy(net(x), y) + 6.0 * F.kl_div(F.log_softmax(net(px.norm(x_adv)), 1),
+                                                           F.softmax(other(x), 1), reduction="batchmean")
+    assert torch.allclose(plain, same) and torch.allclose(dist, want) and not torch.allclose(dist, plain)
+    assert torch.allclose(targets[0], targets[1]) and not torch.allclose(targets[0], targets[2])
+    with pytest.raises(ValueError, match="TRADES"):
+        teacher_step(dataclasses.replace(s, attack="pgd"), distill=other)
+
+
 def test_student_starts_from_the_teacher_student_init_names(monkeypatch):
     """robustness.student_init: the student's initial weights are the adversarial term's teacher's perturbed branch
     (the default, with the default two teachers) or the robust teacher's ("robust"); the KD roles stay. One
@@ -441,7 +477,16 @@ def test_robust_bad_combinations_are_one_line_errors():
                         ({"robust": True, "robust_teacher_lr": 0.05, "teacher_robust": True}, "no adversarial finetune"),
                         ({"robust": True, "adv_teacher_lr": -1.0}, "adv_teacher_lr = 0.01"),
                         ({"robust": True, "adv_teacher_lr": 0.02, "adv_teacher": False}, "adv_teacher = true"),
-                        ({"adv_teacher_lr": 0.02}, "add --robust")):
+                        ({"adv_teacher_lr": 0.02}, "add --robust"),
+                        ({"robustness.adv_teacher_from": "resnet8"}, "add --robust"),
+                        ({"robust": True, "robustness.adv_teacher_from": "resnet8"}, "adv_teacher_from_checkpoint"),
+                        ({"robust": True, "robustness.adv_teacher_from_checkpoint": __file__}, "give both"),
+                        ({"robust": True, "robustness.adv_teacher_from": "resnet8",
+                          "robustness.adv_teacher_from_checkpoint": "/no/such/file.pt"}, "is not a file"),
+                        ({"robust": True, "robustness.adv_teacher_from": "resnet8", "adv_teacher": False,
+                          "robustness.adv_teacher_from_checkpoint": __file__}, "adv_teacher = true"),
+                        ({"robust": True, "robustness.adv_teacher_from": "resnet8", "teacher_robust": True,
+                          "robustness.adv_teacher_from_checkpoint": __file__}, "no adversarial finetune")):
         with pytest.raises(ConfigError) as e:
             validate(resolve_config(None, {**base, **extra}), check_data=False)
         assert frag in f"{e.value.cause} {e.value.fix}", (extra, str(e.value))
@@ -515,6 +560,21 @@ def test_two_teacher_compile_reuses_the_single_teacher_run_s_cache(tmp_path, rc_
     assert t1["trades_beta"] == 6.0 and "adv_teacher" not in t1 and t1["cached"] in map(str, files)
     assert t1["student_init"] == "robust teacher"
     assert sorted(rc_cache.rglob("*-robust-*.pt")) == files  # nothing trained
+    # robustness.adv_teacher_from: the second teacher distilled from a given robust model — a teacher of its own
+    # (a new cache key holding the model's name and weights), the first teacher reused
+    from relucomp.models import build_model
+
+    torch.manual_seed(1)
+    torch.save(build_model("tinycnn", num_classes=10).state_dict(), tmp_path / "wide.pt")
+    r = runner.invoke(app, ["compile", "tinycnn", "-b", "50%", "--out", str(tmp_path / "c"), *args,
+                            "--robustness.adv_teacher_from", "tinycnn",
+                            "--robustness.adv_teacher_from_checkpoint", str(tmp_path / "wide.pt")])
+    assert r.exit_code == 0, r.output
+    t2 = json.loads((tmp_path / "c" / "report.json").read_text())["robustness"]["robust_compile"]["teacher"]
+    assert t2["cached"] in map(str, files) and len(t2["adv_teacher"]["history"]) == 1
+    assert t2["adv_teacher"]["distilled_from"]["model"] == "tinycnn"
+    assert len(t2["adv_teacher"]["distilled_from"]["weights_sha1"]) == 12
+    assert len(set(rc_cache.rglob("*-robust-*.pt")) - set(files)) == 1
 
 
 @needs_ic

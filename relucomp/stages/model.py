@@ -27,6 +27,7 @@ class ModelOut:
     budget: int             # the user's budget: final checks, export, metadata
     gate_budget: int        # what the gates get: budget less the comparisons no gate controls
     leaf_modules: tuple
+    adv_teacher_from: nn.Module | None = None   # robustness.adv_teacher_from, loaded and checked before training
 
 
 def run(st: RunState) -> ModelOut:
@@ -55,11 +56,18 @@ def run(st: RunState) -> ModelOut:
         from ..config import check_dp
 
         check_dp(cfg, len(data.bundle.train))
+    distill = None
     if cfg.robustness.robust:               # a layer-wise student_init names the student's layers
         from ..config import check_student_init_layers
 
         check_student_init_layers(cfg, list(dense.state_dict()))
+        rb = cfg.robustness
+        if rb.adv_teacher_from is not None:  # the robust model the second teacher is distilled from
+            distill = resolve_model(rb.adv_teacher_from, num_classes=data.num_classes,
+                                    checkpoint=rb.adv_teacher_from_checkpoint)[0].eval()
+            check_io(distill, data.calib, data.num_classes)
     st.say(f"model: {before['relus']:,} ReLUs, {before['macs']:,} MACs; budget {budget:,}"
            + (f" ({gate_budget:,} for the gates)" if gate_budget != budget else ""))
     return ModelOut(model=model, spec=spec, trained=trained, dense_gm=dense, before_rows=layer_table(dense),
-                    before=before, budget=budget, gate_budget=gate_budget, leaf_modules=leaves)
+                    before=before, budget=budget, gate_budget=gate_budget, leaf_modules=leaves,
+                    adv_teacher_from=distill)

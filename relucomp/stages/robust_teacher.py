@@ -137,12 +137,16 @@ def run(st: RunState) -> RobustTeacherOut:
         info2 |= {"train_attack": "trades", "trades_beta": s2.trades_beta}
         if not math.isclose(lr2, default_lr):
             info2["teacher_lr"] = lr2
+        distill = st["model"].adv_teacher_from
+        if distill is not None:             # distilled from a robust model: its spec and weights enter the key
+            info2["distilled_from"] = {"model": rb.adv_teacher_from,
+                                       "weights_sha1": _file_digest(rb.adv_teacher_from_checkpoint)}
         adversarial = _adversarial_finetune(st, s2, info2, epochs=epochs, lr=lr2, dual=dual,
-                                            what="adversarial teacher", out=info2)
+                                            what="adversarial teacher", out=info2, distill=distill)
         if dual:
             collapse(adversarial, "perturbed")
         info["adv_teacher"] = {"trades_beta": s2.trades_beta, "teaches": "the adversarial KD term",
-                               **{k: info2[k] for k in ("cached", "lr", "history") if k in info2}}
+                               **{k: info2[k] for k in ("distilled_from", "cached", "lr", "history") if k in info2}}
     info["adversarial_finetune"] = True
     clean = None
     if dual:                                # robust = the perturbed branch; the clean one teaches the clean term
@@ -184,11 +188,17 @@ def _average(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], w: float) -
     return {k: torch.lerp(v, b[k], w) if v.is_floating_point() else v for k, v in a.items()}
 
 
+def _file_digest(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha1").hexdigest()[:12]
+
+
 def _adversarial_finetune(st: RunState, s: RobustTrainSettings, key_info: dict[str, Any], *, epochs: int,
-                          lr: float, dual: bool, what: str, out: dict[str, Any]) -> nn.Module:
-    """The dense teacher adversarially finetuned with ``s`` (dual-BN if ``dual``): from the cache (key:
-    :func:`teacher_digest` of ``key_info``) or trained and cached; ``out`` gains ``cached`` or ``lr`` /
-    ``history``."""
+                          lr: float, dual: bool, what: str, out: dict[str, Any],
+                          distill: nn.Module | None = None) -> nn.Module:
+    """The dense teacher adversarially finetuned with ``s`` (dual-BN if ``dual``; TRADES's robust term distilled
+    from ``distill`` when given): from the cache (key: :func:`teacher_digest` of ``key_info``) or trained and
+    cached; ``out`` gains ``cached`` or ``lr`` / ``history``."""
     from . import pretrain
 
     cfg, pre = st.cfg, st["pretrain"]
@@ -213,7 +223,8 @@ def _adversarial_finetune(st: RunState, s: RobustTrainSettings, key_info: dict[s
     st.say(f"{what}: {epochs} epochs of {s.attack.upper()} adversarial finetuning "
            f"(PGD-{s.attack_steps}, ε = {s.epsilon:.4f}"
            + (f", β = {s.trades_beta:g}" if s.attack == "trades" else "") + ")"
-           + (f" + AugMix/JSD{'' if s.augmix_ops == 'augmix' else f' ({s.augmix_ops} ops)'}" if s.augmix else ""))
+           + (f" + AugMix/JSD{'' if s.augmix_ops == 'augmix' else f' ({s.augmix_ops} ops)'}" if s.augmix else "")
+           + (f", robust term distilled from {key_info['distilled_from']['model']}" if distill is not None else ""))
     torch.manual_seed(cfg.runtime.seed)
     loader = st["data"].train
     opt = make_optimizer(model.parameters(), lr=lr)
@@ -222,7 +233,9 @@ def _adversarial_finetune(st: RunState, s: RobustTrainSettings, key_info: dict[s
     helper = None
     if s.helper_weight > 0:                 # HAT's standard model: the dense teacher before this finetune
         helper = _frozen(copy.deepcopy(pre.teacher)).to(cfg.runtime.device)
-    step = teacher_step(s, progress=st.progress, helper=helper)
+    if distill is not None:
+        distill = _frozen(distill).to(cfg.runtime.device)
+    step = teacher_step(s, progress=st.progress, helper=helper, distill=distill)
     hist = train_loop(model, loader, epochs=epochs, optimizer=opt, step_fn=step, desc=what, progress=st.progress,
                       after_step=lambda k: sched.step(), device=cfg.runtime.device)
     step.bar.close()
