@@ -340,7 +340,7 @@ def test_student_starts_from_the_teacher_student_init_names(monkeypatch):
 
     lrs = []
 
-    def fake(st, s, key_info, *, epochs, lr, dual, what, out):
+    def fake(st, s, key_info, *, epochs, lr, dual, what, out, distill=None):
         calls.append((what, s.trades_beta, s.helper_weight, key_info.get("helper_weight")))
         lrs.append((round(lr, 12), key_info.get("teacher_lr")))
         return __import__("copy").deepcopy(teachers[what])
@@ -376,7 +376,7 @@ def test_student_starts_from_the_teacher_student_init_names(monkeypatch):
         st = RunState(cfg=cfg, hooks=Hooks())
         student = fx.symbolic_trace(_net())
         st.results.update(pretrain=SimpleNamespace(teacher=_net().eval(), epochs=1),
-                          data=SimpleNamespace(bundle=bundle), model=SimpleNamespace(model=student))
+                          data=SimpleNamespace(bundle=bundle), model=SimpleNamespace(model=student, adv_teacher_from=None))
         calls.clear()
         lrs.clear()
         out = stage.run(st)
