@@ -670,3 +670,18 @@ def test_teacher_cache_key_ignores_student_only_settings():
         torch.manual_seed(0)
         losses.append(float(teacher_step(s)(model, x, y, None)[0]))
     assert losses[0] == losses[1]
+
+
+def test_a_robust_model_to_distil_from_that_does_not_fit_is_refused_before_training(tmp_path):
+    """robustness.adv_teacher_from is loaded and run on the data in the model stage: a checkpoint of another
+    shape, or a model that is not there, is one error naming that option, exit 2, before any training."""
+    from relucomp.models import build_model
+
+    torch.save(build_model("tinycnn", num_classes=3).state_dict(), tmp_path / "three.pt")
+    for spec, fragment in (("tinycnn", "wrong shape"), ("nosuchmodel", "unknown architecture")):
+        r = runner.invoke(app, ["compile", "tinycnn", "-b", "50%", "--robust", "--limit", "300", "--no-progress",
+                                "--out", str(tmp_path / "o"), "--robustness.adv_teacher_from", spec,
+                                "--robustness.adv_teacher_from_checkpoint", str(tmp_path / "three.pt")])
+        assert r.exit_code == 2, r.output
+        assert "error: robustness.adv_teacher_from:" in r.output and fragment in r.output and "fix:" in r.output
+        assert "pretraining" not in r.output and not (tmp_path / "o" / "checkpoint.pt").exists()

@@ -63,9 +63,12 @@ def run(st: RunState) -> ModelOut:
         check_student_init_layers(cfg, list(dense.state_dict()))
         rb = cfg.robustness
         if rb.adv_teacher_from is not None:  # the robust model the second teacher is distilled from
-            distill = resolve_model(rb.adv_teacher_from, num_classes=data.num_classes,
-                                    checkpoint=rb.adv_teacher_from_checkpoint)[0].eval()
-            check_io(distill, data.calib, data.num_classes)
+            try:
+                distill = resolve_model(rb.adv_teacher_from, num_classes=data.num_classes,
+                                        checkpoint=rb.adv_teacher_from_checkpoint)[0].eval()
+                check_io(distill, data.calib, data.num_classes)
+            except RelucompError as exc:     # say which model: not the one being compiled
+                raise type(exc)(f"robustness.adv_teacher_from: {exc.cause}", exc.fix) from exc
     st.say(f"model: {before['relus']:,} ReLUs, {before['macs']:,} MACs; budget {budget:,}"
            + (f" ({gate_budget:,} for the gates)" if gate_budget != budget else ""))
     return ModelOut(model=model, spec=spec, trained=trained, dense_gm=dense, before_rows=layer_table(dense),
