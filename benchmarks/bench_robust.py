@@ -327,9 +327,10 @@ def robust_kwargs(a: argparse.Namespace) -> dict:
 
 
 def robust_teachers(a: argparse.Namespace, model: str | None = None):
-    """The run state after the data, model, pretrain and robust_teacher stages of ``a``'s robust compile (on
-    ``model`` instead of ``a.model`` when given): the dense model and the robust teachers, from the relucomp cache
-    when ``bench_robust.py`` runs made them."""
+    """The run state after the data, model, pretrain and robust_teacher stages of ``a``'s robust compile — or, with
+    ``model``, of the same compile of ``model`` with plain TRADES teachers (what ``--distill-from model`` distils
+    from): the dense model and the robust teachers, from the relucomp cache when ``bench_robust.py`` runs made
+    them."""
     from relucomp.api import split_arguments
     from relucomp.config import resolve_config, validate
     from relucomp.stages import STAGES, run as run_stages
@@ -339,7 +340,7 @@ def robust_teachers(a: argparse.Namespace, model: str | None = None):
         relu_budget="30%", limit=a.limit, pretrain_epochs=a.pretrain_epochs, search_epochs=a.epochs,
         finetune_epochs=a.finetune_epochs, export=False, progress=False, seed=a.seed,
         log=lambda m: print(f"[{time.strftime('%H:%M:%S')}] {m}", flush=True),
-        **robust_kwargs(argparse.Namespace(**{**vars(a), "distill_from": None}))))
+        **robust_kwargs(a if model is None else argparse.Namespace(**{**vars(a), "distill_from": None}))))
     cfg = validate(resolve_config(None, ov), check_data=True)
     wanted = ("data", "model", "pretrain", "robust_teacher")
     return run_stages(cfg, hooks, [s for s in STAGES if s.name in wanted]), cfg

@@ -575,6 +575,15 @@ def test_two_teacher_compile_reuses_the_single_teacher_run_s_cache(tmp_path, rc_
     assert t2["adv_teacher"]["distilled_from"]["model"] == "tinycnn"
     assert len(t2["adv_teacher"]["distilled_from"]["weights_sha1"]) == 12
     assert len(set(rc_cache.rglob("*-robust-*.pt")) - set(files)) == 1
+    # the same weights under another file name: the same teacher (its key holds the weights, not the file's bytes)
+    torch.manual_seed(1)
+    torch.save(build_model("tinycnn", num_classes=10).state_dict(), tmp_path / "renamed.pt")
+    r = runner.invoke(app, ["compile", "tinycnn", "-b", "50%", "--out", str(tmp_path / "d"), *args,
+                            "--robustness.adv_teacher_from", "tinycnn",
+                            "--robustness.adv_teacher_from_checkpoint", str(tmp_path / "renamed.pt")])
+    assert r.exit_code == 0, r.output
+    t3 = json.loads((tmp_path / "d" / "report.json").read_text())["robustness"]["robust_compile"]["teacher"]
+    assert "cached" in t3["adv_teacher"] and t3["adv_teacher"]["distilled_from"] == t2["adv_teacher"]["distilled_from"]
 
 
 @needs_ic

@@ -140,7 +140,7 @@ def run(st: RunState) -> RobustTeacherOut:
         distill = st["model"].adv_teacher_from
         if distill is not None:             # distilled from a robust model: its spec and weights enter the key
             info2["distilled_from"] = {"model": rb.adv_teacher_from,
-                                       "weights_sha1": _file_digest(rb.adv_teacher_from_checkpoint)}
+                                       "weights_sha1": _state_digest(distill)}
         adversarial = _adversarial_finetune(st, s2, info2, epochs=epochs, lr=lr2, dual=dual,
                                             what="adversarial teacher", out=info2, distill=distill)
         if dual:
@@ -188,9 +188,14 @@ def _average(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], w: float) -
     return {k: torch.lerp(v, b[k], w) if v.is_floating_point() else v for k, v in a.items()}
 
 
-def _file_digest(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha1").hexdigest()[:12]
+def _state_digest(model: nn.Module) -> str:
+    """SHA-1 of a model's state (names, shapes, values) — not of the file it came from: torch.save names the
+    archive after the file, so one set of weights saved under two names would differ byte for byte."""
+    h = hashlib.sha1()
+    for name, t in model.state_dict().items():
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:12]
 
 
 def _adversarial_finetune(st: RunState, s: RobustTrainSettings, key_info: dict[str, Any], *, epochs: int,
