@@ -30,7 +30,8 @@ FIGURE = ROOT / "docs" / "figures" / "robust_frontier.png"
 GOAL = {"ca": -2.0, "npa": 3.0, "adva": 10.0}
 
 #: file stem → (short label, protocol family). "current": PRIME's ops, JSD 48, dual-BN teachers (sessions 16-24);
-#: "older": the protocols before it (AugMix's ops and/or JSD 12 and/or a one-BN teacher), kept for context.
+#: "older": the protocols before it (AugMix's ops and/or JSD 12 and/or a one-BN teacher), kept for context;
+#: "distilled": the second teacher distilled from the twice-wider resnet8's β 6 teacher (session 25, --distill-from).
 #: Left out on purpose: robust_mt_init (robust.json reproduces it to the digit), robust_defaults_s21 (its seeds are
 #: robust_intel4's first three), robust_6000 / robust_limit6000 (twice the data: another data point of the subset).
 CONFIGS: dict[str, tuple[str, str]] = {
@@ -47,6 +48,8 @@ CONFIGS: dict[str, tuple[str, str]] = {
     "robust_beta6": ("one β 6 teacher", "current"),
     "robust_w2": ("2× wider resnet8", "wide"),
     "robust_w2_10": ("2× wider resnet8", "wide"),
+    "robust_distill": ("second teacher distilled from the 2× wider one", "distilled"),
+    "robust_distill_hat": ("… and the student from the HAT teacher", "distilled"),
     "robust_augmix": ("one β 6 teacher, AugMix ops", "older"),
     "robust_single_bn": ("one-BN β 6 teacher, AugMix ops", "older"),
     "robust_jsd12": ("one-BN teacher, JSD 12", "older"),
@@ -119,10 +122,10 @@ def figure(points: list[dict], analysis: dict, path: Path) -> Path:
     budgets = [b for b, s in analysis.items() if s["line"]]
     points = [p for p in points if p["budget"] in budgets]
     ids = {label: i + 1 for i, label in enumerate(dict.fromkeys(p["label"] for p in points))}
-    colors = {"current": "tab:blue", "wide": "tab:green", "older": "tab:gray"}
+    colors = {"current": "tab:blue", "wide": "tab:green", "older": "tab:gray", "distilled": "tab:red"}
     fig, axes = plt.subplots(1, len(budgets), figsize=(6.0 * len(budgets), 5.8), sharey=True, squeeze=False)
     for ax, b in zip(axes[0], budgets):
-        ax.fill_between([GOAL["adva"], 14], GOAL["ca"], 2, color="tab:green", alpha=0.12, lw=0,
+        ax.fill_between([GOAL["adva"], 16], GOAL["ca"], 2, color="tab:green", alpha=0.12, lw=0,
                         label="RLNet goal (and NPA ≥ +3)")
         for p in (p for p in points if p["budget"] == b):
             c = colors[p["family"]]
@@ -133,24 +136,24 @@ def figure(points: list[dict], analysis: dict, path: Path) -> Path:
             ax.annotate(str(i), (p["adva"], p["ca"]), xytext=(5, 2) if i % 2 else (-6, -11),
                         textcoords="offset points", fontsize=8, color=c)
         line = analysis[b]["line"]
-        xs = [7, 14]
+        xs = [7, 16]
         ax.plot(xs, [line["intercept"] + line["slope_ca_per_adva"] * x for x in xs], "-", color="tab:blue",
                 alpha=0.5, lw=1, label=f"least squares over the blue points: CA {line['ca_at_goal_adva']:+.1f} "
                                        f"at AdvA +10 (residual std {line['residual_std']})")
         ax.set_title(f"{b} of resnet8's ReLUs")
         ax.set_xlabel("robust − plain AdvA (points; PGD-10, 8/255)")
-        ax.set_xlim(7, 13)
+        ax.set_xlim(7, 16)
         ax.set_ylim(-6, 2)
         ax.grid(alpha=0.3)
         ax.legend(loc="lower left", fontsize=7)
     axes[0][0].set_ylabel("robust − plain CA (points)")
     fig.suptitle("Robust vs plain compile at the same budget: CIFAR-10 subset (2,250 train / 500 test images), mean over "
                  "2-4 seeds, bars = sample std.\nFilled: NPA ≥ +3. Blue: resnet8, current protocol; green: 2× wider "
-                 "resnet8; grey: older protocols.", fontsize=9)
+                 "resnet8; red: second teacher distilled from the 2× wider one; grey: older protocols.", fontsize=9)
     key = [f"{i} {label}" for label, i in ids.items()]
     cols = 3
     rows = [key[i::cols] for i in range(cols)]
-    fig.text(0.02, 0.01, "\n".join("    ".join(f"{c:<38}" for c in row) for row in zip(*[r + [""] * (len(rows[0]) - len(r)) for r in rows])),
+    fig.text(0.02, 0.01, "\n".join("  ".join(f"{c:<46}" for c in row) for row in zip(*[r + [""] * (len(rows[0]) - len(r)) for r in rows])),
              fontsize=7.5, family="monospace", va="bottom")
     fig.tight_layout(rect=(0, 0.16, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
