@@ -564,25 +564,22 @@ def test_two_teacher_compile_reuses_the_single_teacher_run_s_cache(tmp_path, rc_
     # (a new cache key holding the model's name and weights), the first teacher reused
     from relucomp.models import build_model
 
-    torch.manual_seed(1)
-    torch.save(build_model("tinycnn", num_classes=10).state_dict(), tmp_path / "wide.pt")
-    r = runner.invoke(app, ["compile", "tinycnn", "-b", "50%", "--out", str(tmp_path / "c"), *args,
-                            "--robustness.adv_teacher_from", "tinycnn",
-                            "--robustness.adv_teacher_from_checkpoint", str(tmp_path / "wide.pt")])
-    assert r.exit_code == 0, r.output
-    t2 = json.loads((tmp_path / "c" / "report.json").read_text())["robustness"]["robust_compile"]["teacher"]
+    def distilled(weights: str, out: str) -> dict:
+        torch.manual_seed(1)                                # the same weights, whatever the file is called
+        torch.save(build_model("tinycnn", num_classes=10).state_dict(), tmp_path / weights)
+        r = runner.invoke(app, ["compile", "tinycnn", "-b", "50%", "--out", str(tmp_path / out), *args,
+                                "--robustness.adv_teacher_from", "tinycnn",
+                                "--robustness.adv_teacher_from_checkpoint", str(tmp_path / weights)])
+        assert r.exit_code == 0, r.output
+        return json.loads((tmp_path / out / "report.json").read_text())["robustness"]["robust_compile"]["teacher"]
+
+    t2 = distilled("wide.pt", "c")
     assert t2["cached"] in map(str, files) and len(t2["adv_teacher"]["history"]) == 1
     assert t2["adv_teacher"]["distilled_from"]["model"] == "tinycnn"
     assert len(t2["adv_teacher"]["distilled_from"]["weights_sha1"]) == 12
     assert len(set(rc_cache.rglob("*-robust-*.pt")) - set(files)) == 1
     # the same weights under another file name: the same teacher (its key holds the weights, not the file's bytes)
-    torch.manual_seed(1)
-    torch.save(build_model("tinycnn", num_classes=10).state_dict(), tmp_path / "renamed.pt")
-    r = runner.invoke(app, ["compile", "tinycnn", "-b", "50%", "--out", str(tmp_path / "d"), *args,
-                            "--robustness.adv_teacher_from", "tinycnn",
-                            "--robustness.adv_teacher_from_checkpoint", str(tmp_path / "renamed.pt")])
-    assert r.exit_code == 0, r.output
-    t3 = json.loads((tmp_path / "d" / "report.json").read_text())["robustness"]["robust_compile"]["teacher"]
+    t3 = distilled("renamed.pt", "d")
     assert "cached" in t3["adv_teacher"] and t3["adv_teacher"]["distilled_from"] == t2["adv_teacher"]["distilled_from"]
 
 
