@@ -650,7 +650,8 @@ def robustness_settings(cfg: CompileConfig):
 
 ROBUST_TRAIN_FIELDS = ("teacher_robust", "teacher_epochs", "teacher_lr", "train_attack", "train_attack_steps",
                        "train_epsilon", "trades_beta", "helper_weight", "adv_teacher", "adv_teacher_beta",
-                       "adv_teacher_lr", "adv_teacher_from", "adv_teacher_from_checkpoint", "student_init", "augmix", "augmix_ops", "student_augmix_ops", "jsd_weight",
+                       "adv_teacher_lr", "adv_teacher_from", "adv_teacher_from_checkpoint", "student_init", "augmix",
+                       "augmix_ops", "student_augmix_ops", "jsd_weight",
                        "kd_clean", "kd_natural", "kd_adv", "student_jsd", "dual_bn", "export_branch",
                        "compare_branches", "natural_branch", "clean_teacher", "search_objective")
 
@@ -749,6 +750,10 @@ def check_robust_compile(cfg: CompileConfig) -> None:
     if rb.adv_teacher_from_checkpoint is not None and not Path(rb.adv_teacher_from_checkpoint).is_file():
         raise ConfigError(f"robustness.adv_teacher_from_checkpoint {rb.adv_teacher_from_checkpoint!r} is not a file",
                           "give the path of the robust model's state_dict (torch.save(model.state_dict(), path))")
+    if rb.adv_teacher_from is not None and rb.kd_adv == 0 and rb.student_init == "robust":
+        raise ConfigError("robustness.adv_teacher_from is set but nothing reads the second teacher (kd_adv = 0 and "
+                          "the student starts from the first teacher)",
+                          "drop robustness.adv_teacher_from, or give kd_adv > 0 or student_init = \"adversarial\"")
     for field in ("adv_teacher_beta", "adv_teacher_lr", "adv_teacher_from"):
         if getattr(rb, field) != getattr(default, field) and not rb.adv_teacher:
             raise ConfigError(f"robustness.{field} is set but robustness.adv_teacher = false (one teacher)",

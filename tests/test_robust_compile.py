@@ -486,7 +486,10 @@ def test_robust_bad_combinations_are_one_line_errors():
                         ({"robust": True, "robustness.adv_teacher_from": "resnet8", "adv_teacher": False,
                           "robustness.adv_teacher_from_checkpoint": __file__}, "adv_teacher = true"),
                         ({"robust": True, "robustness.adv_teacher_from": "resnet8", "teacher_robust": True,
-                          "robustness.adv_teacher_from_checkpoint": __file__}, "no adversarial finetune")):
+                          "robustness.adv_teacher_from_checkpoint": __file__}, "no adversarial finetune"),
+                        ({"robust": True, "robustness.adv_teacher_from": "resnet8", "kd_adv": 0.0,
+                          "student_init": "robust", "robustness.adv_teacher_from_checkpoint": __file__},
+                         "nothing reads the second teacher")):
         with pytest.raises(ConfigError) as e:
             validate(resolve_config(None, {**base, **extra}), check_data=False)
         assert frag in f"{e.value.cause} {e.value.fix}", (extra, str(e.value))

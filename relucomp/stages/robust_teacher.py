@@ -132,12 +132,13 @@ def run(st: RunState) -> RobustTeacherOut:
     # nothing would read it, and the robust teacher itself when the settings agree
     s2 = dataclasses.replace(s, attack="trades", trades_beta=rb.adv_teacher_beta, helper_weight=0.0)
     adversarial = None
-    if rb.adv_teacher and (s2 != s or not math.isclose(lr2, lr)) and (s.kd_adv > 0 or rb.student_init != "robust"):
+    distill = st["model"].adv_teacher_from
+    if rb.adv_teacher and (s2 != s or not math.isclose(lr2, lr) or distill is not None) and (
+            s.kd_adv > 0 or rb.student_init != "robust"):
         info2 = {k: v for k, v in key_info.items() if k not in ("helper_weight", "teacher_lr")}
         info2 |= {"train_attack": "trades", "trades_beta": s2.trades_beta}
         if not math.isclose(lr2, default_lr):
             info2["teacher_lr"] = lr2
-        distill = st["model"].adv_teacher_from
         if distill is not None:             # distilled from a robust model: its spec and weights enter the key
             info2["distilled_from"] = {"model": rb.adv_teacher_from,
                                        "weights_sha1": _state_digest(distill)}
