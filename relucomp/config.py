@@ -745,8 +745,8 @@ def check_robust_compile(cfg: CompileConfig) -> None:
                           else ("adv_teacher_from_checkpoint", "adv_teacher_from"))
         raise ConfigError(f"robustness.{given} is set without robustness.{missing} (the robust model to distil the "
                           "second teacher from, and its weights)",
-                          f"give both, e.g. robustness.adv_teacher_from = \"wide.py:factory\" and "
-                          f"robustness.adv_teacher_from_checkpoint = \"wide_robust.pt\", or neither")
+                          "give both, e.g. robustness.adv_teacher_from = \"wide.py:factory\" and "
+                          "robustness.adv_teacher_from_checkpoint = \"wide_robust.pt\", or neither")
     if rb.adv_teacher_from_checkpoint is not None and not Path(rb.adv_teacher_from_checkpoint).is_file():
         raise ConfigError(f"robustness.adv_teacher_from_checkpoint {rb.adv_teacher_from_checkpoint!r} is not a file",
                           "give the path of the robust model's state_dict (torch.save(model.state_dict(), path))")
