@@ -143,9 +143,9 @@ def figure(points: list[dict], analysis: dict, path: Path) -> Path:
         ax.set_title(f"{b} of resnet8's ReLUs")
         ax.set_xlabel("robust − plain AdvA (points; PGD-10, 8/255)")
         ax.set_xlim(7, 16)
-        ax.set_ylim(-6, 2)
+        ax.set_ylim(-7, 2)
         ax.grid(alpha=0.3)
-        ax.legend(loc="lower left", fontsize=7)
+        ax.legend(loc="upper left", fontsize=7)
     axes[0][0].set_ylabel("robust − plain CA (points)")
     fig.suptitle("Robust vs plain compile at the same budget: CIFAR-10 subset (2,250 train / 500 test images), mean over "
                  "2-4 seeds, bars = sample std.\nFilled: NPA ≥ +3. Blue: resnet8, current protocol; green: 2× wider "
